@@ -1,0 +1,17 @@
+"""moelab: a Mixture-of-Experts inference engine for Qwen2-MoE, built notebook by notebook."""
+
+import os
+
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is defined; moelab's kernel modules are
+# imported after this line, so on a machine without CUDA they run in the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .models import PRESETS, load  # noqa: E402
+from .patch import patch  # noqa: E402
+from .routing import route, route_reference  # noqa: E402
+
+__all__ = ["PRESETS", "load", "patch", "route", "route_reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,101 @@
+"""The fused router kernel: softmax, top-k and optional renormalisation in one pass.
+
+Built in notebooks/02_triton_router_kernel. Each program reads a block of rows of logits
+once, keeps them in registers, and writes only the k weights and ids of each row:
+T * E * 2 bytes in (bf16) and T * K * 8 bytes out, nothing in between. PyTorch's eager
+version launches about ten kernels and writes the probabilities, the sort and the gathers
+to memory between them.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+@triton.jit
+def _router_kernel(
+    logits_ptr, weights_ptr, ids_ptr,
+    num_tokens, num_experts,
+    stride_t, stride_e,
+    TOP_K: tl.constexpr, NORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    row_ok = rows < num_tokens
+    col_ok = cols < num_experts
+    ptrs = logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :] * stride_e
+    # Load in the input dtype, compute in fp32 (the interpreter's bf16 arithmetic is wrong).
+    x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=float("-inf")).to(tl.float32)
+    x = tl.where(x != x, float("-inf"), x)            # NaN counts as -inf
+    x = tl.minimum(x, _FLOAT32_MAX)                   # +inf counts as the largest float
+
+    # Softmax denominator over all experts; padded columns are -inf and add exp(-inf) = 0.
+    row_max = tl.max(x, axis=1)
+    has_finite = row_max > float("-inf")
+    safe_max = tl.where(has_finite, row_max, 0.0)
+    denom = tl.sum(tl.exp(x - safe_max[:, None]), axis=1)
+    denom = tl.where(has_finite, denom, 1.0)          # empty rows: no 0/0 anywhere
+
+    # Top-k by repeated max. `avail` marks experts not yet taken (and never the padding),
+    # so a row whose remaining logits are all -inf still takes the lowest free ids.
+    avail = col_ok[None, :] & (rows[:, None] >= 0)
+    kcols = tl.arange(0, BLOCK_K)
+    top_w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    top_i = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+    for k in tl.static_range(TOP_K):
+        cand = tl.where(avail, x, float("-inf"))
+        best = tl.max(cand, axis=1)
+        hit = avail & (cand == best[:, None])
+        best_id = tl.min(tl.where(hit, cols[None, :], BLOCK_E), axis=1)  # lowest id wins ties
+        avail = avail & (cols[None, :] != best_id[:, None])
+        w = tl.where(has_finite, tl.exp(best - safe_max) / denom, 0.0)
+        top_w = tl.where(kcols[None, :] == k, w[:, None], top_w)
+        top_i = tl.where(kcols[None, :] == k, best_id[:, None], top_i)
+
+    if NORMALIZE:
+        total = tl.sum(top_w, axis=1)
+        total = tl.where(total > 0, total, 1.0)       # all-zero rows stay zero
+        top_w = top_w / total[:, None]
+
+    out = rows[:, None].to(tl.int64) * TOP_K + kcols[None, :]
+    out_mask = row_ok[:, None] & (kcols[None, :] < TOP_K)
+    tl.store(weights_ptr + out, top_w, mask=out_mask)
+    tl.store(ids_ptr + out, top_i, mask=out_mask)
+
+
+def _block_rows(num_tokens: int, block_e: int, on_gpu: bool) -> int:
+    """Rows per program: a tile of about 4096 logits on the GPU (enough loads in flight,
+    no register spills up to 256 experts); larger tiles under the interpreter, where
+    every program instance costs about half a millisecond."""
+    target = 4096 if on_gpu else 16384
+    rows = max(1, target // block_e)
+    return min(rows, triton.next_power_of_2(max(num_tokens, 1)))
+
+
+def router_topk(logits: torch.Tensor, top_k: int, normalize: bool = False):
+    """Launch the kernel on [T, E] logits (any strides, any float dtype).
+
+    Returns weights fp32 [T, K] and ids int32 [T, K]. Arguments are checked by
+    `moelab.route`; call that instead.
+    """
+    num_tokens, num_experts = logits.shape
+    weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((num_tokens, top_k), dtype=torch.int32, device=logits.device)
+    if num_tokens == 0:
+        return weights, ids
+    block_e = triton.next_power_of_2(num_experts)
+    block_t = _block_rows(num_tokens, block_e, logits.is_cuda)
+    grid = (triton.cdiv(num_tokens, block_t),)
+    _router_kernel[grid](
+        logits, weights, ids,
+        num_tokens, num_experts,
+        logits.stride(0), logits.stride(1),
+        TOP_K=top_k, NORMALIZE=normalize,
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
+        num_warps=4 if block_t * block_e <= 4096 else 8,
+    )
+    return weights, ids
