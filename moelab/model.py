@@ -1,0 +1,313 @@
+"""moelab's own Qwen2-MoE forward pass over a slot KV cache.
+
+Built in notebooks/06_kv_cache_slots. `MoeForward` runs a transformers Qwen2MoeForCausalLM
+with the model's own weight tensors (no copies), but owns the computation: RMSNorm, rotary
+embeddings (cos/sin from the model's own `rotary_emb`, so RoPE matches transformers exactly),
+q/k/v with bias, attention over `moelab.KVCache` slots each with its own length, the MoE block
+through `moelab.route`, and the shared expert behind its sigmoid gate. Dense-MLP layers
+(`mlp_only_layers`, `decoder_sparse_step`) run their plain MLP.
+
+Two entry points: `prefill` packs prompts of different lengths into given slots in one pass;
+`decode` runs one token for each of a set of slots in one batch. The decode step reads slot
+ids, positions and lengths from device tensors and writes the cache with indexed writes: no
+host sync inside it (with `check=False`), which is what lets a CUDA graph capture it later.
+
+`experts_forward` is the seam for the routed experts: the PyTorch path here, the fused
+(bf16 / NF4) kernel later, passed as `MoeForward(model, experts_fn=...)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import KVCache
+from .models import check_supported
+from .routing import route
+
+# Up to this many tokens `experts_forward` runs every expert on every token (device-only,
+# fixed shapes: a decode batch of up to 64 slots); longer inputs (prefill) are sorted by
+# expert instead. 64 is where the two cross for `tiny` on a CPU core (0.2 vs 0.3 ms at 1
+# token, 1.4 vs 1.5 ms at 64, 5.1 vs 1.8 ms at 128).
+DENSE_MAX_TOKENS = 64
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers computes it: normalise in float32, scale in the input dtype."""
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dim: RoPE pairs dim i with dim i + head_dim/2."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [tokens, heads, head_dim] by its tokens' angles; cos, sin: [tokens, head_dim]."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def _experts_dense(hidden, weights, ids, experts):
+    """Every expert on every token, combined with a dense [T, E] weight matrix that is zero
+    outside each token's top-k. No host sync and fixed shapes; E/K times the FLOPs of the
+    routed work, but a decode step is bound by reading the expert weights, which happens
+    once per expert here."""
+    num_tokens = hidden.shape[0]
+    dense_w = torch.zeros(num_tokens, experts.num_experts, dtype=hidden.dtype, device=hidden.device)
+    dense_w.scatter_(1, ids.long(), weights.to(hidden.dtype))
+    gate_up = torch.matmul(hidden.unsqueeze(0), experts.gate_up_proj.transpose(1, 2))  # [E, T, 2I]
+    gate, up = gate_up.chunk(2, dim=-1)
+    out = torch.matmul(experts.act_fn(gate) * up, experts.down_proj.transpose(1, 2))  # [E, T, H]
+    return torch.einsum("te,eth->th", dense_w, out)
+
+
+def _experts_grouped(hidden, weights, ids, experts):
+    """Sort the (token, k) pairs by expert and run each expert once on its rows. One host
+    sync (the per-expert counts), fine for prefill."""
+    num_tokens, top_k = ids.shape
+    flat = ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=experts.num_experts).tolist()
+    rows = order // top_k  # the token each sorted pair belongs to
+    x = hidden[rows]
+    out = torch.empty_like(x)
+    start = 0
+    for expert, n in enumerate(counts):
+        if n == 0:
+            continue
+        gate, up = F.linear(x[start : start + n], experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        out[start : start + n] = F.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
+        start += n
+    out = out * weights.reshape(-1)[order, None].to(hidden.dtype)
+    return torch.zeros_like(hidden).index_add_(0, rows, out)
+
+
+def experts_forward(hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layer_experts) -> torch.Tensor:
+    """The routed experts of one layer: sum_k weights[t, k] * expert_{ids[t, k]}(hidden[t]).
+
+    hidden [T, H]; weights [T, K] and ids int [T, K] from `moelab.route` (MoeForward rounds the
+    weights to the hidden dtype first, as transformers does); layer_experts is transformers'
+    `Qwen2MoeExperts` (fused `gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`). Up to
+    DENSE_MAX_TOKENS tokens it runs dense (no host sync), above that grouped by expert.
+    This is the seam a fused kernel (bf16 or NF4) replaces, with the same signature.
+    """
+    if hidden.shape[0] <= DENSE_MAX_TOKENS:
+        return _experts_dense(hidden, weights, ids, layer_experts)
+    return _experts_grouped(hidden, weights, ids, layer_experts)
+
+
+def _mlp(x: torch.Tensor, mlp) -> torch.Tensor:
+    """A SwiGLU MLP (the shared expert, or a dense layer's MLP) through its own Linear layers."""
+    return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+
+def _as_index(values, device, name: str) -> torch.Tensor:
+    t = torch.as_tensor(values, device=device)
+    if t.numel() == 0:
+        t = t.to(torch.int64)  # torch.as_tensor([]) is float32
+    if t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be a 1-D sequence of ints, got shape {tuple(t.shape)} dtype {t.dtype}")
+    return t.to(torch.int64)
+
+
+class MoeForward:
+    """moelab's forward pass for a transformers Qwen2MoeForCausalLM over a `KVCache`.
+
+    experts_fn: the routed-experts seam, `fn(hidden, weights, ids, layer_experts) -> [T, H]`.
+    route_backend: passed to `moelab.route` ("auto": the Triton kernel on CUDA).
+    """
+
+    def __init__(self, model, experts_fn=experts_forward, route_backend: str = "auto"):
+        check_supported(model.config)
+        if route_backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"route_backend must be 'auto', 'triton' or 'torch', got {route_backend!r}")
+        self.model = model
+        self.config = model.config
+        self.experts_fn = experts_fn
+        self.route_backend = route_backend
+        self.layers = list(model.model.layers[: model.config.num_hidden_layers])
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.num_heads = model.config.num_attention_heads
+        self.num_kv_heads = model.config.num_key_value_heads
+
+    def new_cache(self, num_slots: int, max_seq_len: int) -> KVCache:
+        """A slot cache shaped for this model, in its dtype and on its device."""
+        return KVCache.for_model(self.model, num_slots, max_seq_len)
+
+    # ---- entry points -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, cache: KVCache, prompts: Sequence, slots: Sequence[int], all_logits: bool = False):
+        """Run whole prompts (token-id lists or 1-D tensors, any lengths) into their allocated
+        `slots` in one pass, from position 0. Returns the last token's logits [B, vocab], or
+        with `all_logits` a list of [len_i, vocab], one per prompt."""
+        self._check_cache(cache)
+        slots = [int(s) if isinstance(s, torch.Tensor) else s for s in slots]
+        if len(prompts) != len(slots):
+            raise ValueError(f"got {len(prompts)} prompts for {len(slots)} slots")
+        if not prompts:
+            raise ValueError("prefill needs at least one prompt")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"slots must be distinct, got {slots}")
+        tokens = [_as_index(p, cache.device, "each prompt") for p in prompts]
+        lens = [t.numel() for t in tokens]
+        for slot, n in zip(slots, lens):
+            cache.check_slot(slot)
+            if n == 0:
+                raise ValueError(f"the prompt for slot {slot} is empty")
+            if n > cache.reserved(slot):
+                raise ValueError(
+                    f"a prompt of {n} tokens does not fit slot {slot}, allocated for {cache.reserved(slot)}"
+                )
+        flat = torch.cat(tokens)
+        self._check_tokens(flat)
+
+        device = cache.device
+        lens_t = torch.tensor(lens, device=device)
+        slots_t = torch.tensor(slots, device=device)
+        batch_of = torch.repeat_interleave(torch.arange(len(lens), device=device), lens_t)  # [N]
+        starts = torch.cumsum(lens_t, 0) - lens_t
+        positions = torch.arange(flat.numel(), device=device) - starts[batch_of]  # [N]
+        max_len = max(lens)
+        # Queries sit in a padded [B, max_len] grid; query j of prompt b sees keys 0..j of its
+        # slot. Padding rows also see keys 0..j (never empty, so no NaN) and are dropped.
+        grid_pos = torch.arange(max_len, device=device).expand(len(lens), max_len)
+        mask = torch.arange(max_len, device=device)[None, None, None, :] <= grid_pos[:, None, :, None]
+
+        def attend(layer, q):  # q [N, heads, head_dim] -> [N, heads * head_dim]
+            q_grid = q.new_zeros(len(lens), max_len, self.num_heads, self.head_dim)
+            q_grid[batch_of, positions] = q
+            k = cache.k[layer, :, :, :max_len].index_select(0, slots_t)  # [B, kv_heads, max_len, head_dim]
+            v = cache.v[layer, :, :, :max_len].index_select(0, slots_t)
+            out = self._sdpa(q_grid.transpose(1, 2), k, v, mask)  # [B, heads, max_len, head_dim]
+            return out.transpose(1, 2)[batch_of, positions].reshape(flat.numel(), -1)
+
+        hidden = self._run(cache, flat, slots_t[batch_of], positions, attend)
+        cache.lengths[slots_t] = lens_t
+        if all_logits:
+            return list(self.model.lm_head(hidden).split(lens))
+        last = starts + lens_t - 1
+        return self.model.lm_head(hidden[last])
+
+    @torch.no_grad()
+    def decode(self, cache: KVCache, tokens, slots, check: bool = True) -> torch.Tensor:
+        """One decode step: token i is appended to slot i's sequence. Returns logits [B, vocab].
+
+        tokens, slots: [B] int (device tensors on the hot path). `check` validates the slots
+        and their room on the host (one sync); the engine's graph path turns it off.
+        """
+        self._check_cache(cache)
+        tokens = _as_index(tokens, cache.device, "tokens")
+        slots = _as_index(slots, cache.device, "slots")
+        if tokens.shape != slots.shape or tokens.numel() == 0:
+            raise ValueError(
+                f"tokens and slots must have one equal, non-empty shape [B]: got {tuple(tokens.shape)} "
+                f"and {tuple(slots.shape)}"
+            )
+        if check:
+            self._check_decode(cache, tokens, slots)
+        positions = cache.lengths[slots]  # [B] the position of each new token
+        max_len = cache.max_seq_len
+        # Each slot's single query sees keys 0..position; the rest of the row is masked.
+        mask = torch.arange(max_len, device=cache.device)[None, None, None, :] <= positions[:, None, None, None]
+
+        def attend(layer, q):  # q [B, heads, head_dim]
+            # SDPA over the whole [slot, max_seq_len] row reads the padding too; the GPU path
+            # replaces this with a decode-attention kernel that stops at each slot's length.
+            k = cache.k[layer].index_select(0, slots)  # [B, kv_heads, max_seq_len, head_dim]
+            v = cache.v[layer].index_select(0, slots)
+            out = self._sdpa(q[:, :, None], k, v, mask)
+            return out.reshape(q.shape[0], -1)
+
+        hidden = self._run(cache, tokens, slots, positions, attend)
+        cache.lengths[slots] = positions + 1
+        return self.model.lm_head(hidden)
+
+    # ---- the layers -----------------------------------------------------------------------
+
+    def _run(self, cache, tokens, slots, positions, attend):
+        """Embed, run every decoder layer on N tokens (writing their keys and values at
+        (slots[i], positions[i])), final norm. Tokens are rows of one [N, hidden] matrix."""
+        inner = self.model.model
+        hidden = inner.embed_tokens(tokens)
+        # The model's own rotary module, so cos/sin are bit-identical to transformers'.
+        cos, sin = inner.rotary_emb(hidden, positions[None])
+        cos, sin = cos[0], sin[0]
+        for index, layer in enumerate(self.layers):
+            norm = layer.input_layernorm
+            x = rms_norm(hidden, norm.weight, norm.variance_epsilon)
+            hidden = hidden + self._attention(index, layer.self_attn, x, cache, slots, positions, cos, sin, attend)
+            norm = layer.post_attention_layernorm
+            x = rms_norm(hidden, norm.weight, norm.variance_epsilon)
+            hidden = hidden + self._moe(x, layer.mlp)
+        norm = inner.norm
+        return rms_norm(hidden, norm.weight, norm.variance_epsilon)
+
+    def _attention(self, index, attn, x, cache, slots, positions, cos, sin, attend):
+        n = x.shape[0]
+        q = attn.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = attn.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        v = attn.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache.write(index, slots, positions, k, v)  # keys are cached after RoPE, as in transformers
+        return attn.o_proj(attend(index, q))
+
+    def _sdpa(self, q, k, v, mask):
+        """q [B, heads, Lq, D] over k, v [B, kv_heads, Lk, D]; grouped-query heads share K/V
+        (enable_gqa reads each KV head for its query group instead of copying it)."""
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=self.num_heads != self.num_kv_heads
+        )
+
+    def _moe(self, x, mlp):
+        if not hasattr(mlp, "experts"):  # a dense layer (mlp_only_layers / decoder_sparse_step)
+            return _mlp(x, mlp)
+        gate = mlp.gate
+        # Router logits from the router's own weight, then moelab's routing (with or without
+        # moelab.patch installed on the HF model: its forward is never called here).
+        logits = F.linear(x, gate.weight)
+        weights, ids = route(logits, gate.top_k, normalize=gate.norm_topk_prob, backend=self.route_backend)
+        # transformers rounds the routing weights to the model dtype before using them.
+        routed = self.experts_fn(x, weights.to(x.dtype), ids, mlp.experts)
+        shared = torch.sigmoid(mlp.shared_expert_gate(x)) * _mlp(x, mlp.shared_expert)
+        return routed + shared
+
+    # ---- checks ---------------------------------------------------------------------------
+
+    def _check_cache(self, cache):
+        if not isinstance(cache, KVCache):
+            raise ValueError(f"cache must be a moelab KVCache, got {type(cache).__name__}")
+        shape = (self.config.num_hidden_layers, self.num_kv_heads, self.head_dim)
+        if (cache.num_layers, cache.k.shape[2], cache.k.shape[4]) != shape:
+            raise ValueError(
+                f"cache shape {tuple(cache.k.shape)} does not fit this model (layers, kv_heads, head_dim = {shape})"
+            )
+
+    def _check_tokens(self, tokens):
+        vocab = self.config.vocab_size
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+            raise ValueError(f"token ids must be in [0, {vocab}), got {int(tokens.min())}..{int(tokens.max())}")
+
+    def _check_decode(self, cache, tokens, slots):
+        host_slots = slots.tolist()
+        if len(set(host_slots)) != len(host_slots):
+            raise ValueError(f"slots must be distinct, got {host_slots}")
+        for slot in host_slots:
+            cache.check_slot(slot)
+        self._check_tokens(tokens)
+        for slot, length in zip(host_slots, cache.lengths[slots].tolist()):
+            if length == 0:
+                raise ValueError(f"slot {slot} has no prompt yet: prefill it before decoding")
+            if length >= cache.reserved(slot):
+                raise ValueError(
+                    f"slot {slot} is full: it holds {length} tokens and was allocated for {cache.reserved(slot)} "
+                    f"(prompt + max_new_tokens; max_seq_len is {cache.max_seq_len})"
+                )
