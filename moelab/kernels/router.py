@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-_FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)  # globals used in a kernel must be constexpr
 
 
 @triton.jit
@@ -76,11 +76,13 @@ def _block_rows(num_tokens: int, block_e: int, on_gpu: bool) -> int:
     return min(rows, triton.next_power_of_2(max(num_tokens, 1)))
 
 
-def router_topk(logits: torch.Tensor, top_k: int, normalize: bool = False):
+def router_topk(logits: torch.Tensor, top_k: int, normalize: bool = False,
+                block_t: int | None = None, num_warps: int | None = None):
     """Launch the kernel on [T, E] logits (any strides, any float dtype).
 
     Returns weights fp32 [T, K] and ids int32 [T, K]. Arguments are checked by
-    `moelab.route`; call that instead.
+    `moelab.route`; call that instead. `block_t` and `num_warps` are tuning knobs for the
+    benchmark's sweep; None picks the heuristic.
     """
     num_tokens, num_experts = logits.shape
     weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=logits.device)
@@ -88,7 +90,7 @@ def router_topk(logits: torch.Tensor, top_k: int, normalize: bool = False):
     if num_tokens == 0:
         return weights, ids
     block_e = triton.next_power_of_2(num_experts)
-    block_t = _block_rows(num_tokens, block_e, logits.is_cuda)
+    block_t = block_t or _block_rows(num_tokens, block_e, logits.is_cuda)
     grid = (triton.cdiv(num_tokens, block_t),)
     _router_kernel[grid](
         logits, weights, ids,
@@ -96,6 +98,6 @@ def router_topk(logits: torch.Tensor, top_k: int, normalize: bool = False):
         logits.stride(0), logits.stride(1),
         TOP_K=top_k, NORMALIZE=normalize,
         BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
-        num_warps=4 if block_t * block_e <= 4096 else 8,
+        num_warps=num_warps or (4 if block_t * block_e <= 4096 else 8),
     )
     return weights, ids

@@ -1,0 +1,255 @@
+"""Benchmarks: `python -m moelab.bench <what>`, results as JSON (+ PNG) under benchmarks/results/.
+
+Built in notebooks/02_triton_router_kernel (router). Benchmarks are not tests: they time real
+runs, name the card, and compare systems side by side in one run on one machine.
+
+    python -m moelab.bench router                  # on CUDA: eager, graphs, compile, Triton
+    python -m moelab.bench router --json out.json --plot out.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+
+# ---------------------------------------------------------------------------- shared helpers
+
+def card_name() -> str:
+    """The accelerator's name (e.g. 'NVIDIA H100 80GB HBM3'), or the CPU's."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def card_tag(card: str) -> str:
+    """Short tag for file names: h100, h200, cpu, or the card's name in lower case."""
+    low = card.lower()
+    for tag in ("h100", "h200", "a100", "l40s", "l4", "rtx"):
+        if tag in low:
+            return tag
+    return "cpu" if low.startswith("cpu") else "".join(c for c in low if c.isalnum())[:16]
+
+
+def versions() -> dict:
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    if torch.cuda.is_available():
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() * src.element_size() / statistics.median(times) / 1e9
+
+
+def _time_eager(fn, n_inputs: int, repeats: int = 7) -> float:
+    """Median microseconds per call of fn(i), rotating i over the inputs, host overhead included."""
+    for i in range(min(n_inputs, 8)):
+        fn(i)
+    torch.cuda.synchronize()
+    calls = max(n_inputs, 50)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for c in range(calls):
+            fn(c % n_inputs)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def _time_graph(fn, n_inputs: int, repeats: int = 7) -> float:
+    """Median microseconds per call with fn(0..n-1) captured in one CUDA graph (no launch gaps)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(min(n_inputs, 3)):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    calls = max(n_inputs, 20)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in range(calls):
+            fn(c % n_inputs)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------- router
+
+def hf_router_math(logits: torch.Tensor, top_k: int):
+    """What transformers' Qwen2MoeTopKRouter does after the linear layer: the baseline."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    return torch.topk(probs, top_k, dim=-1)
+
+
+def bench_router(tokens=(1, 64, 4096, 65536), experts: int = 60, top_k: int = 4,
+                 dtype=torch.bfloat16, sweep: bool = False) -> dict:
+    """Time the router systems side by side on CUDA; returns the JSON-ready dict."""
+    if not torch.cuda.is_available():
+        raise SystemExit("the router benchmark needs a CUDA device (the kernel's CPU path is the interpreter)")
+    from .kernels.router import router_topk
+
+    bandwidth = copy_bandwidth_gbs()
+    l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+    elt = torch.tensor([], dtype=dtype).element_size()
+    compiled = torch.compile(hf_router_math, fullgraph=True, dynamic=False)
+    rows = []
+    for t in tokens:
+        in_bytes = t * experts * elt
+        # Rotate through enough inputs to exceed the L2 cache four times over.
+        n_inputs = max(2, min(4096, math.ceil(4 * l2_bytes / in_bytes)))
+        inputs = [torch.randn(t, experts, device="cuda").to(dtype) for _ in range(n_inputs)]
+        moved = in_bytes + t * top_k * (4 + 4)  # logits in; fp32 weights + int32 ids out
+        floor_us = moved / (bandwidth * 1e9) * 1e6
+        systems = {
+            "torch_eager": (lambda i: hf_router_math(inputs[i], top_k), _time_eager),
+            "torch_graph": (lambda i: hf_router_math(inputs[i], top_k), _time_graph),
+            "torch_compile_graph": (lambda i: compiled(inputs[i], top_k), _time_graph),
+            "triton": (lambda i: router_topk(inputs[i], top_k), _time_eager),
+            "triton_graph": (lambda i: router_topk(inputs[i], top_k), _time_graph),
+        }
+        if sweep:
+            for bt in (1, 4, 16, 32, 64, 128, 256):
+                for nw in (1, 2, 4, 8):
+                    if bt <= max(1, t) * 2:
+                        systems[f"triton_graph_b{bt}_w{nw}"] = (
+                            lambda i, bt=bt, nw=nw: router_topk(inputs[i], top_k, block_t=bt, num_warps=nw), _time_graph)
+        for name, (fn, timer) in systems.items():
+            us = timer(fn, n_inputs)
+            rows.append({"tokens": t, "system": name, "us": round(us, 3), "bytes": moved,
+                         "floor_us": round(floor_us, 3), "floor_fraction": round(floor_us / us, 4)})
+            print(f"T={t:>6} {name:<28} {us:9.2f} us   floor {floor_us:7.2f} us", flush=True)
+        del inputs
+    return {
+        "benchmark": "router",
+        "card": card_name(),
+        "date": _dt.date.today().isoformat(),
+        "versions": versions(),
+        "workload": {"experts": experts, "top_k": top_k, "dtype": str(dtype).replace("torch.", ""),
+                     "tokens": list(tokens), "normalize": False,
+                     "note": "inputs rotate through buffers over 4x the L2 cache; graph rows are "
+                             "per call inside one captured CUDA graph"},
+        "copy_bandwidth_gbs": round(bandwidth, 1),
+        "results": rows,
+    }
+
+
+def router_summary(result: dict) -> list[str]:
+    """The issue's targets, checked against one result dict: one line each."""
+    by = {(r["tokens"], r["system"]): r for r in result["results"]}
+    lines = []
+    for t in result["workload"]["tokens"]:
+        eager = by[(t, "torch_eager")]["us"]
+        comp = by[(t, "torch_compile_graph")]["us"]
+        tri, trig = by[(t, "triton")]["us"], by[(t, "triton_graph")]["us"]
+        floor = by[(t, "triton_graph")]["floor_us"]
+        lines.append(f"T={t:>6}: triton {tri:.1f} us ({eager / tri:.1f}x eager), in a graph {trig:.1f} us "
+                     f"(compile+graph {comp:.1f} us, {comp / trig:.2f}x), floor {floor:.2f} us ({trig / floor:.2f}x floor)")
+    return lines
+
+
+def plot_router(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    tokens = result["workload"]["tokens"]
+    for system in ("torch_eager", "torch_graph", "torch_compile_graph", "triton", "triton_graph"):
+        ys = [next(r["us"] for r in result["results"] if r["tokens"] == t and r["system"] == system) for t in tokens]
+        ax.plot(tokens, ys, marker="o", label=system)
+    floor = [next(r["floor_us"] for r in result["results"] if r["tokens"] == t) for t in tokens]
+    ax.plot(tokens, floor, "k--", label=f"bytes / copy bandwidth ({result['copy_bandwidth_gbs']:.0f} GB/s)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("microseconds per call")
+    ax.set_title(f"Router, E={result['workload']['experts']} top-{result['workload']['top_k']} "
+                 f"{result['workload']['dtype']}, {result['card']}")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def default_path(kind: str, card: str, suffix: str) -> Path:
+    return RESULTS_DIR / f"{kind}_{_dt.date.today().isoformat()}_{card_tag(card)}.{suffix}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moelab.bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    router = sub.add_parser("router", help="the router: torch eager / graph / compile vs the Triton kernel")
+    router.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 4096, 65536])
+    router.add_argument("--experts", type=int, default=60)
+    router.add_argument("--top-k", type=int, default=4)
+    router.add_argument("--sweep", action="store_true", help="also time block sizes / warps of the kernel")
+    router.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
+    router.add_argument("--plot", type=Path, default=None, help="where to write the PNG")
+    args = parser.parse_args(argv)
+
+    if args.what == "router":
+        if not torch.cuda.is_available():
+            print("error: the router benchmark needs a CUDA device", file=sys.stderr)
+            return 2
+        result = bench_router(tuple(args.tokens), args.experts, args.top_k, sweep=args.sweep)
+        json_path = args.json or default_path("router", result["card"], "json")
+        plot_path = args.plot or json_path.with_suffix(".png")
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+        plot_router(result, plot_path)
+        print("\n".join(router_summary(result)))
+        print(f"wrote {json_path} and {plot_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
