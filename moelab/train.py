@@ -10,7 +10,10 @@ instead of noise. This module is how that checkpoint is made, end to end, in one
    is code the model never saw, not just unseen windows of seen files.
 2. Model: transformers' own `Qwen2MoeForCausalLM`, randomly initialised (about 3.2 M
    parameters), trained with AdamW, a cosine schedule with warmup and the Switch-style
-   load-balancing loss that transformers adds to `loss` when `output_router_logits=True`.
+   load-balancing loss on the router logits that `output_router_logits=True` returns,
+   weighted by `router_aux_loss_coef`. We apply it to each layer separately: transformers'
+   own version pools all layers' tokens first, so one layer can starve an expert while
+   another layer makes up for it in the pooled count.
 3. Report: held-out bits per byte against a unigram baseline, how evenly each layer's
    router spreads tokens over the 16 experts, a loss curve and `training.json`.
 4. Ship: weights are rounded to bfloat16 (6.4 MB on disk), evaluated as rounded, and saved
@@ -176,6 +179,24 @@ def evaluate(model, windows: torch.Tensor, batch_size: int = 16) -> tuple[float,
 # ---------------------------------------------------------------- training
 
 
+def balance_loss(router_logits, top_k: int) -> torch.Tensor:
+    """Switch-style load-balancing loss, averaged over layers (1.0 when perfectly even).
+
+    Per layer: E * sum_e f_e * P_e, with f_e the fraction of (token, k) picks that went to
+    expert e and P_e the mean router probability of e. Its gradient flows through P_e and
+    pushes probability away from over-used experts.
+    """
+    per_layer = []
+    for logits in router_logits:
+        probs = logits.float().softmax(dim=-1)
+        num_experts = probs.shape[-1]
+        picks = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(dim=1).float()
+        fraction = picks.mean(dim=0) / top_k
+        per_layer.append(num_experts * (fraction * probs.mean(dim=0)).sum())
+    return torch.stack(per_layer).mean()
+
+
+
 @dataclasses.dataclass
 class TrainResult:
     """What `train` returns: the trained model (float32, bf16-rounded weights, as saved)
@@ -266,8 +287,10 @@ def train(
     for step in bar:
         ids = random_windows(corpus.train, batch_size, seq_len, gen).to(device, non_blocking=True)
         with autocast:
-            # labels=ids: transformers shifts them, and adds aux_loss_coef * aux loss to loss
-            loss = model(input_ids=ids, labels=ids, output_router_logits=True).loss
+            fwd = model(input_ids=ids, output_router_logits=True)
+            ce = F.cross_entropy(fwd.logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+            aux = balance_loss(fwd.router_logits, model.config.num_experts_per_tok)
+            loss = ce + model.config.router_aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -311,7 +334,8 @@ def _training_info(corpus, device, steps, batch_size, seq_len, lr, seed, aux_los
                     held_out_rule=f"file index % {HELD_OUT_EVERY} == 0 in sorted order"),
         device="cpu" if device.type == "cpu" else torch.cuda.get_device_name(device),
         steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
-        router_aux_loss_coef=aux_loss_coef, wall_time_s=round(wall, 1),
+        router_aux_loss_coef=aux_loss_coef, aux_loss="Switch-style load balancing per layer, averaged (moelab.train.balance_loss)",
+        wall_time_s=round(wall, 1),
         held_out_bits_per_byte=round(bpb, 4), unigram_bits_per_byte=round(unigram, 4),
         eval_windows=eval_windows_used, eval_curve=[[s, round(b, 4)] for s, b in evals],
         weights="bfloat16 (final evaluation ran on the bf16-rounded weights in float32)",

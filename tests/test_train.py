@@ -80,3 +80,20 @@ def test_saved_checkpoint_reloads_exactly(run):
     ids = torch.tensor([list(b"import os\nprint(os.getcwd())\n")])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, trained(ids).logits)
+
+
+def test_balance_loss_is_one_when_even_and_grows_when_skewed():
+    from moelab.train import balance_loss
+
+    torch.manual_seed(1)
+    even = torch.zeros(64, 16)  # every expert equally likely: loss exactly 1
+    assert balance_loss([even, even], top_k=4).item() == pytest.approx(1.0, abs=1e-6)
+    skewed = torch.randn(64, 16)
+    skewed[:, 3] += 8.0  # one layer sends nearly everything to expert 3
+    mixed = balance_loss([even, skewed], top_k=4).item()
+    assert mixed > 1.5
+    # averaged over layers, not pooled: the skewed layer alone costs twice as much
+    assert balance_loss([skewed], top_k=4).item() == pytest.approx(2 * mixed - 1.0, rel=1e-5)
+    logits = skewed.clone().requires_grad_(True)
+    balance_loss([logits], top_k=4).backward()
+    assert logits.grad[:, 3].mean() > 0  # gradient descent lowers the over-used expert
