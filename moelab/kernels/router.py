@@ -6,13 +6,8 @@ T * E * 2 bytes in (bf16) and T * K * 8 bytes out, nothing in between. PyTorch's
 version launches about ten kernels and writes the probabilities, the sort and the gathers
 to memory between them.
 
-Two ideas keep the work per row small (cross-thread reductions are what this kernel pays for):
-- top-k runs on the logits, not the probabilities (softmax is monotonic), so the softmax
-  needs no max pass of its own: the first pick is the row max;
-- each pick is ONE reduction, `tl.max(..., return_indices=True)` with ties to the left
-  (lowest id), over int32 keys that sort like the float32 logits. Taken experts and the
-  padding get a key below every float, including -inf, so a row of -inf logits still takes
-  its free ids in order 0, 1, 2, ...
+The row max, the softmax denominator and each of the k picks are reductions across the
+threads that hold a row; they, not the bytes, set this kernel's speed on the GPU.
 """
 
 import torch
@@ -20,23 +15,6 @@ import triton
 import triton.language as tl
 
 _FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)  # globals used in a kernel must be constexpr
-_TAKEN = tl.constexpr(-2147483648)  # int32 min: below the key of every float, -inf included
-
-
-@triton.jit
-def _sortable_key(x):
-    """float32 -> int32 with the same order: flip the magnitude bits of negative floats.
-
-    Positive floats already compare like their bit patterns; negative ones compare in reverse,
-    so xor-ing their low 31 bits turns larger magnitudes into smaller ints. Its own inverse.
-    """
-    bits = x.to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
-@triton.jit
-def _key_to_float(key):
-    return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -58,27 +36,28 @@ def _router_kernel(
     x = tl.where(x != x, float("-inf"), x)            # NaN counts as -inf
     x = tl.minimum(x, _FLOAT32_MAX)                   # +inf counts as the largest float
 
-    # Top-k by repeated arg-max on the keys; lowest id wins ties (return_indices_tie_break_left).
-    key = tl.where(col_ok[None, :], _sortable_key(x), _TAKEN)
-    kcols = tl.arange(0, BLOCK_K)
-    top_x = tl.full([BLOCK_T, BLOCK_K], float("-inf"), tl.float32)
-    top_i = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
-    row_max = tl.full([BLOCK_T], float("-inf"), tl.float32)
-    for k in tl.static_range(TOP_K):
-        best, best_id = tl.max(key, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        key = tl.where(cols[None, :] == best_id[:, None], _TAKEN, key)
-        best_x = _key_to_float(best)
-        if k == 0:
-            row_max = best_x                          # the first pick is the row max
-        top_x = tl.where(kcols[None, :] == k, best_x[:, None], top_x)
-        top_i = tl.where(kcols[None, :] == k, best_id[:, None], top_i)
-
-    # Softmax over all experts, evaluated only at the k picks; padding adds exp(-inf) = 0.
+    # Softmax denominator over all experts; padded columns are -inf and add exp(-inf) = 0.
+    row_max = tl.max(x, axis=1)
     has_finite = row_max > float("-inf")
-    safe_max = tl.where(has_finite, row_max, 0.0)     # empty rows: no inf - inf anywhere
+    safe_max = tl.where(has_finite, row_max, 0.0)
     denom = tl.sum(tl.exp(x - safe_max[:, None]), axis=1)
-    denom = tl.where(has_finite, denom, 1.0)
-    top_w = tl.where(has_finite[:, None], tl.exp(top_x - safe_max[:, None]) / denom[:, None], 0.0)
+    denom = tl.where(has_finite, denom, 1.0)          # empty rows: no 0/0 anywhere
+
+    # Top-k by repeated max. `avail` marks experts not yet taken (and never the padding),
+    # so a row whose remaining logits are all -inf still takes the lowest free ids.
+    avail = col_ok[None, :] & (rows[:, None] >= 0)
+    kcols = tl.arange(0, BLOCK_K)
+    top_w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    top_i = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+    for k in tl.static_range(TOP_K):
+        cand = tl.where(avail, x, float("-inf"))
+        best = tl.max(cand, axis=1)
+        hit = avail & (cand == best[:, None])
+        best_id = tl.min(tl.where(hit, cols[None, :], BLOCK_E), axis=1)  # lowest id wins ties
+        avail = avail & (cols[None, :] != best_id[:, None])
+        w = tl.where(has_finite, tl.exp(best - safe_max) / denom, 0.0)
+        top_w = tl.where(kcols[None, :] == k, w[:, None], top_w)
+        top_i = tl.where(kcols[None, :] == k, best_id[:, None], top_i)
 
     if NORMALIZE:
         total = tl.sum(top_w, axis=1)
@@ -94,14 +73,16 @@ def _router_kernel(
 def launch_config(num_tokens: int, on_gpu: bool) -> tuple[int, int]:
     """(rows per program, warps per program).
 
-    On the GPU the kernel is bound by its cross-thread reductions, not by bytes: one warp per
-    program and few rows each measured fastest on an H200 (moelab.bench router --sweep).
+    On the GPU the kernel is bound by its cross-thread reductions and their latency, not by
+    bytes: one warp per program and 1-4 rows each measured fastest on an H200
+    (`python -m moelab.bench router --sweep`; more warps per program cost shared-memory
+    round trips in every reduction).
     Under the interpreter every program instance costs about half a millisecond, so there
     fewer, larger programs win.
     """
     if not on_gpu:
         return min(256, triton.next_power_of_2(max(num_tokens, 1))), 4
-    return (1 if num_tokens <= 4096 else 4), 1
+    return (1 if num_tokens <= 256 else 2 if num_tokens <= 8192 else 4), 1
 
 
 def router_topk(logits: torch.Tensor, top_k: int, normalize: bool = False,
