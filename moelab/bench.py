@@ -1,10 +1,11 @@
 """Benchmarks: `python -m moelab.bench <what>`, results as JSON (+ PNG) under benchmarks/results/.
 
-Built in notebooks/02_triton_router_kernel (router). Benchmarks are not tests: they time real
+Built in notebooks/02_triton_router_kernel (router) and 06_kv_cache_slots (decode). Benchmarks are not tests: they time real
 runs, name the card, and compare systems side by side in one run on one machine.
 
     python -m moelab.bench router                  # on CUDA: eager, graphs, compile, Triton
     python -m moelab.bench router --json out.json --plot out.png
+    python -m moelab.bench decode                  # CPU or CUDA: decode step, 1..8 slots
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -225,6 +227,59 @@ def plot_router(result: dict, path) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------- decode step
+
+def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len: int = 64,
+                 steps: int = 32, repeats: int = 5, device: str | None = None) -> dict:
+    """Time one `MoeForward.decode` step for B slots at once, B in `batches` (notebook 06).
+
+    Each slot is prefilled with `prompt_len` random tokens, then `steps` decode steps run and
+    the median per-step time of `repeats` runs is kept. On the CPU this measures per-op
+    overhead more than arithmetic; on a GPU, a step of the real model is bound by weight bytes.
+    """
+    from .model import MoeForward
+    from .models import load
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load(model_name, device=device)
+    fwd = MoeForward(model)
+    gen = torch.Generator().manual_seed(0)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rows = []
+    for batch in batches:
+        per_step = []
+        for _ in range(repeats):
+            cache = fwd.new_cache(num_slots=batch, max_seq_len=prompt_len + steps + 1)
+            slots = [cache.allocate(prompt_len + steps + 1) for _ in range(batch)]
+            prompts = [torch.randint(0, 256, (prompt_len,), generator=gen).tolist() for _ in range(batch)]
+            tokens = fwd.prefill(cache, prompts, slots).argmax(-1)
+            slots_t = torch.tensor(slots, device=cache.device)
+            tokens = fwd.decode(cache, tokens, slots_t).argmax(-1)  # warm-up step
+            sync()
+            start = time.perf_counter()
+            for _ in range(steps - 1):
+                tokens = fwd.decode(cache, tokens, slots_t, check=False).argmax(-1)
+            sync()
+            per_step.append((time.perf_counter() - start) / (steps - 1) * 1e3)
+        ms = statistics.median(per_step)
+        rows.append({"system": "moelab_forward", "batch": batch, "ms_per_step": round(ms, 3),
+                     "tokens_per_s": round(batch / ms * 1e3, 1)})
+        print(f"batch {batch:>3}: {ms:7.2f} ms per decode step, {batch / ms * 1e3:8.1f} tokens/s", flush=True)
+    single = rows[0]["ms_per_step"]
+    for row in rows:
+        row["step_cost_vs_batch_1"] = round(row["ms_per_step"] / single, 3)
+    return {
+        "benchmark": "decode",
+        "card": card_name(),
+        "date": _dt.date.today().isoformat(),
+        "versions": versions(),
+        "workload": {"model": model_name, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                     "prompt_len": prompt_len, "steps": steps, "repeats": repeats, "batches": list(batches),
+                     "note": "moelab.MoeForward.decode over a slot KV cache, greedy; median ms per step"},
+        "results": rows,
+    }
+
+
 # ---------------------------------------------------------------------------- CLI
 
 def default_path(kind: str, card: str, suffix: str) -> Path:
@@ -241,7 +296,20 @@ def main(argv=None) -> int:
     router.add_argument("--sweep", action="store_true", help="also time block sizes / warps of the kernel")
     router.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
     router.add_argument("--plot", type=Path, default=None, help="where to write the PNG")
+    decode = sub.add_parser("decode", help="moelab's decode step for 1..8 slots at once (CPU or CUDA)")
+    decode.add_argument("--model", default="tiny")
+    decode.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    decode.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
     args = parser.parse_args(argv)
+
+    if args.what == "decode":
+        result = bench_decode(args.model, tuple(args.batches))
+        json_path = args.json or default_path("decode", result["card"], "json")
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+        last = result["results"][-1]
+        print(f"batch {last['batch']} step = {last['step_cost_vs_batch_1']:.2f}x a batch-1 step on {result['card']}")
+        print(f"wrote {json_path}")
 
     if args.what == "router":
         if not torch.cuda.is_available():
