@@ -299,11 +299,14 @@ def main(argv=None) -> int:
     decode = sub.add_parser("decode", help="moelab's decode step for 1..8 slots at once (CPU or CUDA)")
     decode.add_argument("--model", default="tiny")
     decode.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    decode.add_argument("--prompt-len", type=int, default=64)
+    decode.add_argument("--steps", type=int, default=32)
+    decode.add_argument("--repeats", type=int, default=5)
     decode.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
     args = parser.parse_args(argv)
 
     if args.what == "decode":
-        result = bench_decode(args.model, tuple(args.batches))
+        result = bench_decode(args.model, tuple(args.batches), args.prompt_len, args.steps, args.repeats)
         json_path = args.json or default_path("decode", result["card"], "json")
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=1) + "\n")
