@@ -25,7 +25,7 @@ def test_decode_bench_runs_and_reports_ratios(tmp_path):
     assert rows[0]["step_cost_vs_batch_1"] == 1.0
     for r in rows:
         assert r["ms_per_step"] > 0
-        assert r["tokens_per_s"] == pytest.approx(r["batch"] / r["ms_per_step"] * 1e3, rel=1e-2)
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] / r["ms_per_step"] * 1e3, rel=1e-2, abs=0.06)  # rounded to 0.1
 
 
 def test_router_summary_ratios():
