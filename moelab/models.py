@@ -150,7 +150,9 @@ def load(
         raise ValueError(f"quantize={quantize!r} is not supported yet (NF4 loading comes in notebook 04)")
     name = str(name_or_path)
     if name == "tiny":
-        device = torch.device(device or "cpu")
+        # Through _resolve_device like the other paths, so device="cuda" without CUDA is a
+        # clear RuntimeError instead of torch's "Torch not compiled with CUDA enabled".
+        device = _resolve_device(device or "cpu", name)
         dtype = dtype or torch.float32
         tok = byte_tokenizer()
         if random_weights or not (TINY_DIR / "model.safetensors").exists():
