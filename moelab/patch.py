@@ -9,6 +9,7 @@ the original forward exactly.
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -42,8 +43,9 @@ class RouterPatch:
         for router in self.routers:
             # An instance may already carry its own forward (hub kernels do this): keep it.
             self._saved.append(router.__dict__.get("forward", _MISSING))
-            bound = types.MethodType(_routed_forward, router)
-            router.forward = lambda hidden, _f=bound: _f(hidden, backend=backend)
+            # A bound method, not a closure over `router`: copy.deepcopy(model) then rebinds
+            # each copied router's forward to the copy (a closure kept calling the original).
+            router.forward = types.MethodType(functools.partial(_routed_forward, backend=backend), router)
             router._moelab_patched = True
         self.active = True
 
