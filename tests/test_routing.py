@@ -1,5 +1,7 @@
 """The router kernel against the reference, and the reference against first principles."""
 
+import os
+
 import pytest
 import torch
 
@@ -144,3 +146,24 @@ def test_auto_backend_picks_reference_on_cpu():
 def test_kernel_gpu_large(tokens):
     logits = torch.randn(tokens, 60, device="cuda", dtype=torch.bfloat16)
     _check_same(logits, 4, False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter path is the CPU's")
+def test_kernel_runs_when_triton_was_imported_before_moelab():
+    """Importing transformers' Qwen2-MoE code (or triton) before moelab used to break the
+    interpreter: Triton's own helpers had been built for a GPU."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os; os.environ.pop('TRITON_INTERPRET', None)\n"
+        "import triton, transformers.models.qwen2_moe.modeling_qwen2_moe\n"
+        "import torch, moelab\n"
+        "x = torch.randn(37, 60); x[3] = float('-inf'); x[5, :7] = 1.0\n"
+        "w, i = moelab.route(x, 4, backend='triton'); rw, ri = moelab.route_reference(x, 4)\n"
+        "assert torch.equal(i, ri) and (w - rw).abs().max() < 1e-6\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
