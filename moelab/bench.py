@@ -75,6 +75,11 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 20) -> float:
     return 2 * src.numel() * src.element_size() / statistics.median(times) / 1e9
 
 
+def floor_us(nbytes: int, bandwidth_gbs: float) -> float:
+    """The physical limit of a memory-bound op: its bytes over the measured copy bandwidth."""
+    return nbytes / (bandwidth_gbs * 1e9) * 1e6
+
+
 def _time_eager(fn, n_inputs: int, repeats: int = 7) -> float:
     """Median microseconds per call of fn(i), rotating i over the inputs, host overhead included."""
     for i in range(min(n_inputs, 8)):
@@ -146,7 +151,7 @@ def bench_router(tokens=(1, 64, 4096, 65536), experts: int = 60, top_k: int = 4,
         n_inputs = max(2, min(4096, math.ceil(4 * l2_bytes / in_bytes)))
         inputs = [torch.randn(t, experts, device="cuda").to(dtype) for _ in range(n_inputs)]
         moved = in_bytes + t * top_k * (4 + 4)  # logits in; fp32 weights + int32 ids out
-        floor_us = moved / (bandwidth * 1e9) * 1e6
+        floor = floor_us(moved, bandwidth)
         systems = {
             "torch_eager": (lambda i: hf_router_math(inputs[i], top_k), _time_eager),
             "torch_graph": (lambda i: hf_router_math(inputs[i], top_k), _time_graph),
@@ -163,8 +168,8 @@ def bench_router(tokens=(1, 64, 4096, 65536), experts: int = 60, top_k: int = 4,
         for name, (fn, timer) in systems.items():
             us = timer(fn, n_inputs)
             rows.append({"tokens": t, "system": name, "us": round(us, 3), "bytes": moved,
-                         "floor_us": round(floor_us, 5), "floor_fraction": round(floor_us / us, 5)})
-            print(f"T={t:>6} {name:<28} {us:9.2f} us   floor {floor_us:7.2f} us", flush=True)
+                         "floor_us": round(floor, 5), "floor_fraction": round(floor / us, 5)})
+            print(f"T={t:>6} {name:<28} {us:9.2f} us   floor {floor:7.2f} us", flush=True)
         del inputs
     return {
         "benchmark": "router",
@@ -193,7 +198,7 @@ def router_summary(result: dict) -> list[str]:
         eager = by[(t, "torch_eager")]["us"]
         comp = by[(t, "torch_compile_graph")]["us"]
         tri, trig = by[(t, "triton")]["us"], by[(t, "triton_graph")]["us"]
-        floor = by[(t, "triton_graph")]["bytes"] / (result["copy_bandwidth_gbs"] * 1e3)
+        floor = floor_us(by[(t, "triton_graph")]["bytes"], result["copy_bandwidth_gbs"])
         lines.append(f"T={t:>6}: kernel {trig:6.2f} us in a graph = {eager / trig:5.1f}x faster than torch eager "
                      f"({eager:.1f} us), {comp / trig:4.2f}x torch.compile+graph ({comp:.1f} us), "
                      f"{trig / floor:6.1f}x the floor ({floor:.2f} us); launched from Python {tri:.1f} us "

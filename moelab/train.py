@@ -196,7 +196,6 @@ def balance_loss(router_logits, top_k: int) -> torch.Tensor:
     return torch.stack(per_layer).mean()
 
 
-
 @dataclasses.dataclass
 class TrainResult:
     """What `train` returns: the trained model (float32, bf16-rounded weights, as saved)
@@ -334,7 +333,8 @@ def _training_info(corpus, device, steps, batch_size, seq_len, lr, seed, aux_los
                     held_out_rule=f"file index % {HELD_OUT_EVERY} == 0 in sorted order"),
         device="cpu" if device.type == "cpu" else torch.cuda.get_device_name(device),
         steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
-        router_aux_loss_coef=aux_loss_coef, aux_loss="Switch-style load balancing per layer, averaged (moelab.train.balance_loss)",
+        router_aux_loss_coef=aux_loss_coef,
+        aux_loss="Switch-style load balancing per layer, averaged (moelab.train.balance_loss)",
         wall_time_s=round(wall, 1),
         held_out_bits_per_byte=round(bpb, 4), unigram_bits_per_byte=round(unigram, 4),
         eval_windows=eval_windows_used, eval_curve=[[s, round(b, 4)] for s, b in evals],

@@ -12,19 +12,12 @@ PROMPT_LENS = [3, 17, 1, 40, 9, 64, 25, 6]  # eight different lengths
 NEW_TOKENS = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """tiny's ops are too small for a second OpenMP thread to pay; on a busy 2-core machine
-    two threads make these tests about 8x slower. Restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model():
-    return moelab.load("tiny")[0]
+def model(tiny):
+    return tiny[0]
 
 
 @pytest.fixture(scope="module")

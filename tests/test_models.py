@@ -7,12 +7,12 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeMLP, Qwen2MoeSparseMoeBlock
 
 import moelab
 from moelab.models import PRESETS, TINY_DIR, byte_tokenizer, random_model
+from moelab.train import eval_windows, evaluate
 
 # Held out for sure: written for this test, not taken from the standard library.
 SNIPPET = '''import os
@@ -38,36 +38,12 @@ class Counter:
 '''
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """tiny's ops are too small for a second thread to pay on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def tiny():
-    return moelab.load("tiny")
 
 
 def params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def bits_per_byte(model, data: list[int], window: int) -> float:
-    """Mean next-byte loss in bits, scored in windows of `window` bytes (the training length)."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(data) - 1, window - 1):
-            ids = torch.tensor([data[start:start + window]])
-            if ids.shape[1] < 2:
-                break
-            logits = model(ids).logits[0, :-1].float()
-            total += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-            count += ids.shape[1] - 1
-    return total / count / math.log(2)
 
 
 # ------------------------------------------------------------------ tiny, trained
@@ -121,8 +97,9 @@ def test_trained_tiny_predicts_held_out_python(tiny):
     # The snippet's own byte-unigram entropy: a unigram fitted to the very text it scores, so
     # a bound no unigram model can beat.
     unigram = -sum(c / len(data) * math.log2(c / len(data)) for c in counts.values())
-    trained = bits_per_byte(model, data, info["seq_len"])
-    untrained = bits_per_byte(moelab.load("tiny", random_weights=True)[0], data, info["seq_len"])
+    windows = eval_windows(torch.tensor(data), info["seq_len"], count=4)  # training-length windows
+    trained, _ = evaluate(model, windows)
+    untrained, _ = evaluate(moelab.load("tiny", random_weights=True)[0], windows)
     print(f"held-out snippet: trained {trained:.3f}, random {untrained:.3f}, unigram {unigram:.3f} bits/byte")
     assert unigram > 4.0
     assert trained < 0.5 * unigram and trained < 2.0

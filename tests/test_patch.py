@@ -17,18 +17,8 @@ PROMPTS = ["def ", "import os\n", "class Foo(", "    return "]
 NEW_TOKENS = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """tiny's ops are too small for a second thread to pay on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def tiny():
-    return moelab.load("tiny")
 
 
 def routers(model):
