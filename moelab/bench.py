@@ -5,6 +5,7 @@ runs, name the card, and compare systems side by side in one run on one machine.
 
     python -m moelab.bench router                  # on CUDA: eager, graphs, compile, Triton
     python -m moelab.bench router --json out.json --plot out.png
+    python -m moelab.bench launch                  # on CUDA: where one router call's host time goes
     python -m moelab.bench decode                  # CPU or CUDA: decode step, 1..8 slots
 """
 
@@ -232,6 +233,59 @@ def plot_router(result: dict, path) -> None:
     plt.close(fig)
 
 
+def bench_launch(experts: int = 60, top_k: int = 4, calls: int = 3000) -> dict:
+    """Host time per call of the router at T=1, where launching is all there is to time.
+
+    Splits `router_topk` into its parts: the output allocations, Triton's JIT launch (argument
+    binding, specialisation, cache lookup) and, for comparison, launching the already-compiled
+    kernel directly through `CompiledKernel` (Triton internals: None where they differ).
+    """
+    if not torch.cuda.is_available():
+        raise SystemExit("the launch benchmark needs a CUDA device")
+    import triton
+
+    from .kernels.router import _router_kernel, launch_config, router_topk
+
+    x = torch.randn(1, experts, device="cuda").to(torch.bfloat16)
+    weights = torch.empty(1, top_k, device="cuda")
+    ids = torch.empty(1, top_k, device="cuda", dtype=torch.int32)
+    block_t, num_warps = launch_config(1, on_gpu=True)
+    args = (x, weights, ids, 1, experts, x.stride(0), x.stride(1))
+    meta = dict(TOP_K=top_k, NORMALIZE=False, BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(experts),
+                BLOCK_K=triton.next_power_of_2(top_k))
+
+    def host_us(fn):
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        return round((time.perf_counter() - start) / calls * 1e6, 2)
+
+    rows = {
+        "torch_eager_router": host_us(lambda: hf_router_math(x, top_k)),
+        "router_topk": host_us(lambda: router_topk(x, top_k)),
+        "two_torch_empty": host_us(lambda: (torch.empty(1, top_k, device="cuda"),
+                                            torch.empty(1, top_k, device="cuda", dtype=torch.int32))),
+        "triton_jit_launch": host_us(lambda: _router_kernel[(1,)](*args, **meta, num_warps=num_warps)),
+    }
+    try:  # constexprs are passed as arguments too; the grid is 3-D at this level
+        compiled = _router_kernel.warmup(*args, grid=(1,), **meta, num_warps=num_warps)
+        full = args + tuple(meta.values())
+        rows["compiled_kernel_direct_launch"] = host_us(lambda: compiled[(1, 1, 1)](*full))
+    except Exception as err:  # noqa: BLE001  (internals differ between Triton versions)
+        rows["compiled_kernel_direct_launch"] = None
+        print(f"direct launch not available: {err!r}", file=sys.stderr)
+    for name, us in rows.items():
+        print(f"{name:<32} {us} us per call" if us is not None else f"{name:<32} n/a", flush=True)
+    return {"benchmark": "launch", "card": card_name(), "date": _dt.date.today().isoformat(),
+            "versions": versions(), "workload": {"tokens": 1, "experts": experts, "top_k": top_k, "calls": calls,
+                                                 "note": "host microseconds per call, loop of calls then one sync"},
+            "results": rows}
+
+
 # ---------------------------------------------------------------------------- decode step
 
 def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len: int = 64,
@@ -301,6 +355,8 @@ def main(argv=None) -> int:
     router.add_argument("--sweep", action="store_true", help="also time block sizes / warps of the kernel")
     router.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
     router.add_argument("--plot", type=Path, default=None, help="where to write the PNG")
+    launch = sub.add_parser("launch", help="where the host time of one router call goes (CUDA)")
+    launch.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
     decode = sub.add_parser("decode", help="moelab's decode step for 1..8 slots at once (CPU or CUDA)")
     decode.add_argument("--model", default="tiny")
     decode.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -309,6 +365,16 @@ def main(argv=None) -> int:
     decode.add_argument("--repeats", type=int, default=5)
     decode.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
     args = parser.parse_args(argv)
+
+    if args.what == "launch":
+        if not torch.cuda.is_available():
+            print("error: the launch benchmark needs a CUDA device", file=sys.stderr)
+            return 2
+        result = bench_launch()
+        json_path = args.json or default_path("launch", result["card"], "json")
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {json_path}")
 
     if args.what == "decode":
         result = bench_decode(args.model, tuple(args.batches), args.prompt_len, args.steps, args.repeats)

@@ -9,8 +9,9 @@ from moelab import bench
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-def test_router_bench_refuses_without_cuda(capsys):
-    assert bench.main(["router"]) == 2
+@pytest.mark.parametrize("what", ["router", "launch"])
+def test_gpu_benches_refuse_without_cuda(what, capsys):
+    assert bench.main([what]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
