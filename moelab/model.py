@@ -121,12 +121,19 @@ class MoeForward:
 
     experts_fn: the routed-experts seam, `fn(hidden, weights, ids, layer_experts) -> [T, H]`.
     route_backend: passed to `moelab.route` ("auto": the Triton kernel on CUDA).
+    attention: decode attention, "kernel" (moelab's Triton decode-attention kernel, which
+    reads only each slot's filled keys), "sdpa" (PyTorch's SDPA over the whole masked cache
+    row) or "auto": the kernel on CUDA, SDPA on the CPU (faster there than the interpreter).
+    Prefill always runs SDPA.
     """
 
-    def __init__(self, model, experts_fn=experts_forward, route_backend: str = "auto"):
+    def __init__(self, model, experts_fn=experts_forward, route_backend: str = "auto", attention: str = "auto"):
         check_supported(model.config)
         if route_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"route_backend must be 'auto', 'triton' or 'torch', got {route_backend!r}")
+        if attention not in ("auto", "kernel", "sdpa"):
+            raise ValueError(f"attention must be 'auto', 'kernel' or 'sdpa', got {attention!r}")
+        self.attention = attention
         self.model = model
         self.config = model.config
         self.experts_fn = experts_fn
@@ -145,10 +152,15 @@ class MoeForward:
     # ---- entry points -------------------------------------------------------------------
 
     @torch.no_grad()
-    def prefill(self, cache: KVCache, prompts: Sequence, slots: Sequence[int], all_logits: bool = False):
+    def prefill(self, cache: KVCache, prompts: Sequence, slots: Sequence[int], all_logits: bool = False,
+                offsets: Sequence[int] | None = None):
         """Run whole prompts (token-id lists or 1-D tensors, any lengths) into their allocated
         `slots` in one pass, from position 0. Returns the last token's logits [B, vocab], or
-        with `all_logits` a list of [len_i, vocab], one per prompt."""
+        with `all_logits` a list of [len_i, vocab], one per prompt.
+
+        offsets: for chunked prefill (notebooks/07_continuous_batching), where each prompt
+        chunk starts in its slot; it must be the slot's current length (checked), so a long
+        prompt can be fed over several calls. Default: every prompt starts at position 0."""
         self._check_cache(cache)
         slots = [int(s) if isinstance(s, torch.Tensor) else s for s in slots]
         if len(prompts) != len(slots):
@@ -159,39 +171,50 @@ class MoeForward:
             raise ValueError(f"slots must be distinct, got {slots}")
         tokens = [_as_index(p, cache.device, "each prompt") for p in prompts]
         lens = [t.numel() for t in tokens]
-        for slot, n in zip(slots, lens):
+        offsets = [0] * len(slots) if offsets is None else [int(o) for o in offsets]
+        if len(offsets) != len(slots):
+            raise ValueError(f"got {len(offsets)} offsets for {len(slots)} slots")
+        for slot, n, offset in zip(slots, lens, offsets):
             cache.check_slot(slot)
             if n == 0:
                 raise ValueError(f"the prompt for slot {slot} is empty")
-            if n > cache.reserved(slot):
+            if offset + n > cache.reserved(slot):
                 raise ValueError(
-                    f"a prompt of {n} tokens does not fit slot {slot}, allocated for {cache.reserved(slot)}"
+                    f"a prompt of {offset + n} tokens does not fit slot {slot}, allocated for {cache.reserved(slot)}"
                 )
+        if any(offsets):
+            current = cache.lengths[torch.tensor(slots, device=cache.device)].tolist()
+            if current != offsets:
+                raise ValueError(f"offsets {offsets} must equal the slots' current lengths {current}")
         flat = torch.cat(tokens)
         self._check_tokens(flat)
 
         device = cache.device
         lens_t = torch.tensor(lens, device=device)
         slots_t = torch.tensor(slots, device=device)
+        offsets_t = torch.tensor(offsets, device=device)
         batch_of = torch.repeat_interleave(torch.arange(len(lens), device=device), lens_t)  # [N]
         starts = torch.cumsum(lens_t, 0) - lens_t
-        positions = torch.arange(flat.numel(), device=device) - starts[batch_of]  # [N]
+        rows = torch.arange(flat.numel(), device=device) - starts[batch_of]  # [N] index within its prompt
+        positions = rows + offsets_t[batch_of]  # [N] position in its slot
         max_len = max(lens)
-        # Queries sit in a padded [B, max_len] grid; query j of prompt b sees keys 0..j of its
-        # slot. Padding rows also see keys 0..j (never empty, so no NaN) and are dropped.
-        grid_pos = torch.arange(max_len, device=device).expand(len(lens), max_len)
-        mask = torch.arange(max_len, device=device)[None, None, None, :] <= grid_pos[:, None, :, None]
+        key_len = max(o + n for o, n in zip(offsets, lens))
+        # Queries sit in a padded [B, max_len] grid; query j of prompt b sees keys
+        # 0..offset_b + j of its slot. Padding rows see keys too (never empty, so no NaN) and
+        # are dropped.
+        grid_pos = offsets_t[:, None] + torch.arange(max_len, device=device)[None, :]  # [B, max_len]
+        mask = torch.arange(key_len, device=device)[None, None, None, :] <= grid_pos[:, None, :, None]
 
         def attend(layer, q):  # q [N, heads, head_dim] -> [N, heads * head_dim]
             q_grid = q.new_zeros(len(lens), max_len, self.num_heads, self.head_dim)
-            q_grid[batch_of, positions] = q
-            k = cache.k[layer, :, :, :max_len].index_select(0, slots_t)  # [B, kv_heads, max_len, head_dim]
-            v = cache.v[layer, :, :, :max_len].index_select(0, slots_t)
+            q_grid[batch_of, rows] = q
+            k = cache.k[layer, :, :, :key_len].index_select(0, slots_t)  # [B, kv_heads, key_len, head_dim]
+            v = cache.v[layer, :, :, :key_len].index_select(0, slots_t)
             out = self._sdpa(q_grid.transpose(1, 2), k, v, mask)  # [B, heads, max_len, head_dim]
-            return out.transpose(1, 2)[batch_of, positions].reshape(flat.numel(), -1)
+            return out.transpose(1, 2)[batch_of, rows].reshape(flat.numel(), -1)
 
         hidden = self._run(cache, flat, slots_t[batch_of], positions, attend)
-        cache.lengths[slots_t] = lens_t
+        cache.lengths[slots_t] = offsets_t + lens_t
         if all_logits:
             return list(self.model.lm_head(hidden).split(lens))
         last = starts + lens_t - 1
@@ -215,17 +238,25 @@ class MoeForward:
         if check:
             self._check_decode(cache, tokens, slots)
         positions = cache.lengths[slots]  # [B] the position of each new token
-        max_len = cache.max_seq_len
-        # Each slot's single query sees keys 0..position; the rest of the row is masked.
-        mask = torch.arange(max_len, device=cache.device)[None, None, None, :] <= positions[:, None, None, None]
+        if self._decode_kernel(cache):
+            from .kernels.attention import decode_attention
 
-        def attend(layer, q):  # q [B, heads, head_dim]
-            # SDPA over the whole [slot, max_seq_len] row reads the padding too; the GPU path
-            # replaces this with a decode-attention kernel that stops at each slot's length.
-            k = cache.k[layer].index_select(0, slots)  # [B, kv_heads, max_seq_len, head_dim]
-            v = cache.v[layer].index_select(0, slots)
-            out = self._sdpa(q[:, :, None], k, v, mask)
-            return out.reshape(q.shape[0], -1)
+            lengths = positions + 1  # keys each query sees, its own included (a device tensor)
+
+            def attend(layer, q):  # q [B, heads, head_dim]; reads keys 0..position of each slot only
+                out = decode_attention(q, cache.k[layer], cache.v[layer], slots, lengths, scale=self.scaling)
+                return out.reshape(q.shape[0], -1)
+        else:
+            # Each slot's single query sees keys 0..position; the rest of the row is masked.
+            # SDPA reads the whole [slot, max_seq_len] row, padding included.
+            max_len = cache.max_seq_len
+            mask = torch.arange(max_len, device=cache.device)[None, None, None, :] <= positions[:, None, None, None]
+
+            def attend(layer, q):  # q [B, heads, head_dim]
+                k = cache.k[layer].index_select(0, slots)  # [B, kv_heads, max_seq_len, head_dim]
+                v = cache.v[layer].index_select(0, slots)
+                out = self._sdpa(q[:, :, None], k, v, mask)
+                return out.reshape(q.shape[0], -1)
 
         hidden = self._run(cache, tokens, slots, positions, attend)
         cache.lengths[slots] = positions + 1
@@ -259,6 +290,10 @@ class MoeForward:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.write(index, slots, positions, k, v)  # keys are cached after RoPE, as in transformers
         return attn.o_proj(attend(index, q))
+
+    def _decode_kernel(self, cache) -> bool:
+        """Whether decode attention runs moelab's kernel (see `attention`)."""
+        return self.attention == "kernel" or (self.attention == "auto" and cache.device.type == "cuda")
 
     def _sdpa(self, q, k, v, mask):
         """q [B, heads, Lq, D] over k, v [B, kv_heads, Lk, D]; grouped-query heads share K/V
