@@ -9,12 +9,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from .engine import Engine  # noqa: E402
 from .kv_cache import KVCache, kv_bytes_per_token, kv_cache_bytes, slots_that_fit  # noqa: E402
 from .model import MoeForward, experts_forward  # noqa: E402
 from .models import PRESETS, load  # noqa: E402
 from .patch import patch  # noqa: E402
 from .routing import route, route_reference  # noqa: E402
+from .scheduler import Request  # noqa: E402
 
 __all__ = ["PRESETS", "load", "patch", "route", "route_reference", "KVCache", "MoeForward",
-           "experts_forward", "kv_bytes_per_token", "kv_cache_bytes", "slots_that_fit"]
+           "experts_forward", "kv_bytes_per_token", "kv_cache_bytes", "slots_that_fit",
+           "Engine", "Request"]
 __version__ = "0.1.0"
