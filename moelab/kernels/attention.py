@@ -1,0 +1,229 @@
+"""Decode attention over the slot KV cache: one query per sequence, keys up to its length.
+
+Built in notebooks/08_cuda_graphs_and_decode_attention. A decode step has one query token
+per running sequence; sequence b lives in cache slot `slots[b]` and has `lengths[b]` keys
+(the token just written included). SDPA over the cache reads every slot's whole
+`max_seq_len` row and masks the tail: at 64 slots of 2048 positions that is about 26 GB per
+step for Qwen1.5-MoE, as much as the weights. This kernel stops at each sequence's length,
+so the cache costs what it holds, not what it reserves.
+
+Program (b, kv_head, split) loads the GROUP = heads / kv_heads query heads that share its
+KV head, walks its part of the keys in blocks of BLOCK_N with an fp32 online softmax
+(running max, running sum, rescaled accumulator), and reads each key and value once for
+the whole group. The lengths are read from device memory inside the kernel and the grid
+depends only on B and the shapes, so the launch needs no host sync and a CUDA graph can
+replay it while the lengths change.
+
+Split-K (flash-decoding): when B * kv_heads programs are too few to fill the GPU and the
+sequences are long, NUM_SPLITS programs share one sequence's keys (each takes an equal,
+BLOCK_N-aligned share of its actual length) and write a partial (max, sum, accumulator);
+a second small kernel merges the partials. With NUM_SPLITS = 1 the first kernel writes
+the output itself.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the GPU's native one
+
+
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr, k_ptr, v_ptr, slots_ptr, lengths_ptr,
+    out_ptr, part_acc_ptr, part_ml_ptr,
+    max_seq_len, qk_scale,
+    stride_qb, stride_qh,
+    stride_ks, stride_kh, stride_kn,
+    stride_vs, stride_vh, stride_vn,
+    stride_ob, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    # Clamp to the cache: a length past max_seq_len can only be a caller's bug, and an
+    # out-of-bounds read would be worse than attending over the whole row.
+    length = tl.minimum(tl.load(lengths_ptr + b).to(tl.int32), max_seq_len)
+    # This split's share of the keys, aligned to whole blocks: [start, end).
+    chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, length)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    heads = kv_head * GROUP + g
+    g_ok = g < GROUP
+    d_ok = d < HEAD_DIM
+    q_ptrs = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :]
+    # Load in the input dtype, compute in fp32 (the interpreter's bf16 arithmetic is wrong).
+    # The softmax scale and log2(e) are folded into q once.
+    q = tl.load(q_ptrs, mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * qk_scale
+
+    k_base = k_ptr + slot * stride_ks + kv_head.to(tl.int64) * stride_kh
+    v_base = v_ptr + slot * stride_vs + kv_head.to(tl.int64) * stride_vh
+    m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)  # running max (log2 units)
+    l = tl.zeros([BLOCK_G], dtype=tl.float32)                 # running sum of exp2
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        keys = n0 + n
+        n_ok = keys < end
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + keys[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [G, N]
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every block has a key
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + keys[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m = m_new
+
+    if NUM_SPLITS == 1:
+        # length 0 (no keys): output 0 rather than 0 / 0.
+        out = acc / tl.where(l > 0, l, 1.0)[:, None]
+        o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    else:
+        # Partials laid out [B, heads, NUM_SPLITS, ...]; an empty split leaves m = -inf, l = 0.
+        row = (b.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split  # [G]
+        tl.store(part_acc_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None])
+        tl.store(part_ml_ptr + row * 2, m, mask=g_ok)
+        tl.store(part_ml_ptr + row * 2 + 1, l, mask=g_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_acc_ptr, part_ml_ptr, out_ptr,
+    num_heads, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_ok = s < NUM_SPLITS
+    row = (b.to(tl.int64) * num_heads + head) * NUM_SPLITS + s
+    m = tl.load(part_ml_ptr + row * 2, mask=s_ok, other=float("-inf"))
+    l = tl.load(part_ml_ptr + row * 2 + 1, mask=s_ok, other=0.0)
+    acc = tl.load(part_acc_ptr + row[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None], other=0.0)
+    m_all = tl.max(m, axis=0)
+    m_all = tl.where(m_all > float("-inf"), m_all, 0.0)  # no keys at all: weights stay 0
+    w = tl.exp2(m - m_all)                                # empty splits: exp2(-inf) = 0
+    total = tl.sum(w * l, axis=0)
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(total > 0, total, 1.0)
+    o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + head * stride_oh + d
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+def num_sm() -> int:
+    """Streaming multiprocessors of the current GPU (132 on an H100 / H200)."""
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def choose_splits(batch: int, kv_heads: int, max_seq_len: int, sm_count: int | None) -> int:
+    """Split-K factor from what the host knows without a sync: the batch, the heads, the
+    cache's capacity and the SM count (None: not on a GPU, one split). Split only when
+    B * kv_heads programs would leave most SMs idle and a row can hold long sequences;
+    each split keeps at least 256 keys of capacity, at most 16 splits. The lengths
+    themselves are on the device, so a short sequence in a long cache still pays the
+    second (merge) kernel: `python -m moelab.bench attention` measures where this pays."""
+    if sm_count is None:
+        return 1
+    programs = batch * kv_heads
+    if 2 * programs > sm_count:
+        return 1
+    return max(1, min(16, sm_count // programs, max_seq_len // 256))
+
+
+def launch_config(head_dim: int, group: int, on_gpu: bool) -> tuple[int, int]:
+    """(keys per block, warps). On the GPU the [group, keys, head_dim] fp32 products of a
+    block are kept near 8192 values (64 registers a thread at 4 warps): 64 keys at
+    head_dim 128 and one query head per KV head (Qwen1.5-MoE). In the interpreter every
+    block is a numpy call: big blocks, fewer iterations."""
+    if not on_gpu:
+        return 128, 4
+    per_key = triton.next_power_of_2(group) * triton.next_power_of_2(head_dim)
+    return max(16, min(128, 8192 // per_key)), 4
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                     lengths: torch.Tensor, scale: float | None = None, num_splits: int | None = None,
+                     block_n: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v for one query per sequence, over its slot's first keys.
+
+    q [B, heads, head_dim]; k_cache, v_cache [slots, kv_heads, max_seq_len, head_dim] (one
+    layer of `moelab.KVCache`); slots int [B]: each query's cache slot; lengths int [B] on
+    the device: how many keys query b attends to (the token just written included; clamped
+    to max_seq_len; 0 gives a zero output). heads must be a multiple of kv_heads (grouped
+    query heads share a KV head). scale defaults to 1/sqrt(head_dim). num_splits: split-K
+    factor, None picks `choose_splits`. Returns [B, heads, head_dim] in q's dtype.
+    Shapes are checked on the host; slot and length values are not (that would sync).
+    """
+    for name, t, dim in (("q", q, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4),
+                         ("slots", slots, 1), ("lengths", lengths, 1)):
+        if not isinstance(t, torch.Tensor) or t.dim() != dim:
+            raise ValueError(f"{name} must be a {dim}-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    batch, heads, head_dim = q.shape
+    num_slots, kv_heads, max_seq_len, cache_dim = k_cache.shape
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    if cache_dim != head_dim:
+        raise ValueError(f"q's head_dim {head_dim} differs from the cache's {cache_dim}")
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    if slots.shape[0] != batch or lengths.shape[0] != batch:
+        raise ValueError(f"slots {tuple(slots.shape)} and lengths {tuple(lengths.shape)} must be [B={batch}]")
+    for name, t in (("slots", slots), ("lengths", lengths)):
+        if t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+    if not q.dtype.is_floating_point or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"q, k_cache and v_cache must share one float dtype, got {q.dtype}, {k_cache.dtype}, "
+                         f"{v_cache.dtype}")
+    devices = {t.device for t in (q, k_cache, v_cache, slots, lengths)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("q, k_cache and v_cache must be contiguous in head_dim")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    on_gpu = q.is_cuda
+    group = heads // kv_heads
+    default_n, default_w = launch_config(head_dim, group, on_gpu)
+    block_n, num_warps = block_n or default_n, num_warps or default_w
+    if num_splits is None:
+        num_splits = choose_splits(batch, kv_heads, max_seq_len, num_sm() if on_gpu else None)
+    block_d = triton.next_power_of_2(head_dim)
+    scale = head_dim ** -0.5 if scale is None else scale
+    if num_splits > 1:
+        part_acc = torch.empty(batch * heads * num_splits, block_d, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(batch * heads * num_splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused: the kernel writes `out` directly
+    _decode_attention_kernel[(batch, kv_heads, num_splits)](
+        q, k_cache, v_cache, slots, lengths,
+        out, part_acc, part_ml,
+        max_seq_len, scale * _LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+        BLOCK_G=triton.next_power_of_2(group), BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=num_warps,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(batch, heads)](
+            part_acc, part_ml, out, heads, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d, num_warps=1 if on_gpu else 4,
+        )
+    return out

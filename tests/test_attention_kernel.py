@@ -1,0 +1,191 @@
+"""The decode-attention kernel against a float64 reference: random slot lengths, length 1,
+lengths off the block size, grouped-query heads, scattered slots, split-K; through
+MoeForward on `tiny` (interpreter on the CPU); bf16/fp16 and CUDA-graph replay on a GPU."""
+
+import pytest
+import torch
+
+import moelab
+from moelab.kernels.attention import choose_splits, decode_attention
+from moelab.model import MoeForward
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def reference(q, k_cache, v_cache, slots, lengths, scale=None):
+    """Per query: softmax(q k^T * scale) v over its slot's first `length` keys, in float64."""
+    batch, heads, head_dim = q.shape
+    group = heads // k_cache.shape[1]
+    scale = head_dim ** -0.5 if scale is None else scale
+    out = torch.zeros(batch, heads, head_dim, dtype=torch.float64)
+    for b in range(batch):
+        n = min(int(lengths[b]), k_cache.shape[2])
+        if n == 0:
+            continue
+        k = k_cache[int(slots[b]), :, :n].double().cpu().repeat_interleave(group, 0)  # [heads, n, D]
+        v = v_cache[int(slots[b]), :, :n].double().cpu().repeat_interleave(group, 0)
+        scores = torch.einsum("hd,hnd->hn", q[b].double().cpu(), k) * scale
+        out[b] = torch.einsum("hn,hnd->hd", scores.softmax(-1), v)
+    return out
+
+
+def make_case(batch, heads, kv_heads, head_dim, max_seq_len, num_slots, lengths, dtype=torch.float32,
+              device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, head_dim, generator=g).to(device, dtype)
+    k = torch.randn(num_slots, kv_heads, max_seq_len, head_dim, generator=g).to(device, dtype)
+    v = torch.randn(num_slots, kv_heads, max_seq_len, head_dim, generator=g).to(device, dtype)
+    slots = torch.randperm(num_slots, generator=g)[:batch].to(device)  # scattered, out of order
+    return q, k, v, slots, torch.tensor(lengths, device=device)
+
+
+# (batch, heads, kv_heads, head_dim, max_seq_len, num_slots, lengths, num_splits, block_n)
+CASES = [
+    (1, 2, 2, 16, 8, 1, [1], 1, 16),                             # one key, one block, no GQA
+    (4, 6, 2, 32, 70, 7, [1, 17, 70, 33], 1, 16),                # group 3 (padded to 4), 5-block loop
+    (3, 5, 5, 24, 40, 3, [40, 16, 39], 1, 16),                   # odd heads, head_dim not a power of 2
+    (5, 8, 1, 16, 50, 9, [50, 1, 2, 31, 48], 3, 16),             # all heads share one KV head; split-K
+    (2, 4, 2, 32, 96, 4, [5, 96], 4, 16),                        # splits past a short sequence stay empty
+    (3, 4, 4, 8, 300, 3, [300, 129, 1], 2, None),                # the default (interpreter) block size
+]
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,head_dim,max_seq_len,num_slots,lengths,num_splits,block_n", CASES)
+def test_kernel_matches_reference(batch, heads, kv_heads, head_dim, max_seq_len, num_slots, lengths, num_splits,
+                                  block_n):
+    q, k, v, slots, lens = make_case(batch, heads, kv_heads, head_dim, max_seq_len, num_slots, lengths,
+                                     seed=len(lengths) * 7 + head_dim)
+    out = decode_attention(q, k, v, slots, lens, num_splits=num_splits, block_n=block_n)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out.double(), reference(q, k, v, slots, lens), rtol=0, atol=2e-6)
+
+
+def test_kernel_random_lengths_agree_with_sdpa_and_ignore_the_tail():
+    g = torch.Generator().manual_seed(11)
+    batch, lengths = 6, torch.randint(1, 61, (6,), generator=g)
+    q, k, v, slots, lens = make_case(batch, 4, 2, 16, 60, 8, lengths.tolist(), seed=3)
+    out = decode_attention(q, k, v, slots, lens, scale=0.3, num_splits=2, block_n=16)
+    # SDPA with the masked tail, as MoeForward's SDPA path computes it.
+    mask = torch.arange(60)[None, None, None, :] < lens[:, None, None, None]
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], k[slots], v[slots], attn_mask=mask, scale=0.3, enable_gqa=True)[:, :, 0]
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
+    # Garbage (even NaN) past each length is never read.
+    k2, v2 = k.clone(), v.clone()
+    for b in range(batch):
+        k2[slots[b], :, lens[b]:] = float("nan")
+        v2[slots[b], :, lens[b]:] = float("nan")
+    assert torch.equal(decode_attention(q, k2, v2, slots, lens, scale=0.3, num_splits=2, block_n=16), out)
+
+
+def test_zero_length_gives_zeros_and_lengths_clamp_to_the_cache():
+    q, k, v, slots, lens = make_case(3, 2, 2, 16, 20, 3, [0, 25, 20], seed=5)
+    ref = reference(q, k, v, slots, torch.tensor([0, 20, 20]))
+    for splits in (1, 3):
+        out = decode_attention(q, k, v, slots, lens, num_splits=splits, block_n=16)
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-6)
+
+
+def test_bad_input_is_rejected():
+    q, k, v, slots, lens = make_case(2, 4, 2, 16, 8, 2, [3, 4])
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        decode_attention(q[:, :3], k, v, slots, lens)
+    with pytest.raises(ValueError, match="head_dim"):
+        decode_attention(q[..., :8].contiguous(), k, v, slots, lens)
+    with pytest.raises(ValueError, match="one float dtype"):
+        decode_attention(q.double(), k, v, slots, lens)
+    with pytest.raises(ValueError, match=r"must be \[B=2\]"):
+        decode_attention(q, k, v, slots[:1], lens)
+    with pytest.raises(ValueError, match="integer"):
+        decode_attention(q, k, v, slots, lens.float())
+    with pytest.raises(ValueError, match="4-D"):
+        decode_attention(q, k[0], v, slots, lens)
+    with pytest.raises(ValueError, match="differ"):
+        decode_attention(q, k, v[:1], slots, lens)
+    with pytest.raises(ValueError, match="num_splits"):
+        decode_attention(q, k, v, slots, lens, num_splits=0)
+    with pytest.raises(ValueError, match="contiguous"):
+        decode_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, slots, lens)
+
+
+def test_choose_splits():
+    assert choose_splits(1, 16, 2048, None) == 1            # not on a GPU
+    assert choose_splits(64, 16, 2048, 132) == 1            # 1024 programs fill 132 SMs
+    assert choose_splits(1, 16, 2048, 132) == 8             # 16 programs: 132 // 16
+    assert choose_splits(1, 2, 2048, 132) == 8              # capped by 2048 // 256 keys per split
+    assert choose_splits(1, 16, 300, 132) == 1              # too short to split
+    assert choose_splits(4, 8, 65536, 132) == 4
+
+
+def test_moe_forward_kernel_path_gives_the_sdpa_path_tokens(tiny):
+    model = tiny[0]
+    prompts = [[5, 9, 200, 7, 1], list(range(40, 77)), [42] * 17]
+    runs = {}
+    for attention in ("sdpa", "kernel", "auto"):
+        fwd = MoeForward(model, attention=attention)
+        cache = fwd.new_cache(num_slots=5, max_seq_len=64)
+        cache.allocate(8)  # slot 0 stays busy and empty: the prompts land in slots 1..3
+        slots = [cache.allocate(50) for _ in prompts]
+        token = fwd.prefill(cache, prompts, slots).argmax(-1)
+        tokens, logits = [token], []
+        for _ in range(3):
+            logits.append(fwd.decode(cache, token, slots))
+            token = logits[-1].argmax(-1)
+            tokens.append(token)
+        runs[attention] = torch.stack(tokens, 1), torch.stack(logits)
+    assert torch.equal(runs["kernel"][0], runs["sdpa"][0])
+    torch.testing.assert_close(runs["kernel"][1], runs["sdpa"][1], rtol=0, atol=1e-4)
+    assert not torch.equal(runs["kernel"][1], runs["sdpa"][1])  # the kernel really ran
+    assert torch.equal(runs["auto"][1], runs["sdpa"][1])  # "auto" keeps SDPA on the CPU
+    with pytest.raises(ValueError, match="attention must be"):
+        MoeForward(model, attention="flash")
+
+
+# ---------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,heads,kv_heads,num_splits", [(64, 16, 16, None), (1, 16, 16, None),
+                                                             (7, 16, 16, 1), (5, 28, 4, 3), (3, 12, 12, 8)])
+def test_gpu_kernel_matches_reference(dtype, batch, heads, kv_heads, num_splits):
+    g = torch.Generator().manual_seed(batch)
+    lengths = torch.randint(1, 2049, (batch,), generator=g).tolist()
+    lengths[0] = 1
+    q, k, v, slots, lens = make_case(batch, heads, kv_heads, 128, 2048, batch + 3, lengths, dtype=dtype,
+                                     device="cuda", seed=batch)
+    out = decode_attention(q, k, v, slots, lens, num_splits=num_splits)
+    ref = reference(q, k, v, slots, lens)
+    assert out.dtype == dtype
+    # Inputs are exact in both; the output is rounded once to bf16 (8 bits) or fp16.
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-2, atol=1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_replays_in_a_cuda_graph_with_new_lengths():
+    q, k, v, slots, lens = make_case(4, 16, 16, 128, 1024, 6, [1, 100, 1000, 513], dtype=torch.bfloat16,
+                                     device="cuda")
+    decode_attention(q, k, v, slots, lens)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k, v, slots, lens)
+    for new in ([1, 100, 1000, 513], [1024, 2, 64, 700]):
+        lens.copy_(torch.tensor(new))
+        graph.replay()
+        torch.testing.assert_close(out.double().cpu(), reference(q, k, v, slots, lens), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_moe_forward_kernel_matches_sdpa_bf16():
+    model, _ = moelab.load("tiny", device="cuda", dtype=torch.bfloat16)
+    prompts = [[1, 2, 3], list(range(30, 90)), [7] * 20]
+    logits = {}
+    for attention in ("sdpa", "kernel"):
+        fwd = MoeForward(model, attention=attention)
+        cache = fwd.new_cache(num_slots=4, max_seq_len=128)
+        slots = [cache.allocate(100) for _ in prompts]
+        token = fwd.prefill(cache, prompts, slots).argmax(-1)
+        logits[attention] = fwd.decode(cache, token, slots).float()
+    scale = logits["sdpa"].abs().max()
+    assert (logits["kernel"] - logits["sdpa"]).abs().max() < 0.03 * scale
