@@ -1,0 +1,162 @@
+"""CUDA graphs of moelab's decode step, one per batch-size bucket.
+
+Built in notebooks/08_cuda_graphs_and_decode_attention. An eager decode step of
+Qwen1.5-MoE launches about forty kernels per layer from Python, and at small batches the
+GPU waits for the launches, not for memory. A CUDA graph records the whole step once (every
+layer, greedy argmax or a sampling function included) and replays it with one launch.
+
+What a graph needs, and how `DecodeGraphs` provides it:
+
+- Fixed addresses: token ids and slot ids are copied into static buffers before each
+  replay; the cache, its lengths and the weights already live at fixed addresses. The
+  logits and the new ids are the graph's own outputs, valid until the next step.
+- Fixed shapes: one graph per bucket (1, 2, 4, ..., 64 sequences); a live batch runs in
+  the smallest bucket that holds it, its extra rows padded.
+- No host syncs and no value-dependent shapes inside the step: `MoeForward.decode` with
+  `check=False` reads slot ids, positions and lengths from device tensors only, and its
+  attention kernel's grid depends on the batch and the shapes, never on the lengths.
+
+Padding: the rows past the live batch must not touch any live sequence. `DecodeGraphs`
+takes one slot of the cache for itself (`scratch_slot`, allocated at construction; size
+the cache one slot larger), and every padded row decodes token 0 in that slot. The graph
+first sets the scratch slot's length to 0, so every padded row writes its key and value at
+position 0 of the scratch slot and attends over that one key; its length ends at 1, never
+growing past the cache. Padded rows share that slot, so their writes race, harmlessly:
+nobody reads the scratch slot but padded rows, and their outputs are dropped. Live slots
+are written only by their own rows, exactly as in eager decode.
+
+All buckets share one memory pool (captured largest first, replayed one at a time), and
+warm up on a side stream before capture, as PyTorch requires (that also compiles the
+Triton kernels outside the capture). On the CPU, and where capture fails (with a warning
+saying why), `step` runs the same decode eagerly on the live rows.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .kv_cache import KVCache
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def greedy(logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The default sampler: the highest logit of each row, on the device."""
+    return logits.argmax(-1)
+
+
+class DecodeGraphs:
+    """Decode steps for up to max(buckets) sequences, replayed from CUDA graphs.
+
+    fwd: a `MoeForward`; cache: its `KVCache` (one slot is taken here as the padding
+    scratch slot). sample_fn(logits [B, vocab], slots [B]) -> ids [B] runs on the device
+    inside the graph (default greedy argmax; slots lets it read per-slot sampling settings,
+    padded rows pass the scratch slot; its randomness must come from device tensors or
+    torch's default CUDA generator, which graphs support). mode: "auto" (graphs on CUDA, eager elsewhere),
+    "graph" (capture or raise), "static" (the graph's padded static-buffer step run
+    without capture: for checking the padding on any device), "eager".
+    """
+
+    def __init__(self, fwd, cache: KVCache, buckets=DEFAULT_BUCKETS, sample_fn=greedy, mode: str = "auto"):
+        if mode not in ("auto", "graph", "static", "eager"):
+            raise ValueError(f"mode must be 'auto', 'graph', 'static' or 'eager', got {mode!r}")
+        buckets = sorted(set(buckets))
+        if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
+            raise ValueError(f"buckets must be positive ints, got {buckets}")
+        if mode == "graph" and cache.device.type != "cuda":
+            raise ValueError(f"mode='graph' needs a CUDA cache, this one is on {cache.device}")
+        self.fwd, self.cache, self.buckets, self.sample_fn = fwd, cache, buckets, sample_fn
+        if mode == "auto":
+            mode = "graph" if cache.device.type == "cuda" else "eager"
+        self.mode = mode
+        self.scratch_slot = None
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.capture_seconds: dict[int, float] = {}
+        if mode == "eager":
+            return
+        if not cache.free_slots:
+            raise ValueError("the cache has no free slot for padding: size it one slot larger than the live batch")
+        self.scratch_slot = cache.allocate(cache.max_seq_len)
+        size = buckets[-1]
+        self._tokens = torch.zeros(size, dtype=torch.int64, device=cache.device)
+        self._slots = torch.full((size,), self.scratch_slot, dtype=torch.int64, device=cache.device)
+        self._scratch_length = cache.lengths[self.scratch_slot : self.scratch_slot + 1]  # a view
+        if mode == "graph":
+            try:
+                self._capture_all()
+            except Exception as err:  # noqa: BLE001  (any capture failure falls back, loudly)
+                warnings.warn(f"CUDA graph capture failed ({type(err).__name__}: {err}); decoding eagerly",
+                              RuntimeWarning, stacklevel=2)
+                self._graphs.clear()
+                self.mode = "eager"
+
+    @property
+    def captured(self) -> bool:
+        """Whether steps replay CUDA graphs."""
+        return bool(self._graphs)
+
+    def bucket_for(self, batch: int) -> int | None:
+        """The smallest bucket holding `batch` rows (None: larger than every bucket)."""
+        return next((b for b in self.buckets if b >= batch), None)
+
+    def step(self, tokens, slots) -> torch.Tensor:
+        """One decode step: token i is appended to slot i's sequence; returns the new ids [B]
+        on the cache's device (copy them to the host once per step). tokens, slots: [B] ints
+        (device tensors or host sequences); the slots must be distinct allocated slots with
+        room, as for `MoeForward.decode(check=False)`: their values are not checked here."""
+        tokens = torch.as_tensor(tokens, device=self.cache.device)
+        slots = torch.as_tensor(slots, device=self.cache.device)
+        if tokens.dim() != 1 or tokens.shape != slots.shape or tokens.numel() == 0:
+            raise ValueError(f"tokens and slots must have one equal, non-empty shape [B]: got "
+                             f"{tuple(tokens.shape)} and {tuple(slots.shape)}")
+        batch = tokens.numel()
+        bucket = self.bucket_for(batch)
+        if self.mode == "eager" or bucket is None:
+            return self.sample_fn(self.fwd.decode(self.cache, tokens, slots, check=False), slots)
+        self._tokens[:batch].copy_(tokens)
+        self._slots[:batch].copy_(slots)
+        self._tokens[batch:bucket].fill_(0)
+        self._slots[batch:bucket].fill_(self.scratch_slot)
+        if self.mode == "static":
+            return self._static_step(bucket)[1][:batch]
+        graph, _, ids = self._graphs[bucket]
+        graph.replay()
+        return ids[:batch]
+
+    def release(self) -> None:
+        """Drop the graphs and give the scratch slot back to the cache."""
+        self._graphs.clear()
+        if self.scratch_slot is not None:
+            self.cache.free(self.scratch_slot)
+            self.scratch_slot = None
+        self.mode = "eager"
+
+    def _static_step(self, bucket: int):
+        """The step a graph records: decode the first `bucket` rows of the static buffers."""
+        self._scratch_length.fill_(0)  # padded rows write position 0 of the scratch slot
+        slots = self._slots[:bucket]
+        logits = self.fwd.decode(self.cache, self._tokens[:bucket], slots, check=False)
+        return logits, self.sample_fn(logits, slots)
+
+    def _capture_all(self) -> None:
+        import time
+
+        pool = torch.cuda.graph_pool_handle()
+        self._slots.fill_(self.scratch_slot)  # warm-up and capture touch only the scratch slot
+        self._tokens.zero_()
+        for bucket in reversed(self.buckets):  # largest first: the smaller ones reuse its memory
+            start = time.perf_counter()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._static_step(bucket)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits, ids = self._static_step(bucket)
+            torch.cuda.synchronize()
+            self._graphs[bucket] = (graph, logits, ids)
+            self.capture_seconds[bucket] = time.perf_counter() - start
