@@ -1,0 +1,349 @@
+"""The fused routed-experts kernels: grouped by expert on the device, bf16 / fp32 and NF4.
+
+Built in notebooks/05_fused_expert_kernel. One MoE layer's routed experts in four launches,
+with no host sync (so a CUDA graph can capture them):
+
+1. `_align_kernel`: program e counts the (token, k) pairs routed to expert e and writes their
+   pair indices, in pair order, into `pairs[start_e : start_e + count_e]` (a stable counting
+   sort; `start_e` = pairs in lower experts). Program E collects ids outside [0, E).
+2. `_grouped_gemm_kernel` (gate_up): program (b, n) takes row block b of BLOCK_M sorted pairs,
+   all of one expert, and N-tile n. Each program finds its expert and rows from `counts`
+   itself (a cumulative sum over E block counts), so the grid is sized for the worst case,
+   cdiv(S, BLOCK_M) + min(E + 1, S) blocks, and the blocks past the end return at once.
+   Gate and up tiles share each load of x; SiLU(gate) * up is applied before the one store.
+3. the same kernel (down): the routing weight of each pair is applied before the store.
+4. a sum over the top-k rows of each token (deterministic: no atomics).
+
+Decode (a few tokens) uses BLOCK_M = 16: a block per touched expert, so every touched
+expert's weights are read once and the 16-row padding costs tensor-core work, not bytes. Its
+N-tiles are small enough to put several programs on every SM. Prefill uses large blocks.
+
+The NF4 variant reads the 4-bit codes and dequantizes in registers, following
+`moelab.quant`'s storage (notebooks/04): flat value i of expert e sits in byte i // 2 (high
+nibble for even i), its block absmax is absmax[e, i // 64], itself 8-bit coded with a
+per-256-block scale and a per-expert offset under double quantisation. Even and odd values
+of a K-tile come from the high and low nibbles of one byte load; they are multiplied with
+the even and odd columns of x in two dots, so no interleaving is needed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _align_kernel(ids_ptr, counts_ptr, pairs_ptr, num_pairs, num_experts, BLOCK_S: tl.constexpr):
+    """Program e writes counts[e] and the pair indices routed to expert e, in pair order."""
+    e = tl.program_id(0)
+    before = 0
+    count = 0
+    for s0 in range(0, num_pairs, BLOCK_S):
+        offs = s0 + tl.arange(0, BLOCK_S)
+        ok = offs < num_pairs
+        ids = tl.load(ids_ptr + offs, mask=ok, other=0)
+        bucket = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+        before += tl.sum((ok & (bucket < e)).to(tl.int32), axis=0)
+        count += tl.sum((ok & (bucket == e)).to(tl.int32), axis=0)
+    tl.store(counts_ptr + e, count)
+    for s0 in range(0, num_pairs, BLOCK_S):
+        offs = s0 + tl.arange(0, BLOCK_S)
+        ok = offs < num_pairs
+        ids = tl.load(ids_ptr + offs, mask=ok, other=0)
+        bucket = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+        match = (ok & (bucket == e)).to(tl.int32)
+        pos = before + tl.cumsum(match, axis=0) - 1
+        tl.store(pairs_ptr + pos, offs, mask=match != 0)
+        before += tl.sum(match, axis=0)
+
+
+@triton.jit
+def _block_rows(counts_ptr, block, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(expert, first row, end row) in the sorted pairs of row block `block`; expert E is the
+    bucket of invalid ids, E + 1 means past the last block."""
+    idx = tl.arange(0, BLOCK_E)
+    live = idx <= num_experts
+    counts = tl.load(counts_ptr + idx, mask=live, other=0)
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    ends = tl.cumsum(blocks, axis=0)
+    expert = tl.sum((live & (ends <= block)).to(tl.int32), axis=0)
+    first_block = tl.sum(tl.where(idx == expert, ends - blocks, 0), axis=0)
+    start = tl.sum(tl.where(idx < expert, counts, 0), axis=0)
+    count = tl.sum(tl.where(idx == expert, counts, 0), axis=0)
+    return expert, start + (block - first_block) * BLOCK_M, start + count
+
+
+@triton.jit
+def _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert, blk, mask,
+                absmax_per_expert, scales_per_expert, DOUBLE_QUANT: tl.constexpr):
+    """The fp32 absmax of NF4 blocks `blk` of `expert` (decoding the 8-bit code if double quantised)."""
+    q = tl.load(absmax_ptr + expert * absmax_per_expert + blk, mask=mask, other=0)
+    if DOUBLE_QUANT:
+        scale = tl.load(absmax_scale_ptr + expert * scales_per_expert + blk // 256, mask=mask, other=0.0)
+        offset = tl.load(absmax_offset_ptr + expert)
+        am = tl.load(absmax_code_ptr + q.to(tl.int32), mask=mask, other=0.0) * scale + offset
+        return tl.where(mask, am, 0.0)
+    return q.to(tl.float32)
+
+
+@triton.jit
+def _nf4_tiles(codes_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
+               expert, rows, row_ok, k0, k_dim, absmax_per_expert, scales_per_expert,
+               DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[expert, rows, k0 + 2j] and W[expert, rows, k0 + 2j + 1] for j < BLOCK_K / 2, dequantized
+    from NF4 into two fp32 [BLOCK_K / 2, BLOCK_N] tiles (K down, rows across: ready for x @ W^T).
+    codes_ptr points at this expert's codes."""
+    j = tl.arange(0, BLOCK_K // 2)
+    cols = k0 + 2 * j
+    mask = (cols < k_dim)[:, None] & row_ok[None, :]
+    flat = rows[None, :].to(tl.int64) * k_dim + cols[:, None]          # even: a high nibble
+    byte = tl.load(codes_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
+    even = tl.load(nf4_code_ptr + (byte >> 4))
+    odd = tl.load(nf4_code_ptr + (byte & 15))
+    if ROW_ALIGNED:
+        # Each row is whole 64-blocks and BLOCK_K a multiple of 64: one absmax per row per 64 columns.
+        row_blk = (rows.to(tl.int64) * k_dim + k0) // 64
+        am = tl.zeros((BLOCK_K // 2, rows.shape[0]), dtype=tl.float32)
+        for b in tl.static_range(BLOCK_K // 64):
+            ok_b = row_ok & (k0 + 64 * b + 0 * rows < k_dim)  # a tensor compare: the interpreter needs one
+            am_b = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
+                               row_blk + b, ok_b, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
+            am = tl.where((j // 32 == b)[:, None], am_b[None, :], am)
+    else:
+        am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
+                         flat // 64, mask, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
+    return even * am, odd * am
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    x_ptr, w_ptr, out_ptr, pairs_ptr, counts_ptr, route_w_ptr,
+    absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
+    n_out, k_dim, num_experts, x_row_div,
+    stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+    absmax_per_expert, scales_per_expert,
+    GATED: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """out[pair, n] for the pairs of one row block and one N-tile.
+
+    GATED (gate_up): x row = pair // top_k (the token), W rows n (gate) and n_out + n (up),
+    out = SiLU(gate) * up. Otherwise (down): x row = pair, out = routing weight * (x @ W^T).
+    """
+    expert, row_lo, row_hi = _block_rows(counts_ptr, tl.program_id(0), num_experts, BLOCK_M, BLOCK_E)
+    # Blocks past the end (expert E + 1) have no rows; the bucket of invalid ids (expert E)
+    # runs no K-loop, so its pairs get zeros from the down pass. Straight-line code with the
+    # K-loop at the top level lets Triton software-pipeline the loop's loads.
+    m = row_lo + tl.arange(0, BLOCK_M)
+    m_ok = m < row_hi
+    k_end = tl.where(expert < num_experts, k_dim, 0)
+    store_hi = tl.where(expert < num_experts, row_hi, row_lo) if GATED else row_hi
+    expert = tl.minimum(expert, num_experts - 1)
+    pair = tl.load(pairs_ptr + m, mask=m_ok, other=0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < n_out
+    x_rows = x_ptr + (pair // x_row_div)[:, None] * stride_xm
+    w_e = w_ptr + expert.to(tl.int64) * stride_we
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k_end, BLOCK_K):
+        if NF4:
+            cols = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+            x_mask = m_ok[:, None] & (cols < k_dim)[None, :]
+            x_even = tl.load(x_rows + cols[None, :] * stride_xk, mask=x_mask, other=0.0)
+            x_odd = tl.load(x_rows + (cols + 1)[None, :] * stride_xk, mask=x_mask, other=0.0)
+            w_even, w_odd = _nf4_tiles(
+                w_e, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
+                expert, n, n_ok, k0, k_dim, absmax_per_expert, scales_per_expert,
+                DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K)
+            acc = tl.dot(x_even, w_even.to(x_even.dtype), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(x_odd, w_odd.to(x_odd.dtype), acc, input_precision=DOT_PRECISION)
+            if GATED:
+                u_even, u_odd = _nf4_tiles(
+                    w_e, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
+                    expert, n + n_out, n_ok, k0, k_dim, absmax_per_expert, scales_per_expert,
+                    DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K)
+                acc_up = tl.dot(x_even, u_even.to(x_even.dtype), acc_up, input_precision=DOT_PRECISION)
+                acc_up = tl.dot(x_odd, u_odd.to(x_odd.dtype), acc_up, input_precision=DOT_PRECISION)
+        else:
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < k_dim
+            x = tl.load(x_rows + ks[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w_mask = k_ok[:, None] & n_ok[None, :]
+            w = tl.load(w_e + n[None, :] * stride_wn + ks[:, None] * stride_wk, mask=w_mask, other=0.0)
+            acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+            if GATED:
+                u = tl.load(w_e + (n + n_out)[None, :] * stride_wn + ks[:, None] * stride_wk,
+                            mask=w_mask, other=0.0)
+                acc_up = tl.dot(x, u, acc_up, input_precision=DOT_PRECISION)
+    if GATED:
+        out = acc * tl.sigmoid(acc) * acc_up
+    else:
+        out = acc * tl.load(route_w_ptr + pair, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + pair[:, None] * stride_om + n[None, :] * stride_on
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(m < store_hi)[:, None] & n_ok[None, :])
+
+
+# ---------------------------------------------------------------------------- launchers
+
+DECODE_MAX_PAIRS = 256  # up to here (64 tokens at top-4) the decode configuration is used
+
+
+def kernel_config(num_pairs: int, n_out: int, num_experts: int, nf4: bool, on_gpu: bool,
+                  num_sms: int = 132) -> dict:
+    """Block sizes, warps and pipeline stages for one grouped GEMM, by shape regime.
+
+    Decode (num_pairs <= DECODE_MAX_PAIRS): 16-row blocks (the smallest tl.dot), and the
+    largest N-tile that still gives about four programs per SM when every pair has its own
+    expert, so enough loads are in flight to stream the weights. Prefill: large tiles for
+    the tensor cores. NF4 reads its absmax once per row per 64 columns, so its K-tile is a
+    multiple of 64. Under the interpreter, few large programs (each costs ~0.5 ms).
+    """
+    if not on_gpu:
+        return dict(BLOCK_M=16 if num_pairs <= 64 else 32, BLOCK_N=min(128, triton.next_power_of_2(n_out)),
+                    BLOCK_K=64, num_warps=4, num_stages=1)
+    if num_pairs <= DECODE_MAX_PAIRS:
+        blocks = min(num_experts, num_pairs)
+        block_n = next((bn for bn in (64, 32) if blocks * triton.cdiv(n_out, bn) >= 4 * num_sms), 16)
+        return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, num_warps=4, num_stages=4)
+    block_m = 64 if num_pairs <= 4096 else 128
+    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, num_warps=8 if block_m == 128 else 4, num_stages=3)
+
+
+def _is_nf4(w) -> bool:
+    return hasattr(w, "codes") and hasattr(w, "absmax")
+
+
+def _expert_weights(layer_experts):
+    """(gate_up, down, num_experts) of transformers' experts module or moelab.quant.NF4Experts."""
+    if hasattr(layer_experts, "gate_up_proj") and hasattr(layer_experts, "down_proj"):
+        gate_up, down = layer_experts.gate_up_proj, layer_experts.down_proj
+    elif _is_nf4(getattr(layer_experts, "gate_up", None)) and _is_nf4(getattr(layer_experts, "down", None)):
+        gate_up, down = layer_experts.gate_up, layer_experts.down
+    else:
+        raise ValueError(
+            f"{type(layer_experts).__name__} is neither a transformers experts module (gate_up_proj, "
+            "down_proj) nor a moelab.quant.NF4Experts (gate_up, down): the fused kernel cannot run it")
+    act = getattr(layer_experts, "act_fn", None)
+    if act is not None and type(act).__name__ not in ("SiLUActivation", "SiLU"):
+        raise ValueError(f"the fused kernel computes SiLU(gate) * up; this layer's activation is {type(act).__name__}")
+    return gate_up, down
+
+
+def _shape(w) -> tuple[int, int, int]:
+    return tuple(w.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _nf4_code(device: torch.device) -> torch.Tensor:
+    """moelab.quant.NF4_CODE on `device`, copied once (a copy inside a CUDA graph capture would fail)."""
+    from ..quant import NF4_CODE
+
+    return NF4_CODE.to(device=device, dtype=torch.float32)
+
+
+def _weight_args(w, num_experts: int) -> tuple[list, dict]:
+    """Pointer / stride arguments and constexprs of one weight (a dense [E, R, C] tensor or an NF4Tensor)."""
+    if not _is_nf4(w):
+        none = w  # unused NF4 pointers: any tensor will do
+        return ([w, none, none, none, none, none], [w.stride(0), w.stride(1), w.stride(2), 0, 0],
+                dict(NF4=False, DOUBLE_QUANT=False, ROW_ALIGNED=False))
+    _, rows, cols = w.shape
+    double = w.absmax_scale is not None
+    code = _nf4_code(w.codes.device)
+    absmax_code = w.absmax_code if double else code
+    scale = w.absmax_scale if double else w.absmax
+    offset = w.absmax_offset if double else w.absmax
+    return ([w.codes, w.absmax, absmax_code, scale, offset, code],
+            [w.codes.stride(0), 0, 0, w.absmax.stride(0), scale.stride(0) if double else 0],
+            dict(NF4=True, DOUBLE_QUANT=double, ROW_ALIGNED=cols % 64 == 0))
+
+
+def _grouped_gemm(x, w, out, pairs, counts, route_w, num_pairs, num_experts, x_row_div, gated, config):
+    _, rows, k_dim = _shape(w)
+    n_out = rows // 2 if gated else rows
+    nf4 = _is_nf4(w)
+    cfg = kernel_config(num_pairs, n_out, num_experts, nf4, x.is_cuda,
+                        torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132)
+    cfg.update(config or {})
+    if nf4 and cfg["BLOCK_K"] % 64:
+        cfg["BLOCK_K"] = 64
+    ptrs, strides, flags = _weight_args(w, num_experts)
+    block_m = cfg.pop("BLOCK_M")
+    grid = (triton.cdiv(num_pairs, block_m) + min(num_experts + 1, num_pairs), triton.cdiv(n_out, cfg["BLOCK_N"]))
+    w_ptr, absmax, absmax_code, scale, offset, code = ptrs
+    stride_we, stride_wn, stride_wk, absmax_per_expert, scales_per_expert = strides
+    _grouped_gemm_kernel[grid](
+        x, w_ptr, out, pairs, counts, route_w,
+        absmax, absmax_code, scale, offset, code,
+        n_out, k_dim, num_experts, x_row_div,
+        x.stride(0), x.stride(1), stride_we, stride_wn, stride_wk, out.stride(0), out.stride(1),
+        absmax_per_expert, scales_per_expert,
+        GATED=gated, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts + 1), **flags, **cfg,
+    )
+
+
+def fused_experts_forward(hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layer_experts,
+                          *, config: dict | None = None) -> torch.Tensor:
+    """The routed experts of one layer with the fused kernels: sum_k weights[t, k] * expert_{ids[t, k]}(hidden[t]).
+
+    Same contract as `moelab.model.experts_forward`: hidden [T, H]; weights [T, K] (any float
+    dtype) and ids [T, K] (int) from the router; layer_experts is transformers' experts module
+    (`gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`, hidden in their dtype) or a
+    `moelab.quant.NF4Experts`. Returns [T, H] in hidden's dtype. No host sync on CUDA, so it
+    can be captured in a CUDA graph; there a pair whose id is outside [0, E) adds nothing (on
+    the CPU, where checking is free, it raises). `config` overrides `kernel_config`'s choice
+    (keys BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for both GEMMs: a tuning knob.
+    """
+    gate_up, down = _expert_weights(layer_experts)
+    num_experts, two_inter, hidden_dim = _shape(gate_up)
+    inter = two_inter // 2
+    if _shape(down) != (num_experts, hidden_dim, inter) or two_inter % 2:
+        raise ValueError(f"expert weights do not fit together: gate_up {_shape(gate_up)}, down {_shape(down)} "
+                         "(expected [E, 2I, H] and [E, H, I])")
+    if hidden.dim() != 2 or hidden.shape[1] != hidden_dim:
+        raise ValueError(f"hidden must be [T, {hidden_dim}], got {tuple(hidden.shape)}")
+    if ids.dim() != 2 or ids.shape[0] != hidden.shape[0] or weights.shape != ids.shape:
+        raise ValueError(f"ids and weights must both be [T, K] with T = {hidden.shape[0]}, got "
+                         f"{tuple(ids.shape)} and {tuple(weights.shape)}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or not weights.dtype.is_floating_point:
+        raise ValueError(f"ids must be integers and weights floats, got {ids.dtype} and {weights.dtype}")
+    weight_dtype = gate_up.dtype
+    if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16) or hidden.dtype != weight_dtype:
+        raise ValueError(f"hidden is {hidden.dtype} but the expert weights compute in {weight_dtype}: they must match "
+                         "(float32, float16 or bfloat16)")
+    if _is_nf4(gate_up) and (hidden_dim % 2 or inter % 2):
+        raise ValueError(f"NF4 experts need even H and I, got H={hidden_dim}, I={inter}")
+    for name, t in (("weights", weights), ("ids", ids)):
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    num_tokens, top_k = ids.shape
+    num_pairs = num_tokens * top_k
+    if num_pairs == 0:
+        return hidden.new_zeros(num_tokens, hidden_dim)
+    if not hidden.is_cuda and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
+        raise ValueError(f"expert ids must be in [0, {num_experts}), got {int(ids.min())}..{int(ids.max())}")
+
+    device = hidden.device
+    flat_ids = ids.reshape(-1).contiguous()
+    route_w = weights.reshape(-1).contiguous()
+    counts = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
+    pairs = torch.empty(num_pairs, dtype=torch.int32, device=device)
+    _align_kernel[(num_experts + 1,)](flat_ids, counts, pairs, num_pairs, num_experts,
+                                      BLOCK_S=min(1024, triton.next_power_of_2(num_pairs)))
+    act = torch.empty(num_pairs, inter, dtype=hidden.dtype, device=device)
+    out = torch.empty(num_pairs, hidden_dim, dtype=hidden.dtype, device=device)
+    _grouped_gemm(hidden, gate_up, act, pairs, counts, route_w, num_pairs, num_experts, top_k, True, config)
+    _grouped_gemm(act, down, out, pairs, counts, route_w, num_pairs, num_experts, 1, False, config)
+    return out.view(num_tokens, top_k, hidden_dim).sum(dim=1)
+
+
+def moelab_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                           top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' experts-interface signature (registered as "moelab" by `moelab.patch`)."""
+    return fused_experts_forward(hidden_states, top_k_weights, top_k_index, self)
