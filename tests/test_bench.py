@@ -9,7 +9,7 @@ from moelab import bench
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-@pytest.mark.parametrize("what", ["router", "launch"])
+@pytest.mark.parametrize("what", ["router", "launch", "attention"])
 def test_gpu_benches_refuse_without_cuda(what, capsys):
     assert bench.main([what]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
@@ -45,3 +45,34 @@ def test_router_summary_ratios():
                                       ("cpu (x86_64, 2 threads)", "cpu")])
 def test_card_tag(card, tag):
     assert bench.card_tag(card) == tag
+
+
+def test_decode_weight_bytes_match_anchors():
+    """The bound's bytes from the meta-device Qwen1.5-MoE: ANCHORS.md's 4.76 / 13.66 / 27.71 GB."""
+    import moelab
+
+    model, _ = moelab.load("qwen1.5-moe-a2.7b", random_weights=True, device="meta")
+    for batch, experts, gb in ((1, 4.0, 4.76), (8, 25.5, 13.66), (64, 59.3, 27.71)):
+        got = bench.decode_weight_bytes(model, batch)
+        assert round(got["experts_per_layer"], 1) == experts
+        assert round(got["bytes"] / 1e9, 2) == gb
+    assert got["moe_layers"] == 24 and got["bytes_per_expert"] == 3 * 2048 * 1408 * 2
+    assert bench.expected_distinct_experts(60, 4, 0) == 0
+
+
+def test_decode_bench_modes_and_summary(tmp_path):
+    path = tmp_path / "decode.json"
+    assert bench.main(["decode", "--batches", "2", "--prompt-len", "3", "9", "--steps", "2", "--repeats", "1",
+                       "--modes", "eager_sdpa", "eager_kernel", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert [r["mode"] for r in result["results"]] == ["eager_sdpa", "eager_kernel"]
+    assert result["workload"]["prompt_len"] == [3, 9] and result["workload"]["experts_impl"] == "torch"
+    assert path.with_suffix(".png").stat().st_size > 0
+    rows = [{"batch": 4, "mode": m, "tokens_per_s": t, "bound_tokens_per_s": 400.0, "roofline_fraction": t / 400}
+            for m, t in (("eager_sdpa", 50.0), ("eager_kernel", 100.0), ("graph_kernel", 250.0))]
+    (line,) = bench.decode_summary({"workload": {"batches": [4]}, "results": rows})
+    assert line == ("batch   4: eager_sdpa 50 tok/s (12% of 400), eager_kernel 100 tok/s (25% of 400), "
+                    "graph_kernel 250 tok/s (62% of 400), graphs 2.50x eager, kernel 2.00x SDPA")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs CUDA"):
+            bench.bench_decode(batches=(1,), modes=("graph_kernel",))
