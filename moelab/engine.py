@@ -234,27 +234,29 @@ class Engine:
         plan = self.scheduler.schedule(self.cache.free_slots)
         for request in plan.admitted:
             self._admit(request, start)
-        new_ids, got = [], []
-        if plan.decode:
-            slots = self._slots_tensor(tuple(r.slot for r in plan.decode))
-            new_ids.append(self.decode_step(slots, greedy_only=all(r.greedy for r in plan.decode)))
-            got += plan.decode
         if plan.prefill:
-            logits = self.forward.prefill(
-                self.cache, [r.prompt[s:s + n] for r, s, n in plan.prefill], [r.slot for r, _, _ in plan.prefill],
-                offsets=[s for _, s, _ in plan.prefill])
-            done = [i for i, (r, s, n) in enumerate(plan.prefill) if s + n == len(r.prompt)]
+            # A mixed step: prompt chunks and the decoding requests' last tokens (chunks of
+            # one at their current length) share one forward pass.
+            parts = [(r, r.prompt[s:s + n], s) for r, s, n in plan.prefill]
+            parts += [(r, r.output[-1:], len(r.prompt) + len(r.output) - 1) for r in plan.decode]
+            logits = self.forward.prefill(self.cache, [c for _, c, _ in parts], [r.slot for r, _, _ in parts],
+                                          offsets=[o for _, _, o in parts])
             for r, s, n in plan.prefill:
                 r.prefilled = s + n
-            if done:
-                requests = [plan.prefill[i][0] for i in done]
-                slots = torch.tensor([r.slot for r in requests], device=self.cache.device)
-                rows = torch.tensor(done, device=self.cache.device)
-                first = self._sample(logits[rows], slots, all(r.greedy for r in requests))
-                self._last_token[slots] = first
-                new_ids.append(first)
-                got += requests
-        tokens = torch.cat(new_ids).tolist() if new_ids else []  # the one copy to the host per step
+            rows = [i for i, (r, c, o) in enumerate(parts) if o + len(c) >= len(r.prompt)]
+            got, new_ids = [parts[i][0] for i in rows], None
+            if got:
+                slots = torch.tensor([r.slot for r in got], device=self.cache.device)
+                new_ids = self._sample(logits[torch.tensor(rows, device=self.cache.device)], slots,
+                                       all(r.greedy for r in got))
+                self._last_token[slots] = new_ids
+        elif plan.decode:
+            got = plan.decode
+            slots = self._slots_tensor(tuple(r.slot for r in got))
+            new_ids = self.decode_step(slots, greedy_only=all(r.greedy for r in got))
+        else:
+            got, new_ids = [], None
+        tokens = new_ids.tolist() if got else []  # the one copy to the host per step
         now = time.perf_counter()
         for request, token in zip(got, tokens):
             events.append(self._append(request, token, now))
