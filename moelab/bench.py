@@ -377,11 +377,13 @@ def _profile_step(step, steps: int, timeline: bool) -> dict:
             "share": round(device_us(e) / steps / busy, 4) if busy else None} for e in kernels[:20]]
     out = {"gpu_busy_ms_per_step": round(busy / 1e3, 3), "kernels_per_step": round(sum(e.count for e in kernels) / steps, 1),
            "top_kernels": top}
-    try:
-        sort = "self_cuda_time_total"
-        out["table"] = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60)
-    except Exception as err:  # noqa: BLE001  (table options differ between torch versions)
-        out["table"] = f"unavailable: {err!r}"
+    out["table"] = None
+    for sort in ("self_device_time_total", "self_cuda_time_total"):  # the name differs between torch versions
+        try:
+            out["table"] = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60)
+            break
+        except Exception:  # noqa: BLE001, S112
+            continue
     if timeline:
         events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
                         key=lambda e: e.time_range.start)
@@ -485,6 +487,8 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
                 row.update(peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2),
                            bound_tokens_per_s=round(bound, 1), roofline_fraction=round(batch / ms * 1e3 / bound, 4),
                            capture_s=capture_s)
+            if graphs is not None:
+                row["graph_captured"] = graphs.captured  # False: capture failed, these are eager figures
             rows.append(row)
             print(f"batch {batch:>3} {mode:<13}: {ms:8.2f} ms per step, {batch / ms * 1e3:8.1f} tokens/s"
                   + (f", {row['roofline_fraction']:.1%} of the bound ({row['bound_tokens_per_s']:.0f})"
