@@ -1,0 +1,293 @@
+"""moelab.Engine end to end on the trained `tiny` (float32): greedy tokens equal HF generate
+for each prompt alone, online submission, cancellation, seeded sampling independent of the
+batch, stop ids and strings, streaming text, bad input, and a 1,000-request soak."""
+
+import random
+
+import pytest
+import torch
+
+import moelab
+from moelab.engine import Engine, _Detokenizer, percentile, sample, uniform_noise
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    return tiny[0]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny):
+    return tiny[1]
+
+
+@pytest.fixture(scope="module")
+def hf(model):
+    """HF generate, greedy, one prompt alone (stopping at EOS as generate does), memoised."""
+    memo = {}
+
+    def reference(prompt, new, stop_at_eos=True):
+        key = (tuple(prompt), new, stop_at_eos)
+        if key not in memo:
+            eos = {} if stop_at_eos else {"eos_token_id": None}
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, pad_token_id=256, **eos)
+            memo[key] = out[0, len(prompt):].tolist()
+        return memo[key]
+
+    return reference
+
+
+def random_prompts(n, lo, hi, seed):
+    rng = random.Random(seed)
+    return [[rng.randrange(256) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def code_prompts(tok):
+    texts = ["def fib(n):", "import os\n", "class Stack:\n    def __init__(self):\n", "for i in range(10):",
+             "# Return the sum\ndef total(xs):\n    return", "while True:\n    ", "x = [", "print("]
+    return [tok(t).input_ids for t in texts]
+
+
+def test_32_mixed_requests_through_3_slots_equal_hf_generate(model, hf, tok):
+    rng = random.Random(0)
+    prompts = random_prompts(24, 1, 70, seed=1) + code_prompts(tok)
+    news = [1, 1, 2] + [rng.randint(1, 24) for _ in range(len(prompts) - 3)]
+    rng.shuffle(news)
+    # A small budget chunks the longer prompts over several steps, beside running decodes.
+    engine = Engine(model, num_slots=3, max_seq_len=100, token_budget=20)
+    requests = [engine.submit(p, n) for p, n in zip(prompts, news)]
+    finished = engine.run_until_idle()
+    assert sorted(r.id for r in finished) == sorted(r.id for r in requests)  # each exactly once
+    for r, p, n in zip(requests, prompts, news):
+        assert r.output == hf(p, n), f"prompt of {len(p)} tokens, max_new_tokens {n}"
+        assert r.finish_reason == ("eos" if r.output[-1] == 256 else "length")
+        assert len(r.token_times) == len(r.output) and r.ttft > 0
+    assert engine.cache.free_slots == [0, 1, 2] and engine.idle
+    chunked = [s for s in engine.steps if s.prefill_tokens and s.decode_tokens]
+    assert chunked and max(s.prefill_tokens + s.decode_tokens for s in engine.steps) <= 20
+    assert max(s.slots_busy for s in engine.steps) == 3
+    # generate() is the same engine: new ids in prompt order.
+    assert engine.generate(prompts[:5], max_new_tokens=6) == [hf(p, 6) for p in prompts[:5]]
+
+
+def test_static_policy_gives_the_same_tokens_and_waits_for_the_whole_batch(model, hf):
+    prompts = random_prompts(7, 2, 30, seed=2)
+    news = [9, 2, 5, 3, 8, 1, 4]
+    engine = Engine(model, num_slots=3, max_seq_len=64, policy="static")
+    requests = [engine.submit(p, n, ignore_eos=True) for p, n in zip(prompts, news)]
+    engine.run_until_idle()
+    for r, p, n in zip(requests, prompts, news):
+        assert r.output == hf(p, n, stop_at_eos=False)
+    for batch, nxt in ((requests[0:3], requests[3:6]), (requests[3:6], requests[6:])):
+        assert min(r.admit_time for r in nxt) >= max(r.finish_time for r in batch)
+
+
+def test_requests_submitted_while_others_run_are_served(model, hf):
+    prompts = random_prompts(6, 3, 20, seed=3)
+    engine = Engine(model, num_slots=3, max_seq_len=64)
+    first = [engine.submit(p, 12) for p in prompts[:2]]
+    for _ in range(4):
+        engine.step()
+    assert all(len(r.output) == 4 for r in first)
+    later = [engine.submit(p, 7) for p in prompts[2:]]
+    engine.step()
+    assert later[0].slot == 2 and later[1].slot is None  # one free slot, the rest wait
+    engine.run_until_idle()
+    for r, p in zip(first + later, prompts):
+        assert r.output == hf(p, r.max_new_tokens)
+    assert engine.cache.free_slots == [0, 1, 2]
+
+
+def test_cancel_frees_the_slot_and_leaves_the_others_unchanged(model, hf):
+    prompts = random_prompts(5, 3, 20, seed=4)
+    engine = Engine(model, num_slots=3, max_seq_len=64)
+    requests = [engine.submit(p, 10, ignore_eos=True) for p in prompts]
+    for _ in range(3):
+        engine.step()
+    running, waiting = requests[1], requests[4]
+    assert running.slot == 1 and waiting.slot is None
+    assert engine.cancel(running) and engine.cancel(waiting.id)
+    assert 1 in engine.cache.free_slots and running.finish_reason == waiting.finish_reason == "cancelled"
+    events = engine.step()  # the cancellations are reported, and slot 1 is taken at once
+    assert {e.request.id for e in events if e.finish_reason == "cancelled"} == {running.id, waiting.id}
+    assert requests[3].slot == 1
+    engine.run_until_idle()
+    assert len(running.output) == 3 and waiting.output == []
+    assert not engine.cancel(running)  # already finished
+    for i in (0, 2, 3):
+        assert requests[i].output == hf(prompts[i], 10, stop_at_eos=False)
+    assert engine.cache.free_slots == [0, 1, 2]
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(model, tok):
+    prompt = tok("def parse(line):").input_ids
+    params = dict(temperature=0.9, top_k=40, top_p=0.95, seed=1234, ignore_eos=True)
+    alone = Engine(model, num_slots=4, max_seq_len=96)
+    a = alone.submit(prompt, 30, **params)
+    alone.run_until_idle()
+
+    busy = Engine(model, num_slots=4, max_seq_len=96)
+    others = random_prompts(5, 1, 40, seed=5)
+    busy.submit(others[0], 12)  # slot 0, greedy
+    busy.submit(others[1], 25, temperature=1.3, seed=99)  # slot 1, sampled with another seed
+    busy.step()
+    b = busy.submit(prompt, 30, **params)  # joins later, in slot 2, next to other samplers
+    busy.submit(others[2], 30, temperature=0.7, top_p=0.5, seed=1234 + 1)
+    for p in others[3:]:
+        busy.submit(p, 5, temperature=1.0, seed=3)
+    busy.run_until_idle()
+    assert b.slot == 2 and b.output == a.output
+    c = busy.submit(prompt, 30, **{**params, "seed": 1235})
+    busy.run_until_idle()
+    assert c.output != a.output  # another seed, another draw
+    assert len(set(a.output)) > 5  # sampling, not a repeated token
+
+
+def test_sample_follows_the_distribution_and_its_cuts():
+    vocab, rows = 8, 20_000
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 3.0, 0.2]).expand(rows, vocab)
+    seeds = torch.full((rows,), 42, dtype=torch.int64)
+    positions = torch.arange(rows)
+
+    def draw(temperature=1.0, top_k=0, top_p=1.0):
+        ids = sample(logits, torch.full((rows,), temperature), torch.full((rows,), top_k, dtype=torch.int64),
+                     torch.full((rows,), top_p), seeds, positions)
+        return torch.bincount(ids, minlength=vocab).float() / rows
+
+    expect = torch.softmax(logits[0] / 0.7, -1)
+    torch.testing.assert_close(draw(temperature=0.7), expect, rtol=0, atol=0.012)
+    top3 = torch.softmax(logits[0], -1) * (logits[0] >= 1.0)
+    torch.testing.assert_close(draw(top_k=3), top3 / top3.sum(), rtol=0, atol=0.012)
+    probs = torch.softmax(logits[0], -1)  # sorted: 3.0 (0.54), 2.0 (0.20), 1.0 (0.07), ...
+    nucleus = probs * (logits[0] >= 2.0)  # 0.54 + 0.20 reaches 0.7
+    torch.testing.assert_close(draw(top_p=0.7), nucleus / nucleus.sum(), rtol=0, atol=0.012)
+    assert draw(temperature=0.0)[6] == 1.0 and draw(top_k=1)[6] == 1.0
+    # The noise is a pure function of (seed, position, token id): same inputs, same numbers.
+    u = uniform_noise(torch.tensor([5, 5, 6]), torch.tensor([9, 9, 9]), 1000)
+    assert torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.02
+
+
+def test_stop_ids_and_stop_strings_end_at_the_right_place(model, tok, hf):
+    prompt = tok("def fib(n):").input_ids
+    ref = hf(prompt, 40)
+    ref_text = tok.decode(ref)
+    stop = ref_text[12:15]
+    assert stop.strip() and 256 not in ref
+    first = ref_text.index(stop)
+    # The token that completes the first occurrence of the stop string ends the request.
+    end = next(i for i in range(1, len(ref) + 1) if stop in tok.decode(ref[:i]))
+    engine = Engine(model, num_slots=2, max_seq_len=96, tokenizer=tok)
+    r = engine.submit(prompt, 40, stop_strings=["never appears", stop])
+    s = engine.submit(prompt, 40, stop_ids=[ref[7]])
+    streamed = {r.id: "", s.id: ""}
+    for event in engine.stream():
+        streamed[event.request.id] += event.text
+    assert r.finish_reason == "stop_string" and r.output == ref[:end] and r.text == ref_text[:first]
+    assert streamed[r.id] == r.text  # the stop string was held back, never streamed
+    assert s.finish_reason == "stop_id" and s.output == ref[: ref.index(ref[7]) + 1]
+    assert streamed[s.id] == s.text == tok.decode(s.output)
+
+
+def test_streaming_never_shows_a_broken_character(tok):
+    text = "a€b ñ😀 z£"
+    ids = list(text.encode())
+    assert len(ids) > len(text)  # multi-byte characters span several tokens
+    detok = _Detokenizer(tok)
+    pieces = [detok.add(ids[: i + 1]) for i in range(len(ids))]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    assert pieces[1:4] == ["", "", "€"]  # the euro sign's three bytes release it once
+    cut = _Detokenizer(tok)
+    partial = "".join(cut.add(ids[: i + 1]) for i in range(2)) + cut.add(ids[:2], final=True)
+    assert partial == "a\ufffd"  # an unfinished character at the end comes out as U+FFFD
+
+
+def test_bad_input_is_rejected_at_submission_without_disturbing_others(model, hf):
+    prompts = random_prompts(3, 4, 12, seed=6)
+    engine = Engine(model, num_slots=2, max_seq_len=32)
+    good = [engine.submit(p, 8) for p in prompts]
+    engine.step()
+    state = (len(engine.scheduler.waiting), [r.slot for r in engine.scheduler.running], len(engine.requests))
+    bad = [
+        (([], 4), {}, "empty"),
+        ((prompts[0], 30), {}, "exceeds max_seq_len 32"),
+        (([1, 300], 4), {}, r"token ids must be in \[0, 257\)"),
+        ((prompts[0], 0), {}, "max_new_tokens"),
+        (("hello", 4), {}, "list of token ids"),
+        ((prompts[0], 4), {"temperature": -1.0}, "temperature"),
+        ((prompts[0], 4), {"top_p": 0.0}, "top_p"),
+        ((prompts[0], 4), {"top_k": -2}, "top_k"),
+        ((prompts[0], 4), {"stop_strings": ["x"]}, "tokenizer"),
+        ((prompts[0], 4), {"seed": -1}, "seed"),
+    ]
+    for args, kwargs, match in bad:
+        with pytest.raises(ValueError, match=match):
+            engine.submit(*args, **kwargs)
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([prompts[0], []], 4)  # validated before any of them is queued
+    assert (len(engine.scheduler.waiting), [r.slot for r in engine.scheduler.running], len(engine.requests)) == state
+    engine.run_until_idle()
+    assert [r.output for r in good] == [hf(p, 8) for p in prompts]
+
+
+def test_soak_1000_requests_through_3_slots(model, hf):
+    """Random lengths and arrival steps: every request finishes exactly once with the tokens
+    HF generate gives for its prompt alone (references computed once per distinct prompt)."""
+    rng = random.Random(11)
+    pool = random_prompts(40, 1, 12, seed=12)
+    max_new = 5
+    refs = [hf(p, max_new) for p in pool]
+    engine = Engine(model, num_slots=3, max_seq_len=24, token_budget=8)
+    arrivals = sorted(rng.randrange(1400) for _ in range(1000))
+    submitted, step = [], 0
+    while len(submitted) < 1000 or not engine.idle:
+        while len(submitted) < 1000 and arrivals[len(submitted)] <= step:
+            k = rng.randrange(len(pool))
+            submitted.append((engine.submit(pool[k], rng.randint(1, max_new)), k))
+        engine.step()
+        step += 1
+    done = [r.id for r in engine.finished]
+    assert len(done) == 1000 == len(set(done))
+    for r, k in submitted:
+        expect = refs[k][: r.max_new_tokens]
+        assert r.output == expect[: expect.index(256) + 1] if 256 in expect else r.output == expect
+    assert engine.cache.free_slots == [0, 1, 2] and not engine.cache.used_slots and engine.idle
+
+
+def test_percentile_matches_numpy_linear():
+    values = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]
+    assert percentile(values, 50) == 3.5 and percentile(values, 0) == 1.0 and percentile(values, 100) == 10.0
+    assert percentile(values, 99) == pytest.approx(9.75) and percentile([], 50) is None
+
+
+@pytest.mark.gpu
+def test_cuda_engine_matches_cpu_and_its_decode_step_captures_in_a_graph(model):
+    import copy
+
+    prompts = random_prompts(6, 3, 30, seed=8)
+    cpu = Engine(model, num_slots=3, max_seq_len=64).generate(prompts, 12)
+    cuda_model = copy.deepcopy(model).to("cuda")
+    engine = Engine(cuda_model, num_slots=3, max_seq_len=64)
+    assert engine.generate(prompts, 12) == cpu
+    # The decode step has no host sync: capture it (a sync would raise) and replay it.
+    for p in prompts[:3]:
+        engine.submit(p, 20, temperature=0.8, seed=1)
+    engine.step()
+    slots = torch.tensor([0, 1, 2], device="cuda")
+    lengths, last = engine.cache.lengths.clone(), engine._last_token.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager = engine.decode_step(slots, greedy_only=False).clone()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    engine.cache.lengths.copy_(lengths)
+    engine._last_token.copy_(last)
+    with torch.cuda.graph(graph):
+        out = engine.decode_step(slots, greedy_only=False)
+    engine.cache.lengths.copy_(lengths)
+    engine._last_token.copy_(last)
+    graph.replay()
+    assert torch.equal(out, eager)
