@@ -9,7 +9,7 @@ runs, name the card, and compare systems side by side in one run on one machine.
     python -m moelab.bench launch                  # on CUDA: where one router call's host time goes
     python -m moelab.bench decode                  # CPU or CUDA: decode step, 1..8 slots
     python -m moelab.bench decode --model qwen1.5-moe-a2.7b --batches 1 8 64 --prompt-len 16 64 \
-        --max-seq-len 2048 --profile                # CUDA: eager SDPA / kernel / graphs vs the bound
+        --max-seq-len 2048 --profile                # CUDA: SDPA / kernel / graphs / fused rope vs the bound
     python -m moelab.bench attention               # CUDA: decode attention alone, SDPA vs kernel, split-K
 """
 
@@ -292,7 +292,13 @@ def bench_launch(experts: int = 60, top_k: int = 4, calls: int = 3000) -> dict:
 
 # ---------------------------------------------------------------------------- decode step
 
-DECODE_MODES = ("eager_sdpa", "eager_kernel", "graph_kernel")
+# mode: (decode attention, rotary + cache write, CUDA graph); each adds one optimisation.
+DECODE_MODES = {
+    "eager_sdpa": ("sdpa", "torch", False),      # notebook 06's step: SDPA over whole cache rows
+    "eager_kernel": ("kernel", "torch", False),  # + the decode-attention kernel
+    "graph_kernel": ("kernel", "torch", True),   # + the whole step replayed from a CUDA graph
+    "graph_fused": ("kernel", "kernel", True),   # + rotary and cache write fused into one kernel
+}
 
 
 def expected_distinct_experts(num_experts: int, top_k: int, batch: int) -> float:
@@ -399,9 +405,10 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
                  repeats: int = 5, device: str | None = None, modes=None, experts: str = "auto",
                  max_seq_len: int | None = None, profile: bool = False, seed: int = 0) -> dict:
     """Time moelab's decode step for B sequences at once, B in `batches`, in several modes
-    side by side (notebooks 06 and 08): `eager_sdpa` (MoeForward.decode with SDPA over the
-    masked cache rows), `eager_kernel` (with the decode-attention kernel) and
-    `graph_kernel` (the same step replayed from a CUDA graph, `moelab.graphs`).
+    side by side (notebooks 06 and 08), each adding one optimisation (`DECODE_MODES`):
+    `eager_sdpa` (MoeForward.decode with SDPA over the masked cache rows), `eager_kernel`
+    (the decode-attention kernel), `graph_kernel` (the same step replayed from a CUDA graph,
+    `moelab.graphs`), `graph_fused` (rotary + cache write in one kernel as well).
 
     Each sequence is prefilled with a random prompt (`prompt_len`: one length, or a
     (low, high) range drawn per sequence), then `steps` steps run, each ending with one
@@ -416,12 +423,12 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device == "cuda"
-    modes = tuple(modes or (DECODE_MODES if on_cuda else ("eager_sdpa",)))
+    modes = tuple(modes or (tuple(DECODE_MODES) if on_cuda else ("eager_sdpa",)))
     for mode in modes:
         if mode not in DECODE_MODES:
-            raise ValueError(f"unknown decode mode {mode!r}: choose from {DECODE_MODES}")
-    if "graph_kernel" in modes and not on_cuda:
-        raise ValueError("the graph_kernel mode needs CUDA (CUDA graphs); on the CPU use eager_sdpa / eager_kernel")
+            raise ValueError(f"unknown decode mode {mode!r}: choose from {tuple(DECODE_MODES)}")
+        if DECODE_MODES[mode][2] and not on_cuda:
+            raise ValueError(f"the {mode} mode needs CUDA (CUDA graphs); on the CPU use eager_sdpa / eager_kernel")
     low, high = (prompt_len[0], prompt_len[-1]) if not isinstance(prompt_len, int) else (prompt_len, prompt_len)
     warmup = 3
     max_seq_len = max_seq_len or high + warmup + steps + 1
@@ -432,26 +439,27 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
         load_kwargs["random_weights"] = True
     model, _ = load(model_name, **load_kwargs)
     experts_fn, experts_impl = _experts_fn(experts, on_cuda)
-    forwards = {"sdpa": MoeForward(model, experts_fn=experts_fn, attention="sdpa"),
-                "kernel": MoeForward(model, experts_fn=experts_fn, attention="kernel")}
+    forwards = {mode: MoeForward(model, experts_fn=experts_fn, attention=DECODE_MODES[mode][0],
+                                 rope=DECODE_MODES[mode][1]) for mode in modes}
+    reference = MoeForward(model, experts_fn=experts_fn, attention="sdpa", rope="torch")
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     bandwidth = copy_bandwidth_gbs() if on_cuda else None
     gen = torch.Generator().manual_seed(seed)
     vocab = min(model.config.vocab_size, 256) if model_name == "tiny" else model.config.vocab_size
     rows, profiles = [], []
     for batch in batches:
-        cache = forwards["sdpa"].new_cache(num_slots=batch + 1, max_seq_len=max_seq_len)  # + the scratch slot
+        cache = reference.new_cache(num_slots=batch + 1, max_seq_len=max_seq_len)  # + the scratch slot
         slots = [cache.allocate(max_seq_len) for _ in range(batch)]
         lens = torch.randint(low, high + 1, (batch,), generator=gen).tolist()
         prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lens]
-        first = forwards["sdpa"].prefill(cache, prompts, slots).argmax(-1)
+        first = reference.prefill(cache, prompts, slots).argmax(-1)
         slots_t = torch.tensor(slots, device=cache.device)
         lengths = cache.lengths.clone()
         weights = decode_weight_bytes(model, batch) if on_cuda else None
         for mode in modes:
-            fwd = forwards["sdpa" if mode == "eager_sdpa" else "kernel"]
+            fwd = forwards[mode]
             graphs, capture_s = None, None
-            if mode == "graph_kernel":
+            if DECODE_MODES[mode][2]:
                 graphs = DecodeGraphs(fwd, cache, buckets=(batch,), mode="graph")
                 capture_s = round(sum(graphs.capture_seconds.values()), 3)
                 step_ids = graphs.step
@@ -544,10 +552,11 @@ def decode_summary(result: dict) -> list[str]:
         parts = [f"{m} {r['tokens_per_s']:.0f} tok/s" + (f" ({r['roofline_fraction']:.0%} of "
                  f"{r['bound_tokens_per_s']:.0f})" if r.get("roofline_fraction") is not None else "")
                  for m, r in by.items()]
-        if "eager_kernel" in by and "graph_kernel" in by:
-            parts.append(f"graphs {by['graph_kernel']['tokens_per_s'] / by['eager_kernel']['tokens_per_s']:.2f}x eager")
-        if "eager_sdpa" in by and "eager_kernel" in by:
-            parts.append(f"kernel {by['eager_kernel']['tokens_per_s'] / by['eager_sdpa']['tokens_per_s']:.2f}x SDPA")
+        for new, old, what in (("eager_kernel", "eager_sdpa", "kernel {:.2f}x SDPA"),
+                               ("graph_kernel", "eager_kernel", "graphs {:.2f}x eager"),
+                               ("graph_fused", "graph_kernel", "fused rope {:.2f}x")):
+            if new in by and old in by:
+                parts.append(what.format(by[new]["tokens_per_s"] / by[old]["tokens_per_s"]))
         lines.append(f"batch {batch:>3}: " + ", ".join(parts))
     return lines
 
@@ -667,8 +676,8 @@ def main(argv=None) -> int:
     decode.add_argument("--steps", type=int, default=32)
     decode.add_argument("--repeats", type=int, default=5)
     decode.add_argument("--max-seq-len", type=int, default=None, help="cache row length (default: just enough)")
-    decode.add_argument("--modes", nargs="+", choices=DECODE_MODES, default=None,
-                        help="default: all three on CUDA, eager_sdpa on the CPU")
+    decode.add_argument("--modes", nargs="+", choices=list(DECODE_MODES), default=None,
+                        help="default: all four on CUDA, eager_sdpa on the CPU")
     decode.add_argument("--experts", choices=["auto", "torch", "fused"], default="auto",
                         help="routed experts: moelab's PyTorch path or the fused kernel (auto: fused when present)")
     decode.add_argument("--profile", action="store_true", help="CUDA: add a torch.profiler kernel table per mode")

@@ -127,13 +127,18 @@ class MoeForward:
     Prefill always runs SDPA.
     """
 
-    def __init__(self, model, experts_fn=experts_forward, route_backend: str = "auto", attention: str = "auto"):
+    def __init__(self, model, experts_fn=experts_forward, route_backend: str = "auto", attention: str = "auto",
+                 rope: str = "auto"):
         check_supported(model.config)
+    rope: "kernel" rotates q and k and writes the cache in one Triton kernel
+    (`moelab.kernels.rope_cache`), "torch" in PyTorch ops, "auto": the kernel on CUDA.
         if route_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"route_backend must be 'auto', 'triton' or 'torch', got {route_backend!r}")
         if attention not in ("auto", "kernel", "sdpa"):
             raise ValueError(f"attention must be 'auto', 'kernel' or 'sdpa', got {attention!r}")
-        self.attention = attention
+        if rope not in ("auto", "kernel", "torch"):
+            raise ValueError(f"rope must be 'auto', 'kernel' or 'torch', got {rope!r}")
+        self.attention, self.rope = attention, rope
         self.model = model
         self.config = model.config
         self.experts_fn = experts_fn
@@ -287,8 +292,14 @@ class MoeForward:
         q = attn.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = attn.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
         v = attn.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache.write(index, slots, positions, k, v)  # keys are cached after RoPE, as in transformers
+        # Keys are cached after RoPE, as in transformers.
+        if self.rope == "kernel" or (self.rope == "auto" and cache.device.type == "cuda"):
+            from .kernels.rope_cache import rope_and_cache_write
+
+            q = rope_and_cache_write(q, k, v, cos, sin, cache.k[index], cache.v[index], slots, positions)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            cache.write(index, slots, positions, k, v)
         return attn.o_proj(attend(index, q))
 
     def _decode_kernel(self, cache) -> bool:

@@ -1,13 +1,16 @@
 """The decode-attention kernel against a float64 reference: random slot lengths, length 1,
-lengths off the block size, grouped-query heads, scattered slots, split-K; through
-MoeForward on `tiny` (interpreter on the CPU); bf16/fp16 and CUDA-graph replay on a GPU."""
+lengths off the block size, grouped-query heads, scattered slots, split-K; the fused
+rotary + cache-write kernel against apply_rope + KVCache.write; both through MoeForward on
+`tiny` (interpreter on the CPU); bf16/fp16 and CUDA-graph replay on a GPU."""
 
 import pytest
 import torch
 
 import moelab
 from moelab.kernels.attention import choose_splits, decode_attention
-from moelab.model import MoeForward
+from moelab.kernels.rope_cache import rope_and_cache_write
+from moelab.kv_cache import KVCache
+from moelab.model import MoeForward, apply_rope
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -123,7 +126,7 @@ def test_moe_forward_kernel_path_gives_the_sdpa_path_tokens(tiny):
     prompts = [[5, 9, 200, 7, 1], list(range(40, 77)), [42] * 17]
     runs = {}
     for attention in ("sdpa", "kernel", "auto"):
-        fwd = MoeForward(model, attention=attention)
+        fwd = MoeForward(model, attention=attention, rope="kernel" if attention == "kernel" else "auto")
         cache = fwd.new_cache(num_slots=5, max_seq_len=64)
         cache.allocate(8)  # slot 0 stays busy and empty: the prompts land in slots 1..3
         slots = [cache.allocate(50) for _ in prompts]
@@ -140,6 +143,49 @@ def test_moe_forward_kernel_path_gives_the_sdpa_path_tokens(tiny):
     assert torch.equal(runs["auto"][1], runs["sdpa"][1])  # "auto" keeps SDPA on the CPU
     with pytest.raises(ValueError, match="attention must be"):
         MoeForward(model, attention="flash")
+    with pytest.raises(ValueError, match="rope must be"):
+        MoeForward(model, rope="triton")
+
+
+def rope_case(tokens, heads, kv_heads, head_dim, dtype=torch.float32, device="cpu", seed=0):
+    """q, k, v as strided views of one fused projection (as q/k/v_proj outputs would be if
+    fused), angles like transformers' (the two halves of cos/sin repeat)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(device, dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], -1)
+    angles = (torch.rand(tokens, head_dim // 2, generator=g) * 50).repeat(1, 2).to(device)
+    return (q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim),
+            angles.cos().to(dtype), angles.sin().to(dtype))
+
+
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", [(5, 6, 2, 20), (1, 4, 4, 32), (9, 7, 1, 8)])
+def test_rope_cache_kernel_matches_apply_rope_and_cache_write(tokens, heads, kv_heads, head_dim):
+    q, k, v, cos, sin = rope_case(tokens, heads, kv_heads, head_dim, seed=tokens)
+    g = torch.Generator().manual_seed(1)
+    slots = torch.randint(0, 3, (tokens,), generator=g)
+    positions = torch.randperm(12, generator=g)[:tokens]  # distinct (slot, position) pairs
+    ref_cache, cache = KVCache(2, 3, kv_heads, 12, head_dim), KVCache(2, 3, kv_heads, 12, head_dim)
+    ref_cache.write(1, slots, positions, apply_rope(k, cos, sin), v)
+    got_q = rope_and_cache_write(q, k, v, cos, sin, cache.k[1], cache.v[1], slots, positions)
+    torch.testing.assert_close(got_q, apply_rope(q, cos, sin), rtol=0, atol=1e-6)
+    torch.testing.assert_close(cache.k, ref_cache.k, rtol=0, atol=1e-6)
+    assert torch.equal(cache.v, ref_cache.v)
+    assert cache.k[0].abs().max() == 0  # the other layer is untouched
+
+
+def test_rope_cache_bad_input():
+    q, k, v, cos, sin = rope_case(3, 4, 2, 16)
+    cache = KVCache(1, 2, 2, 8, 16)
+    slots, positions = torch.tensor([0, 1, 0]), torch.tensor([0, 0, 1])
+    with pytest.raises(ValueError, match="must be \\[T=3"):
+        rope_and_cache_write(q, k[:2], v[:2], cos, sin, cache.k[0], cache.v[0], slots, positions)
+    with pytest.raises(ValueError, match="do not fit"):
+        rope_and_cache_write(q, k, v, cos, sin, KVCache(1, 2, 4, 8, 16).k[0], KVCache(1, 2, 4, 8, 16).v[0], slots,
+                             positions)
+    with pytest.raises(ValueError, match="cos"):
+        rope_and_cache_write(q, k, v, cos[:2], sin, cache.k[0], cache.v[0], slots, positions)
+    with pytest.raises(ValueError, match="slots/positions"):
+        rope_and_cache_write(q, k, v, cos, sin, cache.k[0], cache.v[0], slots[:2], positions)
 
 
 # ---------------------------------------------------------------------------- GPU
@@ -189,3 +235,17 @@ def test_gpu_moe_forward_kernel_matches_sdpa_bf16():
         logits[attention] = fwd.decode(cache, token, slots).float()
     scale = logits["sdpa"].abs().max()
     assert (logits["kernel"] - logits["sdpa"]).abs().max() < 0.03 * scale
+
+
+@pytest.mark.gpu
+def test_gpu_rope_cache_kernel_bf16():
+    q, k, v, cos, sin = rope_case(64, 16, 16, 128, dtype=torch.bfloat16, device="cuda")
+    slots = torch.arange(64, device="cuda")
+    positions = torch.randint(0, 2048, (64,), device="cuda")
+    cache = KVCache(1, 64, 16, 2048, 128, dtype=torch.bfloat16, device="cuda")
+    got_q = rope_and_cache_write(q, k, v, cos, sin, cache.k[0], cache.v[0], slots, positions)
+    ref_q, ref_k = apply_rope(q.float(), cos.float(), sin.float()), apply_rope(k.float(), cos.float(), sin.float())
+    # fp32 math, one rounding to bf16 (transformers' bf16 ops round three times).
+    torch.testing.assert_close(got_q.float(), ref_q, rtol=8e-3, atol=8e-3)
+    torch.testing.assert_close(cache.k[0, slots, :, positions].float(), ref_k, rtol=8e-3, atol=8e-3)
+    assert torch.equal(cache.v[0, slots, :, positions], v)

@@ -69,10 +69,12 @@ def test_decode_bench_modes_and_summary(tmp_path):
     assert result["workload"]["prompt_len"] == [3, 9] and result["workload"]["experts_impl"] == "torch"
     assert path.with_suffix(".png").stat().st_size > 0
     rows = [{"batch": 4, "mode": m, "tokens_per_s": t, "bound_tokens_per_s": 400.0, "roofline_fraction": t / 400}
-            for m, t in (("eager_sdpa", 50.0), ("eager_kernel", 100.0), ("graph_kernel", 250.0))]
+            for m, t in (("eager_sdpa", 50.0), ("eager_kernel", 100.0), ("graph_kernel", 250.0), ("graph_fused", 300.0))]
     (line,) = bench.decode_summary({"workload": {"batches": [4]}, "results": rows})
     assert line == ("batch   4: eager_sdpa 50 tok/s (12% of 400), eager_kernel 100 tok/s (25% of 400), "
-                    "graph_kernel 250 tok/s (62% of 400), graphs 2.50x eager, kernel 2.00x SDPA")
+                    "graph_kernel 250 tok/s (62% of 400), graph_fused 300 tok/s (75% of 400), kernel 2.00x SDPA, "
+                    "graphs 2.50x eager, fused rope 1.20x")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="needs CUDA"):
-            bench.bench_decode(batches=(1,), modes=("graph_kernel",))
+        for mode in ("graph_kernel", "graph_fused"):
+            with pytest.raises(ValueError, match="needs CUDA"):
+                bench.bench_decode(batches=(1,), modes=(mode,))
