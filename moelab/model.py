@@ -125,13 +125,13 @@ class MoeForward:
     reads only each slot's filled keys), "sdpa" (PyTorch's SDPA over the whole masked cache
     row) or "auto": the kernel on CUDA, SDPA on the CPU (faster there than the interpreter).
     Prefill always runs SDPA.
+    rope: "kernel" rotates q and k and writes the cache in one Triton kernel
+    (`moelab.kernels.rope_cache`), "torch" in PyTorch ops, "auto": the kernel on CUDA.
     """
 
     def __init__(self, model, experts_fn=experts_forward, route_backend: str = "auto", attention: str = "auto",
                  rope: str = "auto"):
         check_supported(model.config)
-    rope: "kernel" rotates q and k and writes the cache in one Triton kernel
-    (`moelab.kernels.rope_cache`), "torch" in PyTorch ops, "auto": the kernel on CUDA.
         if route_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"route_backend must be 'auto', 'triton' or 'torch', got {route_backend!r}")
         if attention not in ("auto", "kernel", "sdpa"):
