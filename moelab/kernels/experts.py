@@ -36,27 +36,30 @@ import triton.language as tl
 
 
 @triton.jit
-def _align_kernel(ids_ptr, counts_ptr, pairs_ptr, num_pairs, num_experts, BLOCK_S: tl.constexpr):
-    """Program e writes counts[e] and the pair indices routed to expert e, in pair order."""
-    e = tl.program_id(0)
-    before = 0
-    count = 0
+def _align_kernel(ids_ptr, counts_ptr, pairs_ptr, num_pairs, num_experts,
+                  BLOCK_S: tl.constexpr, GROUP: tl.constexpr):
+    """Program g handles experts g * GROUP ... (g + 1) * GROUP - 1 (expert E: the bucket of ids
+    outside [0, E)): writes counts[e] and the indices of the pairs routed to e, in pair order,
+    at pairs[start_e:], start_e = the pairs in lower buckets. A stable counting sort."""
+    experts = tl.program_id(0) * GROUP + tl.arange(0, GROUP)
+    before = tl.zeros((GROUP,), dtype=tl.int32)
+    count = tl.zeros((GROUP,), dtype=tl.int32)
     for s0 in range(0, num_pairs, BLOCK_S):
         offs = s0 + tl.arange(0, BLOCK_S)
         ok = offs < num_pairs
         ids = tl.load(ids_ptr + offs, mask=ok, other=0)
-        bucket = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
-        before += tl.sum((ok & (bucket < e)).to(tl.int32), axis=0)
-        count += tl.sum((ok & (bucket == e)).to(tl.int32), axis=0)
-    tl.store(counts_ptr + e, count)
+        bucket = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)[:, None]
+        before += tl.sum((ok[:, None] & (bucket < experts[None, :])).to(tl.int32), axis=0)
+        count += tl.sum((ok[:, None] & (bucket == experts[None, :])).to(tl.int32), axis=0)
+    tl.store(counts_ptr + experts, count, mask=experts <= num_experts)
     for s0 in range(0, num_pairs, BLOCK_S):
         offs = s0 + tl.arange(0, BLOCK_S)
         ok = offs < num_pairs
         ids = tl.load(ids_ptr + offs, mask=ok, other=0)
-        bucket = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
-        match = (ok & (bucket == e)).to(tl.int32)
-        pos = before + tl.cumsum(match, axis=0) - 1
-        tl.store(pairs_ptr + pos, offs, mask=match != 0)
+        bucket = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)[:, None]
+        match = (ok[:, None] & (bucket == experts[None, :])).to(tl.int32)      # [BLOCK_S, GROUP]
+        pos = before[None, :] + tl.cumsum(match, axis=0) - 1
+        tl.store(pairs_ptr + pos, offs[:, None] + 0 * pos, mask=match != 0)  # each pair once
         before += tl.sum(match, axis=0)
 
 
@@ -68,7 +71,8 @@ def _block_rows(counts_ptr, block, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: 
     live = idx <= num_experts
     counts = tl.load(counts_ptr + idx, mask=live, other=0)
     blocks = (counts + BLOCK_M - 1) // BLOCK_M
-    ends = tl.cumsum(blocks, axis=0)
+    # Cumulative block counts as a masked [E, E] sum: E is small, and it avoids a scan.
+    ends = tl.sum(tl.where(idx[None, :] <= idx[:, None], blocks[None, :], 0), axis=1)
     expert = tl.sum((live & (ends <= block)).to(tl.int32), axis=0)
     first_block = tl.sum(tl.where(idx == expert, ends - blocks, 0), axis=0)
     start = tl.sum(tl.where(idx < expert, counts, 0), axis=0)
@@ -193,7 +197,7 @@ def _grouped_gemm_kernel(
 DECODE_MAX_PAIRS = 256  # up to here (64 tokens at top-4) the decode configuration is used
 
 
-def kernel_config(num_pairs: int, n_out: int, num_experts: int, nf4: bool, on_gpu: bool,
+def kernel_config(num_pairs: int, n_out: int, num_experts: int, gated: bool, on_gpu: bool,
                   num_sms: int = 132) -> dict:
     """Block sizes, warps and pipeline stages for one grouped GEMM, by shape regime.
 
@@ -210,8 +214,11 @@ def kernel_config(num_pairs: int, n_out: int, num_experts: int, nf4: bool, on_gp
         blocks = min(num_experts, num_pairs)
         block_n = next((bn for bn in (64, 32) if blocks * triton.cdiv(n_out, bn) >= 4 * num_sms), 16)
         return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, num_warps=4, num_stages=4)
+    # Gate and up each keep a [BLOCK_M, BLOCK_N] fp32 accumulator: half the N-tile of down
+    # keeps the gated GEMM within the register file (255 registers, no spills, on sm_90).
     block_m = 64 if num_pairs <= 4096 else 128
-    return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, num_warps=8 if block_m == 128 else 4, num_stages=3)
+    return dict(BLOCK_M=block_m, BLOCK_N=64 if gated else 128, BLOCK_K=64, num_warps=8 if block_m == 128 else 4,
+                num_stages=3)
 
 
 def _is_nf4(w) -> bool:
@@ -267,14 +274,18 @@ def _grouped_gemm(x, w, out, pairs, counts, route_w, num_pairs, num_experts, x_r
     _, rows, k_dim = _shape(w)
     n_out = rows // 2 if gated else rows
     nf4 = _is_nf4(w)
-    cfg = kernel_config(num_pairs, n_out, num_experts, nf4, x.is_cuda,
+    cfg = kernel_config(num_pairs, n_out, num_experts, gated, x.is_cuda,
                         torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132)
     cfg.update(config or {})
     if nf4 and cfg["BLOCK_K"] % 64:
         cfg["BLOCK_K"] = 64
     ptrs, strides, flags = _weight_args(w, num_experts)
     block_m = cfg.pop("BLOCK_M")
-    grid = (triton.cdiv(num_pairs, block_m) + min(num_experts + 1, num_pairs), triton.cdiv(n_out, cfg["BLOCK_N"]))
+    if x.is_cuda:  # sized for the worst case: no host sync, capturable
+        num_blocks = triton.cdiv(num_pairs, block_m) + min(num_experts + 1, num_pairs)
+    else:  # the interpreter pays ~0.05 s per program, idle or not, and a host read is free
+        num_blocks = sum(triton.cdiv(c, block_m) for c in counts.tolist())
+    grid = (num_blocks, triton.cdiv(n_out, cfg["BLOCK_N"]))
     w_ptr, absmax, absmax_code, scale, offset, code = ptrs
     stride_we, stride_wn, stride_wk, absmax_per_expert, scales_per_expert = strides
     _grouped_gemm_kernel[grid](
@@ -286,6 +297,26 @@ def _grouped_gemm(x, w, out, pairs, counts, route_w, num_pairs, num_experts, x_r
         GATED=gated, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts + 1), **flags, **cfg,
     )
+
+
+def align_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group the (token, k) pairs of ids [T, K] by expert, on the device, with no host sync.
+
+    Returns counts int32 [E + 1] (pairs per expert; the last entry counts ids outside
+    [0, E)) and pairs int32 [T * K]: the flat pair indices t * K + k sorted by expert, in
+    pair order within an expert (what a stable argsort of ids.flatten() gives)."""
+    flat_ids = ids.reshape(-1).contiguous()
+    num_pairs = flat_ids.numel()
+    counts = torch.empty(num_experts + 1, dtype=torch.int32, device=ids.device)
+    pairs = torch.empty(num_pairs, dtype=torch.int32, device=ids.device)
+    if num_pairs == 0:
+        return counts.zero_(), pairs
+    # On the GPU a few experts per program; in the interpreter one program for all of them.
+    group = 8 if ids.is_cuda else triton.next_power_of_2(num_experts + 1)
+    _align_kernel[(triton.cdiv(num_experts + 1, group),)](
+        flat_ids, counts, pairs, num_pairs, num_experts,
+        BLOCK_S=min(1024 if ids.is_cuda else 4096, triton.next_power_of_2(num_pairs)), GROUP=group)
+    return counts, pairs
 
 
 def fused_experts_forward(hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layer_experts,
@@ -330,12 +361,8 @@ def fused_experts_forward(hidden: torch.Tensor, weights: torch.Tensor, ids: torc
         raise ValueError(f"expert ids must be in [0, {num_experts}), got {int(ids.min())}..{int(ids.max())}")
 
     device = hidden.device
-    flat_ids = ids.reshape(-1).contiguous()
     route_w = weights.reshape(-1).contiguous()
-    counts = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
-    pairs = torch.empty(num_pairs, dtype=torch.int32, device=device)
-    _align_kernel[(num_experts + 1,)](flat_ids, counts, pairs, num_pairs, num_experts,
-                                      BLOCK_S=min(1024, triton.next_power_of_2(num_pairs)))
+    counts, pairs = align_by_expert(ids, num_experts)
     act = torch.empty(num_pairs, inter, dtype=hidden.dtype, device=device)
     out = torch.empty(num_pairs, hidden_dim, dtype=hidden.dtype, device=device)
     _grouped_gemm(hidden, gate_up, act, pairs, counts, route_w, num_pairs, num_experts, top_k, True, config)
