@@ -456,40 +456,55 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
         slots_t = torch.tensor(slots, device=cache.device)
         lengths = cache.lengths.clone()
         weights = decode_weight_bytes(model, batch) if on_cuda else None
+        seen = {}  # mode -> the ids of the first timed run, to compare modes
         for mode in modes:
             fwd = forwards[mode]
             graphs, capture_s = None, None
-            if DECODE_MODES[mode][2]:
-                graphs = DecodeGraphs(fwd, cache, buckets=(batch,), mode="graph")
-                capture_s = round(sum(graphs.capture_seconds.values()), 3)
-                step_ids = graphs.step
-            else:
-                def step_ids(tokens, slots, fwd=fwd):
-                    return fwd.decode(cache, tokens, slots, check=False).argmax(-1)
-            state = {"tokens": first}
+            try:
+                if DECODE_MODES[mode][2]:
+                    graphs = DecodeGraphs(fwd, cache, buckets=(batch,), mode="graph")
+                    capture_s = round(sum(graphs.capture_seconds.values()), 3)
+                    step_ids = graphs.step
+                else:
+                    def step_ids(tokens, slots, fwd=fwd):
+                        return fwd.decode(cache, tokens, slots, check=False).argmax(-1)
+                state = {"tokens": first, "log": []}
 
-            def step():
-                state["tokens"] = step_ids(state["tokens"], slots_t)
-                state["tokens"].tolist()  # the engine's one copy of new ids to the host
+                def step():
+                    state["tokens"] = step_ids(state["tokens"], slots_t)
+                    state["log"].append(state["tokens"].tolist())  # the engine's one copy of new ids to the host
 
-            if on_cuda:
-                torch.cuda.reset_peak_memory_stats()
-            per_step = []
-            for _ in range(repeats):
-                cache.lengths.copy_(lengths)
-                state["tokens"] = first
-                for _ in range(warmup):
-                    step()
-                sync()
-                start = time.perf_counter()
-                for _ in range(steps):
-                    step()
-                sync()
-                per_step.append((time.perf_counter() - start) / steps * 1e3)
+                if on_cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                per_step = []
+                for _ in range(repeats):
+                    cache.lengths.copy_(lengths)
+                    state["tokens"], state["log"] = first, []
+                    for _ in range(warmup):
+                        step()
+                    sync()
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        step()
+                    sync()
+                    per_step.append((time.perf_counter() - start) / steps * 1e3)
+                    seen.setdefault(mode, state["log"])
+            except Exception as err:  # noqa: BLE001  (one failing mode must not lose the others' timings)
+                rows.append({"system": f"moelab_{mode}", "mode": mode, "batch": batch, "error": repr(err)[:500]})
+                print(f"batch {batch:>3} {mode:<13}: FAILED {err!r}", file=sys.stderr, flush=True)
+                if graphs is not None:
+                    graphs.release()
+                continue
             ms = statistics.median(per_step)
             row = {"system": f"moelab_{mode}", "mode": mode, "experts_impl": experts_impl, "batch": batch,
                    "concurrency": batch, "ms_per_step": round(ms, 3), "tokens_per_s": round(batch / ms * 1e3, 1),
                    "mean_context": round(sum(lens) / batch + warmup + steps / 2, 1)}
+            base = seen.get(modes[0])
+            if base is not None and mode != modes[0]:
+                # Random weights give near-tied logits: rounding differences between modes flip a few
+                # argmaxes (and a sequence diverges after one). A low match means a broken mode.
+                row["ids_match_first_mode"] = round(sum(a == b for x, y in zip(base, seen[mode])
+                                                        for a, b in zip(x, y)) / (len(base) * batch), 4)
             if on_cuda:
                 bound = batch * bandwidth * 1e9 / weights["bytes"]
                 row.update(peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2),
@@ -519,7 +534,7 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
         if on_cuda:
             torch.cuda.empty_cache()
     for mode in modes:
-        mode_rows = [r for r in rows if r["mode"] == mode]
+        mode_rows = [r for r in rows if r["mode"] == mode and "error" not in r]
         for row in mode_rows:
             row["step_cost_vs_batch_1"] = round(row["ms_per_step"] / mode_rows[0]["ms_per_step"], 3)
     result = {
@@ -548,10 +563,11 @@ def decode_summary(result: dict) -> list[str]:
     """One line per batch: each mode's tokens/s, its fraction of the bound, graph vs eager."""
     lines = []
     for batch in result["workload"]["batches"]:
-        by = {r["mode"]: r for r in result["results"] if r["batch"] == batch}
+        by = {r["mode"]: r for r in result["results"] if r["batch"] == batch and "error" not in r}
         parts = [f"{m} {r['tokens_per_s']:.0f} tok/s" + (f" ({r['roofline_fraction']:.0%} of "
                  f"{r['bound_tokens_per_s']:.0f})" if r.get("roofline_fraction") is not None else "")
                  for m, r in by.items()]
+        parts += [f"{r['mode']} FAILED" for r in result["results"] if r["batch"] == batch and "error" in r]
         for new, old, what in (("eager_kernel", "eager_sdpa", "kernel {:.2f}x SDPA"),
                                ("graph_kernel", "eager_kernel", "graphs {:.2f}x eager"),
                                ("graph_fused", "graph_kernel", "fused rope {:.2f}x")):
@@ -570,10 +586,12 @@ def plot_decode(result: dict, path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     batches = result["workload"]["batches"]
     for mode in result["workload"]["modes"]:
-        ys = [next(r["tokens_per_s"] for r in result["results"] if r["batch"] == b and r["mode"] == mode)
-              for b in batches]
-        ax.plot(batches, ys, marker="o", label=mode)
-    bounds = [next((r.get("bound_tokens_per_s") for r in result["results"] if r["batch"] == b), None) for b in batches]
+        points = [(b, r["tokens_per_s"]) for b in batches for r in result["results"]
+                  if r["batch"] == b and r["mode"] == mode and "error" not in r]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=mode)
+    bounds = [next((r["bound_tokens_per_s"] for r in result["results"] if r["batch"] == b and "bound_tokens_per_s" in r),
+                   None) for b in batches]
     if all(b is not None for b in bounds):
         ax.plot(batches, bounds, "k--", label=f"weight-bandwidth bound ({result['copy_bandwidth_gbs']:.0f} GB/s)")
         ax.plot(batches, [b / 2 for b in bounds], "k:", label="50% of the bound")

@@ -66,6 +66,7 @@ def test_decode_bench_modes_and_summary(tmp_path):
                        "--modes", "eager_sdpa", "eager_kernel", "--json", str(path)]) == 0
     result = json.loads(path.read_text())
     assert [r["mode"] for r in result["results"]] == ["eager_sdpa", "eager_kernel"]
+    assert result["results"][1]["ids_match_first_mode"] == 1.0  # float32: the kernel gives SDPA's tokens
     assert result["workload"]["prompt_len"] == [3, 9] and result["workload"]["experts_impl"] == "torch"
     assert path.with_suffix(".png").stat().st_size > 0
     rows = [{"batch": 4, "mode": m, "tokens_per_s": t, "bound_tokens_per_s": 400.0, "roofline_fraction": t / 400}
@@ -78,3 +79,19 @@ def test_decode_bench_modes_and_summary(tmp_path):
         for mode in ("graph_kernel", "graph_fused"):
             with pytest.raises(ValueError, match="needs CUDA"):
                 bench.bench_decode(batches=(1,), modes=(mode,))
+
+
+def test_decode_bench_keeps_going_when_a_mode_fails(monkeypatch, tmp_path):
+    import moelab.kernels.attention
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel does not compile")
+
+    monkeypatch.setattr(moelab.kernels.attention, "decode_attention", broken)
+    result = bench.bench_decode(batches=(1, 2), prompt_len=(4,), steps=1, repeats=1,
+                                modes=("eager_sdpa", "eager_kernel"))
+    failed = [r for r in result["results"] if "error" in r]
+    assert [r["batch"] for r in failed] == [1, 2] and "kernel does not compile" in failed[0]["error"]
+    assert [r["batch"] for r in result["results"] if "error" not in r] == [1, 2]
+    assert bench.decode_summary(result)[0].endswith("eager_kernel FAILED")
+    bench.plot_decode(result, tmp_path / "decode.png")
