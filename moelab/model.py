@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .kv_cache import KVCache
 from .models import check_supported
+from .quant import NF4Experts
 from .routing import route
 
 # Up to this many tokens `experts_forward` runs every expert on every token (device-only,
@@ -95,8 +96,11 @@ def experts_forward(hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tens
     weights to the hidden dtype first, as transformers does); layer_experts is transformers'
     `Qwen2MoeExperts` (fused `gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`). Up to
     DENSE_MAX_TOKENS tokens it runs dense (no host sync), above that grouped by expert.
+    moelab's NF4 experts (`moelab.quant.NF4Experts`, notebook 04) run their own forward.
     This is the seam a fused kernel (bf16 or NF4) replaces, with the same signature.
     """
+    if isinstance(layer_experts, NF4Experts):
+        return layer_experts(hidden, ids, weights)
     if hidden.shape[0] <= DENSE_MAX_TOKENS:
         return _experts_dense(hidden, weights, ids, layer_experts)
     return _experts_grouped(hidden, weights, ids, layer_experts)

@@ -347,3 +347,184 @@ class NF4Experts(nn.Module):
             start += n
         out = out * weights.reshape(-1)[order, None].to(hidden.dtype)
         return torch.zeros_like(hidden).index_add_(0, rows, out)
+
+
+# ---------------------------------------------------------------------------- a decoder layer
+
+KEEP_FULL_PRECISION = ("gate", "shared_expert_gate", "lm_head")  # router, shared-expert gate, head
+
+
+def linear_to_nf4(linear: nn.Linear, compute_dtype: torch.dtype):
+    """A bitsandbytes `Linear4bit` (NF4, block 64, double quantisation) holding `linear`'s
+    weight, on `linear`'s device; the bias stays in its dtype. On the meta device it builds the
+    same tensors shape-only, so `memory_report` can weigh a model that was never materialized."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import QuantState
+
+    out_features, in_features = linear.weight.shape
+    q = bnb.nn.Linear4bit(in_features, out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
+                          compress_statistics=True, quant_type="nf4", device="meta")
+    device = linear.weight.device
+    if device.type == "meta":
+        n = out_features * in_features
+        meta = dict(device="meta")
+        nested = QuantState(absmax=torch.empty(math.ceil(n // 64 / NESTED_BLOCKSIZE), **meta),
+                            code=torch.empty(256, **meta), blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
+        state = QuantState(absmax=torch.empty(n // 64, dtype=torch.uint8, **meta), shape=linear.weight.shape,
+                           code=torch.empty(16, **meta), blocksize=64, quant_type="nf4", dtype=linear.weight.dtype,
+                           offset=torch.empty((), **meta), state2=nested)
+        q.weight = bnb.nn.Params4bit(torch.empty(n // 2, 1, dtype=torch.uint8, **meta), requires_grad=False,
+                                     quant_state=state, blocksize=64, compress_statistics=True, quant_type="nf4",
+                                     bnb_quantized=True, module=q)
+        q.quant_state = state
+    else:  # Params4bit quantizes (bitsandbytes' quantize_4bit) when it is moved to a device
+        q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, blocksize=64, compress_statistics=True,
+                                     quant_type="nf4", module=q).to(device)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    return q
+
+
+def quantize_layer_(layer: nn.Module, compute_dtype: torch.dtype, backend: str = "bitsandbytes") -> nn.Module:
+    """Quantize one Qwen2-MoE decoder layer in place, as `moelab.load(..., quantize="nf4")` does:
+    every `nn.Linear` (attention, shared expert, a dense layer's MLP) becomes an NF4 `Linear4bit`
+    except the gates (`mlp.gate`, `shared_expert_gate`: one output row, and routing is where
+    precision matters most); the fused routed experts become `NF4Experts`. Returns the layer."""
+    for name, module in list(layer.named_modules()):
+        child = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Linear) and child not in KEEP_FULL_PRECISION:
+            parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
+            setattr(parent, child, linear_to_nf4(module, compute_dtype))
+    mlp = getattr(layer, "mlp", None)
+    if mlp is not None and hasattr(mlp, "experts") and not isinstance(mlp.experts, NF4Experts):
+        mlp.experts = NF4Experts.from_experts(mlp.experts, backend=backend, dtype=compute_dtype)
+    return layer
+
+
+# ---------------------------------------------------------------------------- memory report
+
+PARTS = ("routed experts", "shared expert", "attention", "embeddings and head", "other")
+
+
+def _part_of(name: str) -> str:
+    if ".mlp.experts" in f".{name}":
+        return "routed experts"
+    if ".mlp.shared_expert" in f".{name}":  # the shared expert and its gate
+        return "shared expert"
+    if ".self_attn" in f".{name}":
+        return "attention"
+    if name.endswith("embed_tokens") or name.startswith("lm_head"):
+        return "embeddings and head"
+    return "other"  # norms, routers, rotary tables, a dense layer's MLP
+
+
+def _held_tensors(module: nn.Module):
+    """(tensor, logical weights it stands for, storage label) for what `module` itself holds:
+    parameters, buffers, and the quantization state bitsandbytes keeps outside them."""
+    if isinstance(module, NF4Experts):
+        for t_name, (e, r, c) in module._shapes.items():
+            yield getattr(module, f"{t_name}_codes"), e * r * c, "nf4"
+            for part in _PARTS[1:]:
+                t = getattr(module, f"{t_name}_{part}")
+                if t is not None:
+                    yield t, 0, "nf4"
+        if module.absmax_code is not None:
+            yield module.absmax_code, 0, "nf4"
+        return
+    for p in module.parameters(recurse=False):
+        state = getattr(p, "quant_state", None)
+        if state is None:
+            yield p, p.numel(), str(p.dtype).replace("torch.", "")
+            continue
+        yield p, math.prod(state.shape), "nf4"  # a bitsandbytes Params4bit: packed codes
+        for t in (state.absmax, state.code, state.offset):
+            if isinstance(t, torch.Tensor):
+                yield t, 0, "nf4"
+        if state.state2 is not None:
+            yield state.state2.absmax, 0, "nf4"
+            yield state.state2.code, 0, "nf4"
+    for b in module.buffers(recurse=False):
+        yield b, 0, str(b.dtype).replace("torch.", "")
+
+
+@dataclass
+class MemoryReport:
+    """Bytes a model holds, by part. rows: one dict per part (`part`, `weights` (logical
+    parameter count), `bytes`, `bits_per_weight`, `storage`); `total_bytes`. Print it for a table."""
+
+    rows: list[dict]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(r["bytes"] for r in self.rows)
+
+    def __getitem__(self, part: str) -> dict:
+        for row in self.rows:
+            if row["part"] == part:
+                return row
+        raise KeyError(f"no part {part!r}; parts are {[r['part'] for r in self.rows]}")
+
+    def table(self) -> str:
+        lines = [f"{'part':<20} {'weights (M)':>12} {'GB':>9} {'bits/weight':>12}  storage"]
+        for r in self.rows:
+            bits = f"{r['bits_per_weight']:.2f}" if r["weights"] else "-"
+            lines.append(f"{r['part']:<20} {r['weights'] / 1e6:>12.2f} {r['bytes'] / 1e9:>9.4f} {bits:>12}  {r['storage']}")
+        weights = sum(r["weights"] for r in self.rows)
+        lines.append(f"{'total':<20} {weights / 1e6:>12.2f} {self.total_bytes / 1e9:>9.4f} "
+                     f"{8 * self.total_bytes / max(weights, 1):>12.2f}")
+        return "\n".join(lines)
+
+    __str__ = table
+
+    def as_dict(self) -> dict:
+        return {"total_bytes": self.total_bytes, "parts": self.rows}
+
+    def plot(self, ax=None, label: str = "model"):
+        """A stacked bar of bytes by part (see `plot_memory` to compare several reports)."""
+        return plot_memory({label: self}, ax=ax)
+
+
+def memory_report(model: nn.Module) -> MemoryReport:
+    """Bytes held by a transformers Qwen2-MoE model, by part: routed experts, shared expert
+    (with its gate), attention, embeddings and head, other (norms, routers, rotary tables).
+    Counts parameters, buffers and bitsandbytes' quantization state (absmax, code books) that
+    lives outside them, each tensor once; works on the meta device (shapes only)."""
+    seen: set = set()
+    totals = {part: {"weights": 0, "bytes": 0, "storage": set()} for part in PARTS}
+    for name, module in model.named_modules():
+        part = _part_of(name)
+        for tensor, weights, storage in _held_tensors(module):
+            key = id(tensor) if tensor.device.type == "meta" else (tensor.device, tensor.data_ptr(), tensor.dtype)
+            if key in seen:
+                continue
+            seen.add(key)
+            row = totals[part]
+            row["weights"] += weights
+            row["bytes"] += tensor.numel() * tensor.element_size()
+            if weights:
+                row["storage"].add(storage)
+    rows = [{"part": part, "weights": t["weights"], "bytes": t["bytes"],
+             "bits_per_weight": round(8 * t["bytes"] / t["weights"], 3) if t["weights"] else None,
+             "storage": "+".join(sorted(t["storage"]))} for part, t in totals.items()]
+    return MemoryReport(rows)
+
+
+def plot_memory(reports: dict, ax=None):
+    """Stacked bars of GB by part, one bar per report ({label: MemoryReport}). Returns the axes."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 0.8 + 0.7 * len(reports)))
+    labels = list(reports)
+    left = [0.0] * len(labels)
+    for part in PARTS:
+        sizes = [reports[label][part]["bytes"] / 1e9 for label in labels]
+        ax.barh(labels, sizes, left=left, label=part)
+        left = [a + b for a, b in zip(left, sizes)]
+    for y, total in enumerate(left):
+        ax.text(total, y, f" {total:.3g} GB", va="center")
+    ax.set_xlabel("GB (10^9 bytes)")
+    ax.set_xlim(0, max(left) * 1.2)
+    ax.invert_yaxis()
+    ax.legend(fontsize=8, loc="lower right")
+    return ax

@@ -1,0 +1,281 @@
+"""moelab.load(..., quantize="nf4"): what gets quantized, memory, quality against float32,
+layer-by-layer loading from random weights and from checkpoints, and memory_report.
+GPU tests (`-m gpu`): the full-size preset's memory bounds and bitsandbytes-identical codes on CUDA."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import moelab
+from moelab.models import preset_config
+from moelab.quant import (NF4Experts, dequantize_nf4, memory_report, quantize_layer_, quantize_nf4)
+from moelab.train import build_corpus, eval_windows
+
+bnb = pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_nf4():
+    return moelab.load("tiny", quantize="nf4")
+
+
+def test_what_is_quantized(tiny_nf4):
+    model, _ = tiny_nf4
+    for layer in model.model.layers:
+        assert isinstance(layer.mlp.experts, NF4Experts)
+        for linear in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.shared_expert.down_proj):
+            assert isinstance(linear, bnb.nn.Linear4bit) and linear.weight.quant_state.quant_type == "nf4"
+            assert linear.weight.quant_state.nested and linear.weight.quant_state.blocksize == 64
+        assert type(layer.mlp.shared_expert_gate) is nn.Linear and layer.mlp.shared_expert_gate.weight.dtype == torch.float32
+        assert layer.mlp.gate.weight.dtype == torch.float32  # the router
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
+
+
+def test_routed_expert_bytes_at_most_0_3_of_fp16(tiny_nf4):
+    model, _ = tiny_nf4
+    report = memory_report(model)
+    experts = report["routed experts"]
+    config = model.config
+    weights = config.num_hidden_layers * config.num_experts * 3 * config.hidden_size * config.moe_intermediate_size
+    assert experts["weights"] == weights
+    assert experts["bytes"] <= 0.3 * 2 * weights
+    assert 4.1 < experts["bits_per_weight"] < 4.2 and experts["storage"] == "nf4"
+    assert report["attention"]["storage"] == "float32+nf4"  # 4-bit weights, float32 biases
+    assert report["embeddings and head"]["bits_per_weight"] == 32
+
+
+def test_codes_are_those_of_the_float32_checkpoint(tiny_nf4):
+    model, _ = tiny_nf4
+    reference, _ = moelab.load("tiny")
+    for layer, ref in zip(model.model.layers, reference.model.layers):
+        expected = quantize_nf4(ref.mlp.experts.gate_up_proj.data, backend="bitsandbytes")
+        assert torch.equal(layer.mlp.experts.gate_up.codes, expected.codes)
+        assert torch.equal(layer.mlp.experts.gate_up.absmax, expected.absmax)
+        packed, _ = bnb.functional.quantize_4bit(ref.self_attn.q_proj.weight.data, blocksize=64, quant_type="nf4",
+                                                 compress_statistics=True)
+        assert torch.equal(layer.self_attn.q_proj.weight.data, packed)
+
+
+def held_out_windows():
+    """Windows of stdlib files tiny never trained on (moelab.train's split), under 256 positions."""
+    corpus = build_corpus(max_bytes=150_000)
+    return eval_windows(corpus.held_out, seq_len=200, count=8)
+
+
+def test_quality_against_float32_on_held_out_text(tiny_nf4):
+    model, _ = tiny_nf4
+    reference, _ = moelab.load("tiny")
+    windows = held_out_windows()
+    with torch.no_grad():
+        ref = reference(windows[:, :-1]).logits
+        got = model(windows[:, :-1]).logits
+    agreement = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+    rel_error = ((got - ref).norm() / ref.norm()).item()
+    print(f"teacher-forced on {windows.numel()} held-out bytes: top-1 agreement {agreement:.4f}, "
+          f"relative logit error {rel_error:.4f}")
+    assert agreement >= 0.90
+    assert rel_error <= 0.10
+    # ...and the error is the quantization's, not noise: random weights disagree almost everywhere.
+    random_model, _ = moelab.load("tiny", random_weights=True)
+    with torch.no_grad():
+        rand = random_model(windows[:, :-1]).logits
+    assert (rand.argmax(-1) == ref.argmax(-1)).float().mean() < 0.2
+
+
+def test_quantized_tiny_generates_and_moelab_forward_runs_it(tiny_nf4):
+    model, tok = tiny_nf4
+    ids = tok("def ", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    text = tok.decode(out[0, ids.shape[1]:])
+    assert len(out[0]) == ids.shape[1] + 12 and text.strip(), text
+    # MoeForward runs the same quantized modules: prefill (grouped experts) and decode (pairs).
+    fwd = moelab.MoeForward(model, route_backend="torch", attention="sdpa")
+    prompts = [list(b"import os\nimport sys\nfrom collections import"), list(b"class A:\n    def __init__(self")]
+    cache = fwd.new_cache(num_slots=2, max_seq_len=64)
+    slots = [cache.allocate(60), cache.allocate(60)]
+    logits = fwd.prefill(cache, prompts, slots, all_logits=True)
+    with torch.no_grad():
+        for got, prompt in zip(logits, prompts):
+            torch.testing.assert_close(got, model(torch.tensor([prompt])).logits[0], rtol=1e-4, atol=1e-4)
+    nxt = torch.stack([lg[-1].argmax() for lg in logits])
+    step = fwd.decode(cache, nxt, torch.tensor(slots))
+    with torch.no_grad():
+        for row, prompt, token in zip(step, prompts, nxt.tolist()):
+            torch.testing.assert_close(row, model(torch.tensor([prompt + [token]])).logits[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_random_weights_layer_by_layer_seeded():
+    a, _ = moelab.load("tiny", random_weights=True, quantize="nf4", seed=3)
+    b, _ = moelab.load("tiny", random_weights=True, quantize="nf4", seed=3)
+    c, _ = moelab.load("tiny", random_weights=True, quantize="nf4", seed=4)
+    ea, eb, ec = (m.model.layers[2].mlp.experts for m in (a, b, c))
+    assert torch.equal(ea.gate_up.codes, eb.gate_up.codes) and not torch.equal(ea.gate_up.codes, ec.gate_up.codes)
+    w = dequantize_nf4(ea.gate_up)
+    assert abs(w.std().item() - preset_config("tiny").initializer_range) < 0.002  # N(0, 0.02), as transformers
+    assert torch.equal(a.model.norm.weight, torch.ones(128)) and a.model.layers[0].self_attn.q_proj.bias.abs().sum() == 0
+    assert (a.model.embed_tokens.weight[256] == 0).all()  # the padding row
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.isfinite(a(ids).logits).all()
+
+
+def save_tiny(tmp_path, **kwargs):
+    model, tok = moelab.load("tiny")
+    model.save_pretrained(tmp_path, **kwargs)
+    tok.save_pretrained(tmp_path)
+    return model
+
+
+def same_quantized(a, b):
+    for la, lb in zip(a.model.layers, b.model.layers):
+        for name in ("gate_up", "down"):
+            ta, tb = getattr(la.mlp.experts, name), getattr(lb.mlp.experts, name)
+            assert torch.equal(ta.codes, tb.codes) and torch.equal(ta.absmax, tb.absmax)
+        assert torch.equal(la.self_attn.k_proj.weight.data, lb.self_attn.k_proj.weight.data)
+    assert torch.equal(a.lm_head.weight, b.lm_head.weight)
+
+
+def test_checkpoint_sharded_and_per_expert_layouts(tmp_path, tiny_nf4):
+    from safetensors.torch import save_file
+
+    reference, _ = tiny_nf4
+    # 1. save_pretrained in small shards: an index plus several files, read lazily.
+    sharded = tmp_path / "sharded"
+    save_tiny(sharded, max_shard_size="300KB")
+    assert len(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    assert len(list(sharded.glob("*.safetensors"))) > 3
+    model, tok = moelab.load(str(sharded), quantize="nf4", device="cpu", dtype=torch.float32)
+    same_quantized(model, reference)
+    assert tok.eos_token_id == 256
+    # 2. One matrix per expert, as the hub's Qwen1.5-MoE-A2.7B stores them: fused on load.
+    per_expert = tmp_path / "per_expert"
+    fp32 = save_tiny(per_expert)
+    (per_expert / "model.safetensors").unlink()
+    state = {}
+    for key, value in fp32.state_dict().items():
+        if key.endswith("mlp.experts.gate_up_proj"):
+            inter = value.shape[1] // 2
+            for e in range(value.shape[0]):
+                state[key.replace("gate_up_proj", f"{e}.gate_proj.weight")] = value[e, :inter].contiguous()
+                state[key.replace("gate_up_proj", f"{e}.up_proj.weight")] = value[e, inter:].contiguous()
+        elif key.endswith("mlp.experts.down_proj"):
+            for e in range(value.shape[0]):
+                state[key.replace("down_proj", f"{e}.down_proj.weight")] = value[e].contiguous()
+        else:
+            state[key] = value.contiguous()
+    save_file(state, per_expert / "model.safetensors", metadata={"format": "pt"})
+    model, _ = moelab.load(str(per_expert), quantize="nf4", device="cpu", dtype=torch.float32)
+    same_quantized(model, reference)
+
+
+def test_checkpoint_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    save_tiny(broken)
+    state = load_file(broken / "model.safetensors")
+    del state["model.layers.1.self_attn.v_proj.weight"]
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.v_proj\.weight"):
+        moelab.load(str(broken), quantize="nf4", device="cpu")
+    empty = tmp_path / "no_weights"
+    save_tiny(empty)
+    (empty / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="safetensors"):
+        moelab.load(str(empty), quantize="nf4", device="cpu")
+    with pytest.raises(ValueError, match="quantize"):
+        moelab.load("tiny", quantize="int4")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        moelab.load("qwen1.5-moe-a2.7b", random_weights=True, device="cpu", quantize="nf4")
+
+
+def test_memory_report_counts_every_byte_once():
+    model, _ = moelab.load("tiny")
+    report = memory_report(model)
+    everything = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert report.total_bytes == everything
+    assert report["routed experts"]["bytes"] == 4 * sum(
+        layer.mlp.experts.gate_up_proj.numel() + layer.mlp.experts.down_proj.numel() for layer in model.model.layers)
+    assert sum(r["weights"] for r in report.rows) == sum(p.numel() for p in model.parameters())
+    assert "routed experts" in report.table() and report.as_dict()["total_bytes"] == everything
+
+
+def test_meta_report_equals_the_materialized_one(tiny_nf4):
+    """The full architecture's report is computed on the meta device: check on tiny that the
+    meta build weighs exactly what the real one does, part by part."""
+    model, _ = tiny_nf4
+    meta, _ = moelab.load("tiny", random_weights=True, device="meta", quantize="nf4")
+    assert meta.model.layers[0].mlp.experts.gate_up.codes.device.type == "meta"
+    assert memory_report(meta).rows == memory_report(model).rows
+
+
+def test_full_architecture_on_meta_fits_a_12_gb_card():
+    bf16 = memory_report(moelab.load("qwen1.5-moe-a2.7b", random_weights=True, device="meta")[0])
+    nf4 = memory_report(moelab.load("qwen1.5-moe-a2.7b", random_weights=True, device="meta", quantize="nf4")[0])
+    assert 28.6e9 < bf16.total_bytes < 28.7e9  # 14.3 B parameters in bf16
+    assert 24.9e9 < bf16["routed experts"]["bytes"] < 25.0e9  # what transformers + bnb leaves in bf16
+    assert nf4.total_bytes < 9e9 and 4.12 < nf4["routed experts"]["bits_per_weight"] < 4.14
+    assert nf4["embeddings and head"]["bytes"] == bf16["embeddings and head"]["bytes"]
+
+
+def test_quantize_layer_keeps_gates_and_rejects_nothing_silently():
+    config = preset_config("tiny")
+    model = moelab.models.random_model(config)
+    layer = model.model.layers[0]
+    gate = layer.mlp.shared_expert_gate
+    quantize_layer_(layer, torch.float32, backend="torch")
+    assert layer.mlp.shared_expert_gate is gate and isinstance(layer.mlp.experts, NF4Experts)
+    assert isinstance(layer.self_attn.v_proj, bnb.nn.Linear4bit)
+
+
+# ---------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+def test_full_size_nf4_memory_bounds_on_cuda():
+    """qwen1.5-moe-a2.7b, random weights, NF4: <= 9 GB allocated after load, <= 11 GB peak."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model, _ = moelab.load("qwen1.5-moe-a2.7b", random_weights=True, device="cuda", quantize="nf4")
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_allocated() - base
+    peak = torch.cuda.max_memory_allocated() - base
+    report = memory_report(model)
+    print(f"allocated after load {after / 1e9:.2f} GB, peak during load {peak / 1e9:.2f} GB, "
+          f"report total {report.total_bytes / 1e9:.2f} GB")
+    assert after <= 9e9 and peak <= 11e9
+    assert abs(after - report.total_bytes) < 0.05e9  # the report accounts for what is allocated
+    ids = torch.randint(0, 151936, (1, 16), device="cuda")
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 20)
+    del model
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_codes_identical_to_bitsandbytes_on_cuda(dtype):
+    gen = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
+    w = (torch.randn(6, 2 * 1408, 2048, device="cuda", generator=gen) * 0.02).to(dtype)
+    ours = quantize_nf4(w, double_quant=False)  # moelab's PyTorch code, on the GPU
+    mismatches = 0
+    for e in range(w.shape[0]):
+        packed, state = bnb.functional.quantize_4bit(w[e].flatten(), blocksize=64, quant_type="nf4")
+        assert torch.equal(ours.absmax[e], state.absmax)
+        mismatches += (ours.codes[e] != packed.flatten()).sum().item()
+        if torch.equal(ours.codes[e], packed.flatten()):
+            reference = bnb.functional.dequantize_4bit(packed, state).reshape(w.shape[1:])
+            assert torch.equal(dequantize_nf4(ours, experts=e)[0], reference)
+    print(f"{dtype}: {mismatches} of {ours.codes.numel()} code bytes differ from bitsandbytes' CUDA kernel")
+    assert mismatches == 0
+    # Double quantisation on the GPU: same scales and offsets, 8-bit codes within one step.
+    dq, theirs = quantize_nf4(w), quantize_nf4(w, backend="bitsandbytes")
+    assert torch.equal(dq.codes, theirs.codes)
+    assert torch.equal(dq.absmax_scale, theirs.absmax_scale) and torch.equal(dq.absmax_offset, theirs.absmax_offset)
+    differ = dq.absmax != theirs.absmax
+    assert differ.float().mean() < 0.02 and ((dq.absmax.int() - theirs.absmax.int()).abs() <= 1).all()
+    print(f"{dtype}: double quantisation: {int(differ.sum())} of {differ.numel()} absmax codes differ by one step")
