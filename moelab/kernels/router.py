@@ -86,13 +86,21 @@ def launch_config(num_tokens: int, on_gpu: bool) -> tuple[int, int]:
 
 
 def router_topk(logits: torch.Tensor, top_k: int, normalize: bool = False,
-                block_t: int | None = None, num_warps: int | None = None):
+                block_t: int | None = None, num_warps: int | None = None, kernel: str = "auto"):
     """Launch the kernel on [T, E] logits (any strides, any float dtype).
 
     Returns weights fp32 [T, K] and ids int32 [T, K]. Arguments are checked by
-    `moelab.route`; call that instead. `block_t` and `num_warps` are tuning knobs for the
-    benchmark's sweep; None picks `launch_config`.
+    `moelab.route`; call that instead. `kernel="auto"` sends bf16 logits on an NVIDIA GPU
+    to the row-per-thread kernel of `router_rows.py` (faster at every T measured) and
+    everything else to this module's kernel; "tl" forces this one. `block_t` and
+    `num_warps` are tuning knobs for this kernel in the benchmark's sweep.
     """
+    if kernel not in ("auto", "tl"):
+        raise ValueError(f"kernel must be 'auto' or 'tl', got {kernel!r}")
+    if kernel == "auto" and logits.is_cuda:
+        from . import router_rows  # Gluon: imported only on a GPU, never in the interpreter
+        if router_rows.supports(logits):
+            return router_rows.router_topk_rows(logits, top_k, normalize)
     num_tokens, num_experts = logits.shape
     weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=logits.device)
     ids = torch.empty((num_tokens, top_k), dtype=torch.int32, device=logits.device)
