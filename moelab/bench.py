@@ -11,7 +11,7 @@ runs, name the card, and compare systems side by side in one run on one machine.
     python -m moelab.bench experts [--sweep]       # CUDA: one routed-experts layer, HF's three vs moelab bf16/NF4
     python -m moelab.bench decode                  # CPU or CUDA: decode step, 1..8 slots
     python -m moelab.bench decode --model qwen1.5-moe-a2.7b --batches 1 8 64 --prompt-len 16 64 \
-        --max-seq-len 2048 --profile                # CUDA: SDPA / kernel / graphs / fused rope vs the bound
+        --max-seq-len 2048 --profile                # CUDA: SDPA / kernel / graphs / fused ops vs the bound
     python -m moelab.bench attention               # CUDA: decode attention alone, SDPA vs kernel, split-K
     python -m moelab.bench serve                   # CPU (tiny): HF serial / static / continuous vs the Engine
     python -m moelab.bench serve --model qwen1.5-moe-a2.7b --device cuda   # random bf16 weights
@@ -304,12 +304,14 @@ def bench_launch(experts: int = 60, top_k: int = 4, calls: int = 3000) -> dict:
 
 # ---------------------------------------------------------------------------- decode step
 
-# mode: (decode attention, rotary + cache write, CUDA graph); each adds one optimisation.
+# mode: MoeForward's (attention, rope, norm) and whether a CUDA graph replays the step; each
+# mode adds one optimisation to the one before.
 DECODE_MODES = {
-    "eager_sdpa": ("sdpa", "torch", False),      # notebook 06's step: SDPA over whole cache rows
-    "eager_kernel": ("kernel", "torch", False),  # + the decode-attention kernel
-    "graph_kernel": ("kernel", "torch", True),   # + the whole step replayed from a CUDA graph
-    "graph_fused": ("kernel", "kernel", True),   # + rotary and cache write fused into one kernel
+    "eager_sdpa": ("sdpa", "torch", "torch", False),      # notebook 06's step: SDPA over whole cache rows
+    "eager_kernel": ("kernel", "torch", "torch", False),  # + the decode-attention kernel
+    "graph_kernel": ("kernel", "torch", "torch", True),   # + the whole step replayed from a CUDA graph
+    "graph_rope": ("kernel", "kernel", "torch", True),    # + rotary and cache write in one kernel
+    "graph_fused": ("kernel", "kernel", "kernel", True),  # + each residual add and RMSNorm in one kernel
 }
 
 
@@ -420,7 +422,8 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
     side by side (notebooks 06 and 08), each adding one optimisation (`DECODE_MODES`):
     `eager_sdpa` (MoeForward.decode with SDPA over the masked cache rows), `eager_kernel`
     (the decode-attention kernel), `graph_kernel` (the same step replayed from a CUDA graph,
-    `moelab.graphs`), `graph_fused` (rotary + cache write in one kernel as well).
+    `moelab.graphs`), `graph_rope` (rotary + cache write in one kernel), `graph_fused`
+    (residual add + RMSNorm in one kernel as well).
 
     Each sequence is prefilled with a random prompt (`prompt_len`: one length, or a
     (low, high) range drawn per sequence), then `steps` steps run, each ending with one
@@ -439,7 +442,7 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
     for mode in modes:
         if mode not in DECODE_MODES:
             raise ValueError(f"unknown decode mode {mode!r}: choose from {tuple(DECODE_MODES)}")
-        if DECODE_MODES[mode][2] and not on_cuda:
+        if DECODE_MODES[mode][3] and not on_cuda:
             raise ValueError(f"the {mode} mode needs CUDA (CUDA graphs); on the CPU use eager_sdpa / eager_kernel")
     low, high = (prompt_len[0], prompt_len[-1]) if not isinstance(prompt_len, int) else (prompt_len, prompt_len)
     warmup = 3
@@ -452,8 +455,8 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
     model, _ = load(model_name, **load_kwargs)
     experts_fn, experts_impl = _experts_fn(experts, on_cuda)
     forwards = {mode: MoeForward(model, experts_fn=experts_fn, attention=DECODE_MODES[mode][0],
-                                 rope=DECODE_MODES[mode][1]) for mode in modes}
-    reference = MoeForward(model, experts_fn=experts_fn, attention="sdpa", rope="torch")
+                                 rope=DECODE_MODES[mode][1], norm=DECODE_MODES[mode][2]) for mode in modes}
+    reference = MoeForward(model, experts_fn=experts_fn, attention="sdpa", rope="torch", norm="torch")
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     bandwidth = copy_bandwidth_gbs() if on_cuda else None
     gen = torch.Generator().manual_seed(seed)
@@ -473,7 +476,7 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
             fwd = forwards[mode]
             graphs, capture_s = None, None
             try:
-                if DECODE_MODES[mode][2]:
+                if DECODE_MODES[mode][3]:
                     graphs = DecodeGraphs(fwd, cache, buckets=(batch,), mode="graph")
                     capture_s = round(sum(graphs.capture_seconds.values()), 3)
                     step_ids = graphs.step
@@ -582,7 +585,8 @@ def decode_summary(result: dict) -> list[str]:
         parts += [f"{r['mode']} FAILED" for r in result["results"] if r["batch"] == batch and "error" in r]
         for new, old, what in (("eager_kernel", "eager_sdpa", "kernel {:.2f}x SDPA"),
                                ("graph_kernel", "eager_kernel", "graphs {:.2f}x eager"),
-                               ("graph_fused", "graph_kernel", "fused rope {:.2f}x")):
+                               ("graph_rope", "graph_kernel", "fused rope {:.2f}x"),
+                               ("graph_fused", "graph_rope", "fused norm {:.2f}x")):
             if new in by and old in by:
                 parts.append(what.format(by[new]["tokens_per_s"] / by[old]["tokens_per_s"]))
         lines.append(f"batch {batch:>3}: " + ", ".join(parts))
@@ -1398,7 +1402,7 @@ def main(argv=None) -> int:
     decode.add_argument("--repeats", type=int, default=5)
     decode.add_argument("--max-seq-len", type=int, default=None, help="cache row length (default: just enough)")
     decode.add_argument("--modes", nargs="+", choices=list(DECODE_MODES), default=None,
-                        help="default: all four on CUDA, eager_sdpa on the CPU")
+                        help="default: all on CUDA, eager_sdpa on the CPU")
     decode.add_argument("--experts", choices=["auto", "torch", "fused"], default="auto",
                         help="routed experts: moelab's PyTorch path or the fused kernel (auto: fused when present)")
     decode.add_argument("--profile", action="store_true", help="CUDA: add a torch.profiler kernel table per mode")
