@@ -1347,11 +1347,11 @@ def plot_nf4(result: dict, path) -> None:
     from .quant import MemoryReport, plot_memory
 
     labels = {"bf16": "bf16", "transformers_bnb_4bit": "transformers + bnb 4-bit", "moelab_nf4": "moelab NF4"}
-    reports = {labels[k]: MemoryReport(v["report"]["parts"]) for k, v in result["memory"].items()}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [1.6, 1]})
+    reports = {label: MemoryReport(result["memory"][key]["report"]["parts"]) for key, label in labels.items()}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1.6, 1]})
     plot_memory(reports, ax=left)
     left.axvline(12, color="k", ls="--", lw=1)
-    left.text(12, -0.6, " 12 GB card", fontsize=8)
+    left.text(12, 2.45, " a 12 GB card", fontsize=8)
     left.set_title(f"{result['workload']['model']} (random weights) on {result['card']}", fontsize=10)
     names = [f"{r['system']}\n{r['experts_impl']}" for r in result["results"]]
     right.barh(names, [r["tokens_per_s"] for r in result["results"]], color="tab:gray")

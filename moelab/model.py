@@ -131,18 +131,21 @@ class MoeForward:
     Prefill always runs SDPA.
     rope: "kernel" rotates q and k and writes the cache in one Triton kernel
     (`moelab.kernels.rope_cache`), "torch" in PyTorch ops, "auto": the kernel on CUDA.
+    norm: "kernel" runs each residual add and the RMSNorm after it as one Triton kernel
+    (`moelab.kernels.rmsnorm`), "torch" in PyTorch ops, "auto": the kernel on CUDA.
     """
 
     def __init__(self, model, experts_fn=experts_forward, route_backend: str = "auto", attention: str = "auto",
-                 rope: str = "auto"):
+                 rope: str = "auto", norm: str = "auto"):
         check_supported(model.config)
         if route_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"route_backend must be 'auto', 'triton' or 'torch', got {route_backend!r}")
         if attention not in ("auto", "kernel", "sdpa"):
             raise ValueError(f"attention must be 'auto', 'kernel' or 'sdpa', got {attention!r}")
-        if rope not in ("auto", "kernel", "torch"):
-            raise ValueError(f"rope must be 'auto', 'kernel' or 'torch', got {rope!r}")
-        self.attention, self.rope = attention, rope
+        for name, value in (("rope", rope), ("norm", norm)):
+            if value not in ("auto", "kernel", "torch"):
+                raise ValueError(f"{name} must be 'auto', 'kernel' or 'torch', got {value!r}")
+        self.attention, self.rope, self.norm = attention, rope, norm
         self.model = model
         self.config = model.config
         self.experts_fn = experts_fn
@@ -281,15 +284,24 @@ class MoeForward:
         # The model's own rotary module, so cos/sin are bit-identical to transformers'.
         cos, sin = inner.rotary_emb(hidden, positions[None])
         cos, sin = cos[0], sin[0]
+        fused = self.norm == "kernel" or (self.norm == "auto" and hidden.is_cuda)
+        delta = None  # each block's output, added to the residual stream by the next norm
         for index, layer in enumerate(self.layers):
-            norm = layer.input_layernorm
-            x = rms_norm(hidden, norm.weight, norm.variance_epsilon)
-            hidden = hidden + self._attention(index, layer.self_attn, x, cache, slots, positions, cos, sin, attend)
-            norm = layer.post_attention_layernorm
-            x = rms_norm(hidden, norm.weight, norm.variance_epsilon)
-            hidden = hidden + self._moe(x, layer.mlp)
-        norm = inner.norm
-        return rms_norm(hidden, norm.weight, norm.variance_epsilon)
+            hidden, x = self._add_norm(hidden, delta, layer.input_layernorm, fused)
+            delta = self._attention(index, layer.self_attn, x, cache, slots, positions, cos, sin, attend)
+            hidden, x = self._add_norm(hidden, delta, layer.post_attention_layernorm, fused)
+            delta = self._moe(x, layer.mlp)
+        return self._add_norm(hidden, delta, inner.norm, fused)[1]
+
+    def _add_norm(self, hidden, delta, norm, fused):
+        """(hidden + delta, its RMSNorm); delta None: no add. `fused`: one Triton kernel."""
+        if fused and (delta is None or delta.dtype == hidden.dtype):
+            from .kernels.rmsnorm import add_rms_norm
+
+            return add_rms_norm(hidden, delta, norm.weight, norm.variance_epsilon)
+        if delta is not None:
+            hidden = hidden + delta
+        return hidden, rms_norm(hidden, norm.weight, norm.variance_epsilon)
 
     def _attention(self, index, attn, x, cache, slots, positions, cos, sin, attend):
         n = x.shape[0]

@@ -123,10 +123,11 @@ def test_choose_splits():
 
 def test_moe_forward_kernel_path_gives_the_sdpa_path_tokens(tiny):
     model = tiny[0]
-    prompts = [[5, 9, 200, 7, 1], list(range(40, 77)), [42] * 17]
+    prompts = [[5, 9, 200, 7, 1], list(range(40, 58)), [42] * 9]  # 32 tokens: the interpreter runs one program each
     runs = {}
     for attention in ("sdpa", "kernel", "auto"):
-        fwd = MoeForward(model, attention=attention, rope="kernel" if attention == "kernel" else "auto")
+        kernels = "kernel" if attention == "kernel" else "auto"  # every moelab kernel on this path
+        fwd = MoeForward(model, attention=attention, rope=kernels, norm=kernels)
         cache = fwd.new_cache(num_slots=5, max_seq_len=64)
         cache.allocate(8)  # slot 0 stays busy and empty: the prompts land in slots 1..3
         slots = [cache.allocate(50) for _ in prompts]
@@ -145,6 +146,8 @@ def test_moe_forward_kernel_path_gives_the_sdpa_path_tokens(tiny):
         MoeForward(model, attention="flash")
     with pytest.raises(ValueError, match="rope must be"):
         MoeForward(model, rope="triton")
+    with pytest.raises(ValueError, match="norm must be"):
+        MoeForward(model, norm="fused")
 
 
 def rope_case(tokens, heads, kv_heads, head_dim, dtype=torch.float32, device="cpu", seed=0):

@@ -70,13 +70,14 @@ def test_decode_bench_modes_and_summary(tmp_path):
     assert result["workload"]["prompt_len"] == [3, 9] and result["workload"]["experts_impl"] == "torch"
     assert path.with_suffix(".png").stat().st_size > 0
     rows = [{"batch": 4, "mode": m, "tokens_per_s": t, "bound_tokens_per_s": 400.0, "roofline_fraction": t / 400}
-            for m, t in (("eager_sdpa", 50.0), ("eager_kernel", 100.0), ("graph_kernel", 250.0), ("graph_fused", 300.0))]
+            for m, t in (("eager_sdpa", 50.0), ("eager_kernel", 100.0), ("graph_kernel", 250.0), ("graph_rope", 300.0),
+                         ("graph_fused", 330.0))]
     (line,) = bench.decode_summary({"workload": {"batches": [4]}, "results": rows})
     assert line == ("batch   4: eager_sdpa 50 tok/s (12% of 400), eager_kernel 100 tok/s (25% of 400), "
-                    "graph_kernel 250 tok/s (62% of 400), graph_fused 300 tok/s (75% of 400), kernel 2.00x SDPA, "
-                    "graphs 2.50x eager, fused rope 1.20x")
+                    "graph_kernel 250 tok/s (62% of 400), graph_rope 300 tok/s (75% of 400), graph_fused 330 tok/s "
+                    "(82% of 400), kernel 2.00x SDPA, graphs 2.50x eager, fused rope 1.20x, fused norm 1.10x")
     if not torch.cuda.is_available():
-        for mode in ("graph_kernel", "graph_fused"):
+        for mode in ("graph_kernel", "graph_rope", "graph_fused"):
             with pytest.raises(ValueError, match="needs CUDA"):
                 bench.bench_decode(batches=(1,), modes=(mode,))
 
@@ -95,3 +96,47 @@ def test_decode_bench_keeps_going_when_a_mode_fails(monkeypatch, tmp_path):
     assert [r["batch"] for r in result["results"] if "error" not in r] == [1, 2]
     assert bench.decode_summary(result)[0].endswith("eager_kernel FAILED")
     bench.plot_decode(result, tmp_path / "decode.png")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["serve", "--systems", "hf_serial", "vllm"], "unknown system(s) ['vllm']"),
+    (["serve", "--model", "llama-7b"], "unknown preset 'llama-7b'"),
+    (["serve", "--model", "qwen1.5-moe-a2.7b", "--device", "cpu"], "too large for the CPU"),
+    (["serve", "--device", "tpu"], "--device must be cpu or cuda"),
+    (["serve", "--output-len", "9", "3"], "output_len must be 1 <= LOW <= HIGH"),
+])
+def test_serve_rejects_bad_arguments(argv, message, capsys):
+    assert bench.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_serve_refuses_cuda_without_cuda(capsys):
+    assert bench.main(["serve", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_serve_workload_is_seeded_and_in_range():
+    a = bench.serve_workload(20, (3, 9), (2, 5), rate=50.0, seed=4)
+    assert a == bench.serve_workload(20, (3, 9), (2, 5), rate=50.0, seed=4)
+    assert a != bench.serve_workload(20, (3, 9), (2, 5), rate=50.0, seed=5)
+    assert all(3 <= len(p) <= 9 for p in a["prompts"]) and all(2 <= n <= 5 for n in a["outputs"])
+    assert a["arrivals"][0] == 0 and all(x < y for x, y in zip(a["arrivals"], a["arrivals"][1:]))
+    assert bench.serve_workload(5, (1, 2), (1, 1))["arrivals"] == [0.0] * 5
+
+
+def test_serve_runs_every_system_end_to_end(tmp_path, capsys):
+    path = tmp_path / "serve.json"
+    assert bench.main(["serve", "--requests", "3", "--prompt-len", "3", "6", "--output-len", "2", "5",
+                       "--concurrency", "2", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert (tmp_path / "serve.png").exists()
+    assert [r["system"] for r in result["results"]] == list(bench.SERVE_SYSTEMS)
+    total = result["workload"]["total_output_tokens"]
+    for row in result["results"]:
+        assert row["tokens"] == total  # EOS ignored: every system makes exactly the asked tokens
+        assert row["tokens_per_s"] > 0 and row["ttft_p50_ms"] <= row["ttft_p99_ms"]
+        assert row["itl_p50_ms"] <= row["itl_p99_ms"] and row["roofline_fraction"] is None
+        assert row["concurrency"] == (1 if row["system"] == "hf_serial" else 2)
+    out = capsys.readouterr().out
+    assert "moelab_continuous: " in out and "x hf_serial" in out
