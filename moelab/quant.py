@@ -15,6 +15,10 @@ read them and bitsandbytes can check them:
 - `dequantize_nf4(t, experts=None)`: back to [E, R, C] (or only some experts) in `t.dtype`.
 - `NF4Experts`: drop-in for transformers' `Qwen2MoeExperts`; it dequantizes only the experts a
   step touches (the fused kernel of notebook 05 makes this fast).
+- `quantize_layer_`: one decoder layer to NF4 (attention and shared-expert Linears through
+  bitsandbytes, experts through `NF4Experts`; router and `shared_expert_gate` stay full precision).
+- `memory_report(model)`: bytes by part (routed experts, shared expert, attention, embeddings and
+  head, other), quantized or not, as a table and a plot.
 
 The storage layout is a contract with the kernel (`.scratch/NF4_FORMAT.md`): for expert e,
 `codes[e, j]` holds flat value 2j in its HIGH nibble and 2j+1 in its LOW nibble; value i is
@@ -526,5 +530,5 @@ def plot_memory(reports: dict, ax=None):
     ax.set_xlabel("GB (10^9 bytes)")
     ax.set_xlim(0, max(left) * 1.2)
     ax.invert_yaxis()
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, frameon=False)
     return ax

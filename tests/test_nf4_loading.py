@@ -279,3 +279,44 @@ def test_codes_identical_to_bitsandbytes_on_cuda(dtype):
     differ = dq.absmax != theirs.absmax
     assert differ.float().mean() < 0.02 and ((dq.absmax.int() - theirs.absmax.int()).abs() <= 1).all()
     print(f"{dtype}: double quantisation: {int(differ.sum())} of {differ.numel()} absmax codes differ by one step")
+
+
+def test_transformers_bnb_4bit_leaves_the_fused_experts_in_full_precision(tiny_nf4):
+    """The trap notebook 04 shows: transformers' 4-bit path replaces nn.Linear only."""
+    from moelab.bench import transformers_bnb_4bit_
+
+    model, _ = moelab.load("tiny")
+    before = memory_report(model)
+    transformers_bnb_4bit_(model, torch.float32)
+    after = memory_report(model)
+    assert after["routed experts"] == before["routed experts"] and after["routed experts"]["storage"] == "float32"
+    assert after["attention"]["bytes"] < 0.2 * before["attention"]["bytes"]
+    assert type(model.model.layers[0].mlp.shared_expert_gate) is nn.Linear and type(model.lm_head) is nn.Linear
+    # Its 4-bit Linears hold the very codes moelab's loader gives them.
+    ours, _ = tiny_nf4
+    for name in ("self_attn.q_proj", "mlp.shared_expert.up_proj"):
+        theirs_w = model.model.layers[3].get_submodule(name).weight
+        ours_w = ours.model.layers[3].get_submodule(name).weight
+        assert torch.equal(theirs_w.data, ours_w.data)
+        assert torch.equal(theirs_w.quant_state.absmax, ours_w.quant_state.absmax)
+    assert memory_report(ours)["routed experts"]["bytes"] < 0.15 * after["routed experts"]["bytes"]
+
+
+def test_nf4_summary_and_plot(tmp_path, tiny_nf4):
+    from moelab.bench import nf4_summary, plot_nf4
+
+    reports = {"moelab_nf4": memory_report(tiny_nf4[0]), "bf16": memory_report(moelab.load("tiny")[0])}
+    reports["transformers_bnb_4bit"] = reports["bf16"]
+    result = {"card": "cpu", "workload": {"model": "tiny"},
+              "memory": {k: {"allocated_after_load_gb": gb, "peak_during_load_gb": gb + 2.5, "report": r.as_dict()}
+                         for (k, r), gb in zip(reports.items(), (8.4, 28.6, 26.9))},
+              "results": [{"system": s, "experts_impl": i, "tokens_per_s": t} for s, i, t in (
+                  ("moelab_nf4_hf_generate", "moelab_nf4", 20.0), ("hf_bf16", "grouped_mm", 26.0),
+                  ("hf_bnb_4bit", "eager", 7.9), ("hf_bnb_4bit", "grouped_mm", 27.6))]}
+    lines = nf4_summary(result)
+    assert "8.40 GB after load (ok, <= 9), peak 10.90 GB during load (ok, <= 11)" in lines[0]
+    assert "3.2x moelab's footprint" in lines[1] and "moelab NF4 20.0" in lines[2]
+    result["memory"]["moelab_nf4"]["peak_during_load_gb"] = 11.2
+    assert "(OVER, <= 11)" in nf4_summary(result)[0]
+    plot_nf4(result, tmp_path / "nf4.png")
+    assert (tmp_path / "nf4.png").stat().st_size > 10_000
