@@ -769,7 +769,11 @@ def _run_hf_continuous(model, wl, concurrency):
 
     config = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=max(wl["outputs"]))
     # At most `concurrency` requests per batch: the same concurrency as the other systems.
-    cb_config = ContinuousBatchingConfig(max_requests_per_batch=concurrency)
+    # Its paged cache sized like moelab's slots (left alone it sizes itself from free memory:
+    # on the CPU that is gigabytes to zero, ~20 s before the first request).
+    longest = max(len(p) + n for p, n in zip(wl["prompts"], wl["outputs"]))
+    cb_config = ContinuousBatchingConfig(max_requests_per_batch=concurrency,
+                                         num_blocks=2 * concurrency * math.ceil(longest / 256) + 4)
     with model.continuous_batching_context_manager(generation_config=config, continuous_batching_config=cb_config,
                                                    block=True, timeout=60, persistent_manager=True) as manager:
         ids, start = {}, time.perf_counter()  # the clock starts once the manager is up
@@ -856,9 +860,9 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYS
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     vocab = 256 if model_name == "tiny" else model.config.vocab_size  # tiny: bytes, no EOS in prompts
     wl = serve_workload(num_requests, prompt_len, output_len, rate, vocab, seed)
-    max_seq_len = max(len(p) for p in wl["prompts"]) + max(wl["outputs"])
-    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     warm = serve_workload(min(4, num_requests), (4, 8), (2, 4), None, vocab, seed + 1)
+    max_seq_len = max(len(p) + n for w in (wl, warm) for p, n in zip(w["prompts"], w["outputs"]))
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     precision = str(next(model.parameters()).dtype).replace("torch.", "")
     bound = None
     if on_cuda:
