@@ -291,3 +291,22 @@ def test_cuda_engine_matches_cpu_and_its_decode_step_captures_in_a_graph(model):
     engine._last_token.copy_(last)
     graph.replay()
     assert torch.equal(out, eager)
+
+
+def test_widgets_run_the_real_engine_and_draw_both_policies(model):
+    from moelab import widgets
+
+    params = dict(num_slots=2, rate=None, prompt_len=(2, 6), output_len=(1, 5), num_requests=7, seed=3)
+    fig, (static, continuous) = widgets.compare_policies(model, **params)
+    for run in (static, continuous):
+        assert len(run["requests"]) == 7 and all(r.finish_reason == "length" for r in run["requests"])
+        assert run["metrics"]["tokens"] == sum(len(r.output) for r in run["requests"])
+        assert {r.slot for r in run["requests"]} == {0, 1}
+    # The same workload, so the same greedy tokens whatever the policy.
+    assert [r.output for r in static["requests"]] == [r.output for r in continuous["requests"]]
+    first, second = static["requests"][:2], static["requests"][2:4]
+    assert min(r.admit_time for r in second) >= max(r.finish_time for r in first)
+    assert "continuous" in widgets.metrics_table([static, continuous])
+    assert len(fig.axes) == 2
+    pytest.importorskip("ipywidgets")
+    assert widgets.serving_panel(model, run_now=False) is not None
