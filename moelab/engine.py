@@ -102,7 +102,7 @@ class StepStats:
     waiting: int
 
 
-class _Detokenizer:
+class IncrementalDetokenizer:
     """Incremental text of a growing list of token ids: text is released only once it does not
     end in U+FFFD, so a multi-byte character split across tokens is never shown broken."""
 
@@ -113,6 +113,8 @@ class _Detokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def add(self, ids: list[int], final: bool = False) -> str:
+        """`ids`: every token id so far. Returns the text that became safe to show (with
+        `final`, also an unfinished character, as U+FFFD)."""
         before = self._decode(ids[self.prefix:self.read])
         after = self._decode(ids[self.prefix:])
         if len(after) > len(before) and (final or not after.endswith("\ufffd")):
@@ -148,7 +150,7 @@ class Engine:
         self._top_p = torch.ones(num_slots, dtype=torch.float32, device=device)
         self._seed = torch.zeros(num_slots, dtype=torch.int64, device=device)
         self._slot_ids: dict[tuple[int, ...], torch.Tensor] = {}
-        self._detok: dict[int, _Detokenizer] = {}
+        self._detok: dict[int, IncrementalDetokenizer] = {}
         self._sent: dict[int, int] = {}  # characters of text already streamed, per request
         self._pending: list[StreamEvent] = []
         self.requests: dict[int, Request] = {}
@@ -324,7 +326,7 @@ class Engine:
         else:
             self._temperature[slot] = 0.0
         if self.tokenizer is not None:
-            self._detok[request.id] = _Detokenizer(self.tokenizer)
+            self._detok[request.id] = IncrementalDetokenizer(self.tokenizer)
             self._sent[request.id] = 0
 
     def _append(self, request: Request, token: int, now: float) -> StreamEvent:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import moelab
-from moelab.engine import Engine, _Detokenizer, percentile, sample, uniform_noise
+from moelab.engine import Engine, IncrementalDetokenizer, percentile, sample, uniform_noise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -195,11 +195,11 @@ def test_streaming_never_shows_a_broken_character(tok):
     text = "a€b ñ😀 z£"
     ids = list(text.encode())
     assert len(ids) > len(text)  # multi-byte characters span several tokens
-    detok = _Detokenizer(tok)
+    detok = IncrementalDetokenizer(tok)
     pieces = [detok.add(ids[: i + 1]) for i in range(len(ids))]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
     assert pieces[1:4] == ["", "", "€"]  # the euro sign's three bytes release it once
-    cut = _Detokenizer(tok)
+    cut = IncrementalDetokenizer(tok)
     partial = "".join(cut.add(ids[: i + 1]) for i in range(2)) + cut.add(ids[:2], final=True)
     assert partial == "a\ufffd"  # an unfinished character at the end comes out as U+FFFD
 
