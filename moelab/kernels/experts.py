@@ -94,19 +94,23 @@ def _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr
 
 
 @triton.jit
-def _nf4_tiles(codes_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
+def _nf4_tiles(codes_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_pairs_ptr,
                expert, rows, row_ok, k0, k_dim, absmax_per_expert, scales_per_expert,
                DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr):
     """W[expert, rows, k0 + 2j] and W[expert, rows, k0 + 2j + 1] for j < BLOCK_K / 2, dequantized
     from NF4 into two fp32 [BLOCK_K / 2, BLOCK_N] tiles (K down, rows across: ready for x @ W^T).
-    codes_ptr points at this expert's codes."""
+    codes_ptr points at this expert's codes; k_dim is even, so row r's values start at byte
+    r * k_dim / 2 and the bytes of one row are contiguous (wide loads)."""
     j = tl.arange(0, BLOCK_K // 2)
-    cols = k0 + 2 * j
-    mask = (cols < k_dim)[:, None] & row_ok[None, :]
-    flat = rows[None, :].to(tl.int64) * k_dim + cols[:, None]          # even: a high nibble
-    byte = tl.load(codes_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
-    even = tl.load(nf4_code_ptr + (byte >> 4))
-    odd = tl.load(nf4_code_ptr + (byte & 15))
+    row_bytes = k_dim // 2
+    # The mask in bytes, not values, so Triton sees runs of equal mask bits and loads wide vectors.
+    mask = (k0 // 2 + j < row_bytes)[:, None] & row_ok[None, :]
+    byte = tl.load(codes_ptr + rows[None, :].to(tl.int64) * row_bytes + (k0 // 2 + j)[:, None], mask=mask, other=0)
+    # One look-up per byte gives both values: nf4_pairs[byte] holds the fp32 bits of
+    # NF4_CODE[byte >> 4] (high word) and NF4_CODE[byte & 15] (low word).
+    pair = tl.load(nf4_pairs_ptr + byte.to(tl.int32))
+    even = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    odd = pair.to(tl.int32).to(tl.float32, bitcast=True)
     if ROW_ALIGNED:
         # Each row is whole 64-blocks and BLOCK_K a multiple of 64: one absmax per row per 64 columns.
         row_blk = (rows.to(tl.int64) * k_dim + k0) // 64
@@ -117,6 +121,7 @@ def _nf4_tiles(codes_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_
                                row_blk + b, ok_b, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
             am = tl.where((j // 32 == b)[:, None], am_b[None, :], am)
     else:
+        flat = rows[None, :].to(tl.int64) * k_dim + (k0 + 2 * j)[:, None]  # even, so flat + 1 shares its block
         am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
                          flat // 64, mask, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
     return even * am, odd * am
@@ -125,7 +130,7 @@ def _nf4_tiles(codes_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_
 @triton.jit
 def _grouped_gemm_kernel(
     x_ptr, w_ptr, out_ptr, pairs_ptr, counts_ptr, route_w_ptr,
-    absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
+    absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_pairs_ptr,
     n_out, k_dim, num_experts, x_row_div,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on,
     absmax_per_expert, scales_per_expert,
@@ -161,14 +166,14 @@ def _grouped_gemm_kernel(
             x_even = tl.load(x_rows + cols[None, :] * stride_xk, mask=x_mask, other=0.0)
             x_odd = tl.load(x_rows + (cols + 1)[None, :] * stride_xk, mask=x_mask, other=0.0)
             w_even, w_odd = _nf4_tiles(
-                w_e, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
+                w_e, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_pairs_ptr,
                 expert, n, n_ok, k0, k_dim, absmax_per_expert, scales_per_expert,
                 DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K)
             acc = tl.dot(x_even, w_even.to(x_even.dtype), acc, input_precision=DOT_PRECISION)
             acc = tl.dot(x_odd, w_odd.to(x_odd.dtype), acc, input_precision=DOT_PRECISION)
             if GATED:
                 u_even, u_odd = _nf4_tiles(
-                    w_e, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
+                    w_e, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_pairs_ptr,
                     expert, n + n_out, n_ok, k0, k_dim, absmax_per_expert, scales_per_expert,
                     DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K)
                 acc_up = tl.dot(x_even, u_even.to(x_even.dtype), acc_up, input_precision=DOT_PRECISION)
@@ -197,15 +202,18 @@ def _grouped_gemm_kernel(
 DECODE_MAX_PAIRS = 256  # up to here (64 tokens at top-4) the decode configuration is used
 
 
-def kernel_config(num_pairs: int, n_out: int, num_experts: int, gated: bool, on_gpu: bool,
+def kernel_config(num_pairs: int, n_out: int, num_experts: int, gated: bool, nf4: bool, on_gpu: bool,
                   num_sms: int = 132) -> dict:
     """Block sizes, warps and pipeline stages for one grouped GEMM, by shape regime.
 
     Decode (num_pairs <= DECODE_MAX_PAIRS): 16-row blocks (the smallest tl.dot), and the
     largest N-tile that still gives about four programs per SM when every pair has its own
     expert, so enough loads are in flight to stream the weights. Prefill: large tiles for
-    the tensor cores. NF4 reads its absmax once per row per 64 columns, so its K-tile is a
-    multiple of 64. Under the interpreter, few large programs (each costs ~0.5 ms).
+    the tensor cores; gate and up each keep a [BLOCK_M, BLOCK_N] fp32 accumulator, so the
+    gated GEMM takes half the N-tile of down. NF4 dequantizes in registers: K-tiles of 64
+    values (one absmax per row) keep it within 255 registers. The register and shared-memory
+    figures behind these choices come from compiling for sm_90; the times are to be measured
+    (`python -m moelab.bench experts --sweep`). Under the interpreter: few large programs.
     """
     if not on_gpu:
         return dict(BLOCK_M=16 if num_pairs <= 64 else 32, BLOCK_N=min(128, triton.next_power_of_2(n_out)),
@@ -213,9 +221,7 @@ def kernel_config(num_pairs: int, n_out: int, num_experts: int, gated: bool, on_
     if num_pairs <= DECODE_MAX_PAIRS:
         blocks = min(num_experts, num_pairs)
         block_n = next((bn for bn in (64, 32) if blocks * triton.cdiv(n_out, bn) >= 4 * num_sms), 16)
-        return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, num_warps=4, num_stages=4)
-    # Gate and up each keep a [BLOCK_M, BLOCK_N] fp32 accumulator: half the N-tile of down
-    # keeps the gated GEMM within the register file (255 registers, no spills, on sm_90).
+        return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=64 if nf4 else 128, num_warps=4, num_stages=4)
     block_m = 64 if num_pairs <= 4096 else 128
     return dict(BLOCK_M=block_m, BLOCK_N=64 if gated else 128, BLOCK_K=64, num_warps=8 if block_m == 128 else 4,
                 num_stages=3)
@@ -246,11 +252,14 @@ def _shape(w) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _nf4_code(device: torch.device) -> torch.Tensor:
-    """moelab.quant.NF4_CODE on `device`, copied once (a copy inside a CUDA graph capture would fail)."""
+def _nf4_pairs(device: torch.device) -> torch.Tensor:
+    """int64 [256]: for every byte, the fp32 bits of its two NF4 values (high nibble in the high
+    word). On `device` once: a host-to-device copy inside a CUDA graph capture would fail."""
     from ..quant import NF4_CODE
 
-    return NF4_CODE.to(device=device, dtype=torch.float32)
+    bits = NF4_CODE.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    byte = torch.arange(256)
+    return ((bits[byte >> 4] << 32) | bits[byte & 15]).to(device)
 
 
 def _weight_args(w, num_experts: int) -> tuple[list, dict]:
@@ -261,7 +270,7 @@ def _weight_args(w, num_experts: int) -> tuple[list, dict]:
                 dict(NF4=False, DOUBLE_QUANT=False, ROW_ALIGNED=False))
     _, rows, cols = w.shape
     double = w.absmax_scale is not None
-    code = _nf4_code(w.codes.device)
+    code = _nf4_pairs(w.codes.device)
     absmax_code = w.absmax_code if double else code
     scale = w.absmax_scale if double else w.absmax
     offset = w.absmax_offset if double else w.absmax
@@ -274,7 +283,7 @@ def _grouped_gemm(x, w, out, pairs, counts, route_w, num_pairs, num_experts, x_r
     _, rows, k_dim = _shape(w)
     n_out = rows // 2 if gated else rows
     nf4 = _is_nf4(w)
-    cfg = kernel_config(num_pairs, n_out, num_experts, gated, x.is_cuda,
+    cfg = kernel_config(num_pairs, n_out, num_experts, gated, nf4, x.is_cuda,
                         torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132)
     cfg.update(config or {})
     if nf4 and cfg["BLOCK_K"] % 64:
