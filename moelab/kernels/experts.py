@@ -6,11 +6,13 @@ with no host sync (so a CUDA graph can capture them):
 1. `_align_kernel`: program e counts the (token, k) pairs routed to expert e and writes their
    pair indices, in pair order, into `pairs[start_e : start_e + count_e]` (a stable counting
    sort; `start_e` = pairs in lower experts). Program E collects ids outside [0, E).
-2. `_grouped_gemm_kernel` (gate_up): program (b, n) takes row block b of BLOCK_M sorted pairs,
-   all of one expert, and N-tile n. Each program finds its expert and rows from `counts`
+2. `_grouped_gemm_kernel` (gate_up): each program takes one row block of BLOCK_M sorted
+   pairs, all of one expert, and one N-tile. It finds its expert and rows from `counts`
    itself (a cumulative sum over E block counts), so the grid is sized for the worst case,
-   cdiv(S, BLOCK_M) + min(E + 1, S) blocks, and the blocks past the end return at once.
-   Gate and up tiles share each load of x; SiLU(gate) * up is applied before the one store.
+   cdiv(S, BLOCK_M) + min(E + 1, S) blocks, and the blocks past the end skip their work.
+   Programs are ordered in groups of 8 row blocks x all N-tiles, so rows and weights are
+   reused from L2. Gate and up tiles share each load of x; SiLU(gate) * up is applied
+   before the one store.
 3. the same kernel (down): the routing weight of each pair is applied before the store.
 4. a sum over the top-k rows of each token (deterministic: no atomics).
 
@@ -131,19 +133,28 @@ def _nf4_tiles(codes_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_
 def _grouped_gemm_kernel(
     x_ptr, w_ptr, out_ptr, pairs_ptr, counts_ptr, route_w_ptr,
     absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_pairs_ptr,
-    n_out, k_dim, num_experts, x_row_div,
+    n_out, k_dim, num_experts, x_row_div, num_blocks,
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on,
     absmax_per_expert, scales_per_expert,
     GATED: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """out[pair, n] for the pairs of one row block and one N-tile.
 
     GATED (gate_up): x row = pair // top_k (the token), W rows n (gate) and n_out + n (up),
     out = SiLU(gate) * up. Otherwise (down): x row = pair, out = routing weight * (x @ W^T).
     """
-    expert, row_lo, row_hi = _block_rows(counts_ptr, tl.program_id(0), num_experts, BLOCK_M, BLOCK_E)
+    # Programs run in groups of GROUP_M row blocks x every N-tile: the rows of a group (and the
+    # weights of its few experts) are read from L2 while all N-tiles pass over them.
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(n_out, BLOCK_N)
+    first_block = (pid // (GROUP_M * n_tiles)) * GROUP_M
+    group_size = tl.minimum(num_blocks - first_block, GROUP_M)
+    block = first_block + (pid % (GROUP_M * n_tiles)) % group_size
+    n_tile = (pid % (GROUP_M * n_tiles)) // group_size
+    expert, row_lo, row_hi = _block_rows(counts_ptr, block, num_experts, BLOCK_M, BLOCK_E)
     # Blocks past the end (expert E + 1) have no rows; the bucket of invalid ids (expert E)
     # runs no K-loop, so its pairs get zeros from the down pass. Straight-line code with the
     # K-loop at the top level lets Triton software-pipeline the loop's loads.
@@ -153,7 +164,7 @@ def _grouped_gemm_kernel(
     store_hi = tl.where(expert < num_experts, row_hi, row_lo) if GATED else row_hi
     expert = tl.minimum(expert, num_experts - 1)
     pair = tl.load(pairs_ptr + m, mask=m_ok, other=0).to(tl.int64)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < n_out
     x_rows = x_ptr + (pair // x_row_div)[:, None] * stride_xm
     w_e = w_ptr + expert.to(tl.int64) * stride_we
@@ -294,17 +305,17 @@ def _grouped_gemm(x, w, out, pairs, counts, route_w, num_pairs, num_experts, x_r
         num_blocks = triton.cdiv(num_pairs, block_m) + min(num_experts + 1, num_pairs)
     else:  # the interpreter pays ~0.05 s per program, idle or not, and a host read is free
         num_blocks = sum(triton.cdiv(c, block_m) for c in counts.tolist())
-    grid = (num_blocks, triton.cdiv(n_out, cfg["BLOCK_N"]))
+    grid = (num_blocks * triton.cdiv(n_out, cfg["BLOCK_N"]),)
     w_ptr, absmax, absmax_code, scale, offset, code = ptrs
     stride_we, stride_wn, stride_wk, absmax_per_expert, scales_per_expert = strides
     _grouped_gemm_kernel[grid](
         x, w_ptr, out, pairs, counts, route_w,
         absmax, absmax_code, scale, offset, code,
-        n_out, k_dim, num_experts, x_row_div,
+        n_out, k_dim, num_experts, x_row_div, num_blocks,
         x.stride(0), x.stride(1), stride_we, stride_wn, stride_wk, out.stride(0), out.stride(1),
         absmax_per_expert, scales_per_expert,
         GATED=gated, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts + 1), **flags, **cfg,
+        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts + 1), GROUP_M=8, **flags, **cfg,
     )
 
 
