@@ -190,7 +190,9 @@ def _quantize_absmax(absmax: torch.Tensor, backend: str):
         return (torch.empty(num_experts, nb, dtype=torch.uint8, device=device),
                 torch.empty(num_experts, nested, device=device), torch.empty(num_experts, device=device),
                 torch.empty(256, device=device))
-    offset = absmax.mean(dim=1)  # per row: the same reduction bitsandbytes runs on one expert
+    # One expert at a time: the very reduction bitsandbytes runs on one expert's absmax (a row-wise
+    # mean of the 2-D tensor may sum in another order and differ in the last bit).
+    offset = torch.stack([absmax[e].mean() for e in range(num_experts)])
     centered = absmax - offset[:, None]
     # Pad each expert to whole blocks of 256 with zeros: a zero never raises a block's absmax,
     # so every block sees what bitsandbytes' own short last block sees.
@@ -530,5 +532,5 @@ def plot_memory(reports: dict, ax=None):
     ax.set_xlabel("GB (10^9 bytes)")
     ax.set_xlim(0, max(left) * 1.2)
     ax.invert_yaxis()
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, frameon=False)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return ax
