@@ -628,11 +628,12 @@ def plot_decode(result: dict, path) -> None:
 
 def bench_attention(batches=(1, 8, 64), contexts=(64, 512, 2048), heads: int = 16, kv_heads: int = 16,
                     head_dim: int = 128, max_seq_len: int = 2048, layers: int = 24,
-                    splits=(1, 2, 4, 8, 16), dtype=torch.bfloat16) -> dict:
+                    splits=(1, 2, 4, 8, 16), dtype=torch.bfloat16, sweep: bool = False) -> dict:
     """Decode attention alone on CUDA, Qwen1.5-MoE's shapes: SDPA over the whole masked cache
     rows (MoeForward's `sdpa` path) against the Triton kernel with its default split-K and
     forced splits, every sequence at `context` keys, each timed inside a CUDA graph and
-    rotating over `layers` layers of a full-size cache (so small cases are not all in L2)."""
+    rotating over `layers` layers of a full-size cache (so small cases are not all in L2).
+    `sweep` adds keys-per-block x warps variants of the one-split kernel."""
     if not torch.cuda.is_available():
         raise SystemExit("the attention benchmark needs a CUDA device")
     import torch.nn.functional as F
@@ -662,6 +663,11 @@ def bench_attention(batches=(1, 8, 64), contexts=(64, 512, 2048), heads: int = 1
             for n in splits:
                 systems[f"kernel_s{n}"] = lambda i, n=n: decode_attention(q[i], k[i], v[i], slots, lengths,
                                                                           num_splits=n)
+            for block_n in (16, 32, 64, 128) if sweep else ():
+                for warps in (2, 4, 8):
+                    systems[f"kernel_s1_n{block_n}_w{warps}"] = (
+                        lambda i, bn=block_n, w=warps: decode_attention(q[i], k[i], v[i], slots, lengths, num_splits=1,
+                                                                        block_n=bn, num_warps=w))
             moved = 2 * batch * kv_heads * context * head_dim * k.element_size() + 2 * q[0].nbytes
             floor = floor_us(moved, bandwidth)
             for name, fn in systems.items():
@@ -892,13 +898,19 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYS
             sync()
             if on_cuda:
                 torch.cuda.reset_peak_memory_stats()
+            cpu_start = time.process_time()
             start, records = run(wl)
             sync()
+            cpu_seconds = time.process_time() - cpu_start
             seconds = max(t[-1] for _, t in records) - start
             row = {"system": system, "precision": precision, "experts_impl": experts_impl, "concurrency": conc,
                    **serve_metrics(records, seconds),
                    "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if on_cuda else None,
                    "roofline_fraction": None}
+            # CPU seconds of this process (all threads): on a shared CPU, tokens per CPU
+            # second is the figure other processes' load disturbs least.
+            row["cpu_seconds"] = round(cpu_seconds, 3)
+            row["tokens_per_cpu_s"] = round(row["tokens"] / cpu_seconds, 1)
             if bound is not None:
                 row["roofline_fraction"] = round(row["tokens_per_s"] / bound(conc), 4)
             if system == "hf_continuous":
@@ -924,16 +936,20 @@ def serve_summary(result: dict) -> list[str]:
     """A table of the rows, then each moelab system's tokens/s as a ratio of each HF system's."""
     rows = result["results"]
     lines = [f"{'system':<18} {'conc':>4} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
-             f"{'ITL p99':>8}  (ms)"]
+             f"{'ITL p99':>8} {'tok/CPU-s':>9}  (ms)"]
     fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
     for r in rows:
         lines.append(f"{r['system']:<18} {r['concurrency']:>4} {r['tokens_per_s']:>9.1f} {fmt(r['ttft_p50_ms']):>9} "
-                     f"{fmt(r['ttft_p99_ms']):>9} {fmt(r['itl_p50_ms']):>8} {fmt(r['itl_p99_ms']):>8}")
+                     f"{fmt(r['ttft_p99_ms']):>9} {fmt(r['itl_p50_ms']):>8} {fmt(r['itl_p99_ms']):>8} "
+                     f"{fmt(r.get('tokens_per_cpu_s')):>9}")
     hf = [r for r in rows if r["system"].startswith("hf_")]
     for r in rows:
         if r["system"].startswith("moelab_") and hf:
             ratios = ", ".join(f"{r['tokens_per_s'] / h['tokens_per_s']:.2f}x {h['system']}" for h in hf)
             lines.append(f"{r['system']}: {ratios}")
+            if all(x.get("tokens_per_cpu_s") for x in [r] + hf):
+                ratios = ", ".join(f"{r['tokens_per_cpu_s'] / h['tokens_per_cpu_s']:.2f}x {h['system']}" for h in hf)
+                lines.append(f"{r['system']} per CPU second: {ratios}")
     return lines
 
 
@@ -1393,6 +1409,7 @@ def main(argv=None) -> int:
     attention = sub.add_parser("attention", help="decode attention alone: SDPA vs the kernel and its split-K (CUDA)")
     attention.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     attention.add_argument("--contexts", type=int, nargs="+", default=[64, 512, 2048])
+    attention.add_argument("--sweep", action="store_true", help="also time keys-per-block x warps of the kernel")
     attention.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
     experts = sub.add_parser("experts", help="one routed-experts layer: transformers' eager / batched_mm / "
                                              "grouped_mm vs moelab's fused kernel, bf16 and NF4 (CUDA)")
@@ -1515,7 +1532,7 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("error: the attention benchmark needs a CUDA device", file=sys.stderr)
             return 2
-        result = bench_attention(tuple(args.batches), tuple(args.contexts))
+        result = bench_attention(tuple(args.batches), tuple(args.contexts), sweep=args.sweep)
         json_path = args.json or default_path("attention", result["card"], "json")
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=1) + "\n")

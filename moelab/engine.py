@@ -177,7 +177,8 @@ class Engine:
                 f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) = "
                 f"{len(prompt) + max_new_tokens} exceeds max_seq_len {self.max_seq_len}"
             )
-        bad = [t for t in list(prompt) + list(stop_ids) if not 0 <= t < self.vocab_size]
+        bad = [t for t in list(prompt) + list(stop_ids)
+               if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
         if isinstance(stop_strings, str):
@@ -214,7 +215,10 @@ class Engine:
     def cancel(self, request: Request | int) -> bool:
         """Stop a waiting or running request now; its slot is free for the next step. False
         if it had already finished."""
-        request = self.requests[request] if isinstance(request, int) else request
+        if isinstance(request, int):
+            if request not in self.requests:
+                raise ValueError(f"no request with id {request} was submitted to this engine")
+            request = self.requests[request]
         if request.finished:
             return False
         self.scheduler.cancel_waiting(request)  # a running request leaves in _finish

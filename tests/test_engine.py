@@ -116,6 +116,8 @@ def test_cancel_frees_the_slot_and_leaves_the_others_unchanged(model, hf):
     engine.run_until_idle()
     assert len(running.output) == 3 and waiting.output == []
     assert not engine.cancel(running)  # already finished
+    with pytest.raises(ValueError, match="no request with id"):
+        engine.cancel(10**9)
     for i in (0, 2, 3):
         assert requests[i].output == hf(prompts[i], 10, stop_at_eos=False)
     assert engine.cache.free_slots == [0, 1, 2]
@@ -221,6 +223,7 @@ def test_bad_input_is_rejected_at_submission_without_disturbing_others(model, hf
         ((prompts[0], 4), {"top_k": -2}, "top_k"),
         ((prompts[0], 4), {"stop_strings": ["x"]}, "tokenizer"),
         ((prompts[0], 4), {"seed": -1}, "seed"),
+        ((prompts[0], 4), {"stop_ids": ["a"]}, "token ids"),
     ]
     for args, kwargs, match in bad:
         with pytest.raises(ValueError, match=match):
