@@ -1,16 +1,20 @@
 """Benchmarks: `python -m moelab.bench <what>`, results as JSON (+ PNG) under benchmarks/results/.
 
-Built in notebooks/02_triton_router_kernel (router), 06_kv_cache_slots and
+Built in notebooks/02_triton_router_kernel (router), 05_fused_expert_kernel (experts), 06_kv_cache_slots and
 08_cuda_graphs_and_decode_attention (decode). Benchmarks are not tests: they time real
 runs, name the card, and compare systems side by side in one run on one machine.
 
     python -m moelab.bench router                  # on CUDA: eager, graphs, compile, Triton
     python -m moelab.bench router --json out.json --plot out.png
+    python -m moelab.bench nf4                     # CUDA: NF4 load memory + decode, moelab vs transformers+bnb
     python -m moelab.bench launch                  # on CUDA: where one router call's host time goes
+    python -m moelab.bench experts [--sweep]       # CUDA: one routed-experts layer, HF's three vs moelab bf16/NF4
     python -m moelab.bench decode                  # CPU or CUDA: decode step, 1..8 slots
     python -m moelab.bench decode --model qwen1.5-moe-a2.7b --batches 1 8 64 --prompt-len 16 64 \
-        --max-seq-len 2048 --profile                # CUDA: SDPA / kernel / graphs / fused rope vs the bound
+        --max-seq-len 2048 --profile                # CUDA: SDPA / kernel / graphs / fused ops vs the bound
     python -m moelab.bench attention               # CUDA: decode attention alone, SDPA vs kernel, split-K
+    python -m moelab.bench serve                   # CPU (tiny): HF serial / static / continuous vs the Engine
+    python -m moelab.bench serve --model qwen1.5-moe-a2.7b --device cuda   # random bf16 weights
 """
 
 from __future__ import annotations
@@ -163,13 +167,20 @@ def bench_router(tokens=(1, 64, 4096, 65536), experts: int = 60, top_k: int = 4,
             "torch_compile_graph": (lambda i: compiled(inputs[i], top_k), _time_graph),
             "triton": (lambda i: router_topk(inputs[i], top_k), _time_eager),
             "triton_graph": (lambda i: router_topk(inputs[i], top_k), _time_graph),
+            # router.py's kernel, where Triton chose the layout (the default picks router_rows.py's)
+            "triton_tl_graph": (lambda i: router_topk(inputs[i], top_k, kernel="tl"), _time_graph),
         }
         if sweep:
             for bt in (1, 2, 4, 8, 16):
                 for nw in (1, 2, 4):
                     if bt <= max(1, t) * 2:
                         systems[f"triton_graph_b{bt}_w{nw}"] = (
-                            lambda i, bt=bt, nw=nw: router_topk(inputs[i], top_k, block_t=bt, num_warps=nw), _time_graph)
+                            lambda i, bt=bt, nw=nw: router_topk(inputs[i], top_k, block_t=bt, num_warps=nw, kernel="tl"), _time_graph)
+            from .kernels.router_rows import router_topk_rows
+            for tpr in (1, 2, 8, 32):
+                for nw in (1, 2):
+                    systems[f"rows_graph_t{tpr}_w{nw}"] = (
+                        lambda i, tpr=tpr, nw=nw: router_topk_rows(inputs[i], top_k, threads_per_row=tpr, num_warps=nw), _time_graph)
         for name, (fn, timer) in systems.items():
             us = timer(fn, n_inputs)
             rows.append({"tokens": t, "system": name, "us": round(us, 3), "bytes": moved,
@@ -219,7 +230,8 @@ def plot_router(result: dict, path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     tokens = result["workload"]["tokens"]
-    for system in ("torch_eager", "torch_graph", "torch_compile_graph", "triton", "triton_graph"):
+    systems = ("torch_eager", "torch_graph", "torch_compile_graph", "triton", "triton_tl_graph", "triton_graph")
+    for system in (s for s in systems if any(r["system"] == s for r in result["results"])):
         ys = [next(r["us"] for r in result["results"] if r["tokens"] == t and r["system"] == system) for t in tokens]
         ax.plot(tokens, ys, marker="o", label=system)
     floor = [next(r["floor_us"] for r in result["results"] if r["tokens"] == t) for t in tokens]
@@ -292,12 +304,14 @@ def bench_launch(experts: int = 60, top_k: int = 4, calls: int = 3000) -> dict:
 
 # ---------------------------------------------------------------------------- decode step
 
-# mode: (decode attention, rotary + cache write, CUDA graph); each adds one optimisation.
+# mode: MoeForward's (attention, rope, norm) and whether a CUDA graph replays the step; each
+# mode adds one optimisation to the one before.
 DECODE_MODES = {
-    "eager_sdpa": ("sdpa", "torch", False),      # notebook 06's step: SDPA over whole cache rows
-    "eager_kernel": ("kernel", "torch", False),  # + the decode-attention kernel
-    "graph_kernel": ("kernel", "torch", True),   # + the whole step replayed from a CUDA graph
-    "graph_fused": ("kernel", "kernel", True),   # + rotary and cache write fused into one kernel
+    "eager_sdpa": ("sdpa", "torch", "torch", False),      # notebook 06's step: SDPA over whole cache rows
+    "eager_kernel": ("kernel", "torch", "torch", False),  # + the decode-attention kernel
+    "graph_kernel": ("kernel", "torch", "torch", True),   # + the whole step replayed from a CUDA graph
+    "graph_rope": ("kernel", "kernel", "torch", True),    # + rotary and cache write in one kernel
+    "graph_fused": ("kernel", "kernel", "kernel", True),  # + each residual add and RMSNorm in one kernel
 }
 
 
@@ -408,7 +422,8 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
     side by side (notebooks 06 and 08), each adding one optimisation (`DECODE_MODES`):
     `eager_sdpa` (MoeForward.decode with SDPA over the masked cache rows), `eager_kernel`
     (the decode-attention kernel), `graph_kernel` (the same step replayed from a CUDA graph,
-    `moelab.graphs`), `graph_fused` (rotary + cache write in one kernel as well).
+    `moelab.graphs`), `graph_rope` (rotary + cache write in one kernel), `graph_fused`
+    (residual add + RMSNorm in one kernel as well).
 
     Each sequence is prefilled with a random prompt (`prompt_len`: one length, or a
     (low, high) range drawn per sequence), then `steps` steps run, each ending with one
@@ -427,7 +442,7 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
     for mode in modes:
         if mode not in DECODE_MODES:
             raise ValueError(f"unknown decode mode {mode!r}: choose from {tuple(DECODE_MODES)}")
-        if DECODE_MODES[mode][2] and not on_cuda:
+        if DECODE_MODES[mode][3] and not on_cuda:
             raise ValueError(f"the {mode} mode needs CUDA (CUDA graphs); on the CPU use eager_sdpa / eager_kernel")
     low, high = (prompt_len[0], prompt_len[-1]) if not isinstance(prompt_len, int) else (prompt_len, prompt_len)
     warmup = 3
@@ -440,8 +455,8 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
     model, _ = load(model_name, **load_kwargs)
     experts_fn, experts_impl = _experts_fn(experts, on_cuda)
     forwards = {mode: MoeForward(model, experts_fn=experts_fn, attention=DECODE_MODES[mode][0],
-                                 rope=DECODE_MODES[mode][1]) for mode in modes}
-    reference = MoeForward(model, experts_fn=experts_fn, attention="sdpa", rope="torch")
+                                 rope=DECODE_MODES[mode][1], norm=DECODE_MODES[mode][2]) for mode in modes}
+    reference = MoeForward(model, experts_fn=experts_fn, attention="sdpa", rope="torch", norm="torch")
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     bandwidth = copy_bandwidth_gbs() if on_cuda else None
     gen = torch.Generator().manual_seed(seed)
@@ -461,7 +476,7 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
             fwd = forwards[mode]
             graphs, capture_s = None, None
             try:
-                if DECODE_MODES[mode][2]:
+                if DECODE_MODES[mode][3]:
                     graphs = DecodeGraphs(fwd, cache, buckets=(batch,), mode="graph")
                     capture_s = round(sum(graphs.capture_seconds.values()), 3)
                     step_ids = graphs.step
@@ -520,7 +535,7 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
                 cache.lengths.copy_(lengths)
                 state["tokens"] = first
                 try:
-                    prof = _profile_step(step, 3, timeline=batch in (batches[0], batches[-1]))
+                    prof = _profile_step(step, 3, timeline=batch == batches[0])
                 except Exception as err:  # noqa: BLE001  (a profiler failure must not lose the timings)
                     prof = {"error": repr(err)}
                 profiles.append({"mode": mode, "batch": batch, "wall_ms_per_step": round(ms, 3), **prof})
@@ -570,7 +585,8 @@ def decode_summary(result: dict) -> list[str]:
         parts += [f"{r['mode']} FAILED" for r in result["results"] if r["batch"] == batch and "error" in r]
         for new, old, what in (("eager_kernel", "eager_sdpa", "kernel {:.2f}x SDPA"),
                                ("graph_kernel", "eager_kernel", "graphs {:.2f}x eager"),
-                               ("graph_fused", "graph_kernel", "fused rope {:.2f}x")):
+                               ("graph_rope", "graph_kernel", "fused rope {:.2f}x"),
+                               ("graph_fused", "graph_rope", "fused norm {:.2f}x")):
             if new in by and old in by:
                 parts.append(what.format(by[new]["tokens_per_s"] / by[old]["tokens_per_s"]))
         lines.append(f"batch {batch:>3}: " + ", ".join(parts))
@@ -612,11 +628,12 @@ def plot_decode(result: dict, path) -> None:
 
 def bench_attention(batches=(1, 8, 64), contexts=(64, 512, 2048), heads: int = 16, kv_heads: int = 16,
                     head_dim: int = 128, max_seq_len: int = 2048, layers: int = 24,
-                    splits=(1, 2, 4, 8, 16), dtype=torch.bfloat16) -> dict:
+                    splits=(1, 2, 4, 8, 16), dtype=torch.bfloat16, sweep: bool = False) -> dict:
     """Decode attention alone on CUDA, Qwen1.5-MoE's shapes: SDPA over the whole masked cache
     rows (MoeForward's `sdpa` path) against the Triton kernel with its default split-K and
     forced splits, every sequence at `context` keys, each timed inside a CUDA graph and
-    rotating over `layers` layers of a full-size cache (so small cases are not all in L2)."""
+    rotating over `layers` layers of a full-size cache (so small cases are not all in L2).
+    `sweep` adds keys-per-block x warps variants of the one-split kernel."""
     if not torch.cuda.is_available():
         raise SystemExit("the attention benchmark needs a CUDA device")
     import torch.nn.functional as F
@@ -646,6 +663,11 @@ def bench_attention(batches=(1, 8, 64), contexts=(64, 512, 2048), heads: int = 1
             for n in splits:
                 systems[f"kernel_s{n}"] = lambda i, n=n: decode_attention(q[i], k[i], v[i], slots, lengths,
                                                                           num_splits=n)
+            for block_n in (16, 32, 64, 128) if sweep else ():
+                for warps in (2, 4, 8):
+                    systems[f"kernel_s1_n{block_n}_w{warps}"] = (
+                        lambda i, bn=block_n, w=warps: decode_attention(q[i], k[i], v[i], slots, lengths, num_splits=1,
+                                                                        block_n=bn, num_warps=w))
             moved = 2 * batch * kv_heads * context * head_dim * k.element_size() + 2 * q[0].nbytes
             floor = floor_us(moved, bandwidth)
             for name, fn in systems.items():
@@ -661,6 +683,711 @@ def bench_attention(batches=(1, 8, 64), contexts=(64, 512, 2048), heads: int = 1
                          "note": "one decode-attention call per layer, timed inside a CUDA graph; bytes = the keys "
                                  "and values each sequence holds, which is all the kernel reads"},
             "copy_bandwidth_gbs": round(bandwidth, 1), "results": rows}
+
+
+# ---------------------------------------------------------------------------- serving
+
+SERVE_SYSTEMS = ("hf_serial", "hf_static", "hf_continuous", "moelab_static", "moelab_continuous")
+SERVE_PRESETS = {"tiny": "cpu", "qwen1.5-moe-a2.7b": "cuda"}
+
+
+def serve_workload(num_requests: int = 32, prompt_len=(16, 64), output_len=(8, 128), rate: float | None = None,
+                   vocab: int = 256, seed: int = 0) -> dict:
+    """A seeded serving workload: random prompts and output lengths drawn uniformly from the
+    inclusive ranges, arrival offsets in seconds (all 0, or a Poisson process of `rate`
+    requests per second). Every system gets the same one and must produce exactly
+    `outputs[i]` tokens for request i (EOS ignored)."""
+    import random
+
+    for name, (lo, hi) in (("prompt_len", prompt_len), ("output_len", output_len)):
+        if not 1 <= lo <= hi:
+            raise ValueError(f"{name} must be 1 <= LOW <= HIGH, got {lo} {hi}")
+    if num_requests < 1:
+        raise ValueError(f"num_requests must be >= 1, got {num_requests}")
+    if rate is not None and rate <= 0:
+        raise ValueError(f"rate must be > 0 requests/s, got {rate}")
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(*prompt_len))] for _ in range(num_requests)]
+    outputs = [rng.randint(*output_len) for _ in range(num_requests)]
+    arrivals, t = [], 0.0
+    for _ in range(num_requests):
+        arrivals.append(t)
+        if rate is not None:
+            t += rng.expovariate(rate)
+    return {"num_requests": num_requests, "prompt_len": list(prompt_len), "output_len": list(output_len),
+            "rate": rate, "seed": seed, "prompts": prompts, "outputs": outputs, "arrivals": arrivals}
+
+
+def _wait_until(t: float) -> None:
+    delay = t - time.perf_counter()
+    if delay > 0:
+        time.sleep(delay)
+
+
+class _TokenClock:
+    """A transformers StoppingCriteria that notes when each generate step ends and marks each
+    row done once it has its own number of new tokens (a padded batch keeps computing the
+    finished rows until the longest ends, as static batching does)."""
+
+    def __init__(self, prompt_width: int, wanted: list[int]):
+        self.prompt_width, self.wanted, self.times = prompt_width, torch.tensor(wanted), []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(time.perf_counter())
+        return (input_ids.shape[1] - self.prompt_width >= self.wanted).to(input_ids.device)
+
+
+def _hf_generate(model, prompts: list[list[int]], wanted: list[int], pad_id: int):
+    """HF generate on a left-padded batch, greedy, EOS ignored; returns per-row token times."""
+    from transformers import StoppingCriteriaList
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    device = next(model.parameters()).device
+    clock = _TokenClock(width, wanted)
+    model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(wanted), do_sample=False,
+                   eos_token_id=None, pad_token_id=pad_id, stopping_criteria=StoppingCriteriaList([clock]))
+    return [clock.times[:n] for n in wanted]
+
+
+def _run_hf_batches(model, wl, batch, pad_id):
+    """Requests in arrival order, `batch` at a time (1: HF serial); a batch starts when its
+    last request has arrived and the previous batch is done. Returns (start, records)."""
+    records, start = [], time.perf_counter()
+    for i in range(0, wl["num_requests"], batch):
+        idx = list(range(i, min(i + batch, wl["num_requests"])))
+        _wait_until(start + wl["arrivals"][idx[-1]])
+        times = _hf_generate(model, [wl["prompts"][j] for j in idx], [wl["outputs"][j] for j in idx], pad_id)
+        records += [(start + wl["arrivals"][j], t) for j, t in zip(idx, times)]
+    return start, records
+
+
+def _run_hf_continuous(model, wl, concurrency):
+    """HF's continuous batching (the manager behind `generate_batch`), each request with its
+    own max_new_tokens and EOS off, submitted at its arrival time. The manager persists on
+    the model between calls, so a first (untimed) call leaves it warm and sized."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    config = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=max(wl["outputs"]))
+    # At most `concurrency` requests per batch: the same concurrency as the other systems.
+    # Its paged cache sized like moelab's slots (left alone it sizes itself from free memory:
+    # on the CPU that is gigabytes to zero, ~20 s before the first request).
+    longest = max(len(p) + n for p, n in zip(wl["prompts"], wl["outputs"]))
+    cb_config = ContinuousBatchingConfig(max_requests_per_batch=concurrency,
+                                         num_blocks=2 * concurrency * math.ceil(longest / 256) + 4)
+    with model.continuous_batching_context_manager(generation_config=config, continuous_batching_config=cb_config,
+                                                   block=True, timeout=60, persistent_manager=True) as manager:
+        ids, start = {}, time.perf_counter()  # the clock starts once the manager is up
+        for i in range(wl["num_requests"]):
+            _wait_until(start + wl["arrivals"][i])
+            rid = manager.add_request(wl["prompts"][i], max_new_tokens=wl["outputs"][i], record_timestamps=True,
+                                      eos_token_id=-1)
+            ids[rid] = i
+        results = {}
+        while len(results) < len(ids):
+            out = manager.get_result(timeout=60)
+            if out is None:
+                raise RuntimeError("HF continuous batching stopped before finishing every request")
+            if out.is_finished():
+                results[ids[out.request_id]] = out
+    records = []
+    for i in range(wl["num_requests"]):
+        out = results[i]
+        if len(out.generated_tokens) != wl["outputs"][i] or out.error:
+            raise RuntimeError(f"HF continuous batching gave {len(out.generated_tokens)} tokens for request {i}, "
+                               f"wanted {wl['outputs'][i]} ({out.error})")
+        records.append((start + wl["arrivals"][i], list(out.timestamps)))
+    return start, records
+
+
+def _run_moelab(engine, wl):
+    """Submit each request at its arrival time and step the engine meanwhile."""
+    n, submitted, requests, start = wl["num_requests"], 0, [], time.perf_counter()
+    while submitted < n or not engine.idle:
+        now = time.perf_counter()
+        while submitted < n and start + wl["arrivals"][submitted] <= now:
+            requests.append(engine.submit(wl["prompts"][submitted], wl["outputs"][submitted],
+                                          arrival_time=start + wl["arrivals"][submitted], ignore_eos=True))
+            submitted += 1
+        if engine.idle:
+            _wait_until(start + wl["arrivals"][submitted])
+            continue
+        engine.step()
+    return start, [(r.arrival_time, r.token_times) for r in requests]
+
+
+def serve_metrics(records, seconds: float) -> dict:
+    """tokens/s over the run, TTFT (arrival to first token) and inter-token latency p50/p99 in ms."""
+    from .engine import percentile
+
+    tokens = sum(len(t) for _, t in records)
+    ttft = [(t[0] - arrival) * 1e3 for arrival, t in records if t]
+    itl = [(b - a) * 1e3 for _, t in records for a, b in zip(t, t[1:])]
+    r2 = lambda x: None if x is None else round(x, 2)  # noqa: E731
+    return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+            "ttft_p50_ms": r2(percentile(ttft, 50)), "ttft_p99_ms": r2(percentile(ttft, 99)),
+            "itl_p50_ms": r2(percentile(itl, 50)), "itl_p99_ms": r2(percentile(itl, 99))}
+
+
+def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYSTEMS, num_requests: int = 32,
+                prompt_len=(16, 64), output_len=(8, 128), rate: float | None = None, concurrency: int = 8,
+                seed: int = 0, hf_experts: str | None = None, threads: int | None = 1, repeats: int = 1,
+                progress=print) -> dict:
+    """Serve one seeded workload with each system in turn, same prompts, EOS ignored by all.
+
+    hf_serial: HF generate one request at a time; hf_static: HF generate on left-padded batches
+    of `concurrency`; hf_continuous: HF's continuous batching (generate_batch's manager) with
+    at most `concurrency` requests per batch; moelab_static / moelab_continuous: the Engine
+    with `concurrency` slots under each policy. Every system is warmed up first. On the CPU
+    every system runs on `threads` threads (tiny's ops are too small for a second thread to pay).
+    With `repeats` > 1 the systems run in turn that many times and each keeps its fastest run
+    (on a shared machine, the one least disturbed by others).
+    """
+    from .engine import Engine
+    from .models import load
+
+    unknown = [s for s in systems if s not in SERVE_SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown system(s) {unknown}; systems are {list(SERVE_SYSTEMS)}")
+    if model_name not in SERVE_PRESETS:
+        raise ValueError(f"unknown preset {model_name!r}; serve presets are {sorted(SERVE_PRESETS)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda was asked for, but this machine has no CUDA device")
+    on_cuda = device == "cuda"
+    if not on_cuda and threads:
+        torch.set_num_threads(threads)
+    model, _ = load(model_name, device=device, random_weights=model_name != "tiny")
+    # grouped_mm is HF's fastest experts path here on both devices (on the CPU, tiny: 138 vs
+    # 112 tokens/s eager at batch 1, 728 vs 464 at batch 8; measured 2026-11-28).
+    hf_experts = hf_experts or "grouped_mm"
+    model.set_experts_implementation(hf_experts)
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    vocab = 256 if model_name == "tiny" else model.config.vocab_size  # tiny: bytes, no EOS in prompts
+    wl = serve_workload(num_requests, prompt_len, output_len, rate, vocab, seed)
+    warm = serve_workload(min(4, num_requests), (4, 8), (2, 4), None, vocab, seed + 1)
+    max_seq_len = max(len(p) + n for w in (wl, warm) for p, n in zip(w["prompts"], w["outputs"]))
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    precision = str(next(model.parameters()).dtype).replace("torch.", "")
+    bound = None
+    if on_cuda:
+        bandwidth = copy_bandwidth_gbs()
+        bound = lambda batch: batch * bandwidth * 1e9 / decode_weight_bytes(model, batch)["bytes"]  # noqa: E731
+    experts_fn, experts_name = _experts_fn("auto", on_cuda)
+
+    def runner(system):
+        if system == "hf_serial":
+            return lambda w: _run_hf_batches(model, w, 1, pad_id), 1, hf_experts
+        if system == "hf_static":
+            return lambda w: _run_hf_batches(model, w, concurrency, pad_id), concurrency, hf_experts
+        if system == "hf_continuous":
+            return lambda w: _run_hf_continuous(model, w, concurrency), concurrency, hf_experts
+        policy = system.removeprefix("moelab_")
+        engine = Engine(model, concurrency, max_seq_len, policy=policy, experts_fn=experts_fn)
+        return lambda w: _run_moelab(engine, w), concurrency, f"moelab_{experts_name}"
+
+    best = {}
+    for repeat in range(repeats):  # systems interleaved, so a busy spell of the machine hits all alike
+        for system in systems:
+            run, conc, experts_impl = runner(system)
+            run(wl if system == "hf_continuous" else warm)  # warm-up (HF's manager is sized by its first workload)
+            sync()
+            if on_cuda:
+                torch.cuda.reset_peak_memory_stats()
+            cpu_start = time.process_time()
+            start, records = run(wl)
+            sync()
+            cpu_seconds = time.process_time() - cpu_start
+            seconds = max(t[-1] for _, t in records) - start
+            row = {"system": system, "precision": precision, "experts_impl": experts_impl, "concurrency": conc,
+                   **serve_metrics(records, seconds),
+                   "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if on_cuda else None,
+                   "roofline_fraction": None}
+            # CPU seconds of this process (all threads): on a shared CPU, tokens per CPU
+            # second is the figure other processes' load disturbs least.
+            row["cpu_seconds"] = round(cpu_seconds, 3)
+            row["tokens_per_cpu_s"] = round(row["tokens"] / cpu_seconds, 1)
+            if bound is not None:
+                row["roofline_fraction"] = round(row["tokens_per_s"] / bound(conc), 4)
+            if system == "hf_continuous":
+                model.destroy_cached_continuous_batching_manager()
+            progress(f"run {repeat + 1}/{repeats} {system:<18} {row['tokens_per_s']:9.1f} tokens/s  "
+                     f"TTFT p50 {row['ttft_p50_ms']} ms  ITL p50 {row['itl_p50_ms']} ms")
+            if system not in best or row["tokens_per_s"] > best[system]["tokens_per_s"]:
+                best[system] = row
+    rows = [best[s] for s in systems]
+    workload = {k: v for k, v in wl.items() if k not in ("prompts", "outputs", "arrivals")}
+    workload.update(model=model_name, concurrency=concurrency, max_seq_len=max_seq_len, eos="ignored",
+                    total_output_tokens=sum(wl["outputs"]), repeats=repeats,
+                    note="same prompts for every system; tokens/s = output tokens / (last token - start); "
+                         "each system's fastest of `repeats` interleaved runs")
+    result = {"benchmark": "serve", "card": card_name(), "date": _dt.date.today().isoformat(),
+              "versions": versions(), "workload": workload, "results": rows}
+    if bound is not None:
+        result["copy_bandwidth_gbs"] = round(bandwidth, 1)
+    return result
+
+
+def serve_summary(result: dict) -> list[str]:
+    """A table of the rows, then each moelab system's tokens/s as a ratio of each HF system's."""
+    rows = result["results"]
+    lines = [f"{'system':<18} {'conc':>4} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
+             f"{'ITL p99':>8} {'tok/CPU-s':>9}  (ms)"]
+    fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+    for r in rows:
+        lines.append(f"{r['system']:<18} {r['concurrency']:>4} {r['tokens_per_s']:>9.1f} {fmt(r['ttft_p50_ms']):>9} "
+                     f"{fmt(r['ttft_p99_ms']):>9} {fmt(r['itl_p50_ms']):>8} {fmt(r['itl_p99_ms']):>8} "
+                     f"{fmt(r.get('tokens_per_cpu_s')):>9}")
+    hf = [r for r in rows if r["system"].startswith("hf_")]
+    for r in rows:
+        if r["system"].startswith("moelab_") and hf:
+            ratios = ", ".join(f"{r['tokens_per_s'] / h['tokens_per_s']:.2f}x {h['system']}" for h in hf)
+            lines.append(f"{r['system']}: {ratios}")
+            if all(x.get("tokens_per_cpu_s") for x in [r] + hf):
+                ratios = ", ".join(f"{r['tokens_per_cpu_s'] / h['tokens_per_cpu_s']:.2f}x {h['system']}" for h in hf)
+                lines.append(f"{r['system']} per CPU second: {ratios}")
+    return lines
+
+
+def plot_serve(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["results"]
+    names = [r["system"] for r in rows]
+    colors = ["#1f77b4" if n.startswith("moelab") else "#999999" for n in names]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.barh(names, [r["tokens_per_s"] for r in rows], color=colors)
+    ax1.set(xlabel="output tokens / s", title="throughput")
+    ax1.invert_yaxis()
+    y = range(len(rows))
+    for key, marker in (("ttft_p50_ms", "o"), ("ttft_p99_ms", "s"), ("itl_p50_ms", "^"), ("itl_p99_ms", "v")):
+        ax2.scatter([r[key] for r in rows], y, marker=marker, label=key.replace("_ms", ""))
+    ax2.set(xscale="log", xlabel="ms", title="latency", yticks=list(y), yticklabels=names)
+    ax2.invert_yaxis()
+    ax2.legend(fontsize=8)
+    w = result["workload"]
+    fig.suptitle(f"Serving {w['num_requests']} requests, {w['model']}, {w['concurrency']} concurrent, "
+                 f"{result['card']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- routed experts
+
+EXPERTS_SYSTEMS = ("eager", "batched_mm", "grouped_mm", "moelab_bf16", "moelab_nf4")
+BATCHED_MM_LIMIT_GB = 40.0  # batched_mm gathers one expert's weights per (token, k) pair
+EXPERTS_SWEEP = {  # tuning candidates for `--sweep` (kernel_config's choice is always timed too)
+    "decode": [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
+               for bn, bk, w, st in [(16, 128, 4, 4), (32, 128, 4, 4), (64, 128, 4, 4), (16, 256, 4, 3),
+                                     (32, 256, 4, 3), (32, 64, 4, 6), (64, 64, 4, 5), (32, 128, 8, 4)]],
+    "prefill": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=w, num_stages=st)
+                for bm, bn, w, st in [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4),
+                                      (128, 128, 8, 3)]],
+}
+
+
+def matmul_tflops(n: int = 8192, dtype=torch.bfloat16, repeats: int = 10) -> float:
+    """The card's measured dense matmul rate (torch.mm, n x n x n) in TFLOP/s."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    for _ in range(3):
+        torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.mm(a, b)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def _timed(fn, n_inputs: int, capturable: bool = True) -> tuple[float, str]:
+    """Microseconds per call inside a CUDA graph, or launched eagerly where it cannot be
+    captured (transformers' eager loop reads the touched experts on the host: `nonzero`)."""
+    if not capturable:
+        return _time_eager(fn, n_inputs), "eager"
+    try:
+        return _time_graph(fn, n_inputs), "graph"
+    except Exception as err:  # noqa: BLE001  (capture errors come from many layers)
+        print(f"    (not capturable: {type(err).__name__}: {str(err).splitlines()[0][:100]}; timed eagerly)", flush=True)
+        torch.cuda.synchronize()
+        return _time_eager(fn, n_inputs), "eager"
+
+
+def bench_experts(tokens=(1, 8, 64, 512, 4096), systems=EXPERTS_SYSTEMS, n_routings: int = 8,
+                  sweep: bool = False, seed: int = 0) -> dict:
+    """One routed-experts layer of Qwen1.5-MoE-A2.7B (random bf16 weights) on CUDA, T tokens:
+    transformers' experts implementations side by side with moelab's fused kernel (bf16, NF4).
+
+    Each T rotates through `n_routings` random routings so consecutive calls touch different
+    experts (the touched weights, up to 69 MB at T=1, do not stay in L2). Reports time per call,
+    the bytes of the distinct experts touched over the time as a fraction of the copy bandwidth
+    measured in the same run, and the routed FLOPs over the time as a fraction of the measured
+    bf16 matmul rate. Random weights: speed only.
+    """
+    if not torch.cuda.is_available():
+        raise SystemExit("the experts benchmark needs a CUDA device")
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
+
+    from .kernels.experts import DECODE_MAX_PAIRS, fused_experts_forward
+    from .models import preset_config
+    from .quant import NF4Experts
+    from .routing import route
+
+    torch.manual_seed(seed)
+    config = preset_config("qwen1.5-moe-a2.7b")
+    num_experts, top_k = config.num_experts, config.num_experts_per_tok
+    hidden, inter = config.hidden_size, config.moe_intermediate_size
+    experts = Qwen2MoeExperts(config).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.02)
+        experts.down_proj.normal_(0, 0.02)
+    nf4 = NF4Experts.from_experts(experts, backend="torch").to("cuda")
+    expert_bytes = {"bf16": _tensor_bytes(experts) / num_experts, "nf4": _tensor_bytes(nf4) / num_experts}
+    flops_per_pair = 2 * (2 * inter * hidden + hidden * inter)
+    bandwidth = copy_bandwidth_gbs()
+    tflops = matmul_tflops()
+    print(f"copy bandwidth {bandwidth:.0f} GB/s, bf16 matmul {tflops:.0f} TFLOP/s; bytes per expert "
+          f"bf16 {expert_bytes['bf16'] / 1e6:.1f} MB, nf4 {expert_bytes['nf4'] / 1e6:.1f} MB", flush=True)
+
+    def hf(impl):
+        def run(x, w, ids):
+            config._experts_implementation = impl
+            return experts(x, ids, w)
+        return run
+
+    runners = {"eager": hf("eager"), "batched_mm": hf("batched_mm"), "grouped_mm": hf("grouped_mm"),
+               "moelab_bf16": lambda x, w, ids, **kw: fused_experts_forward(x, w, ids, experts, **kw),
+               "moelab_nf4": lambda x, w, ids, **kw: fused_experts_forward(x, w, ids, nf4, **kw)}
+    rows = []
+    for t in tokens:
+        x = torch.randn(t, hidden, device="cuda", dtype=torch.bfloat16)
+        routings = [route(torch.randn(t, num_experts, device="cuda"), top_k) for _ in range(n_routings)]
+        inputs = [(w.to(torch.bfloat16), ids.to(torch.int64)) for w, ids in routings]
+        touched = statistics.mean(len(torch.unique(ids)) for _, ids in inputs)
+        pairs = t * top_k
+        for system in systems:
+            if system == "batched_mm" and pairs * expert_bytes["bf16"] / 1e9 > BATCHED_MM_LIMIT_GB:
+                print(f"T={t:>5} {system:<12} skipped: it would gather {pairs * expert_bytes['bf16'] / 1e9:.0f} GB "
+                      "of expert weights", flush=True)
+                rows.append({"tokens": t, "system": system, "us": None, "skipped": "gathers too many weights"})
+                continue
+            configs = [None]
+            if sweep and system.startswith("moelab"):
+                configs += EXPERTS_SWEEP["decode" if pairs <= DECODE_MAX_PAIRS else "prefill"]
+            for cfg in configs:
+                fn = runners[system]
+                kw = {} if cfg is None else {"config": cfg}
+                with torch.no_grad():
+                    us, timing = _timed(lambda i, fn=fn, kw=kw: fn(x, *inputs[i], **kw), n_routings,
+                                        capturable=system != "eager")
+                precision = "nf4" if system == "moelab_nf4" else "bf16"
+                nbytes = touched * expert_bytes[precision]
+                row = {"tokens": t, "system": system if cfg is None else f"{system}_sweep", "config": cfg,
+                       "timing": timing, "us": round(us, 2), "touched_experts": touched,
+                       "bytes": round(nbytes), "gb_per_s": round(nbytes / us / 1e3, 1),
+                       "bandwidth_fraction": round(nbytes / us / 1e3 / bandwidth, 4),
+                       "tflops": round(pairs * flops_per_pair / us / 1e6, 2),
+                       "matmul_fraction": round(pairs * flops_per_pair / us / 1e6 / tflops, 4)}
+                rows.append(row)
+                print(f"T={t:>5} {row['system']:<18} {us:10.1f} us ({timing})  {row['gb_per_s']:7.0f} GB/s "
+                      f"= {row['bandwidth_fraction']:.2f} of copy  {row['tflops']:6.1f} TFLOP/s = "
+                      f"{row['matmul_fraction']:.2f} of matmul" + (f"  {cfg}" if cfg else ""), flush=True)
+        del x, routings, inputs
+    return {
+        "benchmark": "experts",
+        "card": card_name(),
+        "date": _dt.date.today().isoformat(),
+        "versions": versions(),
+        "workload": {"model": "qwen1.5-moe-a2.7b", "layer": "routed experts of one MoE layer",
+                     "experts": num_experts, "top_k": top_k, "hidden": hidden, "intermediate": inter,
+                     "dtype": "bfloat16", "tokens": list(tokens), "routings": n_routings,
+                     "bytes_per_expert": {k: round(v) for k, v in expert_bytes.items()},
+                     "note": "random weights (speed only); each call's routing is one of `routings` random "
+                             "ones; 'graph' rows are per call inside one captured CUDA graph, 'eager' rows "
+                             "launched from Python; bytes = distinct experts touched x bytes per expert"},
+        "copy_bandwidth_gbs": round(bandwidth, 1),
+        "matmul_tflops": round(tflops, 1),
+        "results": rows,
+    }
+
+
+def experts_summary(result: dict) -> list[str]:
+    """The issue's targets, checked against one result: bandwidth at T <= 64, matmul rate at the
+    largest T, NF4 vs bf16 at T=1; and the kernel against each transformers implementation."""
+    by = {(r["tokens"], r["system"]): r for r in result["results"] if r.get("us") is not None}
+    lines = []
+    for t in result["workload"]["tokens"]:
+        ml = by.get((t, "moelab_bf16"))
+        if ml is None:
+            continue
+        peers = ", ".join(f"{s} {by[(t, s)]['us'] / ml['us']:.1f}x" for s in ("eager", "batched_mm", "grouped_mm")
+                          if (t, s) in by)
+        nf = by.get((t, "moelab_nf4"))
+        nf_text = f"; nf4 {nf['us']:.1f} us ({ml['us'] / nf['us']:.2f}x bf16)" if nf else ""
+        lines.append(f"T={t:>5}: moelab bf16 {ml['us']:8.1f} us = {ml['bandwidth_fraction']:.2f} of copy bandwidth, "
+                     f"{ml['matmul_fraction']:.2f} of matmul{nf_text}; faster than {peers}")
+    small = [by[(t, "moelab_bf16")] for t in result["workload"]["tokens"] if t <= 64 and (t, "moelab_bf16") in by]
+    if small:
+        worst = min(r["bandwidth_fraction"] for r in small)
+        lines.append(f"target T<=64 bf16 >= 0.60 of copy bandwidth: worst {worst:.2f} "
+                     f"({'met' if worst >= 0.6 else 'MISSED'})")
+    big = max(result["workload"]["tokens"])
+    if (big, "moelab_bf16") in by:
+        frac = by[(big, "moelab_bf16")]["matmul_fraction"]
+        lines.append(f"target T={big} bf16 >= 0.50 of matmul rate: {frac:.2f} ({'met' if frac >= 0.5 else 'MISSED'})")
+    if (1, "moelab_bf16") in by and (1, "moelab_nf4") in by:
+        ratio = by[(1, "moelab_bf16")]["us"] / by[(1, "moelab_nf4")]["us"]
+        lines.append(f"target T=1 nf4 >= 2x faster than bf16: {ratio:.2f}x ({'met' if ratio >= 2 else 'MISSED'})")
+    sweeps = [r for r in result["results"] if r["system"].endswith("_sweep") and r.get("us")]
+    for t in result["workload"]["tokens"]:
+        for system in ("moelab_bf16", "moelab_nf4"):
+            cands = [r for r in sweeps if r["tokens"] == t and r["system"] == f"{system}_sweep"]
+            if cands and (t, system) in by:
+                best = min(cands, key=lambda r: r["us"])
+                lines.append(f"sweep T={t:>5} {system}: best {best['us']:.1f} us vs default {by[(t, system)]['us']:.1f} "
+                             f"with {best['config']}")
+    return lines
+
+
+def plot_experts(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = result["workload"]["tokens"]
+    rows = {(r["tokens"], r["system"]): r for r in result["results"] if r.get("us") is not None}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for system in EXPERTS_SYSTEMS:
+        pts = [(t, rows[(t, system)]["us"]) for t in tokens if (t, system) in rows]
+        if pts:
+            timing = {rows[(t, system)]["timing"] for t, _ in pts}
+            left.plot(*zip(*pts), marker="o", label=f"{system} ({'/'.join(sorted(timing))})")
+    left.set(xscale="log", yscale="log", xlabel="tokens", ylabel="microseconds per call",
+             title="one routed-experts layer, Qwen1.5-MoE shape")
+    left.legend(fontsize=8)
+    left.grid(True, which="both", alpha=0.3)
+    for system in ("moelab_bf16", "moelab_nf4", "grouped_mm"):
+        bw = [(t, rows[(t, system)]["bandwidth_fraction"]) for t in tokens if (t, system) in rows and t <= 64]
+        mm = [(t, rows[(t, system)]["matmul_fraction"]) for t in tokens if (t, system) in rows and t > 64]
+        if bw:
+            right.plot(*zip(*bw), marker="o", label=f"{system}: bytes / copy bandwidth")
+        if mm:
+            right.plot(*zip(*mm), marker="s", linestyle="--", label=f"{system}: FLOPs / matmul rate")
+    right.axhline(0.6, color="grey", linewidth=0.8)
+    right.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
+    right.set(xscale="log", xlabel="tokens", ylabel="fraction of the card's measured rate",
+              title=f"{result['card']}: copy {result['copy_bandwidth_gbs']:.0f} GB/s, "
+                    f"matmul {result['matmul_tflops']:.0f} TFLOP/s")
+    right.legend(fontsize=8)
+    right.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- NF4 loading
+
+def transformers_bnb_4bit_(model, compute_dtype=torch.bfloat16, double_quant: bool = True):
+    """transformers' own 4-bit path, applied to a model already built: its module replacement
+    (`replace_with_bnb_linear`, which swaps `nn.Linear` only) and, for each new `Linear4bit`, the
+    old weight through bitsandbytes' `Params4bit` as transformers' `Bnb4bitQuantize` does.
+    `from_pretrained(quantization_config=BitsAndBytesConfig(...))` does the same while reading a
+    checkpoint (and needs accelerate); the fused routed experts are untouched either way.
+    Router (not a Linear in v5), `shared_expert_gate` and `lm_head` are skipped. In place."""
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+                                bnb_4bit_use_double_quant=double_quant,
+                                llm_int8_skip_modules=["shared_expert_gate", "lm_head"])
+    linears = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    replace_with_bnb_linear(model, modules_to_not_convert=config.llm_int8_skip_modules, quantization_config=config)
+    for name, old in linears.items():
+        new = model.get_submodule(name)
+        if new is old:  # skipped: stays full precision
+            continue
+        kwargs = dict(new.weight.__dict__)
+        new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, **kwargs).to(old.weight.device)
+        if old.bias is not None:
+            new.bias = torch.nn.Parameter(old.bias.data, requires_grad=False)
+    return model
+
+
+def serial_decode(model, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Batch-1 greedy decode with HF `generate`, one prompt at a time, EOS ignored
+    (min_new_tokens = max_new_tokens). TTFT is a 1-token generate; ITL = (T(N) - T(1)) / (N - 1)."""
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    pad = model.config.eos_token_id if model.config.eos_token_id is not None else 0
+
+    def run(prompt, n):
+        ids = torch.tensor([prompt], device=device)
+        sync()
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, pad_token_id=pad)
+        sync()
+        return time.perf_counter() - start
+
+    run(prompts[0], 4)  # warm-up
+    firsts, fulls = [], []
+    for prompt in prompts:
+        firsts.append(run(prompt, 1))
+        fulls.append(run(prompt, new_tokens))
+    itl = [(full - first) / (new_tokens - 1) for first, full in zip(firsts, fulls)]
+    return {"tokens_per_s": round(len(prompts) * new_tokens / sum(fulls), 2),
+            "ttft_p50_ms": round(statistics.median(firsts) * 1e3, 2),
+            "itl_p50_ms": round(statistics.median(itl) * 1e3, 2)}
+
+
+def _loaded(build) -> tuple:
+    """Run build() on a clean CUDA allocator: (result, GB allocated after, GB peak during, s)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    out = build()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return (out, (torch.cuda.memory_allocated() - base) / 1e9, (torch.cuda.max_memory_allocated() - base) / 1e9,
+            seconds)
+
+
+def bench_nf4(model_name: str = "qwen1.5-moe-a2.7b", num_prompts: int = 3, prompt_len=(16, 64),
+              new_tokens: int = 48, seed: int = 0) -> dict:
+    """NF4 on CUDA, side by side in one run (notebook 04): moelab's layer-by-layer NF4 load
+    (memory after and peak during the load, `memory_report`, serial decode) against transformers
+    + bitsandbytes 4-bit on the same random model (its experts stay bf16), and that model in bf16
+    before conversion. Random weights: speed and memory, never quality."""
+    if not torch.cuda.is_available():
+        raise SystemExit("the NF4 benchmark needs a CUDA device")
+    import bitsandbytes
+
+    from .models import load, preset_config, random_model
+    from .quant import memory_report
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab = preset_config(model_name).vocab_size
+    prompts = [torch.randint(0, vocab, (int(torch.randint(prompt_len[0], prompt_len[1] + 1, (1,), generator=gen)),),
+                             generator=gen).tolist() for _ in range(num_prompts)]
+    rows, memory = [], {}
+
+    def row(system, precision, experts_impl, decode, peak):
+        rows.append({"system": system, "precision": precision, "experts_impl": experts_impl, "concurrency": 1,
+                     **decode, "ttft_p99_ms": None, "itl_p99_ms": None, "peak_mem_gb": round(peak, 3)})
+        print(f"{system:<26} {experts_impl:<12} {decode['tokens_per_s']:7.2f} tokens/s  "
+              f"itl p50 {decode['itl_p50_ms']:.1f} ms  peak {peak:.2f} GB", flush=True)
+
+    # 1. moelab: quantized layer by layer as it is built.
+    model, after, peak, seconds = _loaded(
+        lambda: load(model_name, random_weights=True, device="cuda", quantize="nf4", seed=seed)[0])
+    report = memory_report(model)
+    memory["moelab_nf4"] = {"allocated_after_load_gb": round(after, 3), "peak_during_load_gb": round(peak, 3),
+                            "load_s": round(seconds, 1), "report": report.as_dict()}
+    print(f"moelab NF4 load: {after:.2f} GB allocated after, {peak:.2f} GB peak during, {seconds:.0f} s\n{report}")
+    torch.cuda.reset_peak_memory_stats()
+    decode = serial_decode(model, prompts, new_tokens)
+    row("moelab_nf4_hf_generate", "nf4 (experts: moelab, linears: bnb)", "moelab_nf4", decode,
+        torch.cuda.max_memory_allocated() / 1e9)
+    del model
+
+    # 2. The same architecture in bf16, built on the GPU, then transformers' own 4-bit conversion.
+    model, after, peak, seconds = _loaded(lambda: random_model(preset_config(model_name), "cuda", torch.bfloat16, seed))
+    memory["bf16"] = {"allocated_after_load_gb": round(after, 3), "peak_during_load_gb": round(peak, 3),
+                      "load_s": round(seconds, 1), "report": memory_report(model).as_dict()}
+    model.set_experts_implementation("grouped_mm")
+    torch.cuda.reset_peak_memory_stats()
+    row("hf_bf16", "bf16", "grouped_mm", serial_decode(model, prompts, new_tokens), torch.cuda.max_memory_allocated() / 1e9)
+    _, after, peak, seconds = _loaded(lambda: transformers_bnb_4bit_(model, torch.bfloat16))
+    report = memory_report(model)
+    memory["transformers_bnb_4bit"] = {
+        "allocated_after_load_gb": round(torch.cuda.memory_allocated() / 1e9, 3), "conversion_s": round(seconds, 1),
+        "note": "built in bf16 on the GPU, then converted in place (transformers' replace_with_bnb_linear + "
+                "Params4bit): allocated after = what stays on the GPU", "report": report.as_dict()}
+    print(f"transformers + bitsandbytes 4-bit: {torch.cuda.memory_allocated() / 1e9:.2f} GB allocated\n{report}")
+    for impl in ("eager", "grouped_mm"):
+        model.set_experts_implementation(impl)
+        torch.cuda.reset_peak_memory_stats()
+        row("hf_bnb_4bit", "nf4 linears, bf16 experts", impl, serial_decode(model, prompts, new_tokens),
+            torch.cuda.max_memory_allocated() / 1e9)
+    del model
+    torch.cuda.empty_cache()
+    out_versions = versions()
+    out_versions["bitsandbytes"] = bitsandbytes.__version__
+    return {
+        "benchmark": "nf4",
+        "card": card_name(),
+        "date": _dt.date.today().isoformat(),
+        "versions": out_versions,
+        "workload": {"model": model_name, "weights": "random (seeded): speed and memory, never quality",
+                     "prompts": num_prompts, "prompt_lens": [len(p) for p in prompts], "new_tokens": new_tokens,
+                     "decoding": "greedy, batch 1, one prompt at a time, EOS ignored (min_new_tokens)",
+                     "quantization": "NF4, block 64, double quantisation, bf16 compute; router, "
+                                     "shared_expert_gate and lm_head full precision"},
+        "targets": {"allocated_after_load_gb_max": 9.0, "peak_during_load_gb_max": 11.0},
+        "memory": memory,
+        "results": rows,
+    }
+
+
+def nf4_summary(result: dict) -> list[str]:
+    """The bounds checked, and the memory and speed ratios of one nf4 result."""
+    mem = result["memory"]
+    ours, theirs, bf16 = mem["moelab_nf4"], mem["transformers_bnb_4bit"], mem["bf16"]
+    experts = {k: next(p for p in v["report"]["parts"] if p["part"] == "routed experts")["bytes"] / 1e9
+               for k, v in mem.items()}
+    by = {(r["system"], r["experts_impl"]): r["tokens_per_s"] for r in result["results"]}
+    ok = lambda value, bound: "ok" if value <= bound else "OVER"  # noqa: E731
+    return [
+        f"moelab NF4: {ours['allocated_after_load_gb']:.2f} GB after load ({ok(ours['allocated_after_load_gb'], 9)}, "
+        f"<= 9), peak {ours['peak_during_load_gb']:.2f} GB during load ({ok(ours['peak_during_load_gb'], 11)}, <= 11)",
+        f"transformers + bnb 4-bit: {theirs['allocated_after_load_gb']:.2f} GB, routed experts "
+        f"{experts['transformers_bnb_4bit']:.2f} GB (bf16: {experts['bf16']:.2f} GB; moelab NF4: "
+        f"{experts['moelab_nf4']:.2f} GB): {theirs['allocated_after_load_gb'] / ours['allocated_after_load_gb']:.1f}x "
+        f"moelab's footprint",
+        f"serial decode tokens/s: moelab NF4 {by[('moelab_nf4_hf_generate', 'moelab_nf4')]:.1f}, transformers + bnb "
+        f"{by[('hf_bnb_4bit', 'eager')]:.1f} (eager) / {by[('hf_bnb_4bit', 'grouped_mm')]:.1f} (grouped_mm), "
+        f"bf16 {by[('hf_bf16', 'grouped_mm')]:.1f} (grouped_mm)",
+    ]
+
+
+def plot_nf4(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .quant import MemoryReport, plot_memory
+
+    labels = {"bf16": "bf16", "transformers_bnb_4bit": "transformers + bnb 4-bit", "moelab_nf4": "moelab NF4"}
+    reports = {label: MemoryReport(result["memory"][key]["report"]["parts"]) for key, label in labels.items()}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1.6, 1]})
+    plot_memory(reports, ax=left)
+    left.axvline(12, color="k", ls="--", lw=1)
+    left.text(12, 2.45, " a 12 GB card", fontsize=8)
+    left.set_title(f"{result['workload']['model']} (random weights) on {result['card']}", fontsize=10)
+    names = [f"{r['system']}\n{r['experts_impl']}" for r in result["results"]]
+    right.barh(names, [r["tokens_per_s"] for r in result["results"]], color="tab:gray")
+    right.invert_yaxis()
+    right.set_xlabel("serial decode tokens/s (batch 1, greedy)")
+    right.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -682,7 +1409,15 @@ def main(argv=None) -> int:
     attention = sub.add_parser("attention", help="decode attention alone: SDPA vs the kernel and its split-K (CUDA)")
     attention.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     attention.add_argument("--contexts", type=int, nargs="+", default=[64, 512, 2048])
+    attention.add_argument("--sweep", action="store_true", help="also time keys-per-block x warps of the kernel")
     attention.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
+    experts = sub.add_parser("experts", help="one routed-experts layer: transformers' eager / batched_mm / "
+                                             "grouped_mm vs moelab's fused kernel, bf16 and NF4 (CUDA)")
+    experts.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096])
+    experts.add_argument("--systems", nargs="+", choices=EXPERTS_SYSTEMS, default=list(EXPERTS_SYSTEMS))
+    experts.add_argument("--sweep", action="store_true", help="also time a few kernel configurations per T")
+    experts.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
+    experts.add_argument("--plot", type=Path, default=None, help="where to write the PNG")
     launch = sub.add_parser("launch", help="where the host time of one router call goes (CUDA)")
     launch.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
     decode = sub.add_parser("decode", help="moelab's decode step for B sequences at once, eager / kernel / graphs "
@@ -695,13 +1430,93 @@ def main(argv=None) -> int:
     decode.add_argument("--repeats", type=int, default=5)
     decode.add_argument("--max-seq-len", type=int, default=None, help="cache row length (default: just enough)")
     decode.add_argument("--modes", nargs="+", choices=list(DECODE_MODES), default=None,
-                        help="default: all four on CUDA, eager_sdpa on the CPU")
+                        help="default: all on CUDA, eager_sdpa on the CPU")
     decode.add_argument("--experts", choices=["auto", "torch", "fused"], default="auto",
                         help="routed experts: moelab's PyTorch path or the fused kernel (auto: fused when present)")
     decode.add_argument("--profile", action="store_true", help="CUDA: add a torch.profiler kernel table per mode")
     decode.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
     decode.add_argument("--plot", type=Path, default=None, help="where to write the PNG (default: beside the JSON)")
+    serve = sub.add_parser("serve", help="serving a seeded workload: HF generate (serial, static batch, continuous "
+                                         "batching) vs moelab's Engine (static, continuous)")
+    serve.add_argument("--model", default="tiny", help=f"a preset: {', '.join(SERVE_PRESETS)} (random weights)")
+    serve.add_argument("--device", default=None, help="cpu or cuda (default: cpu for tiny, cuda otherwise)")
+    serve.add_argument("--systems", nargs="+", default=list(SERVE_SYSTEMS), help=f"any of {', '.join(SERVE_SYSTEMS)}")
+    serve.add_argument("--requests", type=int, default=32)
+    serve.add_argument("--prompt-len", type=int, nargs=2, default=[16, 64], metavar=("LOW", "HIGH"))
+    serve.add_argument("--output-len", type=int, nargs=2, default=[8, 128], metavar=("LOW", "HIGH"))
+    serve.add_argument("--rate", type=float, default=None, help="Poisson arrivals, requests/s (default: all at once)")
+    serve.add_argument("--concurrency", type=int, default=8, help="slots / batch size of the batched systems")
+    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--threads", type=int, default=1, help="CPU threads for every system (default 1)")
+    serve.add_argument("--repeats", type=int, default=1, help="run the systems in turn N times, keep each one's best")
+    serve.add_argument("--hf-experts", default=None, help="transformers' experts implementation (default grouped_mm)")
+    serve.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
+    serve.add_argument("--plot", type=Path, default=None, help="where to write the PNG (default: beside the JSON)")
+    nf4 = sub.add_parser("nf4", help="NF4 loading on CUDA: moelab's memory and decode vs transformers + bitsandbytes")
+    nf4.add_argument("--model", default="qwen1.5-moe-a2.7b")
+    nf4.add_argument("--prompts", type=int, default=3)
+    nf4.add_argument("--new-tokens", type=int, default=48)
+    nf4.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
+    nf4.add_argument("--plot", type=Path, default=None, help="where to write the PNG")
     args = parser.parse_args(argv)
+
+    if args.what == "nf4":
+        if not torch.cuda.is_available():
+            print("error: the NF4 benchmark needs a CUDA device", file=sys.stderr)
+            return 2
+        result = bench_nf4(args.model, num_prompts=args.prompts, new_tokens=args.new_tokens)
+        json_path = args.json or default_path("nf4", result["card"], "json")
+        plot_path = args.plot or json_path.with_suffix(".png")
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+        plot_nf4(result, plot_path)
+        print("\n".join(nf4_summary(result)))
+        print(f"wrote {json_path} and {plot_path}")
+
+    if args.what == "serve":
+        device = args.device or SERVE_PRESETS.get(args.model, "cpu")
+        problem = None
+        if args.model not in SERVE_PRESETS:
+            problem = f"unknown preset {args.model!r}; serve presets are {sorted(SERVE_PRESETS)}"
+        elif [s for s in args.systems if s not in SERVE_SYSTEMS]:
+            problem = (f"unknown system(s) {[s for s in args.systems if s not in SERVE_SYSTEMS]}; "
+                       f"systems are {list(SERVE_SYSTEMS)}")
+        elif device not in ("cpu", "cuda"):
+            problem = f"--device must be cpu or cuda, got {device!r}"
+        elif device == "cuda" and not torch.cuda.is_available():
+            problem = "--device cuda was asked for, but this machine has no CUDA device"
+        elif device == "cpu" and args.model != "tiny":
+            problem = f"{args.model!r} is too large for the CPU: use --device cuda"
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+        try:
+            result = bench_serve(args.model, device, tuple(args.systems), args.requests, tuple(args.prompt_len),
+                                 tuple(args.output_len), args.rate, args.concurrency, args.seed, args.hf_experts,
+                                 args.threads, args.repeats)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        json_path = args.json or default_path("serve", result["card"], "json")
+        plot_path = args.plot or json_path.with_suffix(".png")
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+        plot_serve(result, plot_path)
+        print("\n".join(serve_summary(result)))
+        print(f"wrote {json_path} and {plot_path}")
+
+    if args.what == "experts":
+        if not torch.cuda.is_available():
+            print("error: the experts benchmark needs a CUDA device", file=sys.stderr)
+            return 2
+        result = bench_experts(tuple(args.tokens), tuple(args.systems), sweep=args.sweep)
+        json_path = args.json or default_path("experts", result["card"], "json")
+        plot_path = args.plot or json_path.with_suffix(".png")
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+        plot_experts(result, plot_path)
+        print("\n".join(experts_summary(result)))
+        print(f"wrote {json_path} and {plot_path}")
 
     if args.what == "launch":
         if not torch.cuda.is_available():
@@ -717,7 +1532,7 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("error: the attention benchmark needs a CUDA device", file=sys.stderr)
             return 2
-        result = bench_attention(tuple(args.batches), tuple(args.contexts))
+        result = bench_attention(tuple(args.batches), tuple(args.contexts), sweep=args.sweep)
         json_path = args.json or default_path("attention", result["card"], "json")
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=1) + "\n")
