@@ -369,18 +369,21 @@ def _experts_fn(impl: str, on_cuda: bool):
     return fused_experts_forward, "fused"
 
 
-def _profile_step(step, steps: int, timeline: bool) -> dict:
+def _profile_step(step, steps: int, timeline: bool, on_cuda: bool = True) -> dict:
     """Kernels of `steps` decode steps under torch.profiler: the top ones by device time
-    per step, GPU busy time per step, and optionally one step's kernel timeline."""
+    per step, GPU busy time per step, and optionally one step's kernel timeline.
+    on_cuda=False profiles CPU ops instead (their device time is 0): for testing."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    kind = DeviceType.CUDA if on_cuda else DeviceType.CPU
     step()  # outside the profile: nothing lazy inside it
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])) as prof:
         for _ in range(steps):
             step()
-        torch.cuda.synchronize()
+        sync()
 
     def device_us(evt, self_time=True):
         for name in (("self_device_time_total", "self_cuda_time_total") if self_time
@@ -389,7 +392,7 @@ def _profile_step(step, steps: int, timeline: bool) -> dict:
                 return getattr(evt, name)
         return 0.0
 
-    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    kernels = [e for e in prof.key_averages() if e.device_type == kind]
     kernels.sort(key=device_us, reverse=True)
     busy = sum(device_us(e) for e in kernels) / steps
     top = [{"kernel": e.key[:120], "us_per_step": round(device_us(e) / steps, 2),
@@ -405,7 +408,7 @@ def _profile_step(step, steps: int, timeline: bool) -> dict:
         except Exception:  # noqa: BLE001, S112
             continue
     if timeline:
-        events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA),
+        events = sorted((e for e in prof.events() if e.device_type == kind),
                         key=lambda e: e.time_range.start)
         if events:
             t0 = events[0].time_range.start
@@ -1375,7 +1378,7 @@ def plot_nf4(result: dict, path) -> None:
 
     labels = {"bf16": "bf16", "transformers_bnb_4bit": "transformers + bnb 4-bit", "moelab_nf4": "moelab NF4"}
     reports = {label: MemoryReport(result["memory"][key]["report"]["parts"]) for key, label in labels.items()}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [1.6, 1]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 4.4), gridspec_kw={"width_ratios": [1.5, 1]})
     plot_memory(reports, ax=left)
     left.axvline(12, color="k", ls="--", lw=1)
     left.text(12, 2.45, " a 12 GB card", fontsize=8)

@@ -140,3 +140,14 @@ def test_serve_runs_every_system_end_to_end(tmp_path, capsys):
         assert row["concurrency"] == (1 if row["system"] == "hf_serial" else 2)
     out = capsys.readouterr().out
     assert "moelab_continuous: " in out and "x hf_serial" in out
+
+
+def test_profile_step_plumbing_on_cpu_ops():
+    x = torch.randn(64, 64)
+    prof = bench._profile_step(lambda: (x @ x).relu().sum(), 2, timeline=True, on_cuda=False)
+    names = [row["kernel"] for row in prof["top_kernels"]]
+    assert "aten::matmul" in names or "aten::mm" in names
+    assert all(row["calls_per_step"] > 0 for row in prof["top_kernels"])
+    assert prof["gpu_busy_ms_per_step"] == 0  # CPU ops have no device time
+    assert prof["timeline_one_step"] and all(len(e) == 3 and e[2] >= 0 for e in prof["timeline_one_step"])
+    assert prof["table"] and "Name" in prof["table"]
