@@ -1378,17 +1378,18 @@ def plot_nf4(result: dict, path) -> None:
 
     labels = {"bf16": "bf16", "transformers_bnb_4bit": "transformers + bnb 4-bit", "moelab_nf4": "moelab NF4"}
     reports = {label: MemoryReport(result["memory"][key]["report"]["parts"]) for key, label in labels.items()}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 4.4), gridspec_kw={"width_ratios": [1.5, 1]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 4.4), gridspec_kw={"width_ratios": [1.5, 1]},
+                                      layout="constrained")
     plot_memory(reports, ax=left)
-    left.axvline(12, color="k", ls="--", lw=1)
-    left.text(12, 2.45, " a 12 GB card", fontsize=8)
+    if left.get_xlim()[1] > 12:
+        left.axvline(12, color="k", ls="--", lw=1)
+        left.text(12, 2.45, " a 12 GB card", fontsize=8)
     left.set_title(f"{result['workload']['model']} (random weights) on {result['card']}", fontsize=10)
     names = [f"{r['system']}\n{r['experts_impl']}" for r in result["results"]]
     right.barh(names, [r["tokens_per_s"] for r in result["results"]], color="tab:gray")
     right.invert_yaxis()
     right.set_xlabel("serial decode tokens/s (batch 1, greedy)")
     right.tick_params(axis="y", labelsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
