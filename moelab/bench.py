@@ -420,7 +420,8 @@ def _profile_step(step, steps: int, timeline: bool, on_cuda: bool = True) -> dic
 
 def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,), steps: int = 32,
                  repeats: int = 5, device: str | None = None, modes=None, experts: str = "auto",
-                 max_seq_len: int | None = None, profile: bool = False, seed: int = 0) -> dict:
+                 max_seq_len: int | None = None, profile: bool = False, seed: int = 0,
+                 quantize: str | None = None) -> dict:
     """Time moelab's decode step for B sequences at once, B in `batches`, in several modes
     side by side (notebooks 06 and 08), each adding one optimisation (`DECODE_MODES`):
     `eager_sdpa` (MoeForward.decode with SDPA over the masked cache rows), `eager_kernel`
@@ -433,7 +434,9 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
     copy of the new ids to the host, as an engine does; the median of `repeats` runs (each
     from the same prefilled state) is kept. On CUDA the run also measures the copy
     bandwidth and reports each figure against the weight-bandwidth bound of ANCHORS.md.
-    On the CPU this measures per-op overhead more than arithmetic.
+    On the CPU this measures per-op overhead more than arithmetic. quantize="nf4" loads the
+    model with moelab's NF4 experts (`moelab.load(..., quantize="nf4")`); the bound then
+    counts the bytes the quantized tensors hold.
     """
     from .graphs import DecodeGraphs
     from .model import MoeForward
@@ -455,6 +458,8 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
     load_kwargs = {"device": device}
     if model_name != "tiny":
         load_kwargs["random_weights"] = True
+    if quantize:
+        load_kwargs["quantize"] = quantize
     model, _ = load(model_name, **load_kwargs)
     experts_fn, experts_impl = _experts_fn(experts, on_cuda)
     forwards = {mode: MoeForward(model, experts_fn=experts_fn, attention=DECODE_MODES[mode][0],
@@ -465,6 +470,7 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
     gen = torch.Generator().manual_seed(seed)
     vocab = min(model.config.vocab_size, 256) if model_name == "tiny" else model.config.vocab_size
     rows, profiles = [], []
+    dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
     for batch in batches:
         cache = reference.new_cache(num_slots=batch + 1, max_seq_len=max_seq_len)  # + the scratch slot
         slots = [cache.allocate(max_seq_len) for _ in range(batch)]
@@ -514,7 +520,8 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
                     graphs.release()
                 continue
             ms = statistics.median(per_step)
-            row = {"system": f"moelab_{mode}", "mode": mode, "experts_impl": experts_impl, "batch": batch,
+            row = {"system": f"moelab_{mode}", "mode": mode, "precision": quantize or dtype_name,
+                   "experts_impl": experts_impl, "batch": batch,
                    "concurrency": batch, "ms_per_step": round(ms, 3), "tokens_per_s": round(batch / ms * 1e3, 1),
                    "mean_context": round(sum(lens) / batch + warmup + steps / 2, 1)}
             base = seen.get(modes[0])
@@ -560,7 +567,7 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
         "card": card_name(),
         "date": _dt.date.today().isoformat(),
         "versions": versions(),
-        "workload": {"model": model_name, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "workload": {"model": model_name, "dtype": dtype_name, "quantize": quantize,
                      "random_weights": model_name != "tiny", "prompt_len": [low, high], "steps": steps,
                      "warmup_steps": warmup, "repeats": repeats, "batches": list(batches), "modes": list(modes),
                      "max_seq_len": max_seq_len, "experts_impl": experts_impl,
@@ -618,7 +625,8 @@ def plot_decode(result: dict, path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("sequences decoded together (batch)")
     ax.set_ylabel("tokens / s")
-    ax.set_title(f"moelab decode, {result['workload']['model']} {result['workload']['dtype']}, "
+    ax.set_title(f"moelab decode, {result['workload']['model']} "
+                 f"{result['workload'].get('quantize') or result['workload']['dtype']}, "
                  f"experts {result['workload']['experts_impl']}, {result['card']}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
@@ -1438,6 +1446,7 @@ def main(argv=None) -> int:
     decode.add_argument("--experts", choices=["auto", "torch", "fused"], default="auto",
                         help="routed experts: moelab's PyTorch path or the fused kernel (auto: fused when present)")
     decode.add_argument("--profile", action="store_true", help="CUDA: add a torch.profiler kernel table per mode")
+    decode.add_argument("--quantize", choices=["nf4"], default=None, help="load with moelab's NF4 experts")
     decode.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
     decode.add_argument("--plot", type=Path, default=None, help="where to write the PNG (default: beside the JSON)")
     serve = sub.add_parser("serve", help="serving a seeded workload: HF generate (serial, static batch, continuous "
@@ -1547,7 +1556,7 @@ def main(argv=None) -> int:
             parser.error("--prompt-len takes one length or LOW HIGH")
         result = bench_decode(args.model, tuple(args.batches), tuple(args.prompt_len), args.steps, args.repeats,
                               modes=args.modes, experts=args.experts, max_seq_len=args.max_seq_len,
-                              profile=args.profile)
+                              profile=args.profile, quantize=args.quantize)
         json_path = args.json or default_path("decode", result["card"], "json")
         plot_path = args.plot or json_path.with_suffix(".png")
         json_path.parent.mkdir(parents=True, exist_ok=True)

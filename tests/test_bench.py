@@ -67,6 +67,7 @@ def test_decode_bench_modes_and_summary(tmp_path):
     result = json.loads(path.read_text())
     assert [r["mode"] for r in result["results"]] == ["eager_sdpa", "eager_kernel"]
     assert result["results"][1]["ids_match_first_mode"] == 1.0  # float32: the kernel gives SDPA's tokens
+    assert result["results"][0]["precision"] == "float32" and result["workload"]["quantize"] is None
     assert result["workload"]["prompt_len"] == [3, 9] and result["workload"]["experts_impl"] == "torch"
     assert path.with_suffix(".png").stat().st_size > 0
     rows = [{"batch": 4, "mode": m, "tokens_per_s": t, "bound_tokens_per_s": 400.0, "roofline_fraction": t / 400}
