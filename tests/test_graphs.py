@@ -28,13 +28,13 @@ def setup(model):
     return fwd, cache, bystander, slots, first
 
 
-def run(model, step_fn_factory):
-    """Decode SCHEDULE with the step function; returns tokens per step, the cache, slots."""
+def run(model, step_fn_factory, schedule=SCHEDULE):
+    """Decode `schedule` with the step function; returns tokens per step, the cache, slots."""
     fwd, cache, bystander, slots, token = setup(model)
     before = (cache.k[:, bystander].clone(), cache.v[:, bystander].clone(), int(cache.lengths[bystander]))
     step, graphs = step_fn_factory(fwd, cache)
     tokens = [token.tolist()]
-    for live in SCHEDULE:
+    for live in schedule:
         token = step(token[:live], torch.tensor(slots[:live], device=cache.device))
         tokens.append(token.tolist())
         if graphs is not None and graphs.scratch_slot is not None:
@@ -141,15 +141,16 @@ def test_gpu_graph_replay_gives_eager_tokens(cuda_tiny, buckets):
 @pytest.mark.gpu
 def test_gpu_graph_replay_bf16_random_weights():
     model = moelab.load("tiny", random_weights=True, device="cuda", dtype=torch.bfloat16, seed=3)[0]
-    ref = run(model, plain)
-    got = run(model, with_graphs("graph", (4,)))
+    # One padded step (3 live rows in bucket 4): untrained bf16 logits nearly tie, so a
+    # different rounding at another batch size may flip an argmax; compare what the step
+    # wrote into the live slots, loosely, and that nothing else changed (run checks that).
+    ref = run(model, plain, schedule=[3])
+    got = run(model, with_graphs("graph", (4,)), schedule=[3])
     assert got[3].captured
-    # bf16 matmuls may round differently at another batch size: compare the cache loosely,
-    # the tokens of the first padded step exactly.
-    assert got[0][:2] == ref[0][:2]
-    n = int(ref[1].lengths[ref[2]].max())
-    err = (got[1].k[:, ref[2], :, :n].float() - ref[1].k[:, ref[2], :, :n].float()).abs().max()
-    assert err < 0.05 * ref[1].k.float().abs().max()
+    assert got[1].lengths[got[2]].tolist() == ref[1].lengths[ref[2]].tolist()
+    for name in ("k", "v"):
+        a, b = getattr(got[1], name)[:, ref[2]].float(), getattr(ref[1], name)[:, ref[2]].float()
+        assert (a - b).abs().max() < 0.02 * b.abs().max()
 
 
 @pytest.mark.gpu
