@@ -272,6 +272,26 @@ def test_patch_gives_nf4_experts_the_kernel_and_removes_it_exactly():
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_bench_experts_needs_cuda_and_checks_the_targets(capsys):
+    from moelab import bench
+
+    if not torch.cuda.is_available():
+        assert bench.main(["experts"]) == 2
+        assert "needs a CUDA device" in capsys.readouterr().err
+    row = dict(timing="graph", touched_experts=4.0, bytes=1, gb_per_s=1.0, tflops=1.0)
+    result = {"workload": {"tokens": [1, 4096]}, "results": [
+        {**row, "tokens": 1, "system": "moelab_bf16", "us": 30.0, "bandwidth_fraction": 0.55, "matmul_fraction": 0.0},
+        {**row, "tokens": 1, "system": "moelab_nf4", "us": 12.0, "bandwidth_fraction": 0.4, "matmul_fraction": 0.0},
+        {**row, "tokens": 1, "system": "grouped_mm", "us": 90.0, "bandwidth_fraction": 0.2, "matmul_fraction": 0.0},
+        {**row, "tokens": 4096, "system": "moelab_bf16", "us": 900.0, "bandwidth_fraction": 0.1, "matmul_fraction": 0.52},
+        {"tokens": 4096, "system": "batched_mm", "us": None, "skipped": "gathers too many weights"}]}
+    lines = bench.experts_summary(result)
+    assert "grouped_mm 3.0x" in lines[0]
+    assert any("T<=64" in line and "0.55 (MISSED)" in line for line in lines)
+    assert any("T=4096" in line and "0.52 (met)" in line for line in lines)
+    assert any("2.50x (met)" in line for line in lines)
+
+
 # ---------------------------------------------------------------------------- GPU
 
 QWEN = dict(num_experts=60, hidden=2048, inter=1408, top_k=4)
@@ -336,3 +356,20 @@ def test_gpu_captured_in_a_cuda_graph_and_bad_ids_add_nothing():
     keep[:, 0] = 0
     assert torch.allclose(fused_experts_forward(x, weights, bad, experts).float(),
                           fused_experts_forward(x, keep, ids, experts).float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_tiny_float32_greedy_tokens_unchanged_with_the_patch():
+    model, tok = moelab.load("tiny", device="cuda")
+    expected = greedy_cuda(model, tok, "def fib(n):", 16)
+    with moelab.patch(model) as handle:  # "auto" on CUDA: router and experts kernels
+        assert len(handle.experts) == model.config.num_hidden_layers
+        got = greedy_cuda(model, tok, "def fib(n):", 16)
+    assert got == expected
+
+
+def greedy_cuda(model, tok, prompt, new_tokens):
+    ids = tok(prompt, return_tensors="pt").input_ids.to("cuda")
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
