@@ -33,6 +33,7 @@ saying why), `step` runs the same decode eagerly on the live rows.
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import torch
@@ -54,9 +55,10 @@ class DecodeGraphs:
     scratch slot). sample_fn(logits [B, vocab], slots [B]) -> ids [B] runs on the device
     inside the graph (default greedy argmax; slots lets it read per-slot sampling settings,
     padded rows pass the scratch slot; its randomness must come from device tensors or
-    torch's default CUDA generator, which graphs support). mode: "auto" (graphs on CUDA, eager elsewhere),
-    "graph" (capture or raise), "static" (the graph's padded static-buffer step run
-    without capture: for checking the padding on any device), "eager".
+    torch's default CUDA generator, which graphs support). mode: "auto" (graphs on CUDA,
+    eager elsewhere), "graph" (capture, or warn and fall back to eager), "static" (the
+    graph's padded static-buffer step run without capture: for checking the padding on any
+    device), "eager". `capture_seconds` says what capturing each bucket cost.
     """
 
     def __init__(self, fwd, cache: KVCache, buckets=DEFAULT_BUCKETS, sample_fn=greedy, mode: str = "auto"):
@@ -141,8 +143,6 @@ class DecodeGraphs:
         return logits, self.sample_fn(logits, slots)
 
     def _capture_all(self) -> None:
-        import time
-
         pool = torch.cuda.graph_pool_handle()
         self._slots.fill_(self.scratch_slot)  # warm-up and capture touch only the scratch slot
         self._tokens.zero_()
