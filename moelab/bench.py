@@ -998,7 +998,8 @@ BATCHED_MM_LIMIT_GB = 40.0  # batched_mm gathers one expert's weights per (token
 EXPERTS_SWEEP = {  # tuning candidates for `--sweep` (kernel_config's choice is always timed too)
     "decode": [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
                for bn, bk, w, st in [(16, 128, 4, 4), (32, 128, 4, 4), (64, 128, 4, 4), (16, 256, 4, 3),
-                                     (32, 256, 4, 3), (32, 64, 4, 6), (64, 64, 4, 5), (32, 128, 8, 4)]],
+                                     (32, 256, 4, 3), (32, 64, 4, 6), (64, 64, 4, 5), (32, 128, 8, 4),
+                                     (16, 128, 4, 6), (32, 128, 4, 6)]],
     "prefill": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=w, num_stages=st)
                 for bm, bn, w, st in [(64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 8, 3), (64, 128, 8, 4),
                                       (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)]],

@@ -168,7 +168,7 @@ def test_configs_keep_enough_programs_at_decode_and_tiles_in_registers():
     for pairs, n_out in [(4, 1408), (4, 2048), (32, 1408), (256, 2048)]:
         for nf4 in (False, True):
             cfg = kernel_config(pairs, n_out, 60, gated=n_out == 1408, nf4=nf4, on_gpu=True, num_sms=132)
-            assert cfg["BLOCK_M"] == 16 and cfg["BLOCK_K"] == (64 if nf4 else 128)
+            assert cfg["BLOCK_M"] == 16 and cfg["BLOCK_K"] == (64 if nf4 and cfg["BLOCK_N"] == 64 else 128)
             programs = min(60, pairs) * -(-n_out // cfg["BLOCK_N"])
             assert programs >= 4 * 132 or cfg["BLOCK_N"] == 16
     big = kernel_config(16384, 1408, 60, gated=True, nf4=False, on_gpu=True)

@@ -222,7 +222,7 @@ def kernel_config(num_pairs: int, n_out: int, num_experts: int, gated: bool, nf4
     expert, so enough loads are in flight to stream the weights. Prefill: large tiles for
     the tensor cores; gate and up each keep a [BLOCK_M, BLOCK_N] fp32 accumulator, so the
     gated GEMM takes half the N-tile of down. NF4 dequantizes in registers: K-tiles of 64
-    values (one absmax per row) keep it within 255 registers. The register and shared-memory
+    values at the larger N-tiles keep it within 255 registers. The register and shared-memory
     figures behind these choices come from compiling for sm_90; the times are to be measured
     (`python -m moelab.bench experts --sweep`). Under the interpreter: few large programs.
     """
@@ -232,7 +232,9 @@ def kernel_config(num_pairs: int, n_out: int, num_experts: int, gated: bool, nf4
     if num_pairs <= DECODE_MAX_PAIRS:
         blocks = min(num_experts, num_pairs)
         block_n = next((bn for bn in (64, 32) if blocks * triton.cdiv(n_out, bn) >= 4 * num_sms), 16)
-        return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=64 if nf4 else 128, num_warps=4, num_stages=4)
+        if nf4:  # 4x fewer bytes per tile: deeper pipelines keep as many bytes in flight
+            return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128 if block_n <= 32 else 64, num_warps=4, num_stages=6)
+        return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, num_warps=4, num_stages=4)
     block_m = 64 if num_pairs <= 4096 else 128
     return dict(BLOCK_M=block_m, BLOCK_N=64 if gated else 128, BLOCK_K=64, num_warps=8 if block_m == 128 else 4,
                 num_stages=3)
