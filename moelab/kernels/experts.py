@@ -3,9 +3,10 @@
 Built in notebooks/05_fused_expert_kernel. One MoE layer's routed experts in four launches,
 with no host sync (so a CUDA graph can capture them):
 
-1. `_align_kernel`: program e counts the (token, k) pairs routed to expert e and writes their
-   pair indices, in pair order, into `pairs[start_e : start_e + count_e]` (a stable counting
-   sort; `start_e` = pairs in lower experts). Program E collects ids outside [0, E).
+1. `_align_kernel` (`align_by_expert`): each program takes a few experts, counts the
+   (token, k) pairs routed to each and writes their pair indices, in pair order, into
+   `pairs[start_e : start_e + count_e]` (a stable counting sort; `start_e` = the pairs of
+   lower experts). Bucket E collects ids outside [0, E).
 2. `_grouped_gemm_kernel` (gate_up): each program takes one row block of BLOCK_M sorted
    pairs, all of one expert, and one N-tile. It finds its expert and rows from `counts`
    itself (a cumulative sum over E block counts), so the grid is sized for the worst case,
