@@ -313,3 +313,30 @@ def test_widgets_run_the_real_engine_and_draw_both_policies(model):
     assert len(fig.axes) == 2
     pytest.importorskip("ipywidgets")
     assert widgets.serving_panel(model, run_now=False) is not None
+
+
+def test_prefill_in_chunks_with_offsets_equals_one_prefill(model):
+    """MoeForward.prefill(offsets=...) continues a slot at its current length (chunked prefill)."""
+    from moelab.model import MoeForward
+
+    fwd = MoeForward(model)
+    prompt = random_prompts(1, 45, 45, seed=9)[0]
+    other = random_prompts(1, 7, 7, seed=10)[0]
+    whole_cache = fwd.new_cache(num_slots=2, max_seq_len=64)
+    slot = whole_cache.allocate(50)
+    whole = fwd.prefill(whole_cache, [prompt], [slot], all_logits=True)[0]
+    cache = fwd.new_cache(num_slots=3, max_seq_len=64)
+    a, b = cache.allocate(50), cache.allocate(50)
+    got = fwd.prefill(cache, [prompt[:10], other], [a, b], all_logits=True)[0]
+    # Second chunk beside a 1-token "decode" row of slot b, at their own current lengths.
+    got2, _ = fwd.prefill(cache, [prompt[10:31], [5]], [a, b], all_logits=True, offsets=[10, 7])
+    got3 = fwd.prefill(cache, [prompt[31:]], [a], all_logits=True, offsets=[31])[0]
+    torch.testing.assert_close(torch.cat([got, got2, got3]), whole, rtol=0, atol=1e-4)  # logits ~10: fp32 rounding
+    assert cache.lengths[[a, b]].tolist() == [45, 8]
+    torch.testing.assert_close(cache.k[:, a, :, :45], whole_cache.k[:, slot, :, :45], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="must equal the slots' current lengths"):
+        fwd.prefill(cache, [[1, 2]], [a], offsets=[40])
+    with pytest.raises(ValueError, match="does not fit slot"):
+        fwd.prefill(cache, [[1] * 6], [a], offsets=[45])
+    with pytest.raises(ValueError, match="offsets for"):
+        fwd.prefill(cache, [[1]], [a], offsets=[45, 1])
