@@ -263,7 +263,8 @@ class NF4Experts(nn.Module):
 
     def __init__(self, gate_up: NF4Tensor, down: NF4Tensor, act_fn):
         super().__init__()
-        if gate_up.shape[0] != down.shape[0] or gate_up.shape[1] != 2 * down.shape[2] or gate_up.shape[2] != down.shape[1]:
+        (e1, two_i, h1), (e2, h2, i2) = gate_up.shape, down.shape
+        if e1 != e2 or two_i != 2 * i2 or h1 != h2:
             raise ValueError(f"gate_up {gate_up.shape} and down {down.shape} are not [E, 2I, H] and [E, H, I]")
         self.num_experts = gate_up.shape[0]
         self.act_fn = act_fn
@@ -474,7 +475,8 @@ class MemoryReport:
         lines = [f"{'part':<20} {'weights (M)':>12} {'GB':>9} {'bits/weight':>12}  storage"]
         for r in self.rows:
             bits = f"{r['bits_per_weight']:.2f}" if r["weights"] else "-"
-            lines.append(f"{r['part']:<20} {r['weights'] / 1e6:>12.2f} {r['bytes'] / 1e9:>9.4f} {bits:>12}  {r['storage']}")
+            lines.append(f"{r['part']:<20} {r['weights'] / 1e6:>12.2f} {r['bytes'] / 1e9:>9.4f} {bits:>12}  "
+                         f"{r['storage']}")
         weights = sum(r["weights"] for r in self.rows)
         lines.append(f"{'total':<20} {weights / 1e6:>12.2f} {self.total_bytes / 1e9:>9.4f} "
                      f"{8 * self.total_bytes / max(weights, 1):>12.2f}")
