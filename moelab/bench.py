@@ -1100,9 +1100,18 @@ def bench_experts(tokens=(1, 8, 64, 512, 4096), systems=EXPERTS_SYSTEMS, n_routi
             for cfg in configs:
                 fn = runners[system]
                 kw = {} if cfg is None else {"config": cfg}
-                with torch.no_grad():
-                    us, timing = _timed(lambda i, fn=fn, kw=kw: fn(x, *inputs[i], **kw), n_routings,
-                                        capturable=system != "eager")
+                try:
+                    with torch.no_grad():
+                        us, timing = _timed(lambda i, fn=fn, kw=kw: fn(x, *inputs[i], **kw), n_routings,
+                                            capturable=system != "eager")
+                except Exception as err:  # noqa: BLE001  (out of memory, or a tile the card cannot hold)
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                    why = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+                    print(f"T={t:>5} {system:<18} failed: {why}" + (f"  {cfg}" if cfg else ""), flush=True)
+                    rows.append({"tokens": t, "system": system if cfg is None else f"{system}_sweep", "config": cfg,
+                                 "us": None, "skipped": why})
+                    continue
                 precision = "nf4" if system == "moelab_nf4" else "bf16"
                 nbytes = touched * expert_bytes[precision]
                 row = {"tokens": t, "system": system if cfg is None else f"{system}_sweep", "config": cfg,
