@@ -336,3 +336,36 @@ def test_nf4_summary_and_plot(tmp_path, tiny_nf4):
     assert "(OVER, <= 11)" in nf4_summary(result)[0]
     plot_nf4(result, tmp_path / "nf4.png")
     assert (tmp_path / "nf4.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("source", ["random", "checkpoint"])
+def test_at_most_one_layer_in_full_precision_while_loading(source, tmp_path, monkeypatch):
+    """The property behind the 11 GB peak on a GPU: when a layer is quantized, every other
+    layer is either already NF4 or not yet materialized (meta)."""
+    import moelab.quant
+
+    seen = []
+    original = moelab.quant.quantize_layer_
+
+    def watching(layer, *args, **kwargs):
+        model_layers = watching.model_layers
+        full = [i for i, other in enumerate(model_layers) if not isinstance(other.mlp.experts, NF4Experts)
+                and other.mlp.experts.gate_up_proj.device.type != "meta"]
+        seen.append(full)
+        return original(layer, *args, **kwargs)
+
+    real_skeleton = moelab.models._skeleton
+
+    def skeleton(config, dtype):
+        model = real_skeleton(config, dtype)
+        watching.model_layers = model.model.layers
+        return model
+
+    monkeypatch.setattr(moelab.quant, "quantize_layer_", watching)
+    monkeypatch.setattr(moelab.models, "_skeleton", skeleton)
+    if source == "random":
+        moelab.load("tiny", random_weights=True, quantize="nf4")
+    else:
+        save_tiny(tmp_path, max_shard_size="1MB")
+        moelab.load(str(tmp_path), quantize="nf4", device="cpu", dtype=torch.float32)
+    assert seen == [[0], [1], [2], [3]]
