@@ -1001,7 +1001,7 @@ EXPERTS_SWEEP = {  # tuning candidates for `--sweep` (kernel_config's choice is 
                                      (32, 256, 4, 3), (32, 64, 4, 6), (64, 64, 4, 5), (32, 128, 8, 4),
                                      (16, 128, 4, 6), (32, 128, 4, 6)]],
     "prefill": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, num_warps=w, num_stages=st)
-                for bm, bn, w, st in [(64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 8, 3), (64, 128, 8, 4),
+                for bm, bn, w, st in [(64, 64, 4, 4), (64, 64, 8, 3), (64, 128, 4, 3), (64, 128, 8, 4),
                                       (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3)]],
 }
 

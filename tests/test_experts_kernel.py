@@ -172,7 +172,8 @@ def test_configs_keep_enough_programs_at_decode_and_tiles_in_registers():
             programs = min(60, pairs) * -(-n_out // cfg["BLOCK_N"])
             assert programs >= 4 * 132 or cfg["BLOCK_N"] == 16
     big = kernel_config(16384, 1408, 60, gated=True, nf4=False, on_gpu=True)
-    assert big["BLOCK_M"] == 128 and big["BLOCK_N"] == 64
+    assert big["BLOCK_M"] == 64 and big["BLOCK_N"] == 128
+    assert kernel_config(16384, 1408, 60, gated=True, nf4=True, on_gpu=True)["BLOCK_N"] == 64
     assert kernel_config(4, 96, 16, gated=True, nf4=False, on_gpu=False)["num_stages"] == 1
 
 
