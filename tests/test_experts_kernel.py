@@ -21,6 +21,9 @@ from moelab.quant import NF4Experts, dequantize_nf4, quantize_nf4
 patch_module = importlib.import_module("moelab.patch")  # `moelab.patch` itself is the function
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+# These run the kernels in the Triton interpreter on CPU tensors; on a CUDA machine Triton
+# compiles for the GPU instead, and the `gpu` tests below cover the same ground there.
+interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test (CPU tensors); see the gpu tests")
 
 
 def experts_module(num_experts, hidden, inter, dtype=torch.float32, device="cpu", seed=0):
@@ -56,6 +59,7 @@ def rel_err(a, b):
 
 # ---------------------------------------------------------------------------- align
 
+@interpreter
 @pytest.mark.parametrize("num_pairs,num_experts", [(1, 4), (13, 5), (64, 16), (300, 60)])
 def test_align_equals_a_stable_argsort(num_pairs, num_experts):
     gen = torch.Generator().manual_seed(num_pairs)
@@ -66,6 +70,7 @@ def test_align_equals_a_stable_argsort(num_pairs, num_experts):
     assert pairs.tolist() == torch.argsort(ids.flatten(), stable=True).tolist()
 
 
+@interpreter
 def test_align_puts_ids_outside_the_experts_in_the_last_bucket():
     ids = torch.tensor([[3, -1], [7, 0], [2, 3]])
     counts, pairs = align_by_expert(ids, 4)
@@ -75,6 +80,7 @@ def test_align_puts_ids_outside_the_experts_in_the_last_bucket():
 
 # ---------------------------------------------------------------------------- bf16 / fp32 path
 
+@interpreter
 @pytest.mark.parametrize("tokens,num_experts,top_k,hidden,inter", [
     (1, 4, 1, 32, 16),
     (3, 8, 2, 64, 48),
@@ -94,6 +100,7 @@ def test_kernel_matches_the_reference_float32(tokens, num_experts, top_k, hidden
     assert torch.allclose(got, moelab.experts_forward(x, weights, ids, experts), rtol=1e-5, atol=1e-6)
 
 
+@interpreter
 def test_kernel_float16_in_the_interpreter():
     experts = experts_module(8, 64, 48, dtype=torch.float16, seed=3)
     x = torch.randn(9, 64).half()
@@ -103,6 +110,7 @@ def test_kernel_float16_in_the_interpreter():
     assert rel_err(got, reference(x, weights, ids, experts.gate_up_proj, experts.down_proj)) < 3e-3
 
 
+@interpreter
 def test_one_expert_taking_every_token_and_repeated_ids():
     """40 pairs on one expert span three 16-row blocks; a token may name an expert twice
     (the router never does, but the kernel sums pairs, not experts)."""
@@ -119,6 +127,7 @@ def tiny_config():
     return Qwen2MoeConfig(hidden_size=128, moe_intermediate_size=96, num_experts=16, num_experts_per_tok=4)
 
 
+@interpreter
 def test_transformers_experts_module_and_its_eager_forward():
     config = tiny_config()
     experts = Qwen2MoeExperts(config)
@@ -141,6 +150,7 @@ def test_no_tokens():
     assert got.shape == (0, 32)
 
 
+@interpreter
 def test_bad_input_raises():
     experts = experts_module(4, 32, 16)
     x, (w, ids) = torch.randn(3, 32), routed(3, 4, 2, 7)
@@ -179,6 +189,7 @@ def test_configs_keep_enough_programs_at_decode_and_tiles_in_registers():
 
 # ---------------------------------------------------------------------------- NF4
 
+@interpreter
 @pytest.mark.parametrize("hidden,inter,double_quant,tokens", [
     (128, 64, True, 7),      # rows are whole 64-blocks: one absmax per row per 64 columns
     (128, 96, False, 3),     # tiny's shape: down's rows of 96 cut NF4 blocks in the middle
@@ -217,6 +228,7 @@ def test_registered_as_a_transformers_experts_implementation(tiny):
         model.set_experts_implementation(before)
 
 
+@interpreter
 def test_patch_runs_the_kernel_in_transformers_and_tokens_are_unchanged(tiny, monkeypatch):
     model, tok = tiny
     calls = []
@@ -238,6 +250,7 @@ def test_patch_runs_the_kernel_in_transformers_and_tokens_are_unchanged(tiny, mo
         moelab.patch(model, experts="cuda")
 
 
+@interpreter
 def test_moe_forward_with_the_kernel_gives_the_same_tokens(tiny):
     model, tok = tiny
     prompt = tok("for", return_tensors="pt").input_ids[0].tolist()
@@ -257,6 +270,7 @@ def test_moe_forward_with_the_kernel_gives_the_same_tokens(tiny):
     assert torch.allclose(runs[0][1], runs[1][1], rtol=1e-4, atol=1e-4)
 
 
+@interpreter
 def test_patch_gives_nf4_experts_the_kernel_and_removes_it_exactly():
     quantized = NF4Experts(quantize_nf4(torch.randn(16, 192, 128) * 0.1), quantize_nf4(torch.randn(16, 128, 96) * 0.1),
                            torch.nn.SiLU())
