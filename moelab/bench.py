@@ -787,9 +787,10 @@ def _run_hf_continuous(model, wl, concurrency):
     config = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=max(wl["outputs"]))
     # At most `concurrency` requests per batch: the same concurrency as the other systems.
     # Its paged cache sized like moelab's slots (left alone it sizes itself from free memory:
-    # on the CPU that is gigabytes to zero, ~20 s before the first request).
+    # on the CPU that is gigabytes to zero, ~20 s before the first request), and the same
+    # per-step token budget as moelab's Engine (256; transformers 5.17 needs both numbers).
     longest = max(len(p) + n for p, n in zip(wl["prompts"], wl["outputs"]))
-    cb_config = ContinuousBatchingConfig(max_requests_per_batch=concurrency,
+    cb_config = ContinuousBatchingConfig(max_requests_per_batch=concurrency, max_batch_tokens=256,
                                          num_blocks=2 * concurrency * math.ceil(longest / 256) + 4)
     with model.continuous_batching_context_manager(generation_config=config, continuous_batching_config=cb_config,
                                                    block=True, timeout=60, persistent_manager=True) as manager:
@@ -905,14 +906,22 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYS
     for repeat in range(repeats):  # systems interleaved, so a busy spell of the machine hits all alike
         for system in systems:
             run, conc, experts_impl = runner(system)
-            run(wl if system == "hf_continuous" else warm)  # warm-up (HF's manager is sized by its first workload)
-            sync()
-            if on_cuda:
-                torch.cuda.reset_peak_memory_stats()
-            cpu_start = time.process_time()
-            start, records = run(wl)
-            sync()
-            cpu_seconds = time.process_time() - cpu_start
+            try:
+                run(wl if system == "hf_continuous" else warm)  # warm-up (HF's manager is sized by its first workload)
+                sync()
+                if on_cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                cpu_start = time.process_time()
+                start, records = run(wl)
+                sync()
+                cpu_seconds = time.process_time() - cpu_start
+            except Exception as err:  # noqa: BLE001  (e.g. HF continuous batching on the CPU in transformers 5.17)
+                if system == "hf_continuous":
+                    model.destroy_cached_continuous_batching_manager()
+                best.setdefault(system, {"system": system, "concurrency": conc, "experts_impl": experts_impl,
+                                         "error": f"{type(err).__name__}: {err}"[:300]})
+                progress(f"run {repeat + 1}/{repeats} {system:<18} FAILED: {type(err).__name__}: {err}"[:200])
+                continue
             seconds = max(t[-1] for _, t in records) - start
             row = {"system": system, "precision": precision, "experts_impl": experts_impl, "concurrency": conc,
                    **serve_metrics(records, seconds),
@@ -928,7 +937,7 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYS
                 model.destroy_cached_continuous_batching_manager()
             progress(f"run {repeat + 1}/{repeats} {system:<18} {row['tokens_per_s']:9.1f} tokens/s  "
                      f"TTFT p50 {row['ttft_p50_ms']} ms  ITL p50 {row['itl_p50_ms']} ms")
-            if system not in best or row["tokens_per_s"] > best[system]["tokens_per_s"]:
+            if system not in best or row["tokens_per_s"] > best[system].get("tokens_per_s", -1):
                 best[system] = row
     rows = [best[s] for s in systems]
     workload = {k: v for k, v in wl.items() if k not in ("prompts", "outputs", "arrivals")}
@@ -950,9 +959,13 @@ def serve_summary(result: dict) -> list[str]:
              f"{'ITL p99':>8} {'tok/CPU-s':>9}  (ms)"]
     fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
     for r in rows:
+        if "error" in r:
+            lines.append(f"{r['system']:<18} {r['concurrency']:>4} FAILED: {r['error']}")
+            continue
         lines.append(f"{r['system']:<18} {r['concurrency']:>4} {r['tokens_per_s']:>9.1f} {fmt(r['ttft_p50_ms']):>9} "
                      f"{fmt(r['ttft_p99_ms']):>9} {fmt(r['itl_p50_ms']):>8} {fmt(r['itl_p99_ms']):>8} "
                      f"{fmt(r.get('tokens_per_cpu_s')):>9}")
+    rows = [r for r in rows if "error" not in r]
     hf = [r for r in rows if r["system"].startswith("hf_")]
     for r in rows:
         if r["system"].startswith("moelab_") and hf:
@@ -970,7 +983,7 @@ def plot_serve(result: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["results"]
+    rows = [r for r in result["results"] if "error" not in r]
     names = [r["system"] for r in rows]
     colors = ["#1f77b4" if n.startswith("moelab") else "#999999" for n in names]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))

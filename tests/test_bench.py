@@ -134,6 +134,16 @@ def test_serve_runs_every_system_end_to_end(tmp_path, capsys):
     assert (tmp_path / "serve.png").exists()
     assert [r["system"] for r in result["results"]] == list(bench.SERVE_SYSTEMS)
     total = result["workload"]["total_output_tokens"]
+    import transformers
+    from packaging.version import Version
+
+    # transformers 5.17's continuous batching sizes its cache from GPU memory, 0 on the CPU, and
+    # fails there (recorded as an error row, the others still run); 5.24 runs on the CPU.
+    if Version(transformers.__version__) < Version("5.24"):
+        failed = result["results"].pop(2)
+        assert failed["system"] == "hf_continuous" and ("error" in failed or failed["tokens"] == total)
+    else:
+        assert "error" not in result["results"][2]
     for row in result["results"]:
         assert row["tokens"] == total  # EOS ignored: every system makes exactly the asked tokens
         assert row["tokens_per_s"] > 0 and row["ttft_p50_ms"] <= row["ttft_p99_ms"]
