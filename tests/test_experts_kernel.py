@@ -376,11 +376,14 @@ def test_gpu_captured_in_a_cuda_graph_and_bad_ids_add_nothing():
 @pytest.mark.gpu
 def test_gpu_tiny_float32_greedy_tokens_unchanged_with_the_patch():
     model, tok = moelab.load("tiny", device="cuda")
+    model.set_experts_implementation("eager")  # the baseline: transformers' loop, any dtype
     expected = greedy_cuda(model, tok, "def fib(n):", 16)
     with moelab.patch(model) as handle:  # "auto" on CUDA: router and experts kernels
         assert len(handle.experts) == model.config.num_hidden_layers
+        assert model.config._experts_implementation == "moelab"
         got = greedy_cuda(model, tok, "def fib(n):", 16)
     assert got == expected
+    assert model.config._experts_implementation == "eager"
 
 
 def greedy_cuda(model, tok, prompt, new_tokens):
