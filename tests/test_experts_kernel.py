@@ -19,6 +19,7 @@ from moelab.kernels.experts import align_by_expert, fused_experts_forward, kerne
 from moelab.quant import NF4Experts, dequantize_nf4, quantize_nf4
 
 patch_module = importlib.import_module("moelab.patch")  # `moelab.patch` itself is the function
+experts_kernels = importlib.import_module("moelab.kernels.experts")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # These run the kernels in the Triton interpreter on CPU tensors; on a CUDA machine Triton
@@ -98,6 +99,30 @@ def test_kernel_matches_the_reference_float32(tokens, num_experts, top_k, hidden
     assert rel_err(got, reference(x, weights, ids, experts.gate_up_proj, experts.down_proj)) < 1e-6
     # and it equals moelab's PyTorch seam, which MoeForward uses by default
     assert torch.allclose(got, moelab.experts_forward(x, weights, ids, experts), rtol=1e-5, atol=1e-6)
+
+
+@interpreter
+def test_worst_case_grid_of_the_cuda_path(monkeypatch):
+    """On CUDA the grid is sized without reading the counts: blocks past the last one must do
+    nothing, and a pair with an invalid id must add nothing (interpreter, same kernel)."""
+    monkeypatch.setattr(experts_kernels, "EXACT_GRID_ON_CPU", False)
+    experts = experts_module(8, 32, 24, seed=21)
+    x = torch.randn(6, 32)
+    weights, ids = routed(6, 8, 3, 22)
+    got = fused_experts_forward(x, weights, ids, experts)
+    assert rel_err(got, reference(x, weights, ids, experts.gate_up_proj, experts.down_proj)) < 1e-6
+    # An id outside [0, E) (which fused_experts_forward refuses on the CPU) goes through the
+    # GEMMs as CUDA runs them: its output row must come back zero, over a NaN-filled buffer.
+    x2, w2, ids2 = x[:2], torch.rand(2, 2), torch.tensor([[1, 9], [1, 0]])
+    counts, pairs = align_by_expert(ids2, 8)
+    act, out = torch.full((4, 24), float("nan")), torch.full((4, 32), float("nan"))
+    gemm = experts_kernels._grouped_gemm  # (x, w, out, pairs, counts, route_w, S, E, x_row_div, gated, config)
+    gemm(x2, experts.gate_up_proj, act, pairs, counts, w2.flatten(), 4, 8, 2, True, None)
+    gemm(act, experts.down_proj, out, pairs, counts, w2.flatten(), 4, 8, 1, False, None)
+    assert torch.equal(out[1], torch.zeros(32))
+    without = reference(x2, w2 * torch.tensor([[1.0, 0.0], [1.0, 1.0]]), ids2.clamp(max=7), experts.gate_up_proj,
+                        experts.down_proj)
+    assert rel_err(out.view(2, 2, 32).sum(1), without) < 1e-6
 
 
 @interpreter
