@@ -73,7 +73,8 @@ def plot_gantt(ax, run: dict, title: str | None = None) -> None:
 
 def metrics_table(runs: list[dict]) -> str:
     """The runs' metrics as a small fixed-width text table."""
-    lines = [f"{'policy':<11} {'slots':>5} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}"]
+    lines = [f"{'policy':<11} {'slots':>5} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
+             f"{'ITL p99':>8}"]
     for run in runs:
         m = run["metrics"]
         lines.append(f"{run['policy']:<11} {run['num_slots']:>5} {m['tokens_per_s']:>9.1f} {m['ttft_p50_ms']:>9.1f} "
