@@ -354,18 +354,18 @@ def decode_weight_bytes(model, batch: int) -> dict:
 def _experts_fn(impl: str, on_cuda: bool):
     """(experts_fn, name): moelab's PyTorch experts, or the fused kernel when asked for
     ("fused") or, on CUDA, when present ("auto")."""
-    from .model import experts_forward
+    from .model import experts_torch
 
     if impl not in ("auto", "torch", "fused"):
         raise ValueError(f"experts must be 'auto', 'torch' or 'fused', got {impl!r}")
     if impl == "torch" or (impl == "auto" and not on_cuda):
-        return experts_forward, "torch"
+        return experts_torch, "torch"
     try:
         from .kernels.experts import fused_experts_forward
     except ImportError as err:
         if impl == "fused":
             raise SystemExit(f"--experts fused: moelab.kernels.experts.fused_experts_forward is missing ({err})")
-        return experts_forward, "torch"
+        return experts_torch, "torch"
     return fused_experts_forward, "fused"
 
 

@@ -12,7 +12,7 @@ Two entry points: `prefill` packs prompts of different lengths into given slots 
 ids, positions and lengths from device tensors and writes the cache with indexed writes: no
 host sync inside it (with `check=False`), which is what lets a CUDA graph capture it later.
 
-`experts_forward` is the seam for the routed experts: the PyTorch path here, the fused
+`experts_forward` is the seam for the routed experts: the PyTorch path (`experts_torch`) on the CPU, the fused
 (bf16 / NF4) kernel later, passed as `MoeForward(model, experts_fn=...)`.
 """
 
@@ -90,7 +90,18 @@ def _experts_grouped(hidden, weights, ids, experts):
 
 
 def experts_forward(hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layer_experts) -> torch.Tensor:
-    """The routed experts of one layer: sum_k weights[t, k] * expert_{ids[t, k]}(hidden[t]).
+    """The routed experts of one layer, MoeForward's default: on CUDA moelab's fused Triton
+    kernel (`moelab.kernels.experts`, notebook 05: grouped by expert on the device, each
+    touched expert's weights read once, bf16 or NF4, no host sync), elsewhere
+    `experts_torch` (the interpreter would be far slower than PyTorch on a CPU)."""
+    if hidden.is_cuda:
+        from .kernels.experts import fused_experts_forward
+        return fused_experts_forward(hidden, weights, ids, layer_experts)
+    return experts_torch(hidden, weights, ids, layer_experts)
+
+
+def experts_torch(hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layer_experts) -> torch.Tensor:
+    """The routed experts of one layer in PyTorch: sum_k weights[t, k] * expert_{ids[t, k]}(hidden[t]).
 
     hidden [T, H]; weights [T, K] and ids int [T, K] from `moelab.route` (MoeForward rounds the
     weights to the hidden dtype first, as transformers does); layer_experts is transformers'

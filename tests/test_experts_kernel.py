@@ -98,7 +98,7 @@ def test_kernel_matches_the_reference_float32(tokens, num_experts, top_k, hidden
     assert got.shape == (tokens, hidden) and got.dtype == torch.float32
     assert rel_err(got, reference(x, weights, ids, experts.gate_up_proj, experts.down_proj)) < 1e-6
     # and it equals moelab's PyTorch seam, which MoeForward uses by default
-    assert torch.allclose(got, moelab.experts_forward(x, weights, ids, experts), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got, moelab.model.experts_torch(x, weights, ids, experts), rtol=1e-5, atol=1e-6)
 
 
 @interpreter
@@ -346,7 +346,7 @@ def test_gpu_bf16_full_layer_shape_within_1e_2(tokens):
     got = fused_experts_forward(x, weights, ids, experts)
     fp32 = types.SimpleNamespace(gate_up_proj=experts.gate_up_proj.float(), down_proj=experts.down_proj.float(),
                                  act_fn=torch.nn.SiLU(), num_experts=QWEN["num_experts"])
-    expected = moelab.experts_forward(x.float(), weights.float(), ids, fp32)
+    expected = moelab.model.experts_torch(x.float(), weights.float(), ids, fp32)
     err = float((got.float() - expected).norm() / expected.norm())
     assert err < 1e-2, f"relative error {err:.2e} at T={tokens}"
     assert torch.equal(got, fused_experts_forward(x, weights, ids, experts))  # deterministic
@@ -363,7 +363,7 @@ def test_gpu_nf4_equals_dequantize_then_matmul(tokens):
     deq = types.SimpleNamespace(gate_up_proj=dequantize_nf4(quantized.gate_up).float(),
                                 down_proj=dequantize_nf4(quantized.down).float(), act_fn=torch.nn.SiLU(),
                                 num_experts=QWEN["num_experts"])
-    expected = moelab.experts_forward(x.float(), weights.float(), ids, deq)
+    expected = moelab.model.experts_torch(x.float(), weights.float(), ids, deq)
     err = float((got.float() - expected).norm() / expected.norm())
     assert err < 1e-2, f"relative error {err:.2e} at T={tokens}"
 
