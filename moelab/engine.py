@@ -9,7 +9,13 @@ The decode step (`decode_step`) takes device tensors only (slot ids; each slot's
 sampling parameters and seed live in per-slot device tensors) and returns the next ids on
 the device: sampling runs there too, with noise derived from a hash of (seed, position,
 token id), so a request's draw never depends on its batch companions, and nothing inside
-talks to the host. That is what notebook 08 captures in a CUDA graph.
+talks to the host. That is what notebooks/08_cuda_graphs_and_decode_attention captures in
+CUDA graphs: on CUDA (`cuda_graphs`), every pure decode step (no prompt chunk in it) replays
+a `moelab.graphs.DecodeGraphs` graph of the smallest batch bucket holding the live batch,
+sampling included (greedy argmax when every row is greedy, else `sample` per row); steps
+with prompt chunks stay eager. The graphs pad a batch with rows decoding in one extra
+scratch slot of the KV cache, which the Engine allocates beyond `num_slots` and never hands
+to a request.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .graphs import DEFAULT_BUCKETS, DecodeGraphs, greedy
 from .model import MoeForward, experts_forward
 from .scheduler import Request, Scheduler
 
@@ -130,13 +137,35 @@ class Engine:
     tokenizer: needed for text streaming and stop strings (token ids work without it).
     policy: "continuous" or "static" (see moelab.scheduler). token_budget: tokens per step
     (decodes plus prompt chunks). experts_fn, route_backend: passed to `MoeForward`.
+
+    cuda_graphs: how pure decode steps run (notebooks/08_cuda_graphs_and_decode_attention):
+    "auto" (CUDA graphs when the model is on CUDA, eager otherwise), True (graphs; needs
+    CUDA), False (eager), or "static" (the graphs' padded static-buffer step run without
+    capture, on any device: for checking the padding on the CPU). With graphs, the cache
+    holds one more slot than `num_slots`, the graphs' scratch slot (the last one, always
+    allocated, never given to a request). graph_buckets: the batch sizes captured (default
+    1, 2, 4, ... below num_slots, and num_slots itself); a live batch runs in the smallest
+    bucket that holds it. `graphs` is the `DecodeGraphs` (None when eager).
     """
 
     def __init__(self, model, num_slots: int, max_seq_len: int, tokenizer=None, policy: str = "continuous",
-                 token_budget: int = 256, experts_fn=experts_forward, route_backend: str = "auto"):
+                 token_budget: int = 256, experts_fn=experts_forward, route_backend: str = "auto",
+                 cuda_graphs="auto", graph_buckets: Sequence[int] | None = None):
+        if cuda_graphs not in ("auto", "static") and not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be 'auto', True, False or 'static', got {cuda_graphs!r}")
         self.forward = MoeForward(model, experts_fn=experts_fn, route_backend=route_backend)
         self.scheduler = Scheduler(num_slots, policy, token_budget)
-        self.cache = self.forward.new_cache(num_slots, max_seq_len)
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        if cuda_graphs is True and not on_cuda:
+            raise ValueError("cuda_graphs=True needs the model on CUDA; use 'static' to check the padded step on the CPU")
+        mode = {"auto": "graph" if on_cuda else None, True: "graph", False: None, "static": "static"}[cuda_graphs]
+        if graph_buckets is None:
+            graph_buckets = [b for b in DEFAULT_BUCKETS if b < num_slots] + [num_slots]
+        elif mode is not None and max(graph_buckets, default=0) < num_slots:
+            raise ValueError(f"graph_buckets {list(graph_buckets)} must include a bucket of at least "
+                             f"num_slots ({num_slots}), so every decode batch has a graph")
+        # With graphs, one slot more than num_slots: the padding scratch slot.
+        self.cache = self.forward.new_cache(num_slots + (mode is not None), max_seq_len)
         self.tokenizer = tokenizer
         self.num_slots, self.max_seq_len = num_slots, max_seq_len
         self.vocab_size = model.config.vocab_size
@@ -149,6 +178,15 @@ class Engine:
         self._top_k = torch.zeros(num_slots, dtype=torch.int64, device=device)
         self._top_p = torch.ones(num_slots, dtype=torch.float32, device=device)
         self._seed = torch.zeros(num_slots, dtype=torch.int64, device=device)
+        if mode is not None:  # the scratch slot's row: greedy (temperature 0), never written
+            for name in ("_last_token", "_temperature", "_top_k", "_top_p", "_seed"):
+                row = getattr(self, name)
+                setattr(self, name, torch.cat([row, row[:1]]))
+        # Takes the cache's highest free slot, num_slots, as its scratch slot: the graphs run
+        # the Engine's two samplers, so a greedy-only batch never pays for the sampling sort.
+        self.graphs = None if mode is None else DecodeGraphs(
+            self.forward, self.cache, graph_buckets, mode=mode,
+            sample_fn={"greedy": greedy, "sample": lambda logits, slots: self._sample(logits, slots, False)})
         self._slot_ids: dict[tuple[int, ...], torch.Tensor] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._sent: dict[int, int] = {}  # characters of text already streamed, per request
@@ -272,10 +310,14 @@ class Engine:
 
     def decode_step(self, slots: torch.Tensor, greedy_only: bool = True) -> torch.Tensor:
         """One batched decode step for the requests in `slots` (int64 [B] on the device):
-        feeds each slot's last token, samples the next, returns its ids [B] on the device.
-        No host sync inside (notebook 08 captures it in a CUDA graph)."""
-        logits = self.forward.decode(self.cache, self._last_token[slots], slots, check=False)
-        next_ids = self._sample(logits, slots, greedy_only)
+        feeds each slot's last token, samples the next, returns its ids [B] on the device
+        (with graphs, a view of the graph's output, valid until the next step). No host sync
+        inside: with `graphs`, it replays the CUDA graph of its batch bucket (notebook 08)."""
+        if self.graphs is not None:
+            next_ids = self.graphs.step(self._last_token[slots], slots, "greedy" if greedy_only else "sample")
+        else:
+            logits = self.forward.decode(self.cache, self._last_token[slots], slots, check=False)
+            next_ids = self._sample(logits, slots, greedy_only)
         self._last_token[slots] = next_ids
         return next_ids
 

@@ -4,6 +4,8 @@ Built in notebooks/08_cuda_graphs_and_decode_attention. An eager decode step of
 Qwen1.5-MoE launches about forty kernels per layer from Python, and at small batches the
 GPU waits for the launches, not for memory. A CUDA graph records the whole step once (every
 layer, greedy argmax or a sampling function included) and replays it with one launch.
+`moelab.Engine` runs its pure decode steps through `DecodeGraphs` on CUDA (`cuda_graphs`),
+with two samplers: greedy argmax and its per-row temperature / top-k / top-p sampler.
 
 What a graph needs, and how `DecodeGraphs` provides it:
 
@@ -17,15 +19,18 @@ What a graph needs, and how `DecodeGraphs` provides it:
   attention kernel's grid depends on the batch and the shapes, never on the lengths.
 
 Padding: the rows past the live batch must not touch any live sequence. `DecodeGraphs`
-takes one slot of the cache for itself (`scratch_slot`, allocated at construction; size
-the cache one slot larger), and every padded row decodes token 0 in that slot. The graph
+takes one slot of the cache for itself (`scratch_slot`: the highest free slot, allocated at
+construction, so the caller's slots below it keep their order; size the cache one slot
+larger), and every padded row decodes token 0 in that slot. The graph
 first sets the scratch slot's length to 0, so every padded row writes its key and value at
 position 0 of the scratch slot and attends over that one key; its length ends at 1, never
 growing past the cache. Padded rows share that slot, so their writes race, harmlessly:
 nobody reads the scratch slot but padded rows, and their outputs are dropped. Live slots
 are written only by their own rows, exactly as in eager decode.
 
-All buckets share one memory pool (captured largest first, replayed one at a time), and
+Several samplers (a dict of them) get a graph each per bucket, `step(..., sampler=name)`
+picks one: a greedy-only batch then never pays for a sampler's sort over the vocabulary.
+All graphs share one memory pool (captured largest first, replayed one at a time), and
 warm up on a side stream before capture, as PyTorch requires (that also compiles the
 Triton kernels outside the capture). On the CPU, and where capture fails (with a warning
 saying why), `step` runs the same decode eagerly on the live rows.
@@ -51,11 +56,13 @@ def greedy(logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 class DecodeGraphs:
     """Decode steps for up to max(buckets) sequences, replayed from CUDA graphs.
 
-    fwd: a `MoeForward`; cache: its `KVCache` (one slot is taken here as the padding
-    scratch slot). sample_fn(logits [B, vocab], slots [B]) -> ids [B] runs on the device
-    inside the graph (default greedy argmax; slots lets it read per-slot sampling settings,
-    padded rows pass the scratch slot; its randomness must come from device tensors or
-    torch's default CUDA generator, which graphs support). mode: "auto" (graphs on CUDA,
+    fwd: a `MoeForward`; cache: its `KVCache` (its highest free slot is taken here as the
+    padding scratch slot). sample_fn(logits [B, vocab], slots [B]) -> ids [B] runs on the
+    device inside the graph (default greedy argmax; slots lets it read per-slot sampling
+    settings, padded rows pass the scratch slot; its randomness must come from device
+    tensors or torch's default CUDA generator, which graphs support); or a dict
+    {name: sample_fn}, one graph per sampler and bucket, chosen by `step`'s `sampler`
+    (default: the first). mode: "auto" (graphs on CUDA,
     eager elsewhere), "graph" (capture, or warn and fall back to eager), "static" (the
     graph's padded static-buffer step run without capture: for checking the padding on any
     device), "eager". `capture_seconds` says what capturing each bucket cost.
@@ -69,18 +76,21 @@ class DecodeGraphs:
             raise ValueError(f"buckets must be positive ints, got {buckets}")
         if mode == "graph" and cache.device.type != "cuda":
             raise ValueError(f"mode='graph' needs a CUDA cache, this one is on {cache.device}")
-        self.fwd, self.cache, self.buckets, self.sample_fn = fwd, cache, buckets, sample_fn
+        samplers = dict(sample_fn) if isinstance(sample_fn, dict) else {"default": sample_fn}
+        if not samplers or not all(callable(f) for f in samplers.values()):
+            raise ValueError(f"sample_fn must be a callable or a non-empty dict of callables, got {sample_fn!r}")
+        self.fwd, self.cache, self.buckets, self.samplers = fwd, cache, buckets, samplers
         if mode == "auto":
             mode = "graph" if cache.device.type == "cuda" else "eager"
         self.mode = mode
         self.scratch_slot = None
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.capture_seconds: dict[int, float] = {}
         if mode == "eager":
             return
         if not cache.free_slots:
             raise ValueError("the cache has no free slot for padding: size it one slot larger than the live batch")
-        self.scratch_slot = cache.allocate(cache.max_seq_len)
+        self.scratch_slot = self._take_highest_free_slot(cache)
         size = buckets[-1]
         self._tokens = torch.zeros(size, dtype=torch.int64, device=cache.device)
         self._slots = torch.full((size,), self.scratch_slot, dtype=torch.int64, device=cache.device)
@@ -103,11 +113,17 @@ class DecodeGraphs:
         """The smallest bucket holding `batch` rows (None: larger than every bucket)."""
         return next((b for b in self.buckets if b >= batch), None)
 
-    def step(self, tokens, slots) -> torch.Tensor:
+    def step(self, tokens, slots, sampler: str | None = None) -> torch.Tensor:
         """One decode step: token i is appended to slot i's sequence; returns the new ids [B]
-        on the cache's device (copy them to the host once per step). tokens, slots: [B] ints
-        (device tensors or host sequences); the slots must be distinct allocated slots with
-        room, as for `MoeForward.decode(check=False)`: their values are not checked here."""
+        on the cache's device (a view of the graph's output: copy them to the host once per
+        step, before the next step overwrites them). tokens, slots: [B] ints (device tensors
+        or host sequences); the slots must be distinct allocated slots with room, as for
+        `MoeForward.decode(check=False)`: their values are not checked here. sampler: the
+        name of one of the samplers (default: the first)."""
+        name = next(iter(self.samplers)) if sampler is None else sampler
+        if name not in self.samplers:
+            raise ValueError(f"unknown sampler {sampler!r}: this DecodeGraphs has {list(self.samplers)}")
+        sample_fn = self.samplers[name]
         tokens = torch.as_tensor(tokens, device=self.cache.device)
         slots = torch.as_tensor(slots, device=self.cache.device)
         if tokens.dim() != 1 or tokens.shape != slots.shape or tokens.numel() == 0:
@@ -116,14 +132,14 @@ class DecodeGraphs:
         batch = tokens.numel()
         bucket = self.bucket_for(batch)
         if self.mode == "eager" or bucket is None:
-            return self.sample_fn(self.fwd.decode(self.cache, tokens, slots, check=False), slots)
+            return sample_fn(self.fwd.decode(self.cache, tokens, slots, check=False), slots)
         self._tokens[:batch].copy_(tokens)
         self._slots[:batch].copy_(slots)
         self._tokens[batch:bucket].fill_(0)
         self._slots[batch:bucket].fill_(self.scratch_slot)
         if self.mode == "static":
-            return self._static_step(bucket)[1][:batch]
-        graph, _, ids = self._graphs[bucket]
+            return self._static_step(bucket, sample_fn)[1][:batch]
+        graph, _, ids = self._graphs[name, bucket]
         graph.replay()
         return ids[:batch]
 
@@ -135,12 +151,22 @@ class DecodeGraphs:
             self.scratch_slot = None
         self.mode = "eager"
 
-    def _static_step(self, bucket: int):
+    @staticmethod
+    def _take_highest_free_slot(cache: KVCache) -> int:
+        """Allocate the cache's highest free slot (allocate hands out the lowest: the free
+        slots below are taken for a moment and given back: free again, length 0, as before)."""
+        below = [cache.allocate(1) for _ in cache.free_slots[:-1]]
+        slot = cache.allocate(cache.max_seq_len)
+        for other in below:
+            cache.free(other)
+        return slot
+
+    def _static_step(self, bucket: int, sample_fn):
         """The step a graph records: decode the first `bucket` rows of the static buffers."""
         self._scratch_length.fill_(0)  # padded rows write position 0 of the scratch slot
         slots = self._slots[:bucket]
         logits = self.fwd.decode(self.cache, self._tokens[:bucket], slots, check=False)
-        return logits, self.sample_fn(logits, slots)
+        return logits, sample_fn(logits, slots)
 
     def _capture_all(self) -> None:
         pool = torch.cuda.graph_pool_handle()
@@ -148,15 +174,16 @@ class DecodeGraphs:
         self._tokens.zero_()
         for bucket in reversed(self.buckets):  # largest first: the smaller ones reuse its memory
             start = time.perf_counter()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._static_step(bucket)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits, ids = self._static_step(bucket)
-            torch.cuda.synchronize()
-            self._graphs[bucket] = (graph, logits, ids)
-            self.capture_seconds[bucket] = time.perf_counter() - start
+            for name, sample_fn in self.samplers.items():
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._static_step(bucket, sample_fn)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits, ids = self._static_step(bucket, sample_fn)
+                torch.cuda.synchronize()
+                self._graphs[name, bucket] = (graph, logits, ids)
+            self.capture_seconds[bucket] = time.perf_counter() - start  # all samplers of the bucket

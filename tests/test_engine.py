@@ -1,6 +1,8 @@
 """moelab.Engine end to end on the trained `tiny` (float32): greedy tokens equal HF generate
 for each prompt alone, online submission, cancellation, seeded sampling independent of the
-batch, stop ids and strings, streaming text, bad input, and a 1,000-request soak."""
+batch, stop ids and strings, streaming text, bad input, a 1,000-request soak, and decode
+steps through DecodeGraphs (padded static step on the CPU, CUDA graphs on the GPU) giving
+the eager Engine's tokens."""
 
 import random
 
@@ -272,9 +274,12 @@ def test_cuda_engine_matches_cpu_and_its_decode_step_captures_in_a_graph(model):
     prompts = random_prompts(6, 3, 30, seed=8)
     cpu = Engine(model, num_slots=3, max_seq_len=64).generate(prompts, 12)
     cuda_model = copy.deepcopy(model).to("cuda")
-    engine = Engine(cuda_model, num_slots=3, max_seq_len=64)
+    engine = Engine(cuda_model, num_slots=3, max_seq_len=64)  # CUDA graphs by default on CUDA
+    assert engine.graphs is not None and engine.graphs.captured
     assert engine.generate(prompts, 12) == cpu
-    # The decode step has no host sync: capture it (a sync would raise) and replay it.
+    # The eager decode step has no host sync either: capture it (a sync would raise), replay it.
+    engine = Engine(cuda_model, num_slots=3, max_seq_len=64, cuda_graphs=False)
+    assert engine.graphs is None
     for p in prompts[:3]:
         engine.submit(p, 20, temperature=0.8, seed=1)
     engine.step()
@@ -340,3 +345,106 @@ def test_prefill_in_chunks_with_offsets_equals_one_prefill(model):
         fwd.prefill(cache, [[1] * 6], [a], offsets=[45])
     with pytest.raises(ValueError, match="offsets for"):
         fwd.prefill(cache, [[1]], [a], offsets=[45, 1])
+
+
+# ------------------------------------------------------------------ decode through graphs
+
+def scripted_run(model, cuda_graphs, graph_buckets=None, cancel_at=4):
+    """Seven requests through 5 slots, greedy and seeded-sampled side by side, ignoring EOS;
+    request 2 is cancelled after step `cancel_at`, two more arrive at step 6. Returns the
+    outputs, the live batch of every pure decode step, whether it was padded (the graphs'
+    scratch slot was decoded in), and the engine."""
+    prompts = random_prompts(7, 3, 40, seed=21)
+    news = [14, 6, 12, 9, 3, 8, 11]
+    sampling = [{}, dict(temperature=0.8, seed=7), dict(temperature=1.1, top_k=30, seed=8), {},
+                dict(temperature=0.6, top_p=0.8, seed=9), dict(temperature=0.9, top_k=5, top_p=0.9, seed=10), {}]
+    engine = Engine(model, num_slots=5, max_seq_len=64, cuda_graphs=cuda_graphs, graph_buckets=graph_buckets)
+    requests = [engine.submit(p, n, ignore_eos=True, **kw) for p, n, kw in zip(prompts[:5], news, sampling)]
+    decodes, step = [], 0
+    while not engine.idle:
+        if step == 6:
+            requests += [engine.submit(p, n, ignore_eos=True, **kw) for p, n, kw in zip(prompts[5:], news[5:], sampling[5:])]
+        engine.step()
+        if step == cancel_at:
+            assert engine.cancel(requests[2])
+        stats = engine.steps[-1]
+        if stats.decode_tokens and not stats.prefill_tokens:
+            padded = engine.graphs is not None and int(engine.cache.lengths[engine.graphs.scratch_slot]) == 1
+            decodes.append((stats.decode_tokens, padded))
+        step += 1
+    assert engine.cache.free_slots == [0, 1, 2, 3, 4] and engine.idle
+    return [r.output for r in requests], decodes, engine
+
+
+def test_static_graph_steps_equal_eager_with_padded_batches_and_a_cancel(model):
+    eager, eager_decodes, eager_engine = scripted_run(model, cuda_graphs=False)
+    got, decodes, engine = scripted_run(model, cuda_graphs="static")
+    assert eager_engine.graphs is None and eager_engine.cache.num_slots == 5
+    graphs = engine.graphs
+    assert graphs.mode == "static" and graphs.buckets == [1, 2, 4, 5]
+    # The scratch slot is the cache's extra last slot, always held, never a request's.
+    assert engine.num_slots == 5 and engine.cache.num_slots == 6 and graphs.scratch_slot == 5
+    assert engine.cache.used_slots == [5] and all(r.slot != 5 for r in engine.requests.values())
+    assert got == eager  # token for token, greedy and seeded sampling
+    assert [n for n, _ in decodes] == [n for n, _ in eager_decodes]
+    # Live batches of 3 ran padded in bucket 4; full buckets (5, 4, 1) ran unpadded.
+    assert {n for n, padded in decodes if padded} == {3}
+    assert {n for n, padded in decodes if not padded} == {1, 4, 5}
+    requests = list(engine.requests.values())  # in submission order
+    assert [r.finish_reason for r in requests] == ["length"] * 2 + ["cancelled"] + ["length"] * 4
+    assert [len(o) for o in got] == [14, 6, 5, 9, 3, 8, 11]  # the cancelled one stopped at 5
+    assert sum(len(set(o)) for o in got) > 30  # tokens move, so equal outputs mean something
+
+
+def test_static_graph_steps_with_one_big_bucket_pad_every_batch(model):
+    eager = scripted_run(model, cuda_graphs=False)[0]
+    got, decodes, engine = scripted_run(model, cuda_graphs="static", graph_buckets=(8,))
+    assert got == eager
+    assert all(padded for n, padded in decodes) and engine.graphs.bucket_for(1) == 8
+
+
+def test_cuda_graphs_argument_is_checked(model):
+    with pytest.raises(ValueError, match="cuda_graphs must be"):
+        Engine(model, num_slots=2, max_seq_len=32, cuda_graphs="yes")
+    with pytest.raises(ValueError, match="graph_buckets"):
+        Engine(model, num_slots=4, max_seq_len=32, cuda_graphs="static", graph_buckets=(1, 2))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs the model on CUDA"):
+            Engine(model, num_slots=2, max_seq_len=32, cuda_graphs=True)
+        auto = Engine(model, num_slots=2, max_seq_len=32)
+        assert auto.graphs is None and auto.cache.num_slots == 2  # eager on the CPU
+
+
+@pytest.fixture(scope="module")
+def cuda_model(model):
+    import copy
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return copy.deepcopy(model).to("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph_buckets", [None, (8,)])
+def test_gpu_graph_engine_equals_eager_engine(cuda_model, graph_buckets):
+    """Replayed CUDA graphs (padded buckets, a cancel mid-run, greedy and seeded sampling)
+    give the eager Engine's tokens on the trained fp32 tiny."""
+    eager, eager_decodes, _ = scripted_run(cuda_model, cuda_graphs=False)
+    got, decodes, engine = scripted_run(cuda_model, cuda_graphs=True, graph_buckets=graph_buckets)
+    assert engine.graphs.captured and engine.graphs.mode == "graph"
+    assert sorted(engine.graphs.capture_seconds) == engine.graphs.buckets
+    assert got == eager
+    assert [n for n, _ in decodes] == [n for n, _ in eager_decodes] and any(p for _, p in decodes)
+
+
+@pytest.mark.gpu
+def test_gpu_graph_engine_bf16_is_close_to_eager():
+    """bf16 (the trained tiny cast): a padded bucket may round a logit differently from the
+    eager batch, so a near tie may flip; nearly every token must still agree."""
+    model = moelab.load("tiny", device="cuda", dtype=torch.bfloat16)[0]
+    eager = scripted_run(model, cuda_graphs=False)[0]
+    got, decodes, engine = scripted_run(model, cuda_graphs=True)
+    assert engine.graphs.captured and any(p for _, p in decodes)
+    prefix = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(got, eager)]
+    assert [len(x) for x in got] == [len(y) for y in eager]
+    assert sum(prefix) >= 0.9 * sum(len(y) for y in eager), (prefix, [len(y) for y in eager])

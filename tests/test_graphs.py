@@ -1,5 +1,5 @@
 """DecodeGraphs: the same tokens as plain decode steps, padded rows never touch a live or an
-idle slot; CUDA-graph replay (GPU) against eager over several buckets and padded batches."""
+idle slot, the scratch slot is the highest free one, samplers picked by name; CUDA-graph replay (GPU) against eager over several buckets and padded batches."""
 
 import warnings
 
@@ -88,6 +88,33 @@ def test_padded_static_step_leaves_live_and_idle_slots_alone(tiny):
     assert cache.k[:, graphs.scratch_slot, :, 0].abs().max() > 0
     graphs.release()
     assert graphs.scratch_slot is None and len(cache.free_slots) == 1
+
+
+def test_scratch_slot_is_the_highest_free_slot_and_samplers_are_picked_by_name(tiny):
+    fwd = MoeForward(tiny[0])
+    cache = fwd.new_cache(num_slots=6, max_seq_len=64)
+    slots = [cache.allocate(40), cache.allocate(40)]
+    cache.free(slots.pop(0))  # slot 0 free again, below the live slot 1
+    first = fwd.prefill(cache, [PROMPTS[1]], slots).argmax(-1)
+
+    def worst(logits, slots):
+        return logits.argmin(-1)
+
+    graphs = DecodeGraphs(fwd, cache, buckets=(4,), mode="static", sample_fn={"best": greedy, "worst": worst})
+    assert graphs.scratch_slot == 5 and cache.free_slots == [0, 2, 3, 4]
+    assert cache.allocate(10) == 0  # the caller's slots still come lowest first
+    lengths = cache.lengths.clone()
+    best = graphs.step(first, slots)  # default: the first sampler
+    cache.lengths.copy_(lengths)
+    logits = fwd.decode(cache, first, slots)
+    cache.lengths.copy_(lengths)
+    low = graphs.step(first, slots, sampler="worst")
+    assert best.tolist() == logits.argmax(-1).tolist() and low.tolist() == logits.argmin(-1).tolist()
+    assert best.tolist() != low.tolist()
+    with pytest.raises(ValueError, match="unknown sampler 'top'"):
+        graphs.step(first, slots, sampler="top")
+    with pytest.raises(ValueError, match="sample_fn must be"):
+        DecodeGraphs(fwd, cache, buckets=(4,), mode="static", sample_fn={})
 
 
 def test_batches_past_the_largest_bucket_run_eagerly(tiny):
