@@ -15,7 +15,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts, Qwen2MoeTopKRouter
 
 import moelab
-from moelab.kernels.experts import align_by_expert, fused_experts_forward, kernel_config
+from moelab.kernels.experts import align_by_expert, fused_experts_forward, gemv_config, kernel_config
 from moelab.quant import NF4Experts, dequantize_nf4, quantize_nf4
 
 patch_module = importlib.import_module("moelab.patch")  # `moelab.patch` itself is the function
@@ -148,6 +148,47 @@ def test_one_expert_taking_every_token_and_repeated_ids():
     assert rel_err(got, reference(x, weights, ids, experts.gate_up_proj, experts.down_proj)) < 1e-6
 
 
+@interpreter
+@pytest.mark.parametrize("tokens,num_experts,top_k,hidden,inter", [
+    (1, 4, 1, 32, 16),
+    (2, 60, 4, 64, 24),      # E = 60: most experts untouched
+    (5, 6, 3, 48, 40),       # H and I not powers of two, K-steps with a masked tail
+    (3, 3, 2, 200, 136),     # several K-steps per row (CPU BLOCK_K = 128)
+])
+@pytest.mark.parametrize("path", ["gemv", "grouped"])
+def test_both_decode_paths_match_the_reference(tokens, num_experts, top_k, hidden, inter, path, monkeypatch):
+    """The ungrouped FMA kernels (decode) and the grouped GEMM give the same result on the
+    same small inputs, whichever the pair count would pick."""
+    monkeypatch.setattr(experts_kernels, "GEMV_MAX_PAIRS", 1 << 20 if path == "gemv" else 0)
+    seed = tokens * 100 + hidden
+    experts = experts_module(num_experts, hidden, inter, seed=seed)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed + 1))
+    weights, ids = routed(tokens, num_experts, top_k, seed + 2)
+    if tokens > 1:
+        ids[1] = ids[0]  # two tokens on the same experts
+    got = fused_experts_forward(x, weights, ids, experts)
+    assert got.shape == (tokens, hidden)
+    assert rel_err(got, reference(x, weights, ids, experts.gate_up_proj, experts.down_proj)) < 1e-6
+
+
+@interpreter
+def test_gemv_path_counts_repeated_ids_and_zeros_invalid_ones(monkeypatch):
+    """A token naming one expert twice gets both pairs; an id outside [0, E) (what CUDA lets
+    through, as the grouped path) adds nothing, over a NaN-filled output buffer."""
+    monkeypatch.setattr(experts_kernels, "GEMV_MAX_PAIRS", 1 << 20)
+    experts = experts_module(5, 32, 24, seed=31)
+    x = torch.randn(3, 32)
+    ids = torch.tensor([[2, 2], [4, 0], [1, 3]])
+    weights = torch.rand(3, 2)
+    got = fused_experts_forward(x, weights, ids, experts)
+    assert rel_err(got, reference(x, weights, ids, experts.gate_up_proj, experts.down_proj)) < 1e-6
+    bad = torch.tensor([[2, 5], [-1, 0], [1, 3]])
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: torch.full(a[0] if len(a) == 1 else a, float("nan"), **k))
+    got = experts_kernels._gemv_forward(x, weights.flatten(), bad, experts.gate_up_proj, experts.down_proj, 24, None)
+    keep = weights * torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert rel_err(got, reference(x, keep, bad.clamp(0, 4), experts.gate_up_proj, experts.down_proj)) < 1e-6
+
+
 def tiny_config():
     return Qwen2MoeConfig(hidden_size=128, moe_intermediate_size=96, num_experts=16, num_experts_per_tok=4)
 
@@ -212,6 +253,20 @@ def test_configs_keep_enough_programs_at_decode_and_tiles_in_registers():
     assert kernel_config(4, 96, 16, gated=True, nf4=False, on_gpu=False)["num_stages"] == 1
 
 
+def test_gemv_configs_fill_the_sms_without_spilling_tiles():
+    """Decode: BLOCK_N 8 where that still gives four programs per SM, else 4 (16 spills in
+    NF4); down at BLOCK_N 4 takes a K-step twice as long; NF4 K-steps are whole 64-blocks."""
+    for rows, n_out, gated in [(4, 1408, True), (1, 2048, False), (32, 1408, True), (8, 2048, False), (256, 1408, True)]:
+        for nf4 in (False, True):
+            cfg = gemv_config(rows, n_out, gated, nf4, on_gpu=True, num_sms=132)
+            programs = rows * -(-n_out // cfg["BLOCK_N"])
+            assert cfg["BLOCK_N"] == (8 if rows * -(-n_out // 8) >= 4 * 132 else 4)
+            assert programs >= 4 * 132 or cfg["BLOCK_N"] == 4
+            assert cfg["BLOCK_K"] % 64 == 0 and cfg["BLOCK_K"] * cfg["BLOCK_N"] <= (8192 if nf4 else 4096) * (2 if gated else 1)
+    assert gemv_config(1, 2048, False, False, on_gpu=True)["BLOCK_K"] == 512
+    assert gemv_config(8, 2048, False, False, on_gpu=True)["BLOCK_K"] == 256
+
+
 # ---------------------------------------------------------------------------- NF4
 
 @interpreter
@@ -220,15 +275,17 @@ def test_configs_keep_enough_programs_at_decode_and_tiles_in_registers():
     (128, 96, False, 3),     # tiny's shape: down's rows of 96 cut NF4 blocks in the middle
     (64, 48, True, 1),
 ])
-def test_nf4_kernel_equals_dequantize_then_matmul(hidden, inter, double_quant, tokens):
+def test_nf4_kernel_equals_dequantize_then_matmul(hidden, inter, double_quant, tokens, monkeypatch):
     dense = experts_module(8, hidden, inter, seed=hidden + inter)
     quantized = NF4Experts(quantize_nf4(dense.gate_up_proj, double_quant), quantize_nf4(dense.down_proj, double_quant),
                            torch.nn.SiLU())
     gate_up, down = dequantize_nf4(quantized.gate_up), dequantize_nf4(quantized.down)
     x = torch.randn(tokens, hidden)
     weights, ids = routed(tokens, 8, 3, hidden)
-    got = fused_experts_forward(x, weights, ids, quantized)
-    assert rel_err(got, reference(x, weights, ids, gate_up, down)) < 1e-6
+    for limit in (0, 1 << 20):  # the grouped GEMM, then the ungrouped decode kernels
+        monkeypatch.setattr(experts_kernels, "GEMV_MAX_PAIRS_NF4", limit)
+        got = fused_experts_forward(x, weights, ids, quantized)
+        assert rel_err(got, reference(x, weights, ids, gate_up, down)) < 1e-6
     # and NF4 is not the dense result (the test would not notice skipped dequantization otherwise)
     assert rel_err(got, reference(x, weights, ids, dense.gate_up_proj, dense.down_proj)) > 1e-3
 
@@ -366,6 +423,28 @@ def test_gpu_nf4_equals_dequantize_then_matmul(tokens):
     expected = moelab.model.experts_torch(x.float(), weights.float(), ids, deq)
     err = float((got.float() - expected).norm() / expected.norm())
     assert err < 1e-2, f"relative error {err:.2e} at T={tokens}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 4, 8])
+@pytest.mark.parametrize("precision", ["bf16", "nf4"])
+def test_gpu_decode_paths_agree_with_the_reference(tokens, precision, monkeypatch):
+    """The ungrouped FMA decode kernels and the grouped GEMM, each forced, on the full layer."""
+    experts = experts_module(QWEN["num_experts"], QWEN["hidden"], QWEN["inter"], torch.bfloat16, "cuda", seed=tokens)
+    layer = experts if precision == "bf16" else NF4Experts.from_experts(experts)
+    gate_up = experts.gate_up_proj if precision == "bf16" else dequantize_nf4(layer.gate_up)
+    down = experts.down_proj if precision == "bf16" else dequantize_nf4(layer.down)
+    ref = types.SimpleNamespace(gate_up_proj=gate_up.float(), down_proj=down.float(), act_fn=torch.nn.SiLU(),
+                                num_experts=QWEN["num_experts"])
+    x = torch.randn(tokens, QWEN["hidden"], device="cuda").bfloat16()
+    weights, ids = routed(tokens, QWEN["num_experts"], QWEN["top_k"], tokens + 7, torch.bfloat16, "cuda")
+    expected = moelab.model.experts_torch(x.float(), weights.float(), ids, ref)
+    for limit in (0, 1 << 20):
+        monkeypatch.setattr(experts_kernels, "GEMV_MAX_PAIRS", limit)
+        monkeypatch.setattr(experts_kernels, "GEMV_MAX_PAIRS_NF4", limit)
+        got = fused_experts_forward(x, weights, ids, layer)
+        err = float((got.float() - expected).norm() / expected.norm())
+        assert err < 1e-2, f"relative error {err:.2e} at T={tokens}, {precision}, {'gemv' if limit else 'grouped'}"
 
 
 @pytest.mark.gpu
