@@ -157,7 +157,8 @@ class Engine:
         self.scheduler = Scheduler(num_slots, policy, token_budget)
         on_cuda = next(model.parameters()).device.type == "cuda"
         if cuda_graphs is True and not on_cuda:
-            raise ValueError("cuda_graphs=True needs the model on CUDA; use 'static' to check the padded step on the CPU")
+            raise ValueError("cuda_graphs=True needs the model on CUDA; "
+                             "use 'static' to check the padded step on the CPU")
         mode = {"auto": "graph" if on_cuda else None, True: "graph", False: None, "static": "static"}[cuda_graphs]
         if graph_buckets is None:
             graph_buckets = [b for b in DEFAULT_BUCKETS if b < num_slots] + [num_slots]
@@ -186,7 +187,7 @@ class Engine:
         # the Engine's two samplers, so a greedy-only batch never pays for the sampling sort.
         self.graphs = None if mode is None else DecodeGraphs(
             self.forward, self.cache, graph_buckets, mode=mode,
-            sample_fn={"greedy": greedy, "sample": lambda logits, slots: self._sample(logits, slots, False)})
+            sample_fn={"greedy": greedy, "sample": self._per_slot_sampler()})
         self._slot_ids: dict[tuple[int, ...], torch.Tensor] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._sent: dict[int, int] = {}  # characters of text already streamed, per request
@@ -324,9 +325,20 @@ class Engine:
     def _sample(self, logits, slots, greedy_only):
         if greedy_only:  # known on the host from the requests' parameters
             return logits.argmax(-1)
-        # The new token's position is the slot's length after the forward pass.
-        return sample(logits, self._temperature[slots], self._top_k[slots], self._top_p[slots],
-                      self._seed[slots], self.cache.lengths[slots])
+        return self._per_slot_sampler()(logits, slots)
+
+    def _per_slot_sampler(self):
+        """sample_fn(logits, slots) reading each slot's sampling parameters from the per-slot
+        device tensors (fixed addresses, so a graph can capture it). It closes over the
+        tensors, not the Engine, so the graphs keep no reference cycle to the Engine."""
+        temperature, top_k, top_p, seed, lengths = (self._temperature, self._top_k, self._top_p, self._seed,
+                                                    self.cache.lengths)
+
+        def sample_slots(logits, slots):
+            # The new token's position is the slot's length after the forward pass.
+            return sample(logits, temperature[slots], top_k[slots], top_p[slots], seed[slots], lengths[slots])
+
+        return sample_slots
 
     def stream(self) -> Iterator[StreamEvent]:
         """Step until idle, yielding every event as it happens."""

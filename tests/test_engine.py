@@ -5,6 +5,7 @@ steps through DecodeGraphs (padded static step on the CPU, CUDA graphs on the GP
 the eager Engine's tokens."""
 
 import random
+import weakref
 
 import pytest
 import torch
@@ -363,7 +364,8 @@ def scripted_run(model, cuda_graphs, graph_buckets=None, cancel_at=4):
     decodes, step = [], 0
     while not engine.idle:
         if step == 6:
-            requests += [engine.submit(p, n, ignore_eos=True, **kw) for p, n, kw in zip(prompts[5:], news[5:], sampling[5:])]
+            requests += [engine.submit(p, n, ignore_eos=True, **kw)
+                         for p, n, kw in zip(prompts[5:], news[5:], sampling[5:])]
         engine.step()
         if step == cancel_at:
             assert engine.cancel(requests[2])
@@ -394,6 +396,9 @@ def test_static_graph_steps_equal_eager_with_padded_batches_and_a_cancel(model):
     assert [r.finish_reason for r in requests] == ["length"] * 2 + ["cancelled"] + ["length"] * 4
     assert [len(o) for o in got] == [14, 6, 5, 9, 3, 8, 11]  # the cancelled one stopped at 5
     assert sum(len(set(o)) for o in got) > 30  # tokens move, so equal outputs mean something
+    gone = weakref.ref(engine)
+    del engine, graphs
+    assert gone() is None  # the graphs' sampler holds no reference cycle back to the Engine
 
 
 def test_static_graph_steps_with_one_big_bucket_pad_every_batch(model):

@@ -1,5 +1,6 @@
 """DecodeGraphs: the same tokens as plain decode steps, padded rows never touch a live or an
-idle slot, the scratch slot is the highest free one, samplers picked by name; CUDA-graph replay (GPU) against eager over several buckets and padded batches."""
+idle slot, the scratch slot is the highest free one, samplers picked by name; CUDA-graph
+replay (GPU) against eager over several buckets and padded batches."""
 
 import warnings
 
