@@ -17,16 +17,28 @@ with no host sync (so a CUDA graph can capture them):
 3. the same kernel (down): the routing weight of each pair is applied before the store.
 4. a sum over the top-k rows of each token (deterministic: no atomics).
 
-Decode (a few tokens) uses BLOCK_M = 16: a block per touched expert, so every touched
-expert's weights are read once and the 16-row padding costs tensor-core work, not bytes. Its
-N-tiles are small enough to put several programs on every SM. Prefill uses large blocks.
+Decode at the fewest tokens (bf16 up to 16 pairs, NF4 up to 256: GEMV_MAX_PAIRS*) skips
+grouping: two launches instead of four. `_gemv_gate_up_kernel` runs one program per (pair,
+N-tile), streaming BLOCK_N gate and up rows of the pair's expert with 16-byte loads and one
+FMA per weight into an fp32 [BLOCK_N, BLOCK_K] accumulator summed once at the end (no tl.dot
+padding a single token to 16 rows); `_gemv_down_kernel` runs one program per (token,
+N-tile) over its top-k experts with the routing weights applied and the top-k sum folded in
+(one rounding, no per-pair output, no sum kernel). With few pairs an expert is rarely named
+twice, so the bytes read are about those of the touched experts. Between that and 64 tokens
+the grouped kernel uses BLOCK_M = 16: a block per touched expert, so every touched expert's
+weights are read once and the 16-row padding costs tensor-core work, not bytes. Prefill uses
+large blocks.
 
 The NF4 variant reads the 4-bit codes and dequantizes in registers, following
 `moelab.quant`'s storage (notebooks/04): flat value i of expert e sits in byte i // 2 (high
 nibble for even i), its block absmax is absmax[e, i // 64], itself 8-bit coded with a
 per-256-block scale and a per-expert offset under double quantisation. Even and odd values
 of a K-tile come from the high and low nibbles of one byte load; they are multiplied with
-the even and odd columns of x in two dots, so no interleaving is needed.
+the even and odd columns of x (two dots in the grouped kernel, two FMAs in the decode
+kernels), so no interleaving is needed. The nibbles are looked up in the 16-entry fp32 code
+book (64 bytes: one cache line, so a warp's look-ups are served together), and the decode
+kernels load the codes as [rows, 64-blocks, 32 bytes] tiles so each block's absmax is
+decoded once per row and broadcast over its 32 bytes.
 """
 
 from __future__ import annotations
