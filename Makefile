@@ -39,7 +39,7 @@ test: $(VENV)/.installed $(LOWEST)/.installed
 	$(LOWEST)/bin/python -m pytest tests -q
 
 bench: $(VENV)/.installed
-	$(VENV)/bin/python -m moelab.bench router
+	$(VENV)/bin/python -m moelab.bench   # the full benchmark on the CPU (tiny, fp32 + NF4); see the README for CUDA
 
 clean:
 	rm -rf $(VENV) $(LOWEST)

@@ -13,8 +13,8 @@ runs, name the card, and compare systems side by side in one run on one machine.
     python -m moelab.bench decode --model qwen1.5-moe-a2.7b --batches 1 8 64 --prompt-len 16 64 \
         --max-seq-len 2048 --profile                # CUDA: SDPA / kernel / graphs / fused ops vs the bound
     python -m moelab.bench attention               # CUDA: decode attention alone, SDPA vs kernel, split-K
-    python -m moelab.bench serve                   # CPU (tiny): HF serial / static / continuous vs the Engine
-    python -m moelab.bench serve --model qwen1.5-moe-a2.7b --device cuda   # random bf16 weights
+    python -m moelab.bench                         # the full benchmark (= serve), CPU tiny fp32 + NF4
+    python -m moelab.bench --model qwen1.5-moe-a2.7b --random-weights --concurrency 1 8 64   # CUDA, bf16 + NF4
 """
 
 from __future__ import annotations
@@ -696,10 +696,13 @@ def bench_attention(batches=(1, 8, 64), contexts=(64, 512, 2048), heads: int = 1
             "copy_bandwidth_gbs": round(bandwidth, 1), "results": rows}
 
 
-# ---------------------------------------------------------------------------- serving
+# ---------------------------------------------------------------------------- serving (the full benchmark)
 
-SERVE_SYSTEMS = ("hf_serial", "hf_static", "hf_continuous", "moelab_static", "moelab_continuous")
+SERVE_SYSTEMS = ("hf_serial", "hf_static", "hf_compiled", "hf_continuous", "moelab_static", "moelab_continuous")
 SERVE_PRESETS = {"tiny": "cpu", "qwen1.5-moe-a2.7b": "cuda"}
+SERVE_PRECISIONS = ("fp32", "bf16", "nf4")
+SERIAL_EXPERTS = ("eager", "grouped_mm")  # hf_serial runs once with each of transformers' experts paths
+LOGITS_TOLERANCE = 0.03  # teacher-forced logits: max |moelab - transformers| < 0.03 * max |transformers|
 
 
 def serve_workload(num_requests: int = 32, prompt_len=(16, 64), output_len=(8, 128), rate: float | None = None,
@@ -729,6 +732,12 @@ def serve_workload(num_requests: int = 32, prompt_len=(16, 64), output_len=(8, 1
             "rate": rate, "seed": seed, "prompts": prompts, "outputs": outputs, "arrivals": arrivals}
 
 
+def first_requests(wl: dict, n: int) -> dict:
+    """The workload's first `n` requests (the slow serial baselines run on fewer)."""
+    n = min(n, wl["num_requests"])
+    return {**wl, "num_requests": n, **{k: wl[k][:n] for k in ("prompts", "outputs", "arrivals")}}
+
+
 def _wait_until(t: float) -> None:
     delay = t - time.perf_counter()
     if delay > 0:
@@ -748,8 +757,8 @@ class _TokenClock:
         return (input_ids.shape[1] - self.prompt_width >= self.wanted).to(input_ids.device)
 
 
-def _hf_generate(model, prompts: list[list[int]], wanted: list[int], pad_id: int):
-    """HF generate on a left-padded batch, greedy, EOS ignored; returns per-row token times."""
+def _hf_generate(model, prompts: list[list[int]], wanted: list[int], pad_id: int, **generate_kwargs):
+    """HF generate on a left-padded batch, greedy, EOS ignored; returns per-row (token times, tokens)."""
     from transformers import StoppingCriteriaList
 
     width = max(len(p) for p in prompts)
@@ -760,20 +769,24 @@ def _hf_generate(model, prompts: list[list[int]], wanted: list[int], pad_id: int
         mask[i, width - len(p):] = 1
     device = next(model.parameters()).device
     clock = _TokenClock(width, wanted)
-    model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(wanted), do_sample=False,
-                   eos_token_id=None, pad_token_id=pad_id, stopping_criteria=StoppingCriteriaList([clock]))
-    return [clock.times[:n] for n in wanted]
+    out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(wanted), do_sample=False,
+                         eos_token_id=None, pad_token_id=pad_id, stopping_criteria=StoppingCriteriaList([clock]),
+                         **generate_kwargs)
+    new = out[:, width:].tolist()
+    return [(clock.times[:n], new[i][:n]) for i, n in enumerate(wanted)]
 
 
-def _run_hf_batches(model, wl, batch, pad_id):
+def _run_hf_batches(model, wl, batch, pad_id, **generate_kwargs):
     """Requests in arrival order, `batch` at a time (1: HF serial); a batch starts when its
-    last request has arrived and the previous batch is done. Returns (start, records)."""
+    last request has arrived and the previous batch is done. Returns (start, records) with a
+    record (arrival, token times, tokens) per request."""
     records, start = [], time.perf_counter()
     for i in range(0, wl["num_requests"], batch):
         idx = list(range(i, min(i + batch, wl["num_requests"])))
         _wait_until(start + wl["arrivals"][idx[-1]])
-        times = _hf_generate(model, [wl["prompts"][j] for j in idx], [wl["outputs"][j] for j in idx], pad_id)
-        records += [(start + wl["arrivals"][j], t) for j, t in zip(idx, times)]
+        rows = _hf_generate(model, [wl["prompts"][j] for j in idx], [wl["outputs"][j] for j in idx], pad_id,
+                            **generate_kwargs)
+        records += [(start + wl["arrivals"][j], t, tokens) for j, (t, tokens) in zip(idx, rows)]
     return start, records
 
 
@@ -813,7 +826,7 @@ def _run_hf_continuous(model, wl, concurrency):
         if len(out.generated_tokens) != wl["outputs"][i] or out.error:
             raise RuntimeError(f"HF continuous batching gave {len(out.generated_tokens)} tokens for request {i}, "
                                f"wanted {wl['outputs'][i]} ({out.error})")
-        records.append((start + wl["arrivals"][i], list(out.timestamps)))
+        records.append((start + wl["arrivals"][i], list(out.timestamps), [int(t) for t in out.generated_tokens]))
     return start, records
 
 
@@ -830,177 +843,371 @@ def _run_moelab(engine, wl):
             _wait_until(start + wl["arrivals"][submitted])
             continue
         engine.step()
-    return start, [(r.arrival_time, r.token_times) for r in requests]
+    return start, [(r.arrival_time, r.token_times, list(r.output)) for r in requests]
 
 
 def serve_metrics(records, seconds: float) -> dict:
     """tokens/s over the run, TTFT (arrival to first token) and inter-token latency p50/p99 in ms."""
     from .engine import percentile
 
-    tokens = sum(len(t) for _, t in records)
-    ttft = [(t[0] - arrival) * 1e3 for arrival, t in records if t]
-    itl = [(b - a) * 1e3 for _, t in records for a, b in zip(t, t[1:])]
+    tokens = sum(len(t) for _, t, *_ in records)
+    ttft = [(t[0] - arrival) * 1e3 for arrival, t, *_ in records if t]
+    itl = [(b - a) * 1e3 for _, t, *_ in records for a, b in zip(t, t[1:])]
     r2 = lambda x: None if x is None else round(x, 2)  # noqa: E731
     return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
             "ttft_p50_ms": r2(percentile(ttft, 50)), "ttft_p99_ms": r2(percentile(ttft, 99)),
             "itl_p50_ms": r2(percentile(itl, 50)), "itl_p99_ms": r2(percentile(itl, 99))}
 
 
-def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYSTEMS, num_requests: int = 32,
-                prompt_len=(16, 64), output_len=(8, 128), rate: float | None = None, concurrency: int = 8,
-                seed: int = 0, hf_experts: str | None = None, threads: int | None = 1, repeats: int = 1,
-                progress=print) -> dict:
-    """Serve one seeded workload with each system in turn, same prompts, EOS ignored by all.
+def teacher_forced_check(model, prompts: list[list[int]], experts_fn, tolerance: float = LOGITS_TOLERANCE) -> dict:
+    """Logits of every prompt position from moelab's forward (`MoeForward.prefill`) against
+    transformers' own forward of the same model and weights. bf16 keeps ~3 significant
+    digits and the two round at different places, so: max |moelab - transformers| <
+    `tolerance` * max |transformers|, per prompt; also the fraction of positions whose top-1
+    token agrees (bf16 near-ties may flip a few)."""
+    from .model import MoeForward
 
-    hf_serial: HF generate one request at a time; hf_static: HF generate on left-padded batches
-    of `concurrency`; hf_continuous: HF's continuous batching (generate_batch's manager) with
-    at most `concurrency` requests per batch; moelab_static / moelab_continuous: the Engine
-    with `concurrency` slots under each policy. Every system is warmed up first. On the CPU
-    every system runs on `threads` threads (tiny's ops are too small for a second thread to pay).
-    With `repeats` > 1 the systems run in turn that many times and each keeps its fastest run
-    (on a shared machine, the one least disturbed by others).
+    forward = MoeForward(model, experts_fn=experts_fn)
+    cache = forward.new_cache(len(prompts), max(len(p) for p in prompts))
+    device = cache.device
+    worst, agree, total = 0.0, 0, 0
+    with torch.no_grad():
+        slots = [cache.allocate(len(p)) for p in prompts]
+        ours = forward.prefill(cache, prompts, slots, all_logits=True)
+        for prompt, got in zip(prompts, ours):
+            ref = model(torch.tensor([prompt], device=device)).logits[0].float()
+            got = got.float()
+            worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
+            agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+            total += len(prompt)
+    return {"max_rel_diff": float(f"{worst:.3g}"), "tolerance": tolerance, "top1_agreement": round(agree / total, 4),
+            "positions": total, "ok": worst < tolerance}
+
+
+def tokens_check(tokens: dict) -> dict:
+    """Every system's greedy tokens for the requests they all served, against the first system's."""
+    names = list(tokens)
+    if len(names) < 2:
+        return {"systems": names, "ok": True, "mismatches": []}
+    ref_name = names[0]
+    mismatches = []
+    for name in names[1:]:
+        n = min(len(tokens[ref_name]), len(tokens[name]))
+        for i in range(n):
+            if tokens[name][i] != tokens[ref_name][i]:
+                a, b = tokens[ref_name][i], tokens[name][i]
+                at = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                mismatches.append(f"{name} vs {ref_name}: request {i} differs at output token {at}")
+                break
+    return {"systems": names, "reference": ref_name, "ok": not mismatches, "mismatches": mismatches}
+
+
+def _dtype_of(precision: str, on_cuda: bool) -> torch.dtype:
+    if precision == "nf4":
+        return torch.bfloat16 if on_cuda else torch.float32  # NF4's compute dtype
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+class _ProgressBar:
+    """A one-line text progress bar on stderr (no dependency); `note` prints a line above it."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        enabled = enabled and sys.stderr.isatty()  # a log file gets the plain lines only
+        self.total, self.done, self.enabled, self.start = max(total, 1), 0, enabled, time.perf_counter()
+
+    def _draw(self, label: str = "") -> None:
+        if self.enabled:
+            filled = int(30 * self.done / self.total)
+            print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
+                  f"{time.perf_counter() - self.start:6.0f} s {label[:40]:<40}", end="", file=sys.stderr, flush=True)
+
+    def advance(self, label: str) -> None:
+        self.done += 1
+        self._draw(label)
+
+    def note(self, line: str) -> None:
+        if self.enabled:
+            print("\r" + " " * 100 + "\r", end="", file=sys.stderr)
+        print(line, file=sys.stderr if self.enabled else sys.stdout, flush=True)
+        self._draw()
+
+    def close(self) -> None:
+        if self.enabled:
+            print(file=sys.stderr)
+
+
+def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYSTEMS, num_requests: int = 32,
+                prompt_len=(16, 64), output_len=(8, 128), rate: float | None = None, concurrency=(8,),
+                seed: int = 0, precisions=None, serial_requests: int | None = None, random_weights: bool = False,
+                serial_experts=SERIAL_EXPERTS, threads: int | None = 1, repeats: int = 1,
+                progress_bar: bool = True) -> dict:
+    """The full benchmark (notebooks/09_full_benchmark): one seeded workload served by each
+    system, precision and concurrency in turn, same prompts, EOS ignored by all.
+
+    hf_serial: HF generate one request at a time (on the first `serial_requests`), once with
+    each experts path in `serial_experts`; hf_static: HF generate on left-padded batches of
+    `concurrency`; hf_compiled: the same with HF's static cache, which HF compiles with
+    torch.compile on CUDA (on the CPU it stays eager: `compiled` says which); hf_continuous:
+    HF's continuous batching (generate_batch's manager), at most `concurrency` requests per
+    batch; moelab_static / moelab_continuous: the Engine with `concurrency` slots under each
+    policy. Precisions: fp32 / bf16 load the model in that dtype; nf4 runs moelab on
+    `moelab.load(..., quantize="nf4")` and, on CUDA, transformers on its own bitsandbytes
+    4-bit path (on the CPU the HF systems have no NF4 row). Every system is warmed up first.
+
+    Checks (in `result["checks"]`): at fp32 every system's greedy tokens must be identical;
+    at every precision the teacher-forced logits of moelab's forward and transformers' agree
+    within LOGITS_TOLERANCE. With `repeats` > 1 each run is repeated, keeping the fastest.
     """
     from .engine import Engine
     from .models import load
 
+    concurrency = (concurrency,) if isinstance(concurrency, int) else tuple(concurrency)
+    on_cuda = device == "cuda"
+    precisions = tuple(precisions or (("bf16", "nf4") if on_cuda else ("fp32", "nf4")))
     unknown = [s for s in systems if s not in SERVE_SYSTEMS]
     if unknown:
         raise ValueError(f"unknown system(s) {unknown}; systems are {list(SERVE_SYSTEMS)}")
-    if model_name not in SERVE_PRESETS:
-        raise ValueError(f"unknown preset {model_name!r}; serve presets are {sorted(SERVE_PRESETS)}")
+    bad = [p for p in precisions if p not in SERVE_PRECISIONS]
+    if bad:
+        raise ValueError(f"unknown precision(s) {bad}; precisions are {list(SERVE_PRECISIONS)}")
+    if not concurrency or min(concurrency) < 1:
+        raise ValueError(f"concurrency must be one or more integers >= 1, got {list(concurrency)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device cuda was asked for, but this machine has no CUDA device")
-    on_cuda = device == "cuda"
     if not on_cuda and threads:
         torch.set_num_threads(threads)
-    model, _ = load(model_name, device=device, random_weights=model_name != "tiny")
-    # grouped_mm is HF's fastest experts path here on both devices (on the CPU, tiny: 138 vs
-    # 112 tokens/s eager at batch 1, 728 vs 464 at batch 8; measured 2026-11-28).
-    hf_experts = hf_experts or "grouped_mm"
-    model.set_experts_implementation(hf_experts)
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    vocab = 256 if model_name == "tiny" else model.config.vocab_size  # tiny: bytes, no EOS in prompts
+    vocab = 256  # byte-level ids below every preset's vocab (tiny: no EOS in prompts)
     wl = serve_workload(num_requests, prompt_len, output_len, rate, vocab, seed)
+    serial_wl = first_requests(wl, serial_requests or num_requests)
     warm = serve_workload(min(4, num_requests), (4, 8), (2, 4), None, vocab, seed + 1)
     max_seq_len = max(len(p) + n for w in (wl, warm) for p, n in zip(w["prompts"], w["outputs"]))
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
-    precision = str(next(model.parameters()).dtype).replace("torch.", "")
-    bound = None
-    if on_cuda:
-        bandwidth = copy_bandwidth_gbs()
-        bound = lambda batch: batch * bandwidth * 1e9 / decode_weight_bytes(model, batch)["bytes"]  # noqa: E731
+    bandwidth = copy_bandwidth_gbs() if on_cuda else None
     experts_fn, experts_name = _experts_fn("auto", on_cuda)
+    hf_systems = [s for s in systems if s.startswith("hf_")]
+    moelab_systems = [s for s in systems if s.startswith("moelab_")]
 
-    def runner(system):
-        if system == "hf_serial":
-            return lambda w: _run_hf_batches(model, w, 1, pad_id), 1, hf_experts
-        if system == "hf_static":
-            return lambda w: _run_hf_batches(model, w, concurrency, pad_id), concurrency, hf_experts
-        if system == "hf_continuous":
-            return lambda w: _run_hf_continuous(model, w, concurrency), concurrency, hf_experts
-        policy = system.removeprefix("moelab_")
-        engine = Engine(model, concurrency, max_seq_len, policy=policy, experts_fn=experts_fn)
-        return lambda w: _run_moelab(engine, w), concurrency, f"moelab_{experts_name}"
+    def runs_for(precision):  # (system, concurrency, experts_impl) in order, HF first
+        hf_ok = precision != "nf4" or on_cuda
+        out = []
+        for s in hf_systems if hf_ok else []:
+            if s == "hf_serial":
+                out += [(s, 1, impl) for impl in serial_experts]
+            else:
+                out += [(s, c, "grouped_mm") for c in concurrency]
+        out += [(s, c, f"moelab_{experts_name}") for s in moelab_systems for c in concurrency]
+        return out
 
-    best = {}
-    for repeat in range(repeats):  # systems interleaved, so a busy spell of the machine hits all alike
-        for system in systems:
-            run, conc, experts_impl = runner(system)
-            try:
-                run(wl if system == "hf_continuous" else warm)  # warm-up (HF's manager is sized by its first workload)
-                sync()
-                if on_cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                cpu_start = time.process_time()
-                start, records = run(wl)
-                sync()
-                cpu_seconds = time.process_time() - cpu_start
-            except Exception as err:  # noqa: BLE001  (e.g. HF continuous batching on the CPU in transformers 5.17)
-                if system == "hf_continuous":
-                    model.destroy_cached_continuous_batching_manager()
-                best.setdefault(system, {"system": system, "concurrency": conc, "experts_impl": experts_impl,
-                                         "error": f"{type(err).__name__}: {err}"[:300]})
-                progress(f"run {repeat + 1}/{repeats} {system:<18} FAILED: {type(err).__name__}: {err}"[:200])
+    plan = {p: runs_for(p) for p in precisions}
+    bar = _ProgressBar(repeats * sum(len(v) for v in plan.values()), progress_bar)
+    rows, checks, pad_id = {}, {}, 0
+
+    def build(precision, for_hf):
+        dtype = _dtype_of(precision, on_cuda)
+        if precision != "nf4":
+            return load(model_name, device=device, dtype=dtype, random_weights=random_weights)[0]
+        if not for_hf:
+            return load(model_name, device=device, dtype=dtype, random_weights=random_weights, quantize="nf4")[0]
+        model = load(model_name, device=device, dtype=dtype, random_weights=random_weights)[0]
+        return transformers_bnb_4bit_(model, compute_dtype=dtype)
+
+    for precision in precisions:
+        tokens = {}
+        groups = [(True, [r for r in plan[precision] if r[0].startswith("hf_")]),
+                  (False, [r for r in plan[precision] if r[0].startswith("moelab_")])]
+        # One model for all systems unless HF's NF4 is a different model (bitsandbytes).
+        shared = build(precision, False) if precision != "nf4" else None
+        for for_hf, group in groups:
+            if not group:
                 continue
-            seconds = max(t[-1] for _, t in records) - start
-            row = {"system": system, "precision": precision, "experts_impl": experts_impl, "concurrency": conc,
-                   **serve_metrics(records, seconds),
-                   "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if on_cuda else None,
-                   "roofline_fraction": None}
-            # CPU seconds of this process (all threads): on a shared CPU, tokens per CPU
-            # second is the figure other processes' load disturbs least.
-            row["cpu_seconds"] = round(cpu_seconds, 3)
-            row["tokens_per_cpu_s"] = round(row["tokens"] / cpu_seconds, 1)
-            if bound is not None:
-                row["roofline_fraction"] = round(row["tokens_per_s"] / bound(conc), 4)
-            if system == "hf_continuous":
-                model.destroy_cached_continuous_batching_manager()
-            progress(f"run {repeat + 1}/{repeats} {system:<18} {row['tokens_per_s']:9.1f} tokens/s  "
-                     f"TTFT p50 {row['ttft_p50_ms']} ms  ITL p50 {row['itl_p50_ms']} ms")
-            if system not in best or row["tokens_per_s"] > best[system].get("tokens_per_s", -1):
-                best[system] = row
-    rows = [best[s] for s in systems]
+            model = shared if shared is not None else build(precision, for_hf)
+            pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+            weights_gb = round(_tensor_bytes(model) / 1e9, 4)
+            attention = model.config._attn_implementation  # HF's continuous batching may leave it "paged|..."
+            for system, conc, experts_impl in group:
+                label = f"{system} {precision} c{conc}" + (f" {experts_impl}" if system == "hf_serial" else "")
+                key = (system, precision, experts_impl, conc)
+                if system.startswith("hf_"):
+                    model.set_experts_implementation(experts_impl)
+                work = serial_wl if system == "hf_serial" else wl
+                if system in ("hf_serial", "hf_static"):
+                    run = lambda w, c=conc: _run_hf_batches(model, w, c, pad_id)  # noqa: E731
+                elif system == "hf_compiled":
+                    run = lambda w, c=conc: _run_hf_batches(model, w, c, pad_id,  # noqa: E731
+                                                            cache_implementation="static")
+                elif system == "hf_continuous":
+                    run = lambda w, c=conc: _run_hf_continuous(model, w, c)  # noqa: E731
+                else:
+                    engine = Engine(model, conc, max_seq_len, policy=system.removeprefix("moelab_"),
+                                    experts_fn=experts_fn)
+                    run = lambda w, e=engine: _run_moelab(e, w)  # noqa: E731
+                for repeat in range(repeats):
+                    try:
+                        # Warm-up: HF's manager is sized, and hf_compiled compiled, by the real workload.
+                        run(work if system in ("hf_continuous", "hf_compiled") else warm)
+                        sync()
+                        if on_cuda:
+                            torch.cuda.reset_peak_memory_stats()
+                        cpu_start = time.process_time()
+                        start, records = run(work)
+                        sync()
+                        cpu_seconds = time.process_time() - cpu_start
+                    except Exception as err:  # noqa: BLE001  (a system that does not run here is a row, not a crash)
+                        rows.setdefault(key, {"system": system, "precision": precision, "experts_impl": experts_impl,
+                                              "concurrency": conc, "error": f"{type(err).__name__}: {err}"[:300]})
+                        bar.note(f"{label:<40} FAILED: {type(err).__name__}: {err}"[:200])
+                        bar.advance(label)
+                        continue
+                    finally:
+                        if system == "hf_continuous":
+                            model.destroy_cached_continuous_batching_manager()
+                            if model.config._attn_implementation != attention:
+                                model.set_attn_implementation(attention)
+                    seconds = max(t[-1] for _, t, _ in records) - start
+                    row = {"system": system, "precision": precision, "experts_impl": experts_impl,
+                           "concurrency": conc, "num_requests": work["num_requests"], **serve_metrics(records, seconds),
+                           "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if on_cuda else None,
+                           "weights_gb": weights_gb, "roofline_fraction": None,
+                           "cpu_seconds": round(cpu_seconds, 3),
+                           "tokens_per_cpu_s": round(sum(len(t) for _, t, _ in records) / cpu_seconds, 1)}
+                    if system == "hf_compiled":
+                        row["compiled"] = on_cuda  # HF compiles the static-cache decode step on CUDA only
+                    if bandwidth is not None:
+                        bound = conc * bandwidth * 1e9 / decode_weight_bytes(model, conc)["bytes"]
+                        row["roofline_fraction"] = round(row["tokens_per_s"] / bound, 4)
+                    if key not in rows or row["tokens_per_s"] > rows[key].get("tokens_per_s", -1):
+                        rows[key] = row
+                    tokens[label] = [t for _, _, t in records]
+                    bar.note(f"{label:<40} {row['tokens_per_s']:9.1f} tokens/s  TTFT p50 {row['ttft_p50_ms']} ms  "
+                             f"ITL p50 {row['itl_p50_ms']} ms")
+                    bar.advance(label)
+            if f"logits_{precision}" not in checks and (shared is not None or not for_hf):
+                # moelab's forward vs transformers' forward of the very same model (at NF4:
+                # moelab's NF4 model, whose experts are a drop-in transformers runs too).
+                checks[f"logits_{precision}"] = teacher_forced_check(model, wl["prompts"][:4], experts_fn)
+            if shared is None:
+                del model
+                if on_cuda:
+                    torch.cuda.empty_cache()
+        token_check = tokens_check(tokens)
+        token_check["required"] = precision == "fp32"  # bf16 near-ties may flip free-running tokens
+        checks[f"tokens_{precision}"] = token_check
+        del shared
+        if on_cuda:
+            torch.cuda.empty_cache()
+    bar.close()
+    required = [c for name, c in checks.items() if name.startswith("logits_") or c.get("required")]
     workload = {k: v for k, v in wl.items() if k not in ("prompts", "outputs", "arrivals")}
-    workload.update(model=model_name, concurrency=concurrency, max_seq_len=max_seq_len, eos="ignored",
-                    total_output_tokens=sum(wl["outputs"]), repeats=repeats,
+    workload.update(model=model_name, random_weights=random_weights or model_name != "tiny", device=device,
+                    concurrency=list(concurrency), precisions=list(precisions), serial_requests=serial_wl["num_requests"],
+                    max_seq_len=max_seq_len, eos="ignored", total_output_tokens=sum(wl["outputs"]), repeats=repeats,
                     note="same prompts for every system; tokens/s = output tokens / (last token - start); "
-                         "each system's fastest of `repeats` interleaved runs")
+                         "hf_serial on the first serial_requests requests; each run's fastest of `repeats`")
     result = {"benchmark": "serve", "card": card_name(), "date": _dt.date.today().isoformat(),
-              "versions": versions(), "workload": workload, "results": rows}
-    if bound is not None:
+              "versions": versions(), "workload": workload, "results": list(rows.values()), "checks": checks,
+              "checks_ok": all(c["ok"] for c in required)}
+    if bandwidth is not None:
         result["copy_bandwidth_gbs"] = round(bandwidth, 1)
     return result
 
 
+def _row_key(row: dict) -> tuple:
+    return row["system"], row.get("precision"), row.get("experts_impl"), row["concurrency"]
+
+
+def merge_serve(old: dict, new: dict) -> dict:
+    """Fold the rows of `new` into `old` (same card only): a row of the same system, precision,
+    experts path and concurrency is replaced, others are added; each run's workload and checks
+    are kept under `runs` (so a serial run on fewer requests stays visible)."""
+    if old.get("card") != new.get("card"):
+        raise ValueError(f"cannot merge a run on {new.get('card')!r} into results from {old.get('card')!r}")
+    rows = {_row_key(r): r for r in old["results"]}
+    rows.update({_row_key(r): r for r in new["results"]})
+    runs = old.get("runs") or [{"date": old.get("date"), "workload": old.get("workload"), "checks": old.get("checks")}]
+    runs = runs + [{"date": new["date"], "workload": new["workload"], "checks": new.get("checks")}]
+    merged = {**new, "results": list(rows.values()), "runs": runs,
+              "checks_ok": bool(old.get("checks_ok", True) and new.get("checks_ok", True))}
+    if "copy_bandwidth_gbs" in old and "copy_bandwidth_gbs" not in new:
+        merged["copy_bandwidth_gbs"] = old["copy_bandwidth_gbs"]
+    return merged
+
+
+def _ratio_base(rows: list[dict], row: dict, system: str):
+    """The HF row a moelab row is compared with: same precision and concurrency (serial: any
+    concurrency, grouped_mm experts)."""
+    for r in rows:
+        if r["system"] == system and r.get("precision") == row.get("precision") and "error" not in r and (
+                system == "hf_serial" and r["experts_impl"] == "grouped_mm" or r["concurrency"] == row["concurrency"]):
+            return r
+    return None
+
+
 def serve_summary(result: dict) -> list[str]:
-    """A table of the rows, then each moelab system's tokens/s as a ratio of each HF system's."""
+    """The table (one row per system, precision, experts path and concurrency), each moelab row's
+    tokens/s as a ratio of HF's at the same precision and concurrency, and the checks."""
     rows = result["results"]
-    lines = [f"{'system':<18} {'conc':>4} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
-             f"{'ITL p99':>8} {'tok/CPU-s':>9}  (ms)"]
-    fmt = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+    lines = [f"{'system':<18} {'prec':<5} {'experts':<13} {'conc':>4} {'tokens/s':>9} {'TTFT p50':>9} "
+             f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'mem GB':>7} {'bound':>6}  (ms)"]
+    fmt = lambda x, f="{:.1f}": "-" if x is None else f.format(x)  # noqa: E731
     for r in rows:
+        head = f"{r['system']:<18} {r.get('precision', '-'):<5} {r.get('experts_impl', '-'):<13} {r['concurrency']:>4}"
         if "error" in r:
-            lines.append(f"{r['system']:<18} {r['concurrency']:>4} FAILED: {r['error']}")
+            lines.append(f"{head} FAILED: {r['error']}")
             continue
-        lines.append(f"{r['system']:<18} {r['concurrency']:>4} {r['tokens_per_s']:>9.1f} {fmt(r['ttft_p50_ms']):>9} "
-                     f"{fmt(r['ttft_p99_ms']):>9} {fmt(r['itl_p50_ms']):>8} {fmt(r['itl_p99_ms']):>8} "
-                     f"{fmt(r.get('tokens_per_cpu_s')):>9}")
-    rows = [r for r in rows if "error" not in r]
-    hf = [r for r in rows if r["system"].startswith("hf_")]
+        mem = r.get("peak_mem_gb") if r.get("peak_mem_gb") is not None else r.get("weights_gb")
+        lines.append(f"{head} {r['tokens_per_s']:>9.1f} {fmt(r['ttft_p50_ms']):>9} {fmt(r['ttft_p99_ms']):>9} "
+                     f"{fmt(r['itl_p50_ms']):>8} {fmt(r['itl_p99_ms']):>8} {fmt(mem, '{:.3f}'):>7} "
+                     f"{fmt(r.get('roofline_fraction'), '{:.0%}'):>6}")
+    lines.append("mem GB: peak on CUDA, the weights on the CPU; bound: fraction of the decode bandwidth bound")
     for r in rows:
-        if r["system"].startswith("moelab_") and hf:
-            ratios = ", ".join(f"{r['tokens_per_s'] / h['tokens_per_s']:.2f}x {h['system']}" for h in hf)
-            lines.append(f"{r['system']}: {ratios}")
-            if all(x.get("tokens_per_cpu_s") for x in [r] + hf):
-                ratios = ", ".join(f"{r['tokens_per_cpu_s'] / h['tokens_per_cpu_s']:.2f}x {h['system']}" for h in hf)
-                lines.append(f"{r['system']} per CPU second: {ratios}")
+        if r["system"].startswith("moelab_") and "error" not in r:
+            parts = []
+            for hf in ("hf_serial", "hf_static", "hf_compiled", "hf_continuous"):
+                base = _ratio_base(rows, r, hf)
+                if base:
+                    parts.append(f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x {hf}")
+            if parts:
+                lines.append(f"{r['system']} {r['precision']} c{r['concurrency']}: {', '.join(parts)}")
+    for name, check in (result.get("checks") or {}).items():
+        if name.startswith("tokens_"):
+            state = "identical" if check["ok"] else "DIFFER: " + "; ".join(check["mismatches"][:3])
+            lines.append(f"check {name}: {len(check['systems'])} runs' tokens {state}"
+                         + ("" if check.get("required") else " (informational: bf16/NF4 near-ties may flip)"))
+        else:
+            lines.append(f"check {name}: max |moelab - transformers| / max |transformers| = {check['max_rel_diff']} "
+                         f"(< {check['tolerance']}: {'ok' if check['ok'] else 'FAILED'}), "
+                         f"top-1 agreement {check['top1_agreement']:.1%}")
     return lines
 
 
 def plot_serve(result: dict, path) -> None:
+    """Throughput per run (bars), latency percentiles (log scale) and, on CUDA, peak memory."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["results"] if "error" not in r]
-    names = [r["system"] for r in rows]
-    colors = ["#1f77b4" if n.startswith("moelab") else "#999999" for n in names]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.barh(names, [r["tokens_per_s"] for r in rows], color=colors)
-    ax1.set(xlabel="output tokens / s", title="throughput")
-    ax1.invert_yaxis()
-    y = range(len(rows))
+    names = [f"{r['system']} {r.get('precision', '')} c{r['concurrency']}"
+             + (f" {r['experts_impl']}" if r["system"] == "hf_serial" else "") for r in rows]
+    colors = ["#1f77b4" if r["system"].startswith("moelab") else "#999999" for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.9 + 0.3 * max(len(rows), 4)), sharey=True)
+    y = list(range(len(rows)))
+    axes[0].barh(y, [r["tokens_per_s"] for r in rows], color=colors)
+    axes[0].set(xlabel="output tokens / s", title="throughput", yticks=y, yticklabels=names)
+    axes[0].invert_yaxis()
     for key, marker in (("ttft_p50_ms", "o"), ("ttft_p99_ms", "s"), ("itl_p50_ms", "^"), ("itl_p99_ms", "v")):
-        ax2.scatter([r[key] for r in rows], y, marker=marker, label=key.replace("_ms", ""))
-    ax2.set(xscale="log", xlabel="ms", title="latency", yticks=list(y), yticklabels=names)
-    ax2.invert_yaxis()
-    ax2.legend(fontsize=8)
+        axes[1].scatter([r[key] for r in rows], y, marker=marker, label=key.replace("_ms", ""))
+    axes[1].set(xscale="log", xlabel="ms", title="latency")
+    axes[1].legend(fontsize=8)
+    mem_key = "peak_mem_gb" if any(r.get("peak_mem_gb") for r in rows) else "weights_gb"
+    axes[2].barh(y, [r.get(mem_key) or 0 for r in rows], color=colors)
+    axes[2].set(xlabel="GB", title="peak memory" if mem_key == "peak_mem_gb" else "weights")
     w = result["workload"]
-    fig.suptitle(f"Serving {w['num_requests']} requests, {w['model']}, {w['concurrency']} concurrent, "
+    fig.suptitle(f"Serving {w['num_requests']} requests, {w['model']}, concurrency {w['concurrency']}, "
                  f"{result['card']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -1431,6 +1638,69 @@ def default_path(kind: str, card: str, suffix: str) -> Path:
     return RESULTS_DIR / f"{kind}_{_dt.date.today().isoformat()}_{card_tag(card)}.{suffix}"
 
 
+def _serve_problem(args, device: str) -> str | None:
+    """What is wrong with the full benchmark's arguments, in words (None: nothing)."""
+    preset = args.model in SERVE_PRESETS
+    if not preset and "/" not in args.model and not Path(args.model).is_dir():
+        return (f"unknown preset {args.model!r}; serve presets are {sorted(SERVE_PRESETS)} "
+                f"(or give a hub id org/name or a local checkpoint directory)")
+    if [s for s in args.systems if s not in SERVE_SYSTEMS]:
+        return f"unknown system(s) {[s for s in args.systems if s not in SERVE_SYSTEMS]}; systems are {list(SERVE_SYSTEMS)}"
+    if args.precisions and [p for p in args.precisions if p not in SERVE_PRECISIONS]:
+        return (f"unknown precision(s) {[p for p in args.precisions if p not in SERVE_PRECISIONS]}; "
+                f"precisions are {list(SERVE_PRECISIONS)}")
+    if device not in ("cpu", "cuda"):
+        return f"--device must be cpu or cuda, got {device!r}"
+    if device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda was asked for, but this machine has no CUDA device"
+    if device == "cpu" and args.model not in ("tiny",):
+        return f"{args.model!r} is too large for the CPU: use --device cuda"
+    if args.model == "qwen1.5-moe-a2.7b" and not args.random_weights:
+        return "the qwen1.5-moe-a2.7b preset has no checkpoint here: pass --random-weights (or a hub id / directory)"
+    if args.random_weights and not preset:
+        return f"--random-weights needs a preset ({sorted(SERVE_PRESETS)}), got {args.model!r}"
+    if min(args.concurrency) < 1 or (args.serial_requests is not None and args.serial_requests < 1):
+        return "--concurrency and --serial-requests must be >= 1"
+    if args.merge is not None and not args.merge.is_file():
+        return f"--merge {args.merge}: no such file (run once with --json first)"
+    return None
+
+
+def _serve_main(args) -> int:
+    """`python -m moelab.bench [serve]`: run, print the table, write JSON (+ merge) and PNG.
+    Exit 2 on bad arguments, 1 when a correctness check failed (the JSON is written anyway)."""
+    device = args.device or SERVE_PRESETS.get(args.model, "cuda")
+    problem = _serve_problem(args, device)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        result = bench_serve(args.model, device, tuple(args.systems), args.requests, tuple(args.prompt_len),
+                             tuple(args.output_len), args.rate, tuple(args.concurrency), args.seed,
+                             args.precisions, args.serial_requests, args.random_weights, tuple(args.serial_experts),
+                             args.threads, args.repeats, progress_bar=not args.no_progress)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    json_path = args.merge or args.json or default_path("serve", result["card"], "json")
+    if args.merge is not None:
+        try:
+            result = merge_serve(json.loads(args.merge.read_text()), result)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    plot_path = args.plot or json_path.with_suffix(".png")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    plot_serve(result, plot_path)
+    print("\n".join(serve_summary(result)))
+    print(f"wrote {json_path} and {plot_path}")
+    if not result["checks_ok"]:
+        print("error: CORRECTNESS CHECK FAILED (see the check lines above and `checks` in the JSON)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moelab.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -1472,21 +1742,34 @@ def main(argv=None) -> int:
     decode.add_argument("--quantize", choices=["nf4"], default=None, help="load with moelab's NF4 experts")
     decode.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
     decode.add_argument("--plot", type=Path, default=None, help="where to write the PNG (default: beside the JSON)")
-    serve = sub.add_parser("serve", help="serving a seeded workload: HF generate (serial, static batch, continuous "
-                                         "batching) vs moelab's Engine (static, continuous)")
-    serve.add_argument("--model", default="tiny", help=f"a preset: {', '.join(SERVE_PRESETS)} (random weights)")
+    serve = sub.add_parser("serve", help="the full benchmark (the default): a seeded workload through HF generate "
+                                         "(serial, static, compiled, continuous) and moelab's Engine (static, "
+                                         "continuous), per precision and concurrency")
+    serve.add_argument("--model", default="tiny", help=f"a preset ({', '.join(SERVE_PRESETS)}), a hub id or a local "
+                                                       "checkpoint directory")
+    serve.add_argument("--random-weights", action="store_true", help="seeded random weights (needed for "
+                                                                      "qwen1.5-moe-a2.7b: no checkpoint is shipped)")
     serve.add_argument("--device", default=None, help="cpu or cuda (default: cpu for tiny, cuda otherwise)")
     serve.add_argument("--systems", nargs="+", default=list(SERVE_SYSTEMS), help=f"any of {', '.join(SERVE_SYSTEMS)}")
+    serve.add_argument("--precisions", nargs="+", default=None,
+                       help="any of fp32, bf16, nf4 (default: fp32 nf4 on the CPU, bf16 nf4 on CUDA)")
     serve.add_argument("--requests", type=int, default=32)
+    serve.add_argument("--serial-requests", type=int, default=None,
+                       help="hf_serial serves only the first N requests (default: all)")
+    serve.add_argument("--serial-experts", nargs="+", choices=list(SERIAL_EXPERTS), default=list(SERIAL_EXPERTS),
+                       help="transformers' experts paths hf_serial runs with")
     serve.add_argument("--prompt-len", type=int, nargs=2, default=[16, 64], metavar=("LOW", "HIGH"))
     serve.add_argument("--output-len", type=int, nargs=2, default=[8, 128], metavar=("LOW", "HIGH"))
     serve.add_argument("--rate", type=float, default=None, help="Poisson arrivals, requests/s (default: all at once)")
-    serve.add_argument("--concurrency", type=int, default=8, help="slots / batch size of the batched systems")
+    serve.add_argument("--concurrency", type=int, nargs="+", default=[8],
+                       help="slots / batch sizes of the batched systems, one run each")
     serve.add_argument("--seed", type=int, default=0)
     serve.add_argument("--threads", type=int, default=1, help="CPU threads for every system (default 1)")
-    serve.add_argument("--repeats", type=int, default=1, help="run the systems in turn N times, keep each one's best")
-    serve.add_argument("--hf-experts", default=None, help="transformers' experts implementation (default grouped_mm)")
+    serve.add_argument("--repeats", type=int, default=1, help="run each N times, keep the fastest")
+    serve.add_argument("--no-progress", action="store_true", help="no progress bar (one line per run instead)")
     serve.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
+    serve.add_argument("--merge", type=Path, default=None,
+                       help="fold this run's rows into an existing JSON of the same card, and write it there")
     serve.add_argument("--plot", type=Path, default=None, help="where to write the PNG (default: beside the JSON)")
     nf4 = sub.add_parser("nf4", help="NF4 loading on CUDA: moelab's memory and decode vs transformers + bitsandbytes")
     nf4.add_argument("--model", default="qwen1.5-moe-a2.7b")
@@ -1494,6 +1777,9 @@ def main(argv=None) -> int:
     nf4.add_argument("--new-tokens", type=int, default=48)
     nf4.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
     nf4.add_argument("--plot", type=Path, default=None, help="where to write the PNG")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in sub.choices and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "serve")  # the full benchmark is the default
     args = parser.parse_args(argv)
 
     if args.what == "nf4":
@@ -1510,36 +1796,7 @@ def main(argv=None) -> int:
         print(f"wrote {json_path} and {plot_path}")
 
     if args.what == "serve":
-        device = args.device or SERVE_PRESETS.get(args.model, "cpu")
-        problem = None
-        if args.model not in SERVE_PRESETS:
-            problem = f"unknown preset {args.model!r}; serve presets are {sorted(SERVE_PRESETS)}"
-        elif [s for s in args.systems if s not in SERVE_SYSTEMS]:
-            problem = (f"unknown system(s) {[s for s in args.systems if s not in SERVE_SYSTEMS]}; "
-                       f"systems are {list(SERVE_SYSTEMS)}")
-        elif device not in ("cpu", "cuda"):
-            problem = f"--device must be cpu or cuda, got {device!r}"
-        elif device == "cuda" and not torch.cuda.is_available():
-            problem = "--device cuda was asked for, but this machine has no CUDA device"
-        elif device == "cpu" and args.model != "tiny":
-            problem = f"{args.model!r} is too large for the CPU: use --device cuda"
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return 2
-        try:
-            result = bench_serve(args.model, device, tuple(args.systems), args.requests, tuple(args.prompt_len),
-                                 tuple(args.output_len), args.rate, args.concurrency, args.seed, args.hf_experts,
-                                 args.threads, args.repeats)
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        json_path = args.json or default_path("serve", result["card"], "json")
-        plot_path = args.plot or json_path.with_suffix(".png")
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=1) + "\n")
-        plot_serve(result, plot_path)
-        print("\n".join(serve_summary(result)))
-        print(f"wrote {json_path} and {plot_path}")
+        return _serve_main(args)
 
     if args.what == "experts":
         if not torch.cuda.is_available():

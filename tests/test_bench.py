@@ -101,10 +101,15 @@ def test_decode_bench_keeps_going_when_a_mode_fails(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["serve", "--systems", "hf_serial", "vllm"], "unknown system(s) ['vllm']"),
+    (["--systems", "hf_static", "sglang"], "unknown system(s) ['sglang']"),  # no subcommand: the full benchmark
     (["serve", "--model", "llama-7b"], "unknown preset 'llama-7b'"),
+    (["--model", "llama-7b"], "unknown preset 'llama-7b'"),
     (["serve", "--model", "qwen1.5-moe-a2.7b", "--device", "cpu"], "too large for the CPU"),
     (["serve", "--device", "tpu"], "--device must be cpu or cuda"),
     (["serve", "--output-len", "9", "3"], "output_len must be 1 <= LOW <= HIGH"),
+    (["--precisions", "fp32", "int3"], "unknown precision(s) ['int3']"),
+    (["--concurrency", "4", "0"], "--concurrency and --serial-requests must be >= 1"),
+    (["--merge", "/nonexistent/serve.json"], "no such file"),
 ])
 def test_serve_rejects_bad_arguments(argv, message, capsys):
     assert bench.main(argv) == 2
@@ -112,9 +117,18 @@ def test_serve_rejects_bad_arguments(argv, message, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-def test_serve_refuses_cuda_without_cuda(capsys):
-    assert bench.main(["serve", "--device", "cuda"]) == 2
+@pytest.mark.parametrize("argv", [["serve", "--device", "cuda"], ["--model", "qwen1.5-moe-a2.7b", "--random-weights"]])
+def test_serve_refuses_cuda_without_cuda(argv, capsys):
+    assert bench.main(argv) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_random_weights_flag_is_required_for_the_full_size_preset_and_only_for_presets(capsys):
+    assert bench.main(["--model", "qwen1.5-moe-a2.7b", "--device", "cuda"] if torch.cuda.is_available()
+                      else ["--model", "qwen1.5-moe-a2.7b", "--device", "cpu"]) == 2
+    assert bench.main(["--model", "someorg/some-moe", "--device", "cpu", "--random-weights"]) == 2
+    err = capsys.readouterr().err
+    assert "--random-weights needs a preset" in err or "too large for the CPU" in err
 
 
 def test_serve_workload_is_seeded_and_in_range():
@@ -124,33 +138,97 @@ def test_serve_workload_is_seeded_and_in_range():
     assert all(3 <= len(p) <= 9 for p in a["prompts"]) and all(2 <= n <= 5 for n in a["outputs"])
     assert a["arrivals"][0] == 0 and all(x < y for x, y in zip(a["arrivals"], a["arrivals"][1:]))
     assert bench.serve_workload(5, (1, 2), (1, 1))["arrivals"] == [0.0] * 5
+    first = bench.first_requests(a, 7)
+    assert first["num_requests"] == 7 and first["prompts"] == a["prompts"][:7] and first["outputs"] == a["outputs"][:7]
 
 
-def test_serve_runs_every_system_end_to_end(tmp_path, capsys):
-    path = tmp_path / "serve.json"
-    assert bench.main(["serve", "--requests", "3", "--prompt-len", "3", "6", "--output-len", "2", "5",
-                       "--concurrency", "2", "--json", str(path)]) == 0
-    result = json.loads(path.read_text())
-    assert (tmp_path / "serve.png").exists()
-    assert [r["system"] for r in result["results"]] == list(bench.SERVE_SYSTEMS)
-    total = result["workload"]["total_output_tokens"]
+def test_tokens_check_names_the_first_difference():
+    g = torch.Generator().manual_seed(11)
+    runs = [[torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 3, 7)]]
+    runs += [[list(r) for r in runs[0]] for _ in range(2)]
+    runs[2][2][4] = (runs[2][2][4] + 1) % 256
+    ok = bench.tokens_check({"a": runs[0], "b": runs[1]})
+    assert ok["ok"] and ok["mismatches"] == []
+    bad = bench.tokens_check({"a": runs[0], "b": runs[1], "c": runs[2]})
+    assert not bad["ok"] and bad["mismatches"] == ["c vs a: request 2 differs at output token 4"]
+    # a serial run on fewer requests is compared on the requests it served
+    assert bench.tokens_check({"a": runs[0], "serial": runs[0][:2]})["ok"]
+
+
+def test_teacher_forced_check_passes_bf16_and_catches_a_wrong_forward():
+    import moelab
+    from moelab.model import experts_torch
+
+    model, _ = moelab.load("tiny", dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 11, 2)]
+    good = bench.teacher_forced_check(model, prompts, experts_torch)
+    assert good["ok"] and good["positions"] == 18 and 0 < good["max_rel_diff"] < bench.LOGITS_TOLERANCE
+    wrong = bench.teacher_forced_check(model, prompts, lambda *a: 1.5 * experts_torch(*a))
+    assert not wrong["ok"] and wrong["max_rel_diff"] > bench.LOGITS_TOLERANCE
+
+
+def _continuous_runs_here() -> bool:
     import transformers
     from packaging.version import Version
 
     # transformers 5.17's continuous batching sizes its cache from GPU memory, 0 on the CPU, and
     # fails there (recorded as an error row, the others still run); 5.24 runs on the CPU.
-    if Version(transformers.__version__) < Version("5.24"):
-        failed = result["results"].pop(2)
-        assert failed["system"] == "hf_continuous" and ("error" in failed or failed["tokens"] == total)
-    else:
-        assert "error" not in result["results"][2]
-    for row in result["results"]:
-        assert row["tokens"] == total  # EOS ignored: every system makes exactly the asked tokens
+    return torch.cuda.is_available() or Version(transformers.__version__) >= Version("5.24")
+
+
+def test_full_benchmark_runs_every_system_end_to_end_then_merges(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "serve.json"
+    assert bench.main(["--requests", "3", "--serial-requests", "2", "--prompt-len", "3", "6", "--output-len", "2", "4",
+                       "--concurrency", "1", "2", "--no-progress", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert (tmp_path / "serve.png").exists()
+    assert set(result) >= {"card", "versions", "workload", "results", "checks"} and result["checks_ok"]
+    rows = {(r["system"], r["precision"], r["experts_impl"], r["concurrency"]): r for r in result["results"]}
+    expected = {("hf_serial", "fp32", impl, 1) for impl in ("eager", "grouped_mm")}
+    expected |= {(s, "fp32", "grouped_mm", c) for s in ("hf_static", "hf_compiled", "hf_continuous") for c in (1, 2)}
+    expected |= {(s, p, "moelab_torch", c) for s in ("moelab_static", "moelab_continuous") for p in ("fp32", "nf4")
+                 for c in (1, 2)}  # the CPU has no transformers NF4 (bitsandbytes) rows
+    assert set(rows) == expected and len(result["results"]) == len(expected)
+    outputs = bench.serve_workload(3, (3, 6), (2, 4), vocab=256, seed=0)["outputs"]
+    for key, row in rows.items():
+        if key[0] == "hf_continuous" and not _continuous_runs_here():
+            assert "error" in row or row["tokens"] == sum(outputs)
+            continue
+        assert row["tokens"] == sum(outputs[:2] if key[0] == "hf_serial" else outputs)  # EOS ignored by all
         assert row["tokens_per_s"] > 0 and row["ttft_p50_ms"] <= row["ttft_p99_ms"]
         assert row["itl_p50_ms"] <= row["itl_p99_ms"] and row["roofline_fraction"] is None
-        assert row["concurrency"] == (1 if row["system"] == "hf_serial" else 2)
+        assert set(row) >= {"system", "precision", "experts_impl", "concurrency", "tokens_per_s", "ttft_p50_ms",
+                            "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "peak_mem_gb", "roofline_fraction"}
+    assert rows[("moelab_static", "nf4", "moelab_torch", 2)]["weights_gb"] < rows[
+        ("moelab_static", "fp32", "moelab_torch", 2)]["weights_gb"]
+    checks = result["checks"]
+    assert checks["tokens_fp32"]["ok"] and checks["tokens_fp32"]["required"]
+    # every fp32 run that ran, tokens identical
+    assert len(checks["tokens_fp32"]["systems"]) == (12 if _continuous_runs_here() else 10)
+    assert checks["logits_fp32"]["ok"] and checks["logits_fp32"]["max_rel_diff"] < 1e-4
+    assert checks["logits_nf4"]["ok"]
     out = capsys.readouterr().out
-    assert "moelab_continuous: " in out and "x hf_serial" in out
+    assert "moelab_continuous fp32 c2: " in out and "x hf_serial" in out and "x hf_static" in out
+
+    # A second run merged into the same file: a new row is added, a same-key row replaced, and a
+    # failed check is loud (exit 1) while the JSON is still written.
+    monkeypatch.setattr(bench, "teacher_forced_check", lambda *a, **k: {
+        "max_rel_diff": 0.5, "tolerance": 0.03, "top1_agreement": 0.5, "positions": 1, "ok": False})
+    assert bench.main(["--requests", "3", "--prompt-len", "3", "6", "--output-len", "2", "4", "--systems",
+                       "moelab_continuous", "--precisions", "fp32", "--concurrency", "2", "3", "--no-progress",
+                       "--merge", str(path)]) == 1
+    assert "CORRECTNESS CHECK FAILED" in capsys.readouterr().err
+    merged = json.loads(path.read_text())
+    keys = [(r["system"], r["precision"], r["experts_impl"], r["concurrency"]) for r in merged["results"]]
+    assert set(keys) == expected | {("moelab_continuous", "fp32", "moelab_torch", 3)} and len(keys) == len(set(keys))
+    assert len(merged["runs"]) == 2 and not merged["checks_ok"]
+
+
+def test_merge_refuses_another_card():
+    old = {"card": "NVIDIA H200", "date": "2026-11-28", "workload": {}, "results": []}
+    with pytest.raises(ValueError, match="cannot merge a run on 'cpu'"):
+        bench.merge_serve(old, {"card": "cpu", "date": "2026-11-28", "workload": {}, "results": []})
 
 
 def test_profile_step_plumbing_on_cpu_ops():
