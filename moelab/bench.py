@@ -702,7 +702,7 @@ SERVE_SYSTEMS = ("hf_serial", "hf_static", "hf_compiled", "hf_continuous", "moel
 SERVE_PRESETS = {"tiny": "cpu", "qwen1.5-moe-a2.7b": "cuda"}
 SERVE_PRECISIONS = ("fp32", "bf16", "nf4")
 SERIAL_EXPERTS = ("eager", "grouped_mm")  # hf_serial runs once with each of transformers' experts paths
-LOGITS_TOLERANCE = 0.03  # teacher-forced logits: max |moelab - transformers| < 0.03 * max |transformers|
+LOGITS_TOLERANCE = 0.05  # teacher-forced logits: |moelab - transformers| / |transformers| (L2, per prompt)
 
 
 def serve_workload(num_requests: int = 32, prompt_len=(16, 64), output_len=(8, 128), rate: float | None = None,
@@ -861,26 +861,31 @@ def serve_metrics(records, seconds: float) -> dict:
 
 def teacher_forced_check(model, prompts: list[list[int]], experts_fn, tolerance: float = LOGITS_TOLERANCE) -> dict:
     """Logits of every prompt position from moelab's forward (`MoeForward.prefill`) against
-    transformers' own forward of the same model and weights. bf16 keeps ~3 significant
-    digits and the two round at different places, so: max |moelab - transformers| <
-    `tolerance` * max |transformers|, per prompt; also the fraction of positions whose top-1
+    transformers' own forward of the same model and weights. The measure is the relative L2
+    error per prompt, |moelab - transformers| / |transformers| over all its positions and the
+    vocabulary; it must stay under `tolerance` for every prompt. On `tiny` in bf16 it is at
+    most 0.015 (3 significant digits, rounded at different places); experts scaled by 1.1
+    give 0.02-0.035, by 1.5 about 0.1 (measured 2026-11-28). Also reported: the largest
+    single-logit difference over max |transformers|, and the fraction of positions whose top-1
     token agrees (bf16 near-ties may flip a few)."""
     from .model import MoeForward
 
     forward = MoeForward(model, experts_fn=experts_fn)
     cache = forward.new_cache(len(prompts), max(len(p) for p in prompts))
     device = cache.device
-    worst, agree, total = 0.0, 0, 0
+    worst, worst_abs, agree, total = 0.0, 0.0, 0, 0
     with torch.no_grad():
         slots = [cache.allocate(len(p)) for p in prompts]
         ours = forward.prefill(cache, prompts, slots, all_logits=True)
         for prompt, got in zip(prompts, ours):
             ref = model(torch.tensor([prompt], device=device)).logits[0].float()
-            got = got.float()
-            worst = max(worst, ((got - ref).abs().max() / ref.abs().max()).item())
+            diff = got.float() - ref
+            worst = max(worst, (diff.norm() / ref.norm()).item())
+            worst_abs = max(worst_abs, (diff.abs().max() / ref.abs().max()).item())
             agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
             total += len(prompt)
-    return {"max_rel_diff": float(f"{worst:.3g}"), "tolerance": tolerance, "top1_agreement": round(agree / total, 4),
+    return {"rel_l2_error": float(f"{worst:.3g}"), "tolerance": tolerance,
+            "max_abs_diff_rel": float(f"{worst_abs:.3g}"), "top1_agreement": round(agree / total, 4),
             "positions": total, "ok": worst < tolerance}
 
 
@@ -1174,7 +1179,7 @@ def serve_summary(result: dict) -> list[str]:
             lines.append(f"check {name}: {len(check['systems'])} runs' tokens {state}"
                          + ("" if check.get("required") else " (informational: bf16/NF4 near-ties may flip)"))
         else:
-            lines.append(f"check {name}: max |moelab - transformers| / max |transformers| = {check['max_rel_diff']} "
+            lines.append(f"check {name}: |moelab - transformers| / |transformers| = {check['rel_l2_error']} "
                          f"(< {check['tolerance']}: {'ok' if check['ok'] else 'FAILED'}), "
                          f"top-1 agreement {check['top1_agreement']:.1%}")
     return lines
