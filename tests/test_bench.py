@@ -200,6 +200,7 @@ def test_full_benchmark_runs_every_system_end_to_end_then_merges(tmp_path, capsy
         assert row["itl_p50_ms"] <= row["itl_p99_ms"] and row["roofline_fraction"] is None
         assert set(row) >= {"system", "precision", "experts_impl", "concurrency", "tokens_per_s", "ttft_p50_ms",
                             "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "peak_mem_gb", "roofline_fraction"}
+    assert all(r["compiled"] is torch.cuda.is_available() for k, r in rows.items() if k[0] == "hf_compiled")
     assert rows[("moelab_static", "nf4", "moelab_torch", 2)]["weights_gb"] < rows[
         ("moelab_static", "fp32", "moelab_torch", 2)]["weights_gb"]
     checks = result["checks"]
