@@ -1025,7 +1025,15 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYS
         for for_hf, group in groups:
             if not group:
                 continue
-            model = shared if shared is not None else build(precision, for_hf)
+            try:
+                model = shared if shared is not None else build(precision, for_hf)
+            except ImportError as err:  # HF's NF4 needs bitsandbytes: its rows say so, the rest still run
+                for system, conc, experts_impl in group:
+                    rows[(system, precision, experts_impl, conc)] = {
+                        "system": system, "precision": precision, "experts_impl": experts_impl, "concurrency": conc,
+                        "error": f"ImportError: {err}"[:300]}
+                    bar.advance(system)
+                continue
             pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
             weights_gb = round(_tensor_bytes(model) / 1e9, 4)
             attention = model.config._attn_implementation  # HF's continuous batching may leave it "paged|..."
