@@ -304,14 +304,15 @@ def bench_launch(experts: int = 60, top_k: int = 4, calls: int = 3000) -> dict:
 
 # ---------------------------------------------------------------------------- decode step
 
-# mode: MoeForward's (attention, rope, norm) and whether a CUDA graph replays the step; each
-# mode adds one optimisation to the one before.
+# mode: MoeForward's (attention, rope, norm, projections) and whether a CUDA graph replays the
+# step; each mode adds one optimisation to the one before.
 DECODE_MODES = {
-    "eager_sdpa": ("sdpa", "torch", "torch", False),      # notebook 06's step: SDPA over whole cache rows
-    "eager_kernel": ("kernel", "torch", "torch", False),  # + the decode-attention kernel
-    "graph_kernel": ("kernel", "torch", "torch", True),   # + the whole step replayed from a CUDA graph
-    "graph_rope": ("kernel", "kernel", "torch", True),    # + rotary and cache write in one kernel
-    "graph_fused": ("kernel", "kernel", "kernel", True),  # + each residual add and RMSNorm in one kernel
+    "eager_sdpa": ("sdpa", "torch", "torch", "separate", False),      # notebook 06's step: SDPA over whole rows
+    "eager_kernel": ("kernel", "torch", "torch", "separate", False),  # + the decode-attention kernel
+    "graph_kernel": ("kernel", "torch", "torch", "separate", True),   # + the step replayed from a CUDA graph
+    "graph_rope": ("kernel", "kernel", "torch", "separate", True),    # + rotary and cache write in one kernel
+    "graph_fused": ("kernel", "kernel", "kernel", "separate", True),  # + each residual add and RMSNorm in one
+    "graph_fused_proj": ("kernel", "kernel", "kernel", "fused", True),  # + q/k/v and the MoE inputs as 2 GEMMs
 }
 
 
@@ -427,7 +428,8 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
     `eager_sdpa` (MoeForward.decode with SDPA over the masked cache rows), `eager_kernel`
     (the decode-attention kernel), `graph_kernel` (the same step replayed from a CUDA graph,
     `moelab.graphs`), `graph_rope` (rotary + cache write in one kernel), `graph_fused`
-    (residual add + RMSNorm in one kernel as well).
+    (residual add + RMSNorm in one kernel as well), `graph_fused_proj` (q/k/v as one GEMM and
+    the shared expert's gate/up, the router and the shared gate as another: `moelab.fuse`).
 
     Each sequence is prefilled with a random prompt (`prompt_len`: one length, or a
     (low, high) range drawn per sequence), then `steps` steps run, each ending with one
@@ -448,7 +450,7 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
     for mode in modes:
         if mode not in DECODE_MODES:
             raise ValueError(f"unknown decode mode {mode!r}: choose from {tuple(DECODE_MODES)}")
-        if DECODE_MODES[mode][3] and not on_cuda:
+        if DECODE_MODES[mode][4] and not on_cuda:
             raise ValueError(f"the {mode} mode needs CUDA (CUDA graphs); on the CPU use eager_sdpa / eager_kernel")
     low, high = (prompt_len[0], prompt_len[-1]) if not isinstance(prompt_len, int) else (prompt_len, prompt_len)
     warmup = 3
@@ -463,8 +465,10 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
     model, _ = load(model_name, **load_kwargs)
     experts_fn, experts_impl = _experts_fn(experts, on_cuda)
     forwards = {mode: MoeForward(model, experts_fn=experts_fn, attention=DECODE_MODES[mode][0],
-                                 rope=DECODE_MODES[mode][1], norm=DECODE_MODES[mode][2]) for mode in modes}
-    reference = MoeForward(model, experts_fn=experts_fn, attention="sdpa", rope="torch", norm="torch")
+                                 rope=DECODE_MODES[mode][1], norm=DECODE_MODES[mode][2],
+                                 projections=DECODE_MODES[mode][3]) for mode in modes}
+    reference = MoeForward(model, experts_fn=experts_fn, attention="sdpa", rope="torch", norm="torch",
+                           projections="separate")
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     bandwidth = copy_bandwidth_gbs() if on_cuda else None
     gen = torch.Generator().manual_seed(seed)
@@ -485,7 +489,7 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
             fwd = forwards[mode]
             graphs, capture_s = None, None
             try:
-                if DECODE_MODES[mode][3]:
+                if DECODE_MODES[mode][4]:
                     graphs = DecodeGraphs(fwd, cache, buckets=(batch,), mode="graph")
                     capture_s = round(sum(graphs.capture_seconds.values()), 3)
                     step_ids = graphs.step
@@ -596,7 +600,8 @@ def decode_summary(result: dict) -> list[str]:
         for new, old, what in (("eager_kernel", "eager_sdpa", "kernel {:.2f}x SDPA"),
                                ("graph_kernel", "eager_kernel", "graphs {:.2f}x eager"),
                                ("graph_rope", "graph_kernel", "fused rope {:.2f}x"),
-                               ("graph_fused", "graph_rope", "fused norm {:.2f}x")):
+                               ("graph_fused", "graph_rope", "fused norm {:.2f}x"),
+                               ("graph_fused_proj", "graph_fused", "fused projections {:.2f}x")):
             if new in by and old in by:
                 parts.append(what.format(by[new]["tokens_per_s"] / by[old]["tokens_per_s"]))
         lines.append(f"batch {batch:>3}: " + ", ".join(parts))
@@ -1271,7 +1276,7 @@ def _timed(fn, n_inputs: int, capturable: bool = True) -> tuple[float, str]:
 
 
 def bench_experts(tokens=(1, 8, 64, 512, 4096), systems=EXPERTS_SYSTEMS, n_routings: int = 8,
-                  sweep: bool = False, seed: int = 0) -> dict:
+                  sweep: bool = False, seed: int = 0, paths: bool = False) -> dict:
     """One routed-experts layer of Qwen1.5-MoE-A2.7B (random bf16 weights) on CUDA, T tokens:
     transformers' experts implementations side by side with moelab's fused kernel (bf16, NF4).
 
@@ -1279,10 +1284,13 @@ def bench_experts(tokens=(1, 8, 64, 512, 4096), systems=EXPERTS_SYSTEMS, n_routi
     experts (the touched weights, up to 69 MB at T=1, do not stay in L2). Reports time per call,
     the bytes of the distinct experts touched over the time as a fraction of the copy bandwidth
     measured in the same run, and the routed FLOPs over the time as a fraction of the measured
-    bf16 matmul rate. Random weights: speed only.
+    bf16 matmul rate. Random weights: speed only. `paths`: also time each moelab system with
+    its decode path forced (rows `<system>_gemv` and `<system>_grouped`), which is how the
+    GEMV_MAX_PAIRS thresholds of `moelab.kernels.experts` are chosen.
     """
     if not torch.cuda.is_available():
         raise SystemExit("the experts benchmark needs a CUDA device")
+    from .kernels import experts as experts_kernels
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
 
     from .kernels.experts import DECODE_MAX_PAIRS, fused_experts_forward
@@ -1331,9 +1339,16 @@ def bench_experts(tokens=(1, 8, 64, 512, 4096), systems=EXPERTS_SYSTEMS, n_routi
             configs = [None]
             if sweep and system.startswith("moelab"):
                 configs += EXPERTS_SWEEP["decode" if pairs <= DECODE_MAX_PAIRS else "prefill"]
+            if paths and system.startswith("moelab"):
+                configs += ["gemv", "grouped"]
             for cfg in configs:
                 fn = runners[system]
-                kw = {} if cfg is None else {"config": cfg}
+                kw = {} if cfg is None or isinstance(cfg, str) else {"config": cfg}
+                name = system if cfg is None else f"{system}_{cfg}" if isinstance(cfg, str) else f"{system}_sweep"
+                limits = experts_kernels.GEMV_MAX_PAIRS, experts_kernels.GEMV_MAX_PAIRS_NF4
+                if isinstance(cfg, str):  # force one decode path: both thresholds to 0 (grouped) or unlimited
+                    limit = 1 << 30 if cfg == "gemv" else 0
+                    experts_kernels.GEMV_MAX_PAIRS = experts_kernels.GEMV_MAX_PAIRS_NF4 = limit
                 try:
                     with torch.no_grad():
                         us, timing = _timed(lambda i, fn=fn, kw=kw: fn(x, *inputs[i], **kw), n_routings,
@@ -1343,21 +1358,22 @@ def bench_experts(tokens=(1, 8, 64, 512, 4096), systems=EXPERTS_SYSTEMS, n_routi
                     torch.cuda.empty_cache()
                     why = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
                     print(f"T={t:>5} {system:<18} failed: {why}" + (f"  {cfg}" if cfg else ""), flush=True)
-                    rows.append({"tokens": t, "system": system if cfg is None else f"{system}_sweep", "config": cfg,
-                                 "us": None, "skipped": why})
+                    rows.append({"tokens": t, "system": name, "config": cfg, "us": None, "skipped": why})
                     continue
+                finally:
+                    experts_kernels.GEMV_MAX_PAIRS, experts_kernels.GEMV_MAX_PAIRS_NF4 = limits
                 precision = "nf4" if system == "moelab_nf4" else "bf16"
                 nbytes = touched * expert_bytes[precision]
-                row = {"tokens": t, "system": system if cfg is None else f"{system}_sweep", "config": cfg,
-                       "timing": timing, "us": round(us, 2), "touched_experts": touched,
-                       "bytes": round(nbytes), "gb_per_s": round(nbytes / us / 1e3, 1),
+                row = {"tokens": t, "system": name, "config": cfg, "timing": timing, "us": round(us, 2),
+                       "touched_experts": touched, "bytes": round(nbytes), "gb_per_s": round(nbytes / us / 1e3, 1),
                        "bandwidth_fraction": round(nbytes / us / 1e3 / bandwidth, 4),
                        "tflops": round(pairs * flops_per_pair / us / 1e6, 2),
                        "matmul_fraction": round(pairs * flops_per_pair / us / 1e6 / tflops, 4)}
                 rows.append(row)
                 print(f"T={t:>5} {row['system']:<18} {us:10.1f} us ({timing})  {row['gb_per_s']:7.0f} GB/s "
                       f"= {row['bandwidth_fraction']:.2f} of copy  {row['tflops']:6.1f} TFLOP/s = "
-                      f"{row['matmul_fraction']:.2f} of matmul" + (f"  {cfg}" if cfg else ""), flush=True)
+                      f"{row['matmul_fraction']:.2f} of matmul" + (f"  {cfg}" if isinstance(cfg, dict) else ""),
+                      flush=True)
         del x, routings, inputs
     return {
         "benchmark": "experts",
@@ -1735,6 +1751,8 @@ def main(argv=None) -> int:
     experts.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 4096])
     experts.add_argument("--systems", nargs="+", choices=EXPERTS_SYSTEMS, default=list(EXPERTS_SYSTEMS))
     experts.add_argument("--sweep", action="store_true", help="also time a few kernel configurations per T")
+    experts.add_argument("--paths", action="store_true", help="also time moelab's GEMV and grouped decode paths, "
+                         "each forced (how GEMV_MAX_PAIRS* are chosen)")
     experts.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
     experts.add_argument("--plot", type=Path, default=None, help="where to write the PNG")
     launch = sub.add_parser("launch", help="where the host time of one router call goes (CUDA)")
@@ -1816,7 +1834,7 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("error: the experts benchmark needs a CUDA device", file=sys.stderr)
             return 2
-        result = bench_experts(tuple(args.tokens), tuple(args.systems), sweep=args.sweep)
+        result = bench_experts(tuple(args.tokens), tuple(args.systems), sweep=args.sweep, paths=args.paths)
         json_path = args.json or default_path("experts", result["card"], "json")
         plot_path = args.plot or json_path.with_suffix(".png")
         json_path.parent.mkdir(parents=True, exist_ok=True)

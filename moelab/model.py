@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .fuse import fuse_attention_input, fuse_moe_input
 from .kv_cache import KVCache
 from .models import check_supported
 from .quant import NF4Experts
@@ -144,15 +145,21 @@ class MoeForward:
     (`moelab.kernels.rope_cache`), "torch" in PyTorch ops, "auto": the kernel on CUDA.
     norm: "kernel" runs each residual add and the RMSNorm after it as one Triton kernel
     (`moelab.kernels.rmsnorm`), "torch" in PyTorch ops, "auto": the kernel on CUDA.
+    projections: "fused" runs q/k/v as one GEMM and the shared expert's gate and up, the
+    router and the shared expert's gate as another (`moelab.fuse`: the model's parameters are
+    re-seated as views of the fused weights, no copies), "separate" one GEMM per Linear,
+    "auto": fused on CUDA. Quantized (bitsandbytes) layers always run separately.
     """
 
     def __init__(self, model, experts_fn=experts_forward, route_backend: str = "auto", attention: str = "auto",
-                 rope: str = "auto", norm: str = "auto"):
+                 rope: str = "auto", norm: str = "auto", projections: str = "auto"):
         check_supported(model.config)
         if route_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"route_backend must be 'auto', 'triton' or 'torch', got {route_backend!r}")
         if attention not in ("auto", "kernel", "sdpa"):
             raise ValueError(f"attention must be 'auto', 'kernel' or 'sdpa', got {attention!r}")
+        if projections not in ("auto", "fused", "separate"):
+            raise ValueError(f"projections must be 'auto', 'fused' or 'separate', got {projections!r}")
         for name, value in (("rope", rope), ("norm", norm)):
             if value not in ("auto", "kernel", "torch"):
                 raise ValueError(f"{name} must be 'auto', 'kernel' or 'torch', got {value!r}")
@@ -167,6 +174,13 @@ class MoeForward:
         self.scaling = attn.scaling
         self.num_heads = model.config.num_attention_heads
         self.num_kv_heads = model.config.num_key_value_heads
+        on_cuda = model.lm_head.weight.device.type == "cuda"
+        if projections == "auto":
+            projections = "fused" if on_cuda else "separate"
+        self.projections = projections
+        fuse = self.projections == "fused"
+        self.fused_qkv = [fuse_attention_input(layer.self_attn) if fuse else None for layer in self.layers]
+        self.fused_moe_input = [fuse_moe_input(layer.mlp) if fuse else None for layer in self.layers]
 
     def new_cache(self, num_slots: int, max_seq_len: int) -> KVCache:
         """A slot cache shaped for this model, in its dtype and on its device."""
@@ -301,7 +315,7 @@ class MoeForward:
             hidden, x = self._add_norm(hidden, delta, layer.input_layernorm, fused)
             delta = self._attention(index, layer.self_attn, x, cache, slots, positions, cos, sin, attend)
             hidden, x = self._add_norm(hidden, delta, layer.post_attention_layernorm, fused)
-            delta = self._moe(x, layer.mlp)
+            delta = self._moe(index, x, layer.mlp)
         return self._add_norm(hidden, delta, inner.norm, fused)[1]
 
     def _add_norm(self, hidden, delta, norm, fused):
@@ -316,9 +330,14 @@ class MoeForward:
 
     def _attention(self, index, attn, x, cache, slots, positions, cos, sin, attend):
         n = x.shape[0]
-        q = attn.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = attn.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = attn.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        fused = self.fused_qkv[index]
+        if fused is not None:  # one GEMM, split into column views
+            q, k, v = F.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=-1)
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
         # Keys are cached after RoPE, as in transformers.
         if self.rope == "kernel" or (self.rope == "auto" and cache.device.type == "cuda"):
             from .kernels.rope_cache import rope_and_cache_write
@@ -340,16 +359,23 @@ class MoeForward:
             q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=self.num_heads != self.num_kv_heads
         )
 
-    def _moe(self, x, mlp):
+    def _moe(self, index, x, mlp):
         if not hasattr(mlp, "experts"):  # a dense layer (mlp_only_layers / decoder_sparse_step)
             return _mlp(x, mlp)
         gate = mlp.gate
-        # Router logits from the router's own weight, then moelab's routing (with or without
-        # moelab.patch installed on the HF model: its forward is never called here).
-        logits = F.linear(x, gate.weight)
+        fused = self.fused_moe_input[index]
+        if fused is not None:  # shared gate, shared up, router logits, shared gate logit: one GEMM
+            shared_gate, shared_up, logits, gate_logit = F.linear(x, fused.weight).split(fused.sizes, dim=-1)
+        else:
+            # Router logits from the router's own weight, then moelab's routing (with or without
+            # moelab.patch installed on the HF model: its forward is never called here).
+            logits = F.linear(x, gate.weight)
         weights, ids = route(logits, gate.top_k, normalize=gate.norm_topk_prob, backend=self.route_backend)
         # transformers rounds the routing weights to the model dtype before using them.
         routed = self.experts_fn(x, weights.to(x.dtype), ids, mlp.experts)
+        if fused is not None:
+            shared = mlp.shared_expert.down_proj(mlp.shared_expert.act_fn(shared_gate) * shared_up)
+            return routed + torch.sigmoid(gate_logit) * shared
         shared = torch.sigmoid(mlp.shared_expert_gate(x)) * _mlp(x, mlp.shared_expert)
         return routed + shared
 

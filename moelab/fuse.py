@@ -1,0 +1,119 @@
+"""One GEMM where a decode step had several: q/k/v, and everything the MoE block reads from x.
+
+Built in notebooks/08_cuda_graphs_and_decode_attention. At batch 1 every dense projection of
+a decode step is a GEMV of a few MB, and cuBLAS runs each as its own kernel, well under the
+copy bandwidth; the router (60 output rows) and the shared expert's gate (1 row) each cost a
+whole kernel that moves almost nothing. Per layer this module fuses
+
+- q_proj, k_proj, v_proj (each with its bias) into one [q + k + v, H] weight and one bias;
+- the shared expert's gate_proj and up_proj, the router and `shared_expert_gate` (all read
+  the same normalised x) into one [2 I + E + 1, H] weight,
+
+so `MoeForward(projections="fused")` runs 2 GEMMs where it ran 7. No second copy of the
+weights is kept: each module's parameter is re-seated as a row slice (a view) of the fused
+tensor, so transformers' own forward still runs on the same numbers, memory does not grow, and
+`save_pretrained` still writes the usual per-module checkpoint (tests/test_fuse.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class FusedAttentionInput:
+    """q/k/v of one layer as one GEMM: x @ weight.T + bias, split into `sizes` columns."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    sizes: tuple[int, int, int]
+
+
+@dataclass
+class FusedMoeInput:
+    """Shared gate / shared up / router / shared_expert_gate of one layer as one GEMM
+    (no bias), split into `sizes` columns in that order."""
+
+    weight: torch.Tensor
+    sizes: tuple[int, int, int, int]
+
+
+def _plain_linear(module) -> bool:
+    """An unquantized nn.Linear (bitsandbytes' Linear4bit subclasses nn.Linear: not fusable)."""
+    return type(module) is nn.Linear and module.weight.device.type != "meta"
+
+
+def _reseat(fused: torch.Tensor, parts: list[tuple[nn.Module, str]]) -> None:
+    """Make each (module, name) parameter a row slice of `fused`, in order."""
+    start = 0
+    for module, name in parts:
+        old = getattr(module, name)
+        rows = old.shape[0]
+        setattr(module, name, nn.Parameter(fused[start:start + rows], requires_grad=old.requires_grad))
+        start += rows
+
+
+def _is_view_of(tensor: torch.Tensor, fused: torch.Tensor) -> bool:
+    return tensor.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+
+
+def fuse_attention_input(attn) -> FusedAttentionInput | None:
+    """Fuse one attention layer's q/k/v (idempotent). None when they cannot be fused
+    (quantized, on the meta device, mixed dtypes or biases)."""
+    cached = getattr(attn, "_moelab_fused_qkv", None)
+    if cached is not None and _is_view_of(attn.q_proj.weight, cached.weight):
+        return cached
+    projs = [attn.q_proj, attn.k_proj, attn.v_proj]
+    if not all(_plain_linear(p) for p in projs):
+        return None
+    if len({(p.weight.dtype, p.weight.device) for p in projs}) != 1 or len({p.bias is None for p in projs}) != 1:
+        return None
+    with torch.no_grad():
+        weight = torch.cat([p.weight for p in projs])
+        bias = None if projs[0].bias is None else torch.cat([p.bias for p in projs])
+    _reseat(weight, [(p, "weight") for p in projs])
+    if bias is not None:
+        _reseat(bias, [(p, "bias") for p in projs])
+    fused = FusedAttentionInput(weight, bias, tuple(p.weight.shape[0] for p in projs))
+    attn._moelab_fused_qkv = fused
+    return fused
+
+
+def fuse_moe_input(mlp) -> FusedMoeInput | None:
+    """Fuse one sparse MoE block's shared gate_proj / up_proj, router and shared_expert_gate
+    (idempotent). None for a dense-MLP layer or when they cannot be fused."""
+    if not hasattr(mlp, "experts") or not hasattr(mlp, "shared_expert"):
+        return None
+    cached = getattr(mlp, "_moelab_fused_input", None)
+    if cached is not None and _is_view_of(mlp.gate.weight, cached.weight):
+        return cached
+    shared = mlp.shared_expert
+    linears = [shared.gate_proj, shared.up_proj, mlp.shared_expert_gate]
+    if not all(_plain_linear(p) and p.bias is None for p in linears):
+        return None
+    router = mlp.gate.weight
+    if getattr(mlp.gate, "bias", None) is not None:
+        return None
+    tensors = [shared.gate_proj.weight, shared.up_proj.weight, router, mlp.shared_expert_gate.weight]
+    if len({(t.dtype, t.device) for t in tensors}) != 1 or router.device.type == "meta":
+        return None
+    with torch.no_grad():
+        weight = torch.cat(tensors)
+    _reseat(weight, [(shared.gate_proj, "weight"), (shared.up_proj, "weight"), (mlp.gate, "weight"),
+                     (mlp.shared_expert_gate, "weight")])
+    fused = FusedMoeInput(weight, tuple(t.shape[0] for t in tensors))
+    mlp._moelab_fused_input = fused
+    return fused
+
+
+def fuse_projections(model) -> int:
+    """Fuse every layer of a Qwen2MoeForCausalLM in place (see the module docstring).
+    Returns how many groups were fused (two per sparse layer when nothing is quantized)."""
+    count = 0
+    for layer in model.model.layers[: model.config.num_hidden_layers]:
+        count += fuse_attention_input(layer.self_attn) is not None
+        count += fuse_moe_input(layer.mlp) is not None
+    return count

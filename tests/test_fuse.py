@@ -1,0 +1,116 @@
+"""moelab.fuse: q/k/v and the MoE block's inputs as one GEMM each, with no copy of the weights."""
+
+import pytest
+import torch
+
+import moelab
+from moelab.fuse import fuse_attention_input, fuse_moe_input, fuse_projections
+from moelab.model import MoeForward
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def fresh_tiny(dtype=torch.float32):
+    """A model of its own per test: fusing re-seats its parameters."""
+    model, _ = moelab.load("tiny")
+    return model.to(dtype)
+
+
+def storage_bytes(model) -> int:
+    return sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}.values())
+
+
+def greedy(fwd, prompts, new_tokens):
+    cache = fwd.new_cache(num_slots=len(prompts) + 1, max_seq_len=64)
+    slots = [cache.allocate(64) for _ in prompts]
+    logits = [fwd.prefill(cache, prompts, slots)]
+    token = logits[0].argmax(-1)
+    tokens = [token]
+    for _ in range(new_tokens - 1):
+        logits.append(fwd.decode(cache, token, torch.tensor(slots)))
+        token = logits[-1].argmax(-1)
+        tokens.append(token)
+    return torch.stack(tokens, 1), logits
+
+
+def test_fused_params_are_views_and_transformers_output_is_unchanged():
+    model = fresh_tiny()
+    ids = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(ids).logits
+    weights_before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    bytes_before = storage_bytes(model)
+    layers = model.config.num_hidden_layers
+    assert fuse_projections(model) == 2 * layers
+    assert storage_bytes(model) == bytes_before  # no copy kept
+    for name, p in model.named_parameters():
+        assert torch.equal(p, weights_before[name]), name
+    layer = model.model.layers[1]
+    qkv = fuse_attention_input(layer.self_attn)  # idempotent: the same fused tensors come back
+    assert qkv is layer.self_attn._moelab_fused_qkv
+    assert layer.self_attn.k_proj.weight.untyped_storage().data_ptr() == qkv.weight.untyped_storage().data_ptr()
+    moe = fuse_moe_input(layer.mlp)
+    cfg = model.config
+    assert moe.sizes == (cfg.shared_expert_intermediate_size, cfg.shared_expert_intermediate_size, cfg.num_experts, 1)
+    assert layer.mlp.gate.weight.untyped_storage().data_ptr() == moe.weight.untyped_storage().data_ptr()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
+def test_fused_forward_matches_separate_and_keeps_greedy_tokens():
+    prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 19, 1, 33)]
+    model = fresh_tiny()
+    separate_tokens, separate_logits = greedy(MoeForward(model, projections="separate"), prompts, 12)
+    fwd = MoeForward(model, projections="fused")
+    assert all(f is not None for f in fwd.fused_qkv + fwd.fused_moe_input)
+    fused_tokens, fused_logits = greedy(fwd, prompts, 12)
+    assert torch.equal(fused_tokens, separate_tokens)
+    for a, b in zip(fused_logits, separate_logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_fuses_only_on_cuda_and_bad_values_are_named():
+    model = fresh_tiny()
+    assert MoeForward(model).projections == "separate"  # CPU
+    assert not hasattr(model.model.layers[0].self_attn, "_moelab_fused_qkv")
+    with pytest.raises(ValueError, match="projections must be"):
+        MoeForward(model, projections="merged")
+
+
+def test_quantized_layers_stay_separate_and_still_run():
+    pytest.importorskip("bitsandbytes")
+    model, _ = moelab.load("tiny", quantize="nf4")
+    fwd = MoeForward(model, projections="fused", route_backend="torch", attention="sdpa")
+    assert fwd.fused_qkv == [None] * len(fwd.layers)  # bitsandbytes Linear4bit: not fusable
+    assert fwd.fused_moe_input == [None] * len(fwd.layers)  # the shared expert is quantized too
+    prompts = [[1, 2, 3, 4], [7, 8]]
+    tokens, _ = greedy(fwd, prompts, 4)
+    reference, _ = greedy(MoeForward(model, projections="separate", route_backend="torch", attention="sdpa"),
+                          prompts, 4)
+    assert torch.equal(tokens, reference)
+
+
+def test_save_pretrained_after_fusing_reloads_the_same_model(tmp_path):
+    model = fresh_tiny()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    fuse_projections(model)
+    model.save_pretrained(tmp_path)
+    reloaded, _ = moelab.load(str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(reloaded.float()(ids).logits, expected)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_decode_graph_matches_eager_separate():
+    """On CUDA "auto" fuses; bf16 GEMMs of different shapes may round differently, so the
+    check is on logits within bf16 tolerance and on fp32 greedy tokens exactly."""
+    model, _ = moelab.load("tiny", device="cuda")
+    model = model.float()
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8]]
+    separate, _ = greedy(MoeForward(model, projections="separate"), prompts, 16)
+    fwd = MoeForward(model)
+    assert fwd.projections == "fused"
+    fused, _ = greedy(fwd, prompts, 16)
+    assert torch.equal(fused, separate)
