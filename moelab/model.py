@@ -35,6 +35,10 @@ from .routing import route
 # token, 1.4 vs 1.5 ms at 64, 5.1 vs 1.8 ms at 128).
 DENSE_MAX_TOKENS = 64
 
+# projections="auto" runs the fused projections (moelab.fuse) on CUDA up to this many tokens per
+# step: benchmarks/results/decode_proj_2026-11-29_h200.json (graph_fused_proj vs graph_fused).
+FUSED_MAX_TOKENS = 1
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm as transformers computes it: normalise in float32, scale in the input dtype."""
@@ -148,7 +152,9 @@ class MoeForward:
     projections: "fused" runs q/k/v as one GEMM and the shared expert's gate and up, the
     router and the shared expert's gate as another (`moelab.fuse`: the model's parameters are
     re-seated as views of the fused weights, no copies), "separate" one GEMM per Linear,
-    "auto": fused on CUDA. Quantized (bitsandbytes) layers always run separately.
+    "auto": on CUDA fused for steps of up to FUSED_MAX_TOKENS tokens, separate above (on an
+    H200, fused decode was 1.17x at batch 1 but 0.87x at 8 and 0.91x at 64); on the CPU
+    separate. Quantized (bitsandbytes) layers always run separately.
     """
 
     def __init__(self, model, experts_fn=experts_forward, route_backend: str = "auto", attention: str = "auto",
@@ -175,10 +181,10 @@ class MoeForward:
         self.num_heads = model.config.num_attention_heads
         self.num_kv_heads = model.config.num_key_value_heads
         on_cuda = model.lm_head.weight.device.type == "cuda"
-        if projections == "auto":
-            projections = "fused" if on_cuda else "separate"
+        if projections == "auto" and not on_cuda:
+            projections = "separate"
         self.projections = projections
-        fuse = self.projections == "fused"
+        fuse = self.projections != "separate"
         self.fused_qkv = [fuse_attention_input(layer.self_attn) if fuse else None for layer in self.layers]
         self.fused_moe_input = [fuse_moe_input(layer.mlp) if fuse else None for layer in self.layers]
 
@@ -330,7 +336,7 @@ class MoeForward:
 
     def _attention(self, index, attn, x, cache, slots, positions, cos, sin, attend):
         n = x.shape[0]
-        fused = self.fused_qkv[index]
+        fused = self.fused_qkv[index] if self._fuse(n) else None
         if fused is not None:  # one GEMM, split into column views
             q, k, v = F.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=-1)
         else:
@@ -348,6 +354,10 @@ class MoeForward:
             cache.write(index, slots, positions, k, v)
         return attn.o_proj(attend(index, q))
 
+    def _fuse(self, num_tokens: int) -> bool:
+        """Whether a step of `num_tokens` runs the fused projections (see `projections`)."""
+        return self.projections == "fused" or (self.projections == "auto" and num_tokens <= FUSED_MAX_TOKENS)
+
     def _decode_kernel(self, cache) -> bool:
         """Whether decode attention runs moelab's kernel (see `attention`)."""
         return self.attention == "kernel" or (self.attention == "auto" and cache.device.type == "cuda")
@@ -363,7 +373,7 @@ class MoeForward:
         if not hasattr(mlp, "experts"):  # a dense layer (mlp_only_layers / decoder_sparse_step)
             return _mlp(x, mlp)
         gate = mlp.gate
-        fused = self.fused_moe_input[index]
+        fused = self.fused_moe_input[index] if self._fuse(x.shape[0]) else None
         if fused is not None:  # shared gate, shared up, router logits, shared gate logit: one GEMM
             shared_gate, shared_up, logits, gate_logit = F.linear(x, fused.weight).split(fused.sizes, dim=-1)
         else:

@@ -17,7 +17,7 @@ with no host sync (so a CUDA graph can capture them):
 3. the same kernel (down): the routing weight of each pair is applied before the store.
 4. a sum over the top-k rows of each token (deterministic: no atomics).
 
-Decode at the fewest tokens (bf16 up to 16 pairs, NF4 up to 256: GEMV_MAX_PAIRS*) skips
+Decode at the fewest tokens (bf16 up to 16 pairs, NF4 up to 128: GEMV_MAX_PAIRS*) skips
 grouping: two launches instead of four. `_gemv_gate_up_kernel` runs one program per (pair,
 N-tile), streaming BLOCK_N gate and up rows of the pair's expert with 16-byte loads and one
 FMA per weight into an fp32 [BLOCK_N, BLOCK_K] accumulator summed once at the end (no tl.dot
@@ -476,11 +476,14 @@ def _grouped_gemm(x, w, out, pairs, counts, route_w, num_pairs, num_experts, x_r
     )
 
 
-# Up to these pair counts decode runs the two ungrouped FMA kernels: bf16 up to 4 tokens at top-4
-# (beyond, the grouped GEMM reads each touched expert once and meets the bandwidth target); NF4
-# up to 64 tokens (reading an expert once per pair still beats dequantizing into tl.dot tiles).
+# Up to these pair counts decode runs the two ungrouped FMA kernels. Measured on an H200, each path
+# forced (`python -m moelab.bench experts --paths`, benchmarks/results/experts_paths_2026-11-29_h200):
+# bf16 at top-4, GEMV 27 us vs grouped 42 us at 1 token, equal at 4 tokens (84 vs 82 us), grouped
+# ahead from 8 (130 vs 145 us); NF4, GEMV ahead up to 32 tokens (842 vs 1158 us), grouped ahead at
+# 64 (1399 vs 1657 us): reading an expert once per pair beats dequantizing into tl.dot tiles until
+# the same experts come back too often.
 GEMV_MAX_PAIRS = 16
-GEMV_MAX_PAIRS_NF4 = 256
+GEMV_MAX_PAIRS_NF4 = 128
 
 
 def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool, num_sms: int = 132) -> dict:
