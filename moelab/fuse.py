@@ -13,6 +13,13 @@ so `MoeForward(projections="fused")` runs 2 GEMMs where it ran 7. No second copy
 weights is kept: each module's parameter is re-seated as a row slice (a view) of the fused
 tensor, so transformers' own forward still runs on the same numbers, memory does not grow, and
 `save_pretrained` still writes the usual per-module checkpoint (tests/test_fuse.py).
+
+The fused tensors hang on the modules as plain attributes (not parameters or buffers: memory
+reports and state dicts see each weight once, through its parameter). `model.to(...)` or
+`.half()` replaces the parameters with copies that are no longer views, so each call of the
+`fuse_*` functions first checks that every parameter still lives in the fused tensor and fuses
+again if not; `MoeForward` calls them at every step (a few pointer comparisons per layer), so a
+model moved or cast after its `MoeForward` was built still runs right.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ class FusedAttentionInput:
 
     weight: torch.Tensor
     bias: torch.Tensor | None
-    sizes: tuple[int, int, int]
+    sizes: tuple[int, ...]
 
 
 @dataclass
@@ -38,7 +45,7 @@ class FusedMoeInput:
     (no bias), split into `sizes` columns in that order."""
 
     weight: torch.Tensor
-    sizes: tuple[int, int, int, int]
+    sizes: tuple[int, ...]
 
 
 def _plain_linear(module) -> bool:
@@ -63,10 +70,10 @@ def _is_view_of(tensor: torch.Tensor, fused: torch.Tensor) -> bool:
 def fuse_attention_input(attn) -> FusedAttentionInput | None:
     """Fuse one attention layer's q/k/v (idempotent). None when they cannot be fused
     (quantized, on the meta device, mixed dtypes or biases)."""
-    cached = getattr(attn, "_moelab_fused_qkv", None)
-    if cached is not None and _is_view_of(attn.q_proj.weight, cached.weight):
-        return cached
     projs = [attn.q_proj, attn.k_proj, attn.v_proj]
+    cached = getattr(attn, "_moelab_fused_qkv", None)
+    if cached is not None and all(_is_view_of(p.weight, cached.weight) for p in projs):
+        return cached
     if not all(_plain_linear(p) for p in projs):
         return None
     if len({(p.weight.dtype, p.weight.device) for p in projs}) != 1 or len({p.bias is None for p in projs}) != 1:
@@ -77,9 +84,8 @@ def fuse_attention_input(attn) -> FusedAttentionInput | None:
     _reseat(weight, [(p, "weight") for p in projs])
     if bias is not None:
         _reseat(bias, [(p, "bias") for p in projs])
-    fused = FusedAttentionInput(weight, bias, tuple(p.weight.shape[0] for p in projs))
-    attn._moelab_fused_qkv = fused
-    return fused
+    attn._moelab_fused_qkv = FusedAttentionInput(weight, bias, tuple(p.weight.shape[0] for p in projs))
+    return attn._moelab_fused_qkv
 
 
 def fuse_moe_input(mlp) -> FusedMoeInput | None:
@@ -87,10 +93,11 @@ def fuse_moe_input(mlp) -> FusedMoeInput | None:
     (idempotent). None for a dense-MLP layer or when they cannot be fused."""
     if not hasattr(mlp, "experts") or not hasattr(mlp, "shared_expert"):
         return None
-    cached = getattr(mlp, "_moelab_fused_input", None)
-    if cached is not None and _is_view_of(mlp.gate.weight, cached.weight):
-        return cached
     shared = mlp.shared_expert
+    parts = [shared.gate_proj.weight, shared.up_proj.weight, mlp.gate.weight, mlp.shared_expert_gate.weight]
+    cached = getattr(mlp, "_moelab_fused_input", None)
+    if cached is not None and all(_is_view_of(t, cached.weight) for t in parts):
+        return cached
     linears = [shared.gate_proj, shared.up_proj, mlp.shared_expert_gate]
     if not all(_plain_linear(p) and p.bias is None for p in linears):
         return None
@@ -104,9 +111,8 @@ def fuse_moe_input(mlp) -> FusedMoeInput | None:
         weight = torch.cat(tensors)
     _reseat(weight, [(shared.gate_proj, "weight"), (shared.up_proj, "weight"), (mlp.gate, "weight"),
                      (mlp.shared_expert_gate, "weight")])
-    fused = FusedMoeInput(weight, tuple(t.shape[0] for t in tensors))
-    mlp._moelab_fused_input = fused
-    return fused
+    mlp._moelab_fused_input = FusedMoeInput(weight, tuple(t.shape[0] for t in tensors))
+    return mlp._moelab_fused_input
 
 
 def fuse_projections(model) -> int:

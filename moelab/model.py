@@ -184,9 +184,27 @@ class MoeForward:
         if projections == "auto" and not on_cuda:
             projections = "separate"
         self.projections = projections
-        fuse = self.projections != "separate"
-        self.fused_qkv = [fuse_attention_input(layer.self_attn) if fuse else None for layer in self.layers]
-        self.fused_moe_input = [fuse_moe_input(layer.mlp) if fuse else None for layer in self.layers]
+        for index in range(len(self.layers)) if self.projections != "separate" else ():
+            self._fused_qkv(index)  # fuse now, not in the first step
+            self._fused_moe_input(index)
+
+    @property
+    def fused_qkv(self) -> list:
+        """Per layer, its fused q/k/v (`moelab.fuse.FusedAttentionInput`), or None where the
+        projections run separately (projections="separate", or quantized layers)."""
+        return [self._fused_qkv(i) for i in range(len(self.layers))]
+
+    @property
+    def fused_moe_input(self) -> list:
+        """Per layer, its fused MoE-block inputs (`moelab.fuse.FusedMoeInput`), or None."""
+        return [self._fused_moe_input(i) for i in range(len(self.layers))]
+
+    def _fused_qkv(self, index):
+        # fuse_* is idempotent and fuses again if the model was moved or cast since.
+        return None if self.projections == "separate" else fuse_attention_input(self.layers[index].self_attn)
+
+    def _fused_moe_input(self, index):
+        return None if self.projections == "separate" else fuse_moe_input(self.layers[index].mlp)
 
     def new_cache(self, num_slots: int, max_seq_len: int) -> KVCache:
         """A slot cache shaped for this model, in its dtype and on its device."""
@@ -336,7 +354,7 @@ class MoeForward:
 
     def _attention(self, index, attn, x, cache, slots, positions, cos, sin, attend):
         n = x.shape[0]
-        fused = self.fused_qkv[index] if self._fuse(n) else None
+        fused = self._fused_qkv(index) if self._fuse(n) else None
         if fused is not None:  # one GEMM, split into column views
             q, k, v = F.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=-1)
         else:
@@ -373,7 +391,7 @@ class MoeForward:
         if not hasattr(mlp, "experts"):  # a dense layer (mlp_only_layers / decoder_sparse_step)
             return _mlp(x, mlp)
         gate = mlp.gate
-        fused = self.fused_moe_input[index] if self._fuse(x.shape[0]) else None
+        fused = self._fused_moe_input(index) if self._fuse(x.shape[0]) else None
         if fused is not None:  # shared gate, shared up, router logits, shared gate logit: one GEMM
             shared_gate, shared_up, logits, gate_logit = F.linear(x, fused.weight).split(fused.sizes, dim=-1)
         else:

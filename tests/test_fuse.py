@@ -69,6 +69,32 @@ def test_fused_forward_matches_separate_and_keeps_greedy_tokens():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_a_model_cast_after_its_forward_was_built_is_fused_again():
+    """model.double() replaces the parameters with copies that are no longer views of the
+    fused tensors: the next step fuses again, in the new dtype, and stays right."""
+    model = fresh_tiny()
+    prompts = [[4, 8, 15, 16, 23, 42], [1, 2]]
+    fwd = MoeForward(model, projections="fused")
+    old = fwd.fused_qkv[0].weight
+    model.double()
+    new = fwd.fused_qkv[0].weight
+    assert new.dtype == torch.float64 and new.data_ptr() != old.data_ptr()
+    assert model.model.layers[0].self_attn.q_proj.weight.untyped_storage().data_ptr() == new.untyped_storage().data_ptr()
+    tokens, logits = greedy(fwd, prompts, 6)
+    expected_tokens, expected_logits = greedy(MoeForward(model, projections="separate"), prompts, 6)
+    assert torch.equal(tokens, expected_tokens)
+    torch.testing.assert_close(logits[-1], expected_logits[-1], rtol=1e-9, atol=1e-9)
+
+
+def test_memory_report_counts_fused_weights_once():
+    model = fresh_tiny()
+    before = moelab.memory_report(model)
+    fuse_projections(model)
+    after = moelab.memory_report(model)
+    for part in ("attention", "shared expert", "other"):
+        assert after[part]["bytes"] == before[part]["bytes"], part
+
+
 def test_auto_fuses_only_on_cuda_and_bad_values_are_named():
     model = fresh_tiny()
     assert MoeForward(model).projections == "separate"  # CPU
