@@ -1,6 +1,7 @@
 """moelab.bench: the CLI refuses clearly without CUDA, the decode runner and the summary math."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -193,9 +194,11 @@ def test_full_benchmark_runs_every_system_end_to_end_then_merges(tmp_path, capsy
     outputs = bench.serve_workload(3, (3, 6), (2, 4), vocab=256, seed=0)["outputs"]
     for key, row in rows.items():
         if key[0] == "hf_continuous" and not _continuous_runs_here():
-            assert "error" in row or row["tokens"] == sum(outputs)
+            assert "error" in row or row["tokens"] == sum(outputs[:2] if key[3] == 1 else outputs)
             continue
-        assert row["tokens"] == sum(outputs[:2] if key[0] == "hf_serial" else outputs)  # EOS ignored by all
+        # EOS ignored by all; every HF run at concurrency 1 serves the first --serial-requests
+        serial = key[0] == "hf_serial" or key[0].startswith("hf_") and key[3] == 1
+        assert row["tokens"] == sum(outputs[:2] if serial else outputs) and row["num_requests"] == (2 if serial else 3)
         assert row["tokens_per_s"] > 0 and row["ttft_p50_ms"] <= row["ttft_p99_ms"]
         assert row["itl_p50_ms"] <= row["itl_p99_ms"] and row["roofline_fraction"] is None
         assert set(row) >= {"system", "precision", "experts_impl", "concurrency", "tokens_per_s", "ttft_p50_ms",
@@ -241,3 +244,59 @@ def test_profile_step_plumbing_on_cpu_ops():
     assert prof["gpu_busy_ms_per_step"] == 0  # CPU ops have no device time
     assert prof["timeline_one_step"] and all(len(e) == 3 and e[2] >= 0 for e in prof["timeline_one_step"])
     assert prof["table"] and "Name" in prof["table"]
+
+
+def test_serve_max_seq_len_sizes_moelab_cache_and_is_checked(tmp_path, capsys, monkeypatch):
+    from moelab import engine as engine_module
+
+    seen = []
+
+    class Spy(engine_module.Engine):
+        def __init__(self, model, num_slots, max_seq_len, **kw):
+            seen.append(max_seq_len)
+            super().__init__(model, num_slots, max_seq_len, **kw)
+
+    monkeypatch.setattr(engine_module, "Engine", Spy)  # bench_serve imports it when called
+    path = tmp_path / "s.json"
+    assert bench.main(["--requests", "2", "--prompt-len", "3", "4", "--output-len", "2", "2", "--systems",
+                       "moelab_continuous", "--precisions", "fp32", "--concurrency", "2", "--max-seq-len", "64",
+                       "--no-progress", "--json", str(path)]) == 0
+    assert seen == [64] and json.loads(path.read_text())["workload"]["max_seq_len"] == 64
+    assert bench.main(["--requests", "2", "--prompt-len", "3", "4", "--output-len", "2", "2", "--systems",
+                       "moelab_continuous", "--max-seq-len", "5", "--no-progress", "--json", str(path)]) == 2
+    assert "below the workload's longest request" in capsys.readouterr().err
+
+
+def test_compile_time_cap_records_an_error_row_and_skips_the_rest(tmp_path, monkeypatch):
+    """A run past the cap (here: a stand-in compile that sleeps) is stopped by SIGALRM, recorded
+    as an error row, and that precision's later hf_compiled rows are skipped with the reason."""
+    real = bench._run_hf_batches
+
+    def slow(model, wl, batch, pad_id, **kw):
+        if kw.get("cache_implementation") == "static":
+            time.sleep(60)
+        return real(model, wl, batch, pad_id, **kw)
+
+    monkeypatch.setattr(bench, "_run_hf_batches", slow)
+    start = time.perf_counter()
+    result = bench.bench_serve("tiny", "cpu", ("hf_static", "hf_compiled", "moelab_static"), num_requests=2,
+                               prompt_len=(3, 4), output_len=(2, 2), concurrency=(1, 2), precisions=("fp32",),
+                               compile_time_cap=0.5, progress_bar=False)
+    assert time.perf_counter() - start < 45  # the 60 s sleep was cut short
+    rows = {(r["system"], r["concurrency"]): r for r in result["results"]}
+    assert rows[("hf_compiled", 1)]["error"].startswith("CompileTimeCap: hf_compiled fp32 c1 went past the compile")
+    assert rows[("hf_compiled", 2)]["error"].startswith("skipped: an earlier hf_compiled fp32 run went past the cap")
+    assert all("error" not in rows[(s, c)] for s in ("hf_static", "moelab_static") for c in (1, 2))
+    assert result["checks_ok"] and result["workload"]["compile_time_cap"] == 0.5
+
+
+def test_experts_summary_sets_the_matmul_target_at_4096_only():
+    row = dict(timing="graph", bytes=1, gb_per_s=1.0, tflops=1.0, matmul_fraction=0.01)
+    small = {"workload": {"tokens": [1, 8, 64]}, "results": [
+        {**row, "tokens": t, "system": "moelab_bf16", "us": 10.0 * t, "bandwidth_fraction": 0.7} for t in (1, 8, 64)]}
+    lines = bench.experts_summary(small)
+    assert any("T<=64" in line and "(met)" in line for line in lines)
+    assert not any("matmul rate" in line for line in lines)
+    big = {"workload": {"tokens": [64, 4096]}, "results": small["results"][2:] + [
+        {**row, "tokens": 4096, "system": "moelab_bf16", "us": 900.0, "bandwidth_fraction": 0.1, "matmul_fraction": 0.37}]}
+    assert any("T=4096 bf16 >= 0.50 of matmul rate: 0.37 (MISSED)" in line for line in bench.experts_summary(big))
