@@ -5,6 +5,7 @@ On the CPU the kernels run in the Triton interpreter (float32 / float16, small s
 """
 
 import importlib
+import random
 import types
 
 import pytest
@@ -247,24 +248,27 @@ def test_configs_keep_enough_programs_at_decode_and_tiles_in_registers():
             assert cfg["BLOCK_M"] == 16 and cfg["BLOCK_K"] == (64 if nf4 and cfg["BLOCK_N"] == 64 else 128)
             programs = min(60, pairs) * -(-n_out // cfg["BLOCK_N"])
             assert programs >= 4 * 132 or cfg["BLOCK_N"] == 16
+    # Long prefills (64+ pairs per expert) take 128-row blocks; a 512-token prefill stays at 64.
     big = kernel_config(16384, 1408, 60, gated=True, nf4=False, on_gpu=True)
-    assert big["BLOCK_M"] == 64 and big["BLOCK_N"] == 128
+    assert (big["BLOCK_M"], big["BLOCK_N"]) == (128, 128)
+    assert (kernel_config(16384, 2048, 60, gated=False, nf4=False, on_gpu=True)["BLOCK_N"]) == 256
+    mid = kernel_config(2048, 1408, 60, gated=True, nf4=False, on_gpu=True)
+    assert (mid["BLOCK_M"], mid["BLOCK_N"]) == (64, 128)
     assert kernel_config(16384, 1408, 60, gated=True, nf4=True, on_gpu=True)["BLOCK_N"] == 64
     assert kernel_config(4, 96, 16, gated=True, nf4=False, on_gpu=False)["num_stages"] == 1
 
 
-def test_gemv_configs_fill_the_sms_without_spilling_tiles():
-    """Decode: BLOCK_N 8 where that still gives four programs per SM, else 4 (16 spills in
-    NF4); down at BLOCK_N 4 takes a K-step twice as long; NF4 K-steps are whole 64-blocks."""
-    for rows, n_out, gated in [(4, 1408, True), (1, 2048, False), (32, 1408, True), (8, 2048, False), (256, 1408, True)]:
+def test_gemv_configs_stream_whole_blocks_with_bounded_accumulators():
+    """Decode GEMV: 8 rows per program, NF4 K-steps of whole 64-value blocks, an fp32
+    accumulator of at most 4,096 values per weight matrix, prefetching (PIPELINE > 1) for bf16
+    and for NF4 gate_up at a few pairs only; no pipelining under the interpreter."""
+    for rows, n_out, gated in [(4, 1408, True), (1, 2048, False), (32, 1408, True), (8, 2048, False), (128, 1408, True)]:
         for nf4 in (False, True):
             cfg = gemv_config(rows, n_out, gated, nf4, on_gpu=True, num_sms=132)
-            programs = rows * -(-n_out // cfg["BLOCK_N"])
-            assert cfg["BLOCK_N"] == (8 if rows * -(-n_out // 8) >= 4 * 132 else 4)
-            assert programs >= 4 * 132 or cfg["BLOCK_N"] == 4
-            assert cfg["BLOCK_K"] % 64 == 0 and cfg["BLOCK_K"] * cfg["BLOCK_N"] <= (8192 if nf4 else 4096) * (2 if gated else 1)
-    assert gemv_config(1, 2048, False, False, on_gpu=True)["BLOCK_K"] == 512
-    assert gemv_config(8, 2048, False, False, on_gpu=True)["BLOCK_K"] == 256
+            assert cfg["BLOCK_N"] == 8 and cfg["BLOCK_K"] % 64 == 0
+            assert cfg["BLOCK_N"] * cfg["BLOCK_K"] <= 4096
+            assert cfg["PIPELINE"] == (1 if nf4 and (not gated or rows > 4) else 3)
+    assert gemv_config(4, 96, True, False, on_gpu=False)["PIPELINE"] == 1
 
 
 # ---------------------------------------------------------------------------- NF4
@@ -495,3 +499,52 @@ def greedy_cuda(model, tok, prompt, new_tokens):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     return out[0, ids.shape[1]:].tolist()
+
+
+def _run_ptx(asm: str, word: int) -> list[int]:
+    """A tiny interpreter for the straight-line PTX of `_nf4_prmt_asm` (and, or, xor, shl, shr,
+    prmt in its default mode, lop3): returns the eight 32-bit outputs $0..$7 for input $8."""
+    mask = 0xFFFFFFFF
+
+    def prmt(a, b, sel):
+        pool, out = a | b << 32, 0
+        for i in range(4):
+            s = sel >> 4 * i & 0xF
+            byte = pool >> 8 * (s & 7) & 0xFF
+            if s & 8:  # sign mode: replicate the selected byte's top bit
+                byte = 0xFF if byte & 0x80 else 0
+            out |= byte << 8 * i
+        return out
+
+    def lop3(a, b, c, lut):
+        return sum(((lut >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1))) & 1) << i for i in range(32))
+
+    ops = {"and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b, "xor.b32": lambda a, b: a ^ b,
+           "shl.b32": lambda a, b: a << b, "shr.b32": lambda a, b: a >> b, "prmt.b32": prmt, "lop3.b32": lop3}
+    regs = {"$8": word}
+    for line in asm.replace("{", "").replace("}", "").split(";"):
+        line = line.strip()
+        if not line or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        dst, *src = [a.strip() for a in args.split(",")]
+        regs[dst] = ops[op](*[regs[a] if a in regs else int(a, 0) for a in src]) & mask
+    return [regs[f"${i}"] for i in range(8)]
+
+
+def test_nf4_byte_permute_lookup_gives_the_exact_code_book():
+    """The PTX the CUDA kernels use instead of a table in memory, run by a small interpreter on
+    every byte value: the high and low nibble of each of 4 packed bytes decode to the float32
+    NF4 level, bit for bit."""
+    from moelab.kernels.experts import _nf4_prmt_asm
+    from moelab.quant import NF4_CODE
+
+    asm = _nf4_prmt_asm()
+    levels = NF4_CODE.to(torch.float32).view(torch.int32).tolist()
+    levels = [v & 0xFFFFFFFF for v in levels]
+    rng = random.Random(0)
+    words = [[b, (b * 7 + 3) % 256, rng.randrange(256), 255 - b] for b in range(256)]
+    for bytes4 in words:
+        out = _run_ptx(asm, sum(b << 8 * i for i, b in enumerate(bytes4)))
+        assert out[:4] == [levels[b >> 4] for b in bytes4]     # high nibbles: even values
+        assert out[4:] == [levels[b & 15] for b in bytes4]     # low nibbles: odd values

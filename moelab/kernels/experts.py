@@ -35,10 +35,15 @@ nibble for even i), its block absmax is absmax[e, i // 64], itself 8-bit coded w
 per-256-block scale and a per-expert offset under double quantisation. Even and odd values
 of a K-tile come from the high and low nibbles of one byte load; they are multiplied with
 the even and odd columns of x (two dots in the grouped kernel, two FMAs in the decode
-kernels), so no interleaving is needed. The nibbles are looked up in the 16-entry fp32 code
-book (64 bytes: one cache line, so a warp's look-ups are served together), and the decode
-kernels load the codes as [rows, 64-blocks, 32 bytes] tiles so each block's absmax is
+kernels), so no interleaving is needed. On CUDA the nibbles become fp32 levels through byte
+permutes in registers (`_nf4_prmt_asm`: no memory access; a load from the 16-entry code book
+per value made NF4 slower than bf16); under the interpreter through that code book. The
+decode kernels load the codes as [rows, 64-blocks, 32 bytes] tiles so each block's absmax is
 decoded once per row and broadcast over its 32 bytes.
+
+Decode GEMVs have no data reuse to hide memory latency behind: bytes in flight set their
+speed, so their K-loops are software-pipelined (`tl.range(..., num_stages=PIPELINE)`: the
+next K-steps' weights are copied into shared memory while this one is multiplied).
 """
 
 from __future__ import annotations
@@ -95,6 +100,60 @@ def _block_rows(counts_ptr, block, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: 
     return expert, start + (block - first_block) * BLOCK_M, start + count
 
 
+def _nf4_prmt_asm() -> str:
+    """PTX that looks up the 8 nibbles of 4 code bytes in the NF4 code book without touching memory.
+
+    `prmt.b32 d, a, b, sel` builds d from 4 bytes chosen out of the 8 bytes of (a, b), one
+    4-bit selector per output byte: a lookup in an 8-entry byte table, 4 at a time. The fp32
+    code book is cut into byte lanes (lane k holds byte k of all 16 levels, 16 bytes = 4
+    registers, here immediates), each lane looked up twice (levels 0-7 and 8-15, selector bit 3
+    cleared) and the right half picked per byte with a mask (prmt's sign mode turns the bit-3
+    selectors into 0xFF bytes). A byte transpose then reassembles the four lanes into exact fp32
+    levels. About 6 instructions per value and no load: the 16-entry table in memory costs one
+    load per value, which is what made the NF4 kernels slower than bf16. Inputs: the 4 bytes
+    in $8 (byte i holds values 2i and 2i + 1 in its high and low nibble); outputs: the levels of
+    the high nibbles in $0-$3, of the low nibbles in $4-$7."""
+    from ..quant import NF4_CODE
+
+    bits = NF4_CODE.to(torch.float32).view(torch.int32).tolist()
+    lane = [[(b >> (8 * k)) & 0xFF for b in bits] for k in range(4)]   # lane[k][n]: byte k of level n
+    word = lambda k, n0: f"0x{sum(lane[k][n0 + i] << (8 * i) for i in range(4)):08X}"
+    lines = [".reg .b32 c<2>, m<2>, t, a, b, r<4>, p, q, u, v;",
+             "and.b32 c0, $8, 0x7777;", "shr.b32 t, $8, 16;", "and.b32 c1, t, 0x7777;"]
+    for h, src in ((0, "$8"), (1, "t")):   # m_h: 0xFF in byte i where selector nibble i of half h >= 8
+        lines += [f"prmt.b32 m{h}, 0x80808080, 0x80808080, {src};", f"xor.b32 m{h}, m{h}, 0x80808080;",
+                  f"shl.b32 a, m{h}, 1;", f"or.b32 m{h}, m{h}, a;"]
+    # Selector nibbles of half 0 are (lo0, hi0, lo1, hi1), of half 1 (lo2, hi2, lo3, hi3).
+    outs = {0: ("$4", "$0", "$5", "$1"), 1: ("$6", "$2", "$7", "$3")}
+    for h in (0, 1):
+        for k in range(4):
+            lines += [f"prmt.b32 a, {word(k, 0)}, {word(k, 4)}, c{h};", f"prmt.b32 b, {word(k, 8)}, {word(k, 12)}, c{h};",
+                      f"lop3.b32 r{k}, a, b, m{h}, 0xD8;"]   # m ? b : a, bit by bit
+        o = outs[h]
+        lines += ["prmt.b32 p, r0, r1, 0x5140;", "prmt.b32 q, r0, r1, 0x7362;",
+                  "prmt.b32 u, r2, r3, 0x5140;", "prmt.b32 v, r2, r3, 0x7362;",
+                  f"prmt.b32 {o[0]}, p, u, 0x5410;", f"prmt.b32 {o[1]}, p, u, 0x7632;",
+                  f"prmt.b32 {o[2]}, q, v, 0x5410;", f"prmt.b32 {o[3]}, q, v, 0x7632;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+NF4_PRMT_ASM = tl.constexpr(_nf4_prmt_asm())
+
+
+@triton.jit
+def _nf4_levels(byte, nf4_code_ptr, NF4_ASM: tl.constexpr):
+    """fp32 NF4 levels of the high and low nibble of each code byte (uint8): byte permutes on
+    CUDA (`_nf4_prmt_asm`), the 16-entry code book in memory under the interpreter."""
+    if NF4_ASM:
+        hi, lo = tl.inline_asm_elementwise(NF4_PRMT_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [byte],
+                                           dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+    else:
+        b = byte.to(tl.int32)
+        hi = tl.load(nf4_code_ptr + (b >> 4))
+        lo = tl.load(nf4_code_ptr + (b & 15))
+    return hi, lo
+
+
 @triton.jit
 def _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert, blk, mask,
                 absmax_per_expert, scales_per_expert, DOUBLE_QUANT: tl.constexpr):
@@ -111,7 +170,7 @@ def _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr
 @triton.jit
 def _nf4_tiles(codes_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
                expert, rows, row_ok, k0, k_dim, absmax_per_expert, scales_per_expert,
-               DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr):
+               DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr, NF4_ASM: tl.constexpr):
     """W[expert, rows, k0 + 2j] and W[expert, rows, k0 + 2j + 1] for j < BLOCK_K / 2, dequantized
     from NF4 into two fp32 [BLOCK_K / 2, BLOCK_N] tiles (K down, rows across: ready for x @ W^T).
     codes_ptr points at this expert's codes; k_dim is even, so row r's values start at byte
@@ -121,11 +180,7 @@ def _nf4_tiles(codes_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_
     # The mask in bytes, not values, so Triton sees runs of equal mask bits and loads wide vectors.
     mask = (k0 // 2 + j < row_bytes)[:, None] & row_ok[None, :]
     byte = tl.load(codes_ptr + rows[None, :].to(tl.int64) * row_bytes + (k0 // 2 + j)[:, None], mask=mask, other=0)
-    # Two look-ups per byte in the 16-entry fp32 code book: 64 bytes, one cache line, so a
-    # warp's 32 look-ups are served at once (a 256-entry table of pairs spans 16 lines).
-    byte = byte.to(tl.int32)
-    even = tl.load(nf4_code_ptr + (byte >> 4))
-    odd = tl.load(nf4_code_ptr + (byte & 15))
+    even, odd = _nf4_levels(byte, nf4_code_ptr, NF4_ASM)
     if ROW_ALIGNED:
         # Each row is whole 64-blocks and BLOCK_K a multiple of 64: one absmax per row per 64 columns.
         row_blk = (rows.to(tl.int64) * k_dim + k0) // 64
@@ -150,7 +205,7 @@ def _grouped_gemm_kernel(
     stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on,
     absmax_per_expert, scales_per_expert,
     GATED: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    NF4_ASM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -192,14 +247,14 @@ def _grouped_gemm_kernel(
             w_even, w_odd = _nf4_tiles(
                 w_e, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
                 expert, n, n_ok, k0, k_dim, absmax_per_expert, scales_per_expert,
-                DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K)
+                DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
             acc = tl.dot(x_even, w_even.to(x_even.dtype), acc, input_precision=DOT_PRECISION)
             acc = tl.dot(x_odd, w_odd.to(x_odd.dtype), acc, input_precision=DOT_PRECISION)
             if GATED:
                 u_even, u_odd = _nf4_tiles(
                     w_e, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
                     expert, n + n_out, n_ok, k0, k_dim, absmax_per_expert, scales_per_expert,
-                    DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K)
+                    DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
                 acc_up = tl.dot(x_even, u_even.to(x_even.dtype), acc_up, input_precision=DOT_PRECISION)
                 acc_up = tl.dot(x_odd, u_odd.to(x_odd.dtype), acc_up, input_precision=DOT_PRECISION)
         else:
@@ -224,7 +279,8 @@ def _grouped_gemm_kernel(
 @triton.jit
 def _gemv_rows(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
                x_row_ptr, x_scale, expert, rows, row_ok, k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert,
-               NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr):
+               NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr,
+               NF4_ASM: tl.constexpr):
     """W[expert, rows, k0:k0 + BLOCK_K] * (x_scale * x[k0:k0 + BLOCK_K]) elementwise, in fp32, not yet summed
     (the caller accumulates it and sums once at the end: one FMA per weight).
 
@@ -246,12 +302,14 @@ def _gemv_rows(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offs
         flat = rows.to(tl.int64)[:, None, None] * k_dim + col[None, :, :]  # flat value index (even)
         # Byte offsets as row start + contiguous run (not flat // 2), so the compiler sees 16-byte runs.
         row_start = (rows.to(tl.int64) * k_dim + k0) // 2
+        if ROW_ALIGNED:  # rows of whole 64-blocks: every row starts on a 32-byte boundary (16-byte loads)
+            row_start = tl.multiple_of(row_start, 16)
         byte_off = row_start[:, None, None] + (32 * b[:, None] + j[None, :])[None, :, :]
-        byte = tl.load(w_ptr + byte_off, mask=mask, other=0).to(tl.int32)
+        byte = tl.load(w_ptr + byte_off, mask=mask, other=0)
         x_even = tl.load(x_row_ptr + col, mask=col_ok, other=0.0).to(tl.float32) * x_scale
         x_odd = tl.load(x_row_ptr + col + 1, mask=col_ok, other=0.0).to(tl.float32) * x_scale
-        pair_sum = (tl.load(nf4_code_ptr + (byte >> 4)) * x_even[None, :, :]
-                    + tl.load(nf4_code_ptr + (byte & 15)) * x_odd[None, :, :])
+        hi, lo = _nf4_levels(byte, nf4_code_ptr, NF4_ASM)
+        pair_sum = hi * x_even[None, :, :] + lo * x_odd[None, :, :]
         if ROW_ALIGNED:  # each row is whole 64-blocks: one absmax per (row, b)
             blk = (rows.to(tl.int64) * k_dim + k0) // 64
             ok = row_ok[:, None] & (k0 + 64 * b < k_dim)[None, :]
@@ -288,8 +346,8 @@ def _gemv_gate_up_kernel(
     absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
     n_out, k_dim, num_experts, top_k, stride_xm, stride_we, stride_wn, stride_am,
     absmax_per_expert, scales_per_expert,
-    NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, NF4_ASM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr,
 ):
     """Decode gate_up, one program per (pair, N-tile), no grouping: act[pair, n] =
     SiLU(gate) * up of the pair's token through its expert, with FMAs (no 16-row dot padding).
@@ -311,13 +369,13 @@ def _gemv_gate_up_kernel(
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, k_end, BLOCK_K):
+    for k0 in tl.range(0, k_end, BLOCK_K, num_stages=PIPELINE):
         acc += _gemv_rows(w_e, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
                           x_row, 1.0, expert, n, n_ok, k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert,
-                          NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K)
+                          NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
         acc_up += _gemv_rows(w_e, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
                              x_row, 1.0, expert, n + n_out, n_ok, k0, k_dim, stride_wn, absmax_per_expert,
-                             scales_per_expert, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K)
+                             scales_per_expert, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
     gate = _gemv_acc_sum(acc, NF4)
     out = gate * tl.sigmoid(gate) * _gemv_acc_sum(acc_up, NF4)
     tl.store(act_ptr + pair.to(tl.int64) * stride_am + n, out.to(act_ptr.dtype.element_ty), mask=n_ok)
@@ -330,7 +388,7 @@ def _gemv_down_kernel(
     n_out, k_dim, num_experts, stride_am, stride_we, stride_wn, stride_om,
     absmax_per_expert, scales_per_expert,
     TOP_K: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NF4_ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr,
 ):
     """Decode down with the top-k sum folded in, one program per (token, N-tile):
     out[t, n] = sum_k route_w[t, k] * (W_down[ids[t, k]] @ act[t * K + k])[n], FMAs in fp32 and
@@ -345,7 +403,7 @@ def _gemv_down_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_K // 64, 32), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, k_dim, BLOCK_K):
+    for k0 in tl.range(0, k_dim, BLOCK_K, num_stages=PIPELINE):
         for k in tl.static_range(TOP_K):  # the top-k experts' loads of one K-step are independent
             pair = token.to(tl.int64) * TOP_K + k
             expert = tl.load(ids_ptr + pair).to(tl.int32)
@@ -356,7 +414,7 @@ def _gemv_down_kernel(
                               absmax_offset_ptr, nf4_code_ptr, act_ptr + pair * stride_am,
                               tl.load(route_w_ptr + pair).to(tl.float32), expert, n, row_ok,
                               k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert,
-                              NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K)
+                              NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
     tl.store(out_ptr + token.to(tl.int64) * stride_om + n, _gemv_acc_sum(acc, NF4).to(out_ptr.dtype.element_ty),
              mask=n_ok)
 
@@ -389,11 +447,16 @@ def kernel_config(num_pairs: int, n_out: int, num_experts: int, gated: bool, nf4
         if nf4:  # 4x fewer bytes per tile: deeper pipelines keep as many bytes in flight
             return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128 if block_n <= 32 else 64, num_warps=4, num_stages=6)
         return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, num_warps=4, num_stages=4)
-    # 64-row blocks: an expert's last block is half empty on average, and at 4096 tokens (273
-    # pairs per expert) 128-row blocks would leave 29% of the rows computed as padding, 64-row
-    # blocks 15%. Gate + up at BLOCK_N = 128 is a 64 x 256 tile per program.
+    # 64-row blocks: an expert's last block is half empty on average, so with tens of pairs per
+    # expert larger blocks compute mostly padding. Gate + up at BLOCK_N = 128 is a 64 x 256 tile.
     if nf4:
         return dict(BLOCK_M=64, BLOCK_N=64 if gated else 128, BLOCK_K=64, num_warps=8, num_stages=3)
+    if num_pairs >= 64 * num_experts:
+        # Long prefills (64+ pairs per expert: 1,024+ tokens of Qwen1.5-MoE): 128-row blocks pay
+        # for their padding with twice the reuse of each weight tile. Measured on an H200 at 4,096
+        # tokens: gate_up 577 -> 464 us, down 274 -> 226 us (a 128 x 256 tile; gate_up's two
+        # accumulators make 128 x 128 its largest that fits).
+        return dict(BLOCK_M=128, BLOCK_N=128 if gated else 256, BLOCK_K=64, num_warps=8, num_stages=3 if gated else 4)
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
@@ -435,7 +498,7 @@ def _weight_args(w, num_experts: int) -> tuple[list, dict]:
     if not _is_nf4(w):
         none = w  # unused NF4 pointers: any tensor will do
         return ([w, none, none, none, none, none], [w.stride(0), w.stride(1), w.stride(2), 0, 0],
-                dict(NF4=False, DOUBLE_QUANT=False, ROW_ALIGNED=False))
+                dict(NF4=False, DOUBLE_QUANT=False, ROW_ALIGNED=False, NF4_ASM=False))
     _, rows, cols = w.shape
     double = w.absmax_scale is not None
     code = _nf4_code(w.codes.device)
@@ -444,7 +507,8 @@ def _weight_args(w, num_experts: int) -> tuple[list, dict]:
     offset = w.absmax_offset if double else w.absmax
     return ([w.codes, w.absmax, absmax_code, scale, offset, code],
             [w.codes.stride(0), 0, 0, w.absmax.stride(0), scale.stride(0) if double else 0],
-            dict(NF4=True, DOUBLE_QUANT=double, ROW_ALIGNED=cols % 64 == 0))
+            dict(NF4=True, DOUBLE_QUANT=double, ROW_ALIGNED=cols % 64 == 0,
+                 NF4_ASM=w.codes.is_cuda and torch.version.hip is None))
 
 
 def _grouped_gemm(x, w, out, pairs, counts, route_w, num_pairs, num_experts, x_row_div, gated, config):
@@ -487,23 +551,25 @@ GEMV_MAX_PAIRS_NF4 = 128
 
 
 def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool, num_sms: int = 132) -> dict:
-    """N-tile, K-step and warps of one ungrouped decode kernel (`num_rows`: its pairs for
-    gate_up, its tokens for down).
+    """N-tile, K-step, warps and pipeline depth of one ungrouped decode kernel (`num_rows`: its
+    pairs for gate_up, its tokens for down).
 
-    Each program streams BLOCK_N weight rows (gate_up: BLOCK_N gate and BLOCK_N up rows; down:
-    BLOCK_N rows of each of the top-k experts) in K-steps of 16 KB (bf16) or 8 KB (NF4 codes)
-    per program, with 16-byte loads and one FMA per weight into a [BLOCK_N, BLOCK_K] fp32
-    accumulator summed once at the end. BLOCK_N is 8 where that still gives about four
-    programs per SM, else 4, so every SM has several K-steps of loads in flight (compiled for
-    sm_90: 134 / 80 registers for bf16 gate_up / down at 8, 244 / 148 for NF4, no spills;
-    16 spills in NF4). Down at BLOCK_N = 4 takes twice the K-step, so a thread still loads 16
-    bytes per expert per step. Under the interpreter: one wide program per row."""
+    Each program streams 8 weight rows (gate_up: 8 gate and 8 up rows; down: 8 rows of each of
+    the top-k experts) in K-steps of BLOCK_K values, one FMA per weight into a [8, BLOCK_K] fp32
+    accumulator summed once at the end. A GEMV has no reuse to hide memory latency behind, so
+    what sets its speed is how many bytes are in flight: PIPELINE > 1 has Triton prefetch the
+    next K-steps' weights into shared memory (cp.async) while this one is multiplied. Chosen
+    from a sweep on an H200 (benchmarks/results/sweep_experts_2026-11-29_h200.json): bf16 at
+    1 token 27.3 -> ~22 us with 256-value K-steps, three stages; NF4 codes (4x fewer bytes per
+    step) gain from prefetching only for gate_up at one or two pairs per expert. Under the
+    interpreter: one wide program per row."""
     if not on_gpu:
-        return dict(BLOCK_N=min(64, triton.next_power_of_2(n_out)), BLOCK_K=128, num_warps=4)
-    block_n = 8 if num_rows * triton.cdiv(n_out, 8) >= 4 * num_sms else 4
+        return dict(BLOCK_N=min(64, triton.next_power_of_2(n_out)), BLOCK_K=128, num_warps=4, PIPELINE=1)
     if nf4:
-        return dict(BLOCK_N=block_n, BLOCK_K=1024 if gated else (512 if block_n == 4 else 256), num_warps=4)
-    return dict(BLOCK_N=block_n, BLOCK_K=512 if gated or block_n == 4 else 256, num_warps=4)
+        if gated:
+            return dict(BLOCK_N=8, BLOCK_K=256, num_warps=2, PIPELINE=3 if num_rows <= 4 else 1)
+        return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, PIPELINE=1)
+    return dict(BLOCK_N=8, BLOCK_K=256, num_warps=2 if gated else 4, PIPELINE=3)
 
 
 def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config):
@@ -520,6 +586,8 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config):
     out = torch.empty(num_tokens, hidden_dim, dtype=hidden.dtype, device=hidden.device)
 
     cfg = {**gemv_config(num_pairs, inter, True, _is_nf4(gate_up), on_gpu, sms), **(config or {})}
+    if _is_nf4(gate_up) and cfg["BLOCK_K"] % 64:  # NF4 K-steps are whole 64-value blocks
+        cfg["BLOCK_K"] = triton.cdiv(cfg["BLOCK_K"], 64) * 64
     ptrs, strides, flags = _weight_args(gate_up, num_experts)
     _gemv_gate_up_kernel[(num_pairs * triton.cdiv(inter, cfg["BLOCK_N"]),)](
         hidden, ptrs[0], flat_ids, act, *ptrs[1:],
@@ -527,6 +595,8 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config):
         strides[3], strides[4], **flags, **cfg)
 
     cfg = {**gemv_config(num_tokens, hidden_dim, False, _is_nf4(down), on_gpu, sms), **(config or {})}
+    if _is_nf4(down) and cfg["BLOCK_K"] % 64:
+        cfg["BLOCK_K"] = triton.cdiv(cfg["BLOCK_K"], 64) * 64
     ptrs, strides, flags = _weight_args(down, num_experts)
     _gemv_down_kernel[(num_tokens * triton.cdiv(hidden_dim, cfg["BLOCK_N"]),)](
         act, ptrs[0], flat_ids, route_w, out, *ptrs[1:],
@@ -547,8 +617,10 @@ def align_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
     pairs = torch.empty(num_pairs, dtype=torch.int32, device=ids.device)
     if num_pairs == 0:
         return counts.zero_(), pairs
-    # On the GPU a few experts per program; in the interpreter one program for all of them.
-    group = 8 if ids.is_cuda else triton.next_power_of_2(num_experts + 1)
+    # On the GPU one expert per program (E + 1 programs scan the pairs side by side: 24 us at
+    # 16,384 pairs on an H200, against 119 us with 8 experts per program); in the interpreter
+    # one program for all of them.
+    group = 1 if ids.is_cuda else triton.next_power_of_2(num_experts + 1)
     _align_kernel[(triton.cdiv(num_experts + 1, group),)](
         flat_ids, counts, pairs, num_pairs, num_experts,
         BLOCK_S=min(1024 if ids.is_cuda else 4096, triton.next_power_of_2(num_pairs)), GROUP=group)
