@@ -11,6 +11,8 @@ Two entry points: `prefill` packs prompts of different lengths into given slots 
 `decode` runs one token for each of a set of slots in one batch. The decode step reads slot
 ids, positions and lengths from device tensors and writes the cache with indexed writes: no
 host sync inside it (with `check=False`), which is what lets a CUDA graph capture it later.
+(On the CPU, where there is no graph and a host read is free, SDPA decode reads the longest
+slot length once, to read no more of the cache than that.)
 
 `experts_forward` is the seam for the routed experts: the PyTorch path (`experts_torch`) on the CPU, the fused
 (bf16 / NF4) kernel later, passed as `MoeForward(model, experts_fn=...)`.
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .fuse import fuse_attention_input, fuse_moe_input
 from .kv_cache import KVCache
@@ -41,7 +44,12 @@ FUSED_MAX_TOKENS = 1
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as transformers computes it: normalise in float32, scale in the input dtype."""
+    """RMSNorm as transformers computes it: normalise in float32, scale in the input dtype.
+
+    In float32 both casts are no-ops and the formula is exactly PyTorch's fused
+    `F.rms_norm` (one op instead of six; bit-identical, tests/test_model.py checks)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
     dtype = x.dtype
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -59,18 +67,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per step, once: cos and a signed sin, [tokens, 1, head_dim], for `apply_rope_tables`.
+
+    rotate_half(x) * sin = (-x2 * s1, x1 * s2) = roll(x) * (-s1, s2) with roll(x) = (x2, x1):
+    negating the sine once per step instead of x in every layer gives the very same numbers."""
+    half = cos.shape[-1] // 2
+    return cos[:, None], torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None]
+
+
+def apply_rope_tables(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """`apply_rope` with the tables of `rope_tables`: bit-identical, four ops instead of seven."""
+    cos, signed_sin = tables
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
 def _experts_dense(hidden, weights, ids, experts):
     """Every expert on every token, combined with a dense [T, E] weight matrix that is zero
     outside each token's top-k. No host sync and fixed shapes; E/K times the FLOPs of the
     routed work, but a decode step is bound by reading the expert weights, which happens
-    once per expert here."""
-    num_tokens = hidden.shape[0]
-    dense_w = torch.zeros(num_tokens, experts.num_experts, dtype=hidden.dtype, device=hidden.device)
-    dense_w.scatter_(1, ids.long(), weights.to(hidden.dtype))
-    gate_up = torch.matmul(hidden.unsqueeze(0), experts.gate_up_proj.transpose(1, 2))  # [E, T, 2I]
-    gate, up = gate_up.chunk(2, dim=-1)
-    out = torch.matmul(experts.act_fn(gate) * up, experts.down_proj.transpose(1, 2))  # [E, T, H]
-    return torch.einsum("te,eth->th", dense_w, out)
+    once per expert here.
+
+    Three big ops instead of one per expert: gate/up of all E experts as one GEMM against
+    `gate_up_proj` viewed as [E * 2I, H] (a free view), the routing weights folded into the
+    activations (zero for unrouted experts), then one batched GEMM through each expert's
+    `down_proj` summed over experts. The weights are scatter-added: a token whose top-k
+    names one expert twice gets it twice (`scatter_` would keep only one of the two)."""
+    num_tokens, num_experts = hidden.shape[0], experts.num_experts
+    dense_w = hidden.new_zeros(num_tokens, num_experts).scatter_add_(1, ids.long(), weights.to(hidden.dtype))
+    gate_up = F.linear(hidden, experts.gate_up_proj.reshape(-1, hidden.shape[1]))  # [T, E * 2I]
+    gate, up = gate_up.view(num_tokens, num_experts, -1).chunk(2, dim=-1)  # [T, E, I] each
+    act = experts.act_fn(gate).mul_(up).mul_(dense_w[:, :, None])  # weight 0: the expert adds 0
+    return torch.bmm(act.transpose(0, 1), experts.down_proj.transpose(1, 2)).sum(0)  # [E, T, H] -> [T, H]
 
 
 def _experts_grouped(hidden, weights, ids, experts):
@@ -122,9 +150,18 @@ def experts_torch(hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
     return _experts_grouped(hidden, weights, ids, layer_experts)
 
 
+def _linear(module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) for a plain nn.Linear as one `F.linear`, skipping nn.Module's call machinery
+    (a few microseconds a call, which add up in a small model's step); anything else (a
+    quantized Linear4bit) through its own forward."""
+    if type(module) is nn.Linear:
+        return F.linear(x, module.weight, module.bias)
+    return module(x)
+
+
 def _mlp(x: torch.Tensor, mlp) -> torch.Tensor:
     """A SwiGLU MLP (the shared expert, or a dense layer's MLP) through its own Linear layers."""
-    return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+    return _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
 
 
 def _as_index(values, device, name: str) -> torch.Tensor:
@@ -142,9 +179,9 @@ class MoeForward:
     experts_fn: the routed-experts seam, `fn(hidden, weights, ids, layer_experts) -> [T, H]`.
     route_backend: passed to `moelab.route` ("auto": the Triton kernel on CUDA).
     attention: decode attention, "kernel" (moelab's Triton decode-attention kernel, which
-    reads only each slot's filled keys), "sdpa" (PyTorch's SDPA over the whole masked cache
-    row) or "auto": the kernel on CUDA, SDPA on the CPU (faster there than the interpreter).
-    Prefill always runs SDPA.
+    reads only each slot's filled keys), "sdpa" (PyTorch's SDPA over the masked cache rows,
+    whole on CUDA, up to the longest filled slot on the CPU) or "auto": the kernel on CUDA,
+    SDPA on the CPU (faster there than the interpreter). Prefill always runs SDPA.
     rope: "kernel" rotates q and k and writes the cache in one Triton kernel
     (`moelab.kernels.rope_cache`), "torch" in PyTorch ops, "auto": the kernel on CUDA.
     norm: "kernel" runs each residual add and the RMSNorm after it as one Triton kernel
@@ -277,9 +314,9 @@ class MoeForward:
         hidden = self._run(cache, flat, slots_t[batch_of], positions, attend)
         cache.lengths[slots_t] = offsets_t + lens_t
         if all_logits:
-            return list(self.model.lm_head(hidden).split(lens))
+            return list(_linear(self.model.lm_head, hidden).split(lens))
         last = starts + lens_t - 1
-        return self.model.lm_head(hidden[last])
+        return _linear(self.model.lm_head, hidden[last])
 
     @torch.no_grad()
     def decode(self, cache: KVCache, tokens, slots, check: bool = True) -> torch.Tensor:
@@ -307,21 +344,36 @@ class MoeForward:
             def attend(layer, q):  # q [B, heads, head_dim]; reads keys 0..position of each slot only
                 out = decode_attention(q, cache.k[layer], cache.v[layer], slots, lengths, scale=self.scaling)
                 return out.reshape(q.shape[0], -1)
-        else:
-            # Each slot's single query sees keys 0..position; the rest of the row is masked.
-            # SDPA reads the whole [slot, max_seq_len] row, padding included.
-            max_len = cache.max_seq_len
-            mask = torch.arange(max_len, device=cache.device)[None, None, None, :] <= positions[:, None, None, None]
+        elif 2 * slots.numel() >= cache.num_slots:
+            # Most slots decode: attend over every slot of the cache in place rather than copy
+            # the batch's keys and values out of it first. Each query sits in its slot's row of
+            # a zero grid and sees keys 0..position (slots outside the batch see up to their own
+            # length, at least key 0, so no row is empty; their outputs are dropped).
+            key_len = self._key_len(cache)
+            key_pos = torch.arange(key_len, device=cache.device)[None, None, None, :]
+            mask = key_pos <= cache.lengths[:, None, None, None]  # lengths[slots] == positions here
 
             def attend(layer, q):  # q [B, heads, head_dim]
-                k = cache.k[layer].index_select(0, slots)  # [B, kv_heads, max_seq_len, head_dim]
-                v = cache.v[layer].index_select(0, slots)
+                grid = q.new_zeros(cache.num_slots, q.shape[1], 1, q.shape[2])
+                grid[slots] = q[:, :, None]
+                k, v = cache.k[layer][:, :, :key_len], cache.v[layer][:, :, :key_len]
+                out = self._sdpa(grid, k, v, mask)  # [slots, heads, 1, head_dim]
+                return out[slots].reshape(q.shape[0], -1)
+        else:
+            # A few slots of many: copy the batch's rows out of the cache, attend over those.
+            key_len = self._key_len(cache)
+            key_pos = torch.arange(key_len, device=cache.device)[None, None, None, :]
+            mask = key_pos <= positions[:, None, None, None]
+
+            def attend(layer, q):  # q [B, heads, head_dim]
+                k = cache.k[layer, :, :, :key_len].index_select(0, slots)  # [B, kv_heads, key_len, head_dim]
+                v = cache.v[layer, :, :, :key_len].index_select(0, slots)
                 out = self._sdpa(q[:, :, None], k, v, mask)
                 return out.reshape(q.shape[0], -1)
 
         hidden = self._run(cache, tokens, slots, positions, attend)
         cache.lengths[slots] = positions + 1
-        return self.model.lm_head(hidden)
+        return _linear(self.model.lm_head, hidden)
 
     # ---- the layers -----------------------------------------------------------------------
 
@@ -333,14 +385,19 @@ class MoeForward:
         # The model's own rotary module, so cos/sin are bit-identical to transformers'.
         cos, sin = inner.rotary_emb(hidden, positions[None])
         cos, sin = cos[0], sin[0]
+        rope = (cos, sin) if self._rope_kernel(cache) else rope_tables(cos, sin)
         fused = self.norm == "kernel" or (self.norm == "auto" and hidden.is_cuda)
         delta = None  # each block's output, added to the residual stream by the next norm
         for index, layer in enumerate(self.layers):
             hidden, x = self._add_norm(hidden, delta, layer.input_layernorm, fused)
-            delta = self._attention(index, layer.self_attn, x, cache, slots, positions, cos, sin, attend)
+            delta = self._attention(index, layer.self_attn, x, cache, slots, positions, rope, attend)
             hidden, x = self._add_norm(hidden, delta, layer.post_attention_layernorm, fused)
             delta = self._moe(index, x, layer.mlp)
         return self._add_norm(hidden, delta, inner.norm, fused)[1]
+
+    def _rope_kernel(self, cache) -> bool:
+        """Whether RoPE and the cache write run as moelab's Triton kernel (see `rope`)."""
+        return self.rope == "kernel" or (self.rope == "auto" and cache.device.type == "cuda")
 
     def _add_norm(self, hidden, delta, norm, fused):
         """(hidden + delta, its RMSNorm); delta None: no add. `fused`: one Triton kernel."""
@@ -352,29 +409,47 @@ class MoeForward:
             hidden = hidden + delta
         return hidden, rms_norm(hidden, norm.weight, norm.variance_epsilon)
 
-    def _attention(self, index, attn, x, cache, slots, positions, cos, sin, attend):
-        n = x.shape[0]
+    def _attention(self, index, attn, x, cache, slots, positions, rope, attend):
+        """q/k/v, RoPE, the cache write, attention, o_proj. rope: (cos, sin) for the kernel,
+        else `rope_tables`."""
+        n, heads, kv_heads, head_dim = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         fused = self._fused_qkv(index) if self._fuse(n) else None
         if fused is not None:  # one GEMM, split into column views
-            q, k, v = F.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=-1)
+            qkv = F.linear(x, fused.weight, fused.bias)
+            q, k, v = qkv.split(fused.sizes, dim=-1)
         else:
-            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-        q = q.view(n, self.num_heads, self.head_dim)
-        k = k.view(n, self.num_kv_heads, self.head_dim)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
+            q, k, v = _linear(attn.q_proj, x), _linear(attn.k_proj, x), _linear(attn.v_proj, x)
+        v = v.view(n, kv_heads, head_dim)
         # Keys are cached after RoPE, as in transformers.
-        if self.rope == "kernel" or (self.rope == "auto" and cache.device.type == "cuda"):
+        if self._rope_kernel(cache):
             from .kernels.rope_cache import rope_and_cache_write
 
-            q = rope_and_cache_write(q, k, v, cos, sin, cache.k[index], cache.v[index], slots, positions)
+            q = rope_and_cache_write(q.view(n, heads, head_dim), k.view(n, kv_heads, head_dim), v, *rope,
+                                     cache.k[index], cache.v[index], slots, positions)
         else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if fused is not None:  # q and k are adjacent columns: rotate them as one tensor
+                qk = apply_rope_tables(qkv[:, : (heads + kv_heads) * head_dim].view(n, heads + kv_heads, head_dim),
+                                       rope)
+                q, k = qk[:, :heads], qk[:, heads:]
+            else:
+                q = apply_rope_tables(q.view(n, heads, head_dim), rope)
+                k = apply_rope_tables(k.view(n, kv_heads, head_dim), rope)
             cache.write(index, slots, positions, k, v)
-        return attn.o_proj(attend(index, q))
+        return _linear(attn.o_proj, attend(index, q))
 
     def _fuse(self, num_tokens: int) -> bool:
         """Whether a step of `num_tokens` runs the fused projections (see `projections`)."""
         return self.projections == "fused" or (self.projections == "auto" and num_tokens <= FUSED_MAX_TOKENS)
+
+    @staticmethod
+    def _key_len(cache) -> int:
+        """How many key positions SDPA decode attention reads per slot: on the CPU up to the
+        longest filled slot (one host read of the lengths, free there; the padding beyond is
+        masked anyway, and reading it costs memory traffic), elsewhere the whole max_seq_len
+        row, so the step needs no host sync and a CUDA graph can capture it."""
+        if cache.device.type != "cpu":
+            return cache.max_seq_len
+        return min(int(cache.lengths.max()) + 1, cache.max_seq_len)
 
     def _decode_kernel(self, cache) -> bool:
         """Whether decode attention runs moelab's kernel (see `attention`)."""
@@ -402,10 +477,10 @@ class MoeForward:
         # transformers rounds the routing weights to the model dtype before using them.
         routed = self.experts_fn(x, weights.to(x.dtype), ids, mlp.experts)
         if fused is not None:
-            shared = mlp.shared_expert.down_proj(mlp.shared_expert.act_fn(shared_gate) * shared_up)
-            return routed + torch.sigmoid(gate_logit) * shared
-        shared = torch.sigmoid(mlp.shared_expert_gate(x)) * _mlp(x, mlp.shared_expert)
-        return routed + shared
+            shared = _linear(mlp.shared_expert.down_proj, mlp.shared_expert.act_fn(shared_gate) * shared_up)
+        else:
+            gate_logit, shared = _linear(mlp.shared_expert_gate, x), _mlp(x, mlp.shared_expert)
+        return routed + torch.sigmoid(gate_logit) * shared
 
     # ---- checks ---------------------------------------------------------------------------
 

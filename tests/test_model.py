@@ -5,7 +5,8 @@ from transformers.models.qwen2_moe import modeling_qwen2_moe as hf
 
 import moelab
 from moelab.kv_cache import KVCache
-from moelab.model import DENSE_MAX_TOKENS, MoeForward, apply_rope, experts_forward, rms_norm
+from moelab.model import (DENSE_MAX_TOKENS, MoeForward, apply_rope, apply_rope_tables, experts_forward,
+                          rms_norm, rope_tables)
 from moelab.models import PRESETS, random_model
 
 PROMPT_LENS = [3, 17, 1, 40, 9, 64, 25, 6]  # eight different lengths
@@ -210,6 +211,35 @@ def test_experts_forward_matches_transformers_experts(model, num_tokens):
         got = experts_forward(x, weights, ids, block.experts)
         ref = block.experts(x, ids.long(), weights)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5, DENSE_MAX_TOKENS + 5])
+def test_an_expert_repeated_in_a_tokens_top_k_counts_twice(model, num_tokens):
+    """Routing never repeats an id, but the experts seam takes any ids: a repeated one is two
+    terms of the sum (the dense path scatter-adds its weights; a plain scatter kept one)."""
+    g = torch.Generator().manual_seed(7 + num_tokens)
+    experts = model.model.layers[1].mlp.experts
+    x = torch.randn(num_tokens, model.config.hidden_size, generator=g)
+    ids = torch.randint(0, model.config.num_experts, (num_tokens, 4), generator=g, dtype=torch.int32)
+    ids[:, 1] = ids[:, 0]  # every token names its first expert twice
+    weights = torch.rand(num_tokens, 4, generator=g)
+
+    def one(e, t):  # expert e on token t, from the fused weights
+        gate, up = (experts.gate_up_proj[e] @ x[t]).chunk(2)
+        return experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up)
+
+    with torch.no_grad():
+        ref = torch.stack([sum(weights[t, k] * one(int(ids[t, k]), t) for k in range(4)) for t in range(num_tokens)])
+        got = experts_forward(x, weights, ids, experts)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+def test_rope_tables_equal_apply_rope_bit_for_bit():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 6, 32, generator=g)
+    angles = torch.rand(5, 16, generator=g) * 100
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    assert torch.equal(apply_rope_tables(x, rope_tables(cos, sin)), apply_rope(x, cos, sin))
 
 
 def test_rms_norm_and_rope_match_transformers(model):
