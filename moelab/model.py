@@ -11,8 +11,6 @@ Two entry points: `prefill` packs prompts of different lengths into given slots 
 `decode` runs one token for each of a set of slots in one batch. The decode step reads slot
 ids, positions and lengths from device tensors and writes the cache with indexed writes: no
 host sync inside it (with `check=False`), which is what lets a CUDA graph capture it later.
-(On the CPU, where there is no graph and a host read is free, SDPA decode reads the longest
-slot length once, to read no more of the cache than that.)
 
 `experts_forward` is the seam for the routed experts: the PyTorch path (`experts_torch`) on the CPU, the fused
 (bf16 / NF4) kernel later, passed as `MoeForward(model, experts_fn=...)`.
@@ -179,9 +177,9 @@ class MoeForward:
     experts_fn: the routed-experts seam, `fn(hidden, weights, ids, layer_experts) -> [T, H]`.
     route_backend: passed to `moelab.route` ("auto": the Triton kernel on CUDA).
     attention: decode attention, "kernel" (moelab's Triton decode-attention kernel, which
-    reads only each slot's filled keys), "sdpa" (PyTorch's SDPA over the masked cache rows,
-    whole on CUDA, up to the longest filled slot on the CPU) or "auto": the kernel on CUDA,
-    SDPA on the CPU (faster there than the interpreter). Prefill always runs SDPA.
+    reads only each slot's filled keys), "sdpa" (PyTorch's SDPA over the whole masked cache
+    rows) or "auto": the kernel on CUDA, SDPA on the CPU (faster there than the interpreter).
+    Prefill always runs SDPA.
     rope: "kernel" rotates q and k and writes the cache in one Triton kernel
     (`moelab.kernels.rope_cache`), "torch" in PyTorch ops, "auto": the kernel on CUDA.
     norm: "kernel" runs each residual add and the RMSNorm after it as one Triton kernel
@@ -349,25 +347,23 @@ class MoeForward:
             # the batch's keys and values out of it first. Each query sits in its slot's row of
             # a zero grid and sees keys 0..position (slots outside the batch see up to their own
             # length, at least key 0, so no row is empty; their outputs are dropped).
-            key_len = self._key_len(cache)
-            key_pos = torch.arange(key_len, device=cache.device)[None, None, None, :]
+            # SDPA reads the whole [slot, max_seq_len] rows, padding included.
+            key_pos = torch.arange(cache.max_seq_len, device=cache.device)[None, None, None, :]
             mask = key_pos <= cache.lengths[:, None, None, None]  # lengths[slots] == positions here
 
             def attend(layer, q):  # q [B, heads, head_dim]
                 grid = q.new_zeros(cache.num_slots, q.shape[1], 1, q.shape[2])
                 grid[slots] = q[:, :, None]
-                k, v = cache.k[layer][:, :, :key_len], cache.v[layer][:, :, :key_len]
-                out = self._sdpa(grid, k, v, mask)  # [slots, heads, 1, head_dim]
+                out = self._sdpa(grid, cache.k[layer], cache.v[layer], mask)  # [slots, heads, 1, head_dim]
                 return out[slots].reshape(q.shape[0], -1)
         else:
             # A few slots of many: copy the batch's rows out of the cache, attend over those.
-            key_len = self._key_len(cache)
-            key_pos = torch.arange(key_len, device=cache.device)[None, None, None, :]
+            key_pos = torch.arange(cache.max_seq_len, device=cache.device)[None, None, None, :]
             mask = key_pos <= positions[:, None, None, None]
 
             def attend(layer, q):  # q [B, heads, head_dim]
-                k = cache.k[layer, :, :, :key_len].index_select(0, slots)  # [B, kv_heads, key_len, head_dim]
-                v = cache.v[layer, :, :, :key_len].index_select(0, slots)
+                k = cache.k[layer].index_select(0, slots)  # [B, kv_heads, max_seq_len, head_dim]
+                v = cache.v[layer].index_select(0, slots)
                 out = self._sdpa(q[:, :, None], k, v, mask)
                 return out.reshape(q.shape[0], -1)
 
@@ -440,16 +436,6 @@ class MoeForward:
     def _fuse(self, num_tokens: int) -> bool:
         """Whether a step of `num_tokens` runs the fused projections (see `projections`)."""
         return self.projections == "fused" or (self.projections == "auto" and num_tokens <= FUSED_MAX_TOKENS)
-
-    @staticmethod
-    def _key_len(cache) -> int:
-        """How many key positions SDPA decode attention reads per slot: on the CPU up to the
-        longest filled slot (one host read of the lengths, free there; the padding beyond is
-        masked anyway, and reading it costs memory traffic), elsewhere the whole max_seq_len
-        row, so the step needs no host sync and a CUDA graph can capture it."""
-        if cache.device.type != "cpu":
-            return cache.max_seq_len
-        return min(int(cache.lengths.max()) + 1, cache.max_seq_len)
 
     def _decode_kernel(self, cache) -> bool:
         """Whether decode attention runs moelab's kernel (see `attention`)."""

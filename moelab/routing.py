@@ -48,12 +48,12 @@ def route_reference(logits: torch.Tensor, top_k: int, normalize: bool = False):
     check_router_args(logits, top_k)
     x = clean_logits(logits)
     # Stable descending sort keeps equal logits in id order: ties go to the lower id.
-    values, order = torch.sort(x, dim=-1, descending=True, stable=True)
-    order = order[:, :top_k]
-    has_finite = values[:, :1] > float("-inf")  # the first sorted logit is the row max
+    order = torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    row_max = x.max(dim=-1, keepdim=True).values
+    has_finite = row_max > float("-inf")
     # A row with no finite logit would give 0/0 = NaN; its weights are 0 by contract.
-    probs = torch.softmax(torch.where(has_finite, x, 0.0), dim=-1)
-    weights = torch.where(has_finite, probs.gather(1, order), 0.0)
+    probs = torch.softmax(torch.where(has_finite, x, torch.zeros_like(x)), dim=-1)
+    weights = torch.where(has_finite, probs.gather(1, order), torch.zeros((), device=x.device))
     if normalize:
         total = weights.sum(dim=-1, keepdim=True)
         weights = torch.where(total > 0, weights / total.clamp_min(torch.finfo(torch.float32).tiny), weights)
