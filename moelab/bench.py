@@ -1263,8 +1263,9 @@ def _ratio_base(rows: list[dict], row: dict, system: str):
     """The HF row a moelab row is compared with: same precision and concurrency (serial: any
     concurrency, grouped_mm experts)."""
     for r in rows:
-        if r["system"] == system and r.get("precision") == row.get("precision") and "error" not in r and (
-                system == "hf_serial" and r["experts_impl"] == "grouped_mm" or r["concurrency"] == row["concurrency"]):
+        if r["system"] != system or r.get("precision") != row.get("precision") or "error" in r:
+            continue
+        if r["experts_impl"] == "grouped_mm" if system == "hf_serial" else r["concurrency"] == row["concurrency"]:
             return r
     return None
 

@@ -300,3 +300,24 @@ def test_experts_summary_sets_the_matmul_target_at_4096_only():
     big = {"workload": {"tokens": [64, 4096]}, "results": small["results"][2:] + [
         {**row, "tokens": 4096, "system": "moelab_bf16", "us": 900.0, "bandwidth_fraction": 0.1, "matmul_fraction": 0.37}]}
     assert any("T=4096 bf16 >= 0.50 of matmul rate: 0.37 (MISSED)" in line for line in bench.experts_summary(big))
+
+
+def test_serve_summary_compares_with_serial_grouped_mm_and_same_concurrency():
+    """moelab's ratio against hf_serial uses HF's faster grouped_mm experts (not eager), and
+    against a batched HF system its row at the same precision and concurrency."""
+    from moelab.bench import serve_summary
+
+    def row(system, impl, conc, tps, precision="bf16"):
+        return {"system": system, "precision": precision, "experts_impl": impl, "concurrency": conc,
+                "tokens_per_s": tps, "ttft_p50_ms": 1.0, "ttft_p99_ms": 1.0, "itl_p50_ms": 1.0, "itl_p99_ms": 1.0,
+                "peak_mem_gb": 1.0, "roofline_fraction": None}
+
+    rows = [row("hf_serial", "eager", 1, 10.0), row("hf_serial", "grouped_mm", 1, 20.0),
+            row("hf_static", "grouped_mm", 1, 25.0), row("hf_static", "grouped_mm", 8, 50.0),
+            row("hf_static", "grouped_mm", 8, 999.0, precision="nf4"),
+            row("moelab_continuous", "moelab_fused", 1, 100.0), row("moelab_continuous", "moelab_fused", 8, 400.0)]
+    lines = serve_summary({"results": rows, "checks": {}})
+    c1 = next(line for line in lines if line.startswith("moelab_continuous bf16 c1:"))
+    c8 = next(line for line in lines if line.startswith("moelab_continuous bf16 c8:"))
+    assert "5.00x hf_serial" in c1 and "4.00x hf_static" in c1
+    assert "20.00x hf_serial" in c8 and "8.00x hf_static" in c8
