@@ -1000,6 +1000,13 @@ def _drop_compiled(model) -> None:
     _free_memory(torch.cuda.is_available())
 
 
+def _error_row(system: str, precision: str, experts_impl: str, concurrency: int, why: str) -> dict:
+    """A result row for a run that did not produce figures (failed, skipped, not installed): it
+    keeps its place in the table with the reason."""
+    return {"system": system, "precision": precision, "experts_impl": experts_impl, "concurrency": concurrency,
+            "error": why[:300]}
+
+
 def _free_memory(on_cuda: bool) -> None:
     """Collect cycles (an Engine holds some) and give cached CUDA blocks back."""
     import gc
@@ -1108,9 +1115,8 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYS
                 model = shared if shared is not None else build(precision, for_hf)
             except ImportError as err:  # HF's NF4 needs bitsandbytes: its rows say so, the rest still run
                 for system, conc, experts_impl in group:
-                    rows[(system, precision, experts_impl, conc)] = {
-                        "system": system, "precision": precision, "experts_impl": experts_impl, "concurrency": conc,
-                        "error": f"ImportError: {err}"[:300]}
+                    rows[(system, precision, experts_impl, conc)] = _error_row(
+                        system, precision, experts_impl, conc, f"ImportError: {err}")
                     bar.advance(system)
                 continue
             pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
@@ -1126,8 +1132,7 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYS
                 if system != "hf_compiled":
                     _drop_compiled(model)  # its CUDA graph pool would count in the next rows' peak memory
                 if system == "hf_compiled" and capped:
-                    rows[key] = {"system": system, "precision": precision, "experts_impl": experts_impl,
-                                 "concurrency": conc, "error": f"skipped: {capped}"[:300]}
+                    rows[key] = _error_row(system, precision, experts_impl, conc, f"skipped: {capped}")
                     bar.note(f"{label:<40} SKIPPED: {capped}"[:200])
                     bar.advance(label)
                     continue
@@ -1146,8 +1151,7 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYS
                         engine = Engine(model, conc, max_seq_len, policy=system.removeprefix("moelab_"),
                                         experts_fn=experts_fn)
                     except Exception as err:  # noqa: BLE001  (e.g. out of memory for the cache: an error row)
-                        rows[key] = {"system": system, "precision": precision, "experts_impl": experts_impl,
-                                     "concurrency": conc, "error": f"{type(err).__name__}: {err}"[:300]}
+                        rows[key] = _error_row(system, precision, experts_impl, conc, f"{type(err).__name__}: {err}")
                         bar.note(f"{label:<40} FAILED: {type(err).__name__}: {err}"[:200])
                         bar.advance(label)
                         continue
@@ -1177,8 +1181,7 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYS
                             capped = f"an earlier hf_compiled {precision} run went past the cap"
                             _CAP["fired"] = None
                             _drop_compiled(model)
-                        rows.setdefault(key, {"system": system, "precision": precision, "experts_impl": experts_impl,
-                                              "concurrency": conc, "error": f"{type(err).__name__}: {err}"[:300]})
+                        rows.setdefault(key, _error_row(system, precision, experts_impl, conc, f"{type(err).__name__}: {err}"))
                         bar.note(f"{label:<40} FAILED: {type(err).__name__}: {err}"[:200])
                         bar.advance(label)
                         continue
@@ -1265,7 +1268,10 @@ def _ratio_base(rows: list[dict], row: dict, system: str):
     for r in rows:
         if r["system"] != system or r.get("precision") != row.get("precision") or "error" in r:
             continue
-        if r["experts_impl"] == "grouped_mm" if system == "hf_serial" else r["concurrency"] == row["concurrency"]:
+        if system == "hf_serial":
+            if r["experts_impl"] == "grouped_mm":
+                return r
+        elif r["concurrency"] == row["concurrency"]:
             return r
     return None
 

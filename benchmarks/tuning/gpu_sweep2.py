@@ -1,4 +1,6 @@
-"""GPU sweep 2: pipelined GEMV (NF4 table/asm, bf16), align GROUP, more prefill tiles (scratch)."""
+"""GPU sweep 2 (run2 of benchmarks/results/sweep_experts_2026-11-29_h200.json): pipelined GEMV (NF4 table /
+byte permutes, bf16), the align kernel's GROUP, more prefill tiles. Its prefill section is run 1's harness
+(gpu_sweep.py) again with other tiles and token counts: both scripts are kept as they ran."""
 import json, os, sys
 sys.path.insert(0, os.path.dirname(__file__))
 import torch, triton

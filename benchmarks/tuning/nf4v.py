@@ -2,6 +2,8 @@
 import torch, triton
 import triton.language as tl
 
+from moelab.kernels.experts import _nf4_absmax  # the package's block-absmax decode
+
 # bf16 bits of the NF4 levels, split into low and high bytes, packed 4 per 32-bit word (entries 0-3, 4-7, 8-11, 12-15)
 def _tables():
     from moelab.quant import NF4_CODE
@@ -11,21 +13,8 @@ def _tables():
     return [pack(lo, i) for i in (0, 4, 8, 12)] + [pack(hi, i) for i in (0, 4, 8, 12)]
 T = _tables()
 
-# 4 code bytes in $8 -> high-nibble values $0..$3, low-nibble values $4..$7 (fp32 with bf16 precision)
-_ASM = f"""
-{{
-.reg .b32 c, cm, m, t, u, la, lb, ha, hb, lo, hi, p, q;
-and.b32 c, $8, 0x77777777;
-prmt.b32 t, 0x80808080, 0x80808080, $8;
-xor.b32 t, t, 0x80808080;
-shl.b32 u, t, 1;
-or.b32 m, t, u;
-prmt.b32 la, {T[0]}, {T[1]}, c;
-prmt.b32 lb, {T[2]}, {T[3]}, c;
-prmt.b32 ha, {T[4]}, {T[5]}, c;
-prmt.b32 hb, {T[6]}, {T[7]}, c;
-""" 
-# NOTE: prmt selects with the low 16 bits only; handle two halves
+# 4 code bytes in $8 -> high-nibble values $0..$3, low-nibble values $4..$7 (fp32 with bf16 precision).
+# prmt selects with the low 16 bits only, so the two 16-bit halves of $8 are looked up separately.
 _ASM_FULL = """
 {
 .reg .b32 c0, c1, m0, m1, t0, t1, la, lb, ha, hb, l0, h0, l1, h1, p, q;
@@ -113,15 +102,6 @@ def _tree(n, code_ptr):
 
 
 @triton.jit
-def _absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert, blk, mask,
-            absmax_per_expert, scales_per_expert):
-    q = tl.load(absmax_ptr + expert * absmax_per_expert + blk, mask=mask, other=0)
-    scale = tl.load(absmax_scale_ptr + expert * scales_per_expert + blk // 256, mask=mask, other=0.0)
-    offset = tl.load(absmax_offset_ptr + expert)
-    return tl.load(absmax_code_ptr + q.to(tl.int32), mask=mask, other=0.0) * scale + offset
-
-
-@triton.jit
 def _rows(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, code_ptr,
           x_row_ptr, x_scale, expert, rows, row_ok, k0, k_dim, row_bytes, absmax_per_expert, scales_per_expert,
           LOOKUP: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -141,8 +121,8 @@ def _rows(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_pt
     pair_sum = hi * x_even[None, :, :] + lo * x_odd[None, :, :]
     blk = rows.to(tl.int64) * (k_dim // 64) + k0 // 64
     ok = row_ok[:, None] & block_ok[None, :]
-    am = _absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
-                 blk[:, None] + b[None, :], ok, absmax_per_expert, scales_per_expert)
+    am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
+                 blk[:, None] + b[None, :], ok, absmax_per_expert, scales_per_expert, True)
     return pair_sum * am[:, :, None]
 
 

@@ -36,8 +36,8 @@ per-256-block scale and a per-expert offset under double quantisation. Even and 
 of a K-tile come from the high and low nibbles of one byte load; they are multiplied with
 the even and odd columns of x (two dots in the grouped kernel, two FMAs in the decode
 kernels), so no interleaving is needed. On CUDA the nibbles become fp32 levels through byte
-permutes in registers (`_nf4_prmt_asm`: no memory access; a load from the 16-entry code book
-per value made NF4 slower than bf16); under the interpreter through that code book. The
+permutes in registers (`_nf4_prmt_asm`: no memory access, where the 16-entry code book in
+memory costs a load per value); under the interpreter through that code book. The
 decode kernels load the codes as [rows, 64-blocks, 32 bytes] tiles so each block's absmax is
 decoded once per row and broadcast over its 32 bytes.
 
@@ -109,8 +109,10 @@ def _nf4_prmt_asm() -> str:
     registers, here immediates), each lane looked up twice (levels 0-7 and 8-15, selector bit 3
     cleared) and the right half picked per byte with a mask (prmt's sign mode turns the bit-3
     selectors into 0xFF bytes). A byte transpose then reassembles the four lanes into exact fp32
-    levels. About 6 instructions per value and no load: the 16-entry table in memory costs one
-    load per value, which is what made the NF4 kernels slower than bf16. Inputs: the 4 bytes
+    levels. About 6 instructions per value and no load, where the 16-entry table in memory
+    costs one load per value (in the H200 sweep of benchmarks/results/sweep_experts_2026-11-29_h200.json
+    the decode kernels at one token took 23.0 us with permutes against 31.3 us with the table;
+    with the look-up made free they took no less, so what remains is memory latency). Inputs: the 4 bytes
     in $8 (byte i holds values 2i and 2i + 1 in its high and low nibble); outputs: the levels of
     the high nibbles in $0-$3, of the low nibbles in $4-$7."""
     from ..quant import NF4_CODE
@@ -511,15 +513,20 @@ def _weight_args(w, num_experts: int) -> tuple[list, dict]:
                  NF4_ASM=w.codes.is_cuda and torch.version.hip is None))
 
 
+def _whole_nf4_blocks(cfg: dict, w) -> dict:
+    """An NF4 weight's K-step must cover whole 64-value blocks (one absmax each): round BLOCK_K up."""
+    if _is_nf4(w) and cfg["BLOCK_K"] % 64:
+        cfg["BLOCK_K"] = triton.cdiv(cfg["BLOCK_K"], 64) * 64
+    return cfg
+
+
 def _grouped_gemm(x, w, out, pairs, counts, route_w, num_pairs, num_experts, x_row_div, gated, config):
     _, rows, k_dim = _shape(w)
     n_out = rows // 2 if gated else rows
     nf4 = _is_nf4(w)
     cfg = kernel_config(num_pairs, n_out, num_experts, gated, nf4, x.is_cuda,
                         torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132)
-    cfg.update(config or {})
-    if nf4 and cfg["BLOCK_K"] % 64:
-        cfg["BLOCK_K"] = 64
+    cfg = _whole_nf4_blocks({**cfg, **(config or {})}, w)
     ptrs, strides, flags = _weight_args(w, num_experts)
     block_m = cfg.pop("BLOCK_M")
     if x.is_cuda or not EXACT_GRID_ON_CPU:  # sized for the worst case: no host sync, capturable
@@ -561,7 +568,7 @@ def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool,
     next K-steps' weights into shared memory (cp.async) while this one is multiplied. Chosen
     from a sweep on an H200 (benchmarks/results/sweep_experts_2026-11-29_h200.json): bf16 at
     1 token 27.3 -> ~22 us with 256-value K-steps, three stages; NF4 codes (4x fewer bytes per
-    step) gain from prefetching only for gate_up at one or two pairs per expert. Under the
+    step) gain from prefetching only for gate_up at one token (up to 4 pairs). Under the
     interpreter: one wide program per row."""
     if not on_gpu:
         return dict(BLOCK_N=min(64, triton.next_power_of_2(n_out)), BLOCK_K=128, num_warps=4, PIPELINE=1)
@@ -585,18 +592,16 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config):
     act = torch.empty(num_pairs, inter, dtype=hidden.dtype, device=hidden.device)
     out = torch.empty(num_tokens, hidden_dim, dtype=hidden.dtype, device=hidden.device)
 
-    cfg = {**gemv_config(num_pairs, inter, True, _is_nf4(gate_up), on_gpu, sms), **(config or {})}
-    if _is_nf4(gate_up) and cfg["BLOCK_K"] % 64:  # NF4 K-steps are whole 64-value blocks
-        cfg["BLOCK_K"] = triton.cdiv(cfg["BLOCK_K"], 64) * 64
+    cfg = _whole_nf4_blocks({**gemv_config(num_pairs, inter, True, _is_nf4(gate_up), on_gpu, sms), **(config or {})},
+                            gate_up)
     ptrs, strides, flags = _weight_args(gate_up, num_experts)
     _gemv_gate_up_kernel[(num_pairs * triton.cdiv(inter, cfg["BLOCK_N"]),)](
         hidden, ptrs[0], flat_ids, act, *ptrs[1:],
         inter, hidden_dim, num_experts, top_k, hidden.stride(0), strides[0], strides[1], act.stride(0),
         strides[3], strides[4], **flags, **cfg)
 
-    cfg = {**gemv_config(num_tokens, hidden_dim, False, _is_nf4(down), on_gpu, sms), **(config or {})}
-    if _is_nf4(down) and cfg["BLOCK_K"] % 64:
-        cfg["BLOCK_K"] = triton.cdiv(cfg["BLOCK_K"], 64) * 64
+    cfg = _whole_nf4_blocks({**gemv_config(num_tokens, hidden_dim, False, _is_nf4(down), on_gpu, sms),
+                             **(config or {})}, down)
     ptrs, strides, flags = _weight_args(down, num_experts)
     _gemv_down_kernel[(num_tokens * triton.cdiv(hidden_dim, cfg["BLOCK_N"]),)](
         act, ptrs[0], flat_ids, route_w, out, *ptrs[1:],
