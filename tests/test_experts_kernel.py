@@ -190,6 +190,71 @@ def test_gemv_path_counts_repeated_ids_and_zeros_invalid_ones(monkeypatch):
     assert rel_err(got, reference(x, keep, bad.clamp(0, 4), experts.gate_up_proj, experts.down_proj)) < 1e-6
 
 
+def shared_expert(hidden, shared_inter, num_tokens, seed, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return experts_kernels.SharedExpert(
+        (torch.randn(2 * shared_inter, hidden, generator=gen) * 0.1).to(dtype),
+        (torch.randn(hidden, shared_inter, generator=gen) * 0.1).to(dtype),
+        torch.randn(num_tokens, 1, generator=gen).to(dtype))
+
+
+def shared_reference(x, shared):
+    gate, up = (x.double() @ shared.gate_up.double().T).chunk(2, dim=-1)
+    return torch.sigmoid(shared.gate_logit.double().reshape(-1, 1)) * ((F.silu(gate) * up) @ shared.down.double().T)
+
+
+@interpreter
+@pytest.mark.parametrize("tokens,num_experts,top_k,hidden,inter,shared_inter", [
+    (1, 8, 4, 64, 24, 96),     # the shared intermediate a whole number of chunks (Qwen1.5-MoE: 4 x 1408)
+    (3, 5, 2, 48, 40, 100),    # a partial last chunk; H, I not powers of two
+    (2, 60, 4, 32, 16, 8),     # a shared expert narrower than one chunk
+])
+def test_decode_kernels_fold_the_shared_expert_in(monkeypatch, tokens, num_experts, top_k, hidden, inter,
+                                                  shared_inter):
+    """The decode kernels stream the shared expert (gate/up as extra act rows, down behind its
+    sigmoid gate in the same sum): routed + gated shared, against float64, float32 routing
+    weights rounded to the hidden dtype inside the kernels."""
+    seed = 70 + tokens * 10 + shared_inter
+    experts = experts_module(num_experts, hidden, inter, seed=seed)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed + 1))
+    weights, ids = routed(tokens, num_experts, top_k, seed + 2)
+    shared = shared_expert(hidden, shared_inter, tokens, seed + 3)
+    launched, original = [], experts_kernels._gemv_forward
+
+    def spy(*args):
+        launched.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(experts_kernels, "_gemv_forward", spy)
+    got = fused_experts_forward(x, weights, ids, experts, shared=shared)
+    assert launched and launched[0] is shared  # folded into the two launches, not added afterwards
+    expected = reference(x, weights, ids, experts.gate_up_proj, experts.down_proj) + shared_reference(x, shared)
+    assert rel_err(got, expected) < 1e-6
+    # float16: the routing weights are rounded to float16 as transformers rounds them
+    got16 = fused_experts_forward(x.half(), weights, ids, types.SimpleNamespace(
+        gate_up_proj=experts.gate_up_proj.half(), down_proj=experts.down_proj.half(), act_fn=torch.nn.SiLU()),
+        shared=experts_kernels.SharedExpert(shared.gate_up.half(), shared.down.half(), shared.gate_logit.half()))
+    assert got16.dtype == torch.float16 and rel_err(got16, expected) < 5e-3
+
+
+@interpreter
+def test_shared_expert_outside_the_decode_path_runs_in_pytorch():
+    """Many tokens (the grouped path) or a shared expert in another dtype: added in PyTorch, same sum."""
+    experts = experts_module(6, 32, 16, seed=5)
+    x = torch.randn(20, 32)
+    weights, ids = routed(20, 6, 2, 6)
+    shared = shared_expert(32, 40, 20, 7)
+    got = fused_experts_forward(x, weights, ids, experts, shared=shared)
+    expected = reference(x, weights, ids, experts.gate_up_proj, experts.down_proj) + shared_reference(x, shared)
+    assert rel_err(got, expected) < 1e-6
+    with pytest.raises(ValueError, match="one logit per token"):
+        fused_experts_forward(x, weights, ids, experts, shared=experts_kernels.SharedExpert(
+            shared.gate_up, shared.down, shared.gate_logit[:3]))
+    with pytest.raises(ValueError, match="shared expert weights do not fit"):
+        fused_experts_forward(x, weights, ids, experts, shared=experts_kernels.SharedExpert(
+            shared.gate_up[:, :31], shared.down, shared.gate_logit))
+
+
 def tiny_config():
     return Qwen2MoeConfig(hidden_size=128, moe_intermediate_size=96, num_experts=16, num_experts_per_tok=4)
 
@@ -340,9 +405,16 @@ def test_patch_runs_the_kernel_in_transformers_and_tokens_are_unchanged(tiny, mo
 def test_moe_forward_with_the_kernel_gives_the_same_tokens(tiny):
     model, tok = tiny
     prompt = tok("for", return_tensors="pt").input_ids[0].tolist()
-    runs = []
-    for experts_fn in (moelab.experts_forward, fused_experts_forward):
-        fwd = moelab.MoeForward(model, experts_fn=experts_fn)
+    runs, folded = [], []
+
+    def fused_with_shared(*args, shared=None):  # the kernel, noting when MoeForward hands it the shared expert
+        folded.append(shared is not None)
+        return fused_experts_forward(*args, shared=shared)
+
+    fused_with_shared.takes_shared_expert = True
+    for experts_fn, projections in ((moelab.experts_forward, "auto"), (fused_experts_forward, "auto"),
+                                    (fused_with_shared, "fused")):
+        fwd = moelab.MoeForward(model, experts_fn=experts_fn, projections=projections)
         cache = fwd.new_cache(num_slots=1, max_seq_len=32)
         slot = cache.allocate(len(prompt) + 2)
         logits = fwd.prefill(cache, [prompt], [slot])
@@ -352,8 +424,12 @@ def test_moe_forward_with_the_kernel_gives_the_same_tokens(tiny):
             tokens.append(int(token))
             logits = fwd.decode(cache, token, [slot])
         runs.append((tokens, logits))
-    assert runs[0][0] == runs[1][0]
+    assert runs[0][0] == runs[1][0] == runs[2][0]
     assert torch.allclose(runs[0][1], runs[1][1], rtol=1e-4, atol=1e-4)
+    # fused projections: the one-token decode steps stream the shared expert in the kernels
+    assert torch.allclose(runs[0][1], runs[2][1], rtol=1e-4, atol=1e-4)
+    layers = model.config.num_hidden_layers
+    assert folded == [True] * 3 * layers  # prefill and both decode steps, every layer
 
 
 @interpreter

@@ -49,6 +49,7 @@ next K-steps' weights are copied into shared memory while this one is multiplied
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -273,7 +274,9 @@ def _grouped_gemm_kernel(
     if GATED:
         out = acc * tl.sigmoid(acc) * acc_up
     else:
-        out = acc * tl.load(route_w_ptr + pair, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+        # The routing weight rounded to the output dtype first, as transformers rounds it.
+        route_w = tl.load(route_w_ptr + pair, mask=m_ok, other=0.0).to(out_ptr.dtype.element_ty).to(tl.float32)
+        out = acc * route_w[:, None]
     out_ptrs = out_ptr + pair[:, None] * stride_om + n[None, :] * stride_on
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(m < store_hi)[:, None] & n_ok[None, :])
 
@@ -344,27 +347,46 @@ def _gemv_acc_sum(acc, NF4: tl.constexpr):
 
 @triton.jit
 def _gemv_gate_up_kernel(
-    x_ptr, w_ptr, ids_ptr, act_ptr,
+    x_ptr, w_ptr, ids_ptr, act_ptr, shared_w_ptr,
     absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
-    n_out, k_dim, num_experts, top_k, stride_xm, stride_we, stride_wn, stride_am,
+    n_out, k_dim, num_experts, top_k, num_pairs, shared_rows, shared_chunks,
+    stride_xm, stride_we, stride_wn, stride_am, stride_swn,
     absmax_per_expert, scales_per_expert,
     NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, NF4_ASM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr,
+    HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr,
 ):
     """Decode gate_up, one program per (pair, N-tile), no grouping: act[pair, n] =
     SiLU(gate) * up of the pair's token through its expert, with FMAs (no 16-row dot padding).
-    A pair whose id is outside [0, E) gets zeros."""
+    A pair whose id is outside [0, E) gets zeros.
+
+    HAS_SHARED: rows num_pairs + t * C + c of act are the shared expert's chunk c of token t
+    (its intermediate cut into C chunks of n_out rows; the last one zero-padded): gate rows
+    c * n_out + n and up rows shared_rows + c * n_out + n of `shared_w` ([2 Is, H], gate then
+    up), so the shared expert's gate/up streams alongside the routed experts in one launch."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_out, BLOCK_N)
     pair = pid // n_tiles
     n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < n_out
-    expert = tl.load(ids_ptr + pair).to(tl.int32)
+    expert = tl.load(ids_ptr + tl.minimum(pair, num_pairs - 1)).to(tl.int32)
     valid = (expert >= 0) & (expert < num_experts)
     expert = tl.where(valid, expert, 0)
     k_end = tl.where(valid, k_dim, 0)
     w_e = w_ptr + expert.to(tl.int64) * stride_we
     x_row = x_ptr + (pair // top_k).to(tl.int64) * stride_xm
+    row_stride = stride_wn
+    up_rows = n + n_out
+    row_ok = n_ok
+    if HAS_SHARED:  # dense weights only (the launcher checks)
+        shared = pair >= num_pairs
+        chunk = tl.maximum(pair - num_pairs, 0)
+        c = chunk % shared_chunks
+        w_e = tl.where(shared, shared_w_ptr + (c * n_out).to(tl.int64) * stride_swn, w_e)
+        x_row = tl.where(shared, x_ptr + (chunk // shared_chunks).to(tl.int64) * stride_xm, x_row)
+        row_stride = tl.where(shared, stride_swn, stride_wn)
+        up_rows = tl.where(shared, n + shared_rows, up_rows)
+        row_ok = n_ok & (n < tl.where(shared, shared_rows - c * n_out, n_out))  # the last chunk may be partial
+        k_end = tl.where(shared, k_dim, k_end)
     if NF4:
         acc = tl.zeros((BLOCK_N, BLOCK_K // 64, 32), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_K // 64, 32), dtype=tl.float32)
@@ -373,10 +395,10 @@ def _gemv_gate_up_kernel(
         acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in tl.range(0, k_end, BLOCK_K, num_stages=PIPELINE):
         acc += _gemv_rows(w_e, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
-                          x_row, 1.0, expert, n, n_ok, k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert,
+                          x_row, 1.0, expert, n, row_ok, k0, k_dim, row_stride, absmax_per_expert, scales_per_expert,
                           NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
         acc_up += _gemv_rows(w_e, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
-                             x_row, 1.0, expert, n + n_out, n_ok, k0, k_dim, stride_wn, absmax_per_expert,
+                             x_row, 1.0, expert, up_rows, row_ok, k0, k_dim, row_stride, absmax_per_expert,
                              scales_per_expert, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
     gate = _gemv_acc_sum(acc, NF4)
     out = gate * tl.sigmoid(gate) * _gemv_acc_sum(acc_up, NF4)
@@ -385,17 +407,24 @@ def _gemv_gate_up_kernel(
 
 @triton.jit
 def _gemv_down_kernel(
-    act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr,
+    act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_w_ptr, shared_gate_ptr,
     absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
-    n_out, k_dim, num_experts, stride_am, stride_we, stride_wn, stride_om,
+    n_out, k_dim, num_experts, shared_k, shared_act_row, shared_chunks,
+    stride_am, stride_we, stride_wn, stride_om, stride_swn, stride_sg,
     absmax_per_expert, scales_per_expert,
     TOP_K: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
-    NF4_ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr,
+    NF4_ASM: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PIPELINE: tl.constexpr,
 ):
     """Decode down with the top-k sum folded in, one program per (token, N-tile):
     out[t, n] = sum_k route_w[t, k] * (W_down[ids[t, k]] @ act[t * K + k])[n], FMAs in fp32 and
     one rounding (no per-pair output, no separate sum kernel; deterministic). The routing
-    weight scales the activation before the product. Ids outside [0, E) add nothing."""
+    weight, rounded to the output dtype first (as transformers rounds it), scales the
+    activation before the product. Ids outside [0, E) add nothing.
+
+    HAS_SHARED adds sigmoid(shared_gate[t]) * (W_shared_down @ act_shared[t])[n], the shared
+    expert behind its gate, into the same sum: act_shared[t] is the shared_k values from act
+    row shared_act_row + t * C on (the gate_up kernel's C chunks of token t, contiguous)."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_out, BLOCK_N)
     token = pid // n_tiles
@@ -412,13 +441,22 @@ def _gemv_down_kernel(
             valid = (expert >= 0) & (expert < num_experts)
             row_ok = n_ok & ((expert + 0 * n) >= 0) & ((expert + 0 * n) < num_experts)  # the interpreter needs tensors
             expert = tl.where(valid, expert, 0)
+            route_w = tl.load(route_w_ptr + pair).to(out_ptr.dtype.element_ty).to(tl.float32)
             acc += _gemv_rows(w_ptr + expert.to(tl.int64) * stride_we, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
-                              absmax_offset_ptr, nf4_code_ptr, act_ptr + pair * stride_am,
-                              tl.load(route_w_ptr + pair).to(tl.float32), expert, n, row_ok,
+                              absmax_offset_ptr, nf4_code_ptr, act_ptr + pair * stride_am, route_w, expert, n, row_ok,
                               k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert,
                               NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
-    tl.store(out_ptr + token.to(tl.int64) * stride_om + n, _gemv_acc_sum(acc, NF4).to(out_ptr.dtype.element_ty),
-             mask=n_ok)
+    total = _gemv_acc_sum(acc, NF4)
+    if HAS_SHARED:  # dense weights only (the launcher checks)
+        gate = tl.sigmoid(tl.load(shared_gate_ptr + token.to(tl.int64) * stride_sg).to(tl.float32))
+        shared_row = act_ptr + (shared_act_row + token.to(tl.int64) * shared_chunks) * stride_am
+        acc_s = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in tl.range(0, shared_k, BLOCK_K, num_stages=PIPELINE):
+            acc_s += _gemv_rows(shared_w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
+                                nf4_code_ptr, shared_row, gate, 0, n, n_ok, k0, shared_k, stride_swn,
+                                absmax_per_expert, scales_per_expert, False, False, False, BLOCK_K, False)
+        total += tl.sum(acc_s, axis=1)
+    tl.store(out_ptr + token.to(tl.int64) * stride_om + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 # ---------------------------------------------------------------------------- launchers
@@ -579,9 +617,49 @@ def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool,
     return dict(BLOCK_N=8, BLOCK_K=256, num_warps=2 if gated else 4, PIPELINE=3)
 
 
-def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config):
+@dataclass
+class SharedExpert:
+    """A layer's shared expert, for the decode kernels to fold in: the layer's output gains
+    sigmoid(gate_logit) * down(SiLU(gate) * up) (Qwen2-MoE's gated shared expert).
+
+    gate_up: [2 Is, H], the gate rows then the up rows (`moelab.fuse`'s fused MoE-input weight
+    holds them so, a free view); down: [H, Is]; gate_logit: [T] or [T, 1], before the sigmoid."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    gate_logit: torch.Tensor
+
+
+def shared_expert_torch(hidden: torch.Tensor, shared: SharedExpert) -> torch.Tensor:
+    """The shared expert in PyTorch, rounded as transformers rounds it (each GEMM in the hidden dtype)."""
+    gate, up = torch.nn.functional.linear(hidden, shared.gate_up).chunk(2, dim=-1)
+    out = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, shared.down)
+    return torch.sigmoid(shared.gate_logit.reshape(-1, 1)) * out
+
+
+def _check_shared(shared: SharedExpert, hidden: torch.Tensor) -> None:
+    num_tokens, hidden_dim = hidden.shape
+    two_inter = shared.gate_up.shape[0] if shared.gate_up.dim() == 2 else -1
+    if (shared.gate_up.dim() != 2 or two_inter % 2 or shared.gate_up.shape[1] != hidden_dim
+            or tuple(shared.down.shape) != (hidden_dim, two_inter // 2)):
+        raise ValueError(f"shared expert weights do not fit: gate_up {tuple(shared.gate_up.shape)}, down "
+                         f"{tuple(shared.down.shape)} (expected [2 Is, {hidden_dim}] and [{hidden_dim}, Is])")
+    if shared.gate_logit.numel() != num_tokens:
+        raise ValueError(f"shared gate_logit must hold one logit per token ({num_tokens}), got shape "
+                         f"{tuple(shared.gate_logit.shape)}")
+
+
+def _can_fold_shared(shared: SharedExpert, hidden: torch.Tensor, gate_up) -> bool:
+    """Whether the decode kernels can stream this shared expert: dense weights in the hidden dtype, unit K stride."""
+    return (not _is_nf4(gate_up) and shared.gate_up.dtype == shared.down.dtype == hidden.dtype
+            and shared.gate_up.stride(1) == 1 and shared.down.stride(1) == 1 and shared.gate_up.device == hidden.device)
+
+
+def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: SharedExpert | None = None):
     """Decode: gate_up per (pair, N-tile) into act [S, I], then down per (token, N-tile) with
-    the top-k sum folded in. No grouping step, no host sync."""
+    the top-k sum folded in. No grouping step, no host sync. With `shared`, the shared
+    expert's gate/up runs as C more rows per token in the first launch (its intermediate in
+    chunks of I) and its down, behind its sigmoid gate, in the second's sum."""
     num_tokens, top_k = ids.shape
     num_pairs = num_tokens * top_k
     num_experts, _, hidden_dim = _shape(gate_up)
@@ -589,24 +667,33 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config):
     flat_ids = ids.reshape(-1).contiguous()
     on_gpu = hidden.is_cuda
     sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count if on_gpu else 132
-    act = torch.empty(num_pairs, inter, dtype=hidden.dtype, device=hidden.device)
+    shared_inter = shared.down.shape[1] if shared is not None else 0
+    chunks = triton.cdiv(shared_inter, inter)  # shared rows per token in act
+    rows = num_pairs + num_tokens * chunks
+    act = torch.empty(rows, inter, dtype=hidden.dtype, device=hidden.device)
     out = torch.empty(num_tokens, hidden_dim, dtype=hidden.dtype, device=hidden.device)
+    if shared is not None:
+        shared_gate_up, shared_down, gate_logit = shared.gate_up, shared.down, shared.gate_logit.reshape(-1)
+    else:
+        shared_gate_up = shared_down = gate_logit = hidden  # unused pointers
 
-    cfg = _whole_nf4_blocks({**gemv_config(num_pairs, inter, True, _is_nf4(gate_up), on_gpu, sms), **(config or {})},
+    cfg = _whole_nf4_blocks({**gemv_config(rows, inter, True, _is_nf4(gate_up), on_gpu, sms), **(config or {})},
                             gate_up)
     ptrs, strides, flags = _weight_args(gate_up, num_experts)
-    _gemv_gate_up_kernel[(num_pairs * triton.cdiv(inter, cfg["BLOCK_N"]),)](
-        hidden, ptrs[0], flat_ids, act, *ptrs[1:],
-        inter, hidden_dim, num_experts, top_k, hidden.stride(0), strides[0], strides[1], act.stride(0),
-        strides[3], strides[4], **flags, **cfg)
+    _gemv_gate_up_kernel[(rows * triton.cdiv(inter, cfg["BLOCK_N"]),)](
+        hidden, ptrs[0], flat_ids, act, shared_gate_up, *ptrs[1:],
+        inter, hidden_dim, num_experts, top_k, num_pairs, shared_inter, max(chunks, 1),
+        hidden.stride(0), strides[0], strides[1], act.stride(0), shared_gate_up.stride(0),
+        strides[3], strides[4], HAS_SHARED=shared is not None, **flags, **cfg)
 
     cfg = _whole_nf4_blocks({**gemv_config(num_tokens, hidden_dim, False, _is_nf4(down), on_gpu, sms),
                              **(config or {})}, down)
     ptrs, strides, flags = _weight_args(down, num_experts)
     _gemv_down_kernel[(num_tokens * triton.cdiv(hidden_dim, cfg["BLOCK_N"]),)](
-        act, ptrs[0], flat_ids, route_w, out, *ptrs[1:],
-        hidden_dim, inter, num_experts, act.stride(0), strides[0], strides[1], out.stride(0),
-        strides[3], strides[4], TOP_K=top_k, **flags, **cfg)
+        act, ptrs[0], flat_ids, route_w, out, shared_down, gate_logit, *ptrs[1:],
+        hidden_dim, inter, num_experts, shared_inter, num_pairs, max(chunks, 1),
+        act.stride(0), strides[0], strides[1], out.stride(0), shared_down.stride(0), gate_logit.stride(0),
+        strides[3], strides[4], TOP_K=top_k, HAS_SHARED=shared is not None, **flags, **cfg)
     return out
 
 
@@ -633,7 +720,7 @@ def align_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
 
 
 def fused_experts_forward(hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layer_experts,
-                          *, config: dict | None = None) -> torch.Tensor:
+                          *, config: dict | None = None, shared: SharedExpert | None = None) -> torch.Tensor:
     """The routed experts of one layer with the fused kernels: sum_k weights[t, k] * expert_{ids[t, k]}(hidden[t]).
 
     Same contract as `moelab.model.experts_forward`: hidden [T, H]; weights [T, K] (any float
@@ -643,6 +730,13 @@ def fused_experts_forward(hidden: torch.Tensor, weights: torch.Tensor, ids: torc
     can be captured in a CUDA graph; there a pair whose id is outside [0, E) adds nothing (on
     the CPU, where checking is free, it raises). `config` overrides `kernel_config`'s choice
     (keys BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for both GEMMs: a tuning knob.
+    The routing weights are rounded to the hidden dtype inside the kernels, as transformers
+    rounds them (a float32 router output needs no cast kernel first).
+
+    shared: the layer's shared expert (`SharedExpert`), added to the result. On the decode
+    path (a few tokens, dense weights) the kernels stream it in the same two launches (on
+    Qwen1.5-MoE at one token that replaces seven kernels: its down GEMM, the split-K reduce,
+    SiLU, product, sigmoid, gating product and the add); elsewhere it runs in PyTorch.
     """
     gate_up, down = _expert_weights(layer_experts)
     num_experts, two_inter, hidden_dim = _shape(gate_up)
@@ -668,8 +762,11 @@ def fused_experts_forward(hidden: torch.Tensor, weights: torch.Tensor, ids: torc
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
     num_tokens, top_k = ids.shape
     num_pairs = num_tokens * top_k
+    if shared is not None:
+        _check_shared(shared, hidden)
     if num_pairs == 0:
-        return hidden.new_zeros(num_tokens, hidden_dim)
+        out = hidden.new_zeros(num_tokens, hidden_dim)
+        return out if shared is None else out + shared_expert_torch(hidden, shared)
     if not hidden.is_cuda and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
         raise ValueError(f"expert ids must be in [0, {num_experts}), got {int(ids.min())}..{int(ids.max())}")
 
@@ -677,13 +774,22 @@ def fused_experts_forward(hidden: torch.Tensor, weights: torch.Tensor, ids: torc
     route_w = weights.reshape(-1).contiguous()
     dense_k_ok = _is_nf4(gate_up) or (gate_up.stride(2) == 1 and down.stride(2) == 1)
     if num_pairs <= (GEMV_MAX_PAIRS_NF4 if _is_nf4(gate_up) else GEMV_MAX_PAIRS) and dense_k_ok:
-        return _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config)
+        if shared is not None and _can_fold_shared(shared, hidden, gate_up):
+            return _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared)
+        out = _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config)
+        return out if shared is None else out + shared_expert_torch(hidden, shared)
     counts, pairs = align_by_expert(ids, num_experts)
     act = torch.empty(num_pairs, inter, dtype=hidden.dtype, device=device)
     out = torch.empty(num_pairs, hidden_dim, dtype=hidden.dtype, device=device)
     _grouped_gemm(hidden, gate_up, act, pairs, counts, route_w, num_pairs, num_experts, top_k, True, config)
     _grouped_gemm(act, down, out, pairs, counts, route_w, num_pairs, num_experts, 1, False, config)
-    return out.view(num_tokens, top_k, hidden_dim).sum(dim=1)
+    out = out.view(num_tokens, top_k, hidden_dim).sum(dim=1)
+    return out if shared is None else out + shared_expert_torch(hidden, shared)
+
+
+# MoeForward hands this function the float32 router weights (rounded in the kernels) and, on
+# the decode path, the layer's shared expert.
+fused_experts_forward.takes_shared_expert = True
 
 
 def moelab_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
