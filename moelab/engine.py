@@ -12,8 +12,9 @@ token id), so a request's draw never depends on its batch companions, and nothin
 talks to the host. That is what notebooks/08_cuda_graphs_and_decode_attention captures in
 CUDA graphs: on CUDA (`cuda_graphs`), every pure decode step (no prompt chunk in it) replays
 a `moelab.graphs.DecodeGraphs` graph of the smallest batch bucket holding the live batch,
-sampling included (greedy argmax when every row is greedy, else `sample` per row); steps
-with prompt chunks stay eager. The graphs pad a batch with rows decoding in one extra
+sampling included (greedy argmax when every row is greedy, else `sample` per row). A step
+that prefills one whole prompt alone replays a `moelab.graphs.PrefillGraphs` graph of its
+padded length; other steps with prompt chunks stay eager. The graphs pad a batch with rows decoding in one extra
 scratch slot of the KV cache, which the Engine allocates beyond `num_slots` and never hands
 to a request.
 """
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .graphs import DEFAULT_BUCKETS, DecodeGraphs, greedy
+from .graphs import DEFAULT_BUCKETS, DEFAULT_PREFILL_BUCKETS, DecodeGraphs, PrefillGraphs, greedy
 from .model import MoeForward, experts_forward
 from .scheduler import Request, Scheduler
 
@@ -97,6 +98,14 @@ class StreamEvent:
     finish_reason: str | None
 
 
+# Tokens per step by default. On a CPU a step's cost grows with its tokens, so small chunks
+# keep decodes flowing (notebook 07). On a GPU a prefill step of a few thousand tokens costs
+# little more than one of 256 (it reads every expert once either way, and an eager step's
+# launches cost the same): on an H200, 64 prompts of 16-64 tokens took ~10 steps and ~0.37 s
+# to admit at 256 against one step at 2048 (notebook 09's serving run at concurrency 64).
+DEFAULT_TOKEN_BUDGET = {"cpu": 256, "cuda": 2048}
+
+
 @dataclass
 class StepStats:
     """One step: when it ran, how many slots were busy, tokens prefilled and decoded."""
@@ -136,7 +145,8 @@ class Engine:
 
     tokenizer: needed for text streaming and stop strings (token ids work without it).
     policy: "continuous" or "static" (see moelab.scheduler). token_budget: tokens per step
-    (decodes plus prompt chunks). experts_fn, route_backend: passed to `MoeForward`.
+    (decodes plus prompt chunks), default `DEFAULT_TOKEN_BUDGET` for the model's device.
+    experts_fn, route_backend: passed to `MoeForward`.
 
     cuda_graphs: how pure decode steps run (notebooks/08_cuda_graphs_and_decode_attention):
     "auto" (CUDA graphs when the model is on CUDA, eager otherwise), True (graphs; needs
@@ -145,17 +155,22 @@ class Engine:
     holds one more slot than `num_slots`, the graphs' scratch slot (the last one, always
     allocated, never given to a request). graph_buckets: the batch sizes captured (default
     1, 2, 4, ... below num_slots, and num_slots itself); a live batch runs in the smallest
-    bucket that holds it. `graphs` is the `DecodeGraphs` (None when eager).
+    bucket that holds it. `graphs` is the `DecodeGraphs` (None when eager). With graphs, a
+    step that is one whole prompt and nothing else (every prefill at one request at a time)
+    replays `prefill_graphs`, a `moelab.graphs.PrefillGraphs` graph of its length bucket
+    (16 ... 256 tokens, at most token_budget), captured at the first prompt of that bucket.
     """
 
     def __init__(self, model, num_slots: int, max_seq_len: int, tokenizer=None, policy: str = "continuous",
-                 token_budget: int = 256, experts_fn=experts_forward, route_backend: str = "auto",
+                 token_budget: int | None = None, experts_fn=experts_forward, route_backend: str = "auto",
                  cuda_graphs="auto", graph_buckets: Sequence[int] | None = None):
         if cuda_graphs not in ("auto", "static") and not isinstance(cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be 'auto', True, False or 'static', got {cuda_graphs!r}")
         self.forward = MoeForward(model, experts_fn=experts_fn, route_backend=route_backend)
-        self.scheduler = Scheduler(num_slots, policy, token_budget)
         on_cuda = next(model.parameters()).device.type == "cuda"
+        if token_budget is None:
+            token_budget = max(DEFAULT_TOKEN_BUDGET["cuda" if on_cuda else "cpu"], num_slots + 1)
+        self.scheduler = Scheduler(num_slots, policy, token_budget)
         if cuda_graphs is True and not on_cuda:
             raise ValueError("cuda_graphs=True needs the model on CUDA; "
                              "use 'static' to check the padded step on the CPU")
@@ -188,6 +203,10 @@ class Engine:
         self.graphs = None if mode is None else DecodeGraphs(
             self.forward, self.cache, graph_buckets, mode=mode,
             sample_fn={"greedy": greedy, "sample": self._per_slot_sampler()})
+        # Whole-prompt prefills of one request replay a graph per length bucket (notebook 08).
+        prefill_buckets = [b for b in DEFAULT_PREFILL_BUCKETS if b <= min(token_budget, max_seq_len)]
+        self.prefill_graphs = None if mode is None or not prefill_buckets else PrefillGraphs(
+            self.forward, self.cache, prefill_buckets, mode=mode)
         self._slot_ids: dict[tuple[int, ...], torch.Tensor] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._sent: dict[int, int] = {}  # characters of text already streamed, per request
@@ -279,7 +298,16 @@ class Engine:
         plan = self.scheduler.schedule(self.cache.free_slots)
         for request in plan.admitted:
             self._admit(request, start)
-        if plan.prefill:
+        if self._graphable_prefill(plan):
+            # One whole prompt and nothing else: replay its length bucket's prefill graph.
+            request = plan.prefill[0][0]
+            logits = self.prefill_graphs.prefill(request.prompt, request.slot)
+            request.prefilled = len(request.prompt)
+            got = [request]
+            slots = self._slots_tensor((request.slot,))
+            new_ids = self._sample(logits, slots, request.greedy)
+            self._last_token[slots] = new_ids
+        elif plan.prefill:
             # A mixed step: prompt chunks and the decoding requests' last tokens (chunks of
             # one at their current length) share one forward pass.
             parts = [(r, r.prompt[s:s + n], s) for r, s, n in plan.prefill]
@@ -308,6 +336,14 @@ class Engine:
         self.steps.append(StepStats(start, now, len(plan.decode) + len(plan.prefill),
                                     sum(n for _, _, n in plan.prefill), len(plan.decode), len(self.scheduler.waiting)))
         return events
+
+    def _graphable_prefill(self, plan) -> bool:
+        """Whether this step is one whole prompt from position 0 with no decodes beside it (at
+        one request at a time, every prefill): `prefill_graphs` can run it."""
+        if self.prefill_graphs is None or plan.decode or len(plan.prefill) != 1:
+            return False
+        request, start, count = plan.prefill[0]
+        return start == 0 and count == len(request.prompt) and self.prefill_graphs.fits(count)
 
     def decode_step(self, slots: torch.Tensor, greedy_only: bool = True) -> torch.Tensor:
         """One batched decode step for the requests in `slots` (int64 [B] on the device):

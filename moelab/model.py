@@ -170,6 +170,17 @@ def _linear(module, x: torch.Tensor) -> torch.Tensor:
     return module(x)
 
 
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T (+ bias) for the fused projections: on CUDA, for a few tokens, moelab's
+    GEMV kernel (`moelab.kernels.gemv`: it streams W faster than cuBLAS's GEMM tiles at one
+    token, in one launch), else F.linear."""
+    if x.is_cuda and weight.dtype == x.dtype and weight.stride(1) == 1:
+        from .kernels.gemv import MAX_TOKENS, linear_gemv
+        if x.shape[0] <= MAX_TOKENS:
+            return linear_gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 def _mlp(x: torch.Tensor, mlp) -> torch.Tensor:
     """A SwiGLU MLP (the shared expert, or a dense layer's MLP) through its own Linear layers."""
     return _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
@@ -199,7 +210,10 @@ class MoeForward:
     (`moelab.kernels.rmsnorm`), "torch" in PyTorch ops, "auto": the kernel on CUDA.
     projections: "fused" runs q/k/v as one GEMM and the shared expert's gate and up, the
     router and the shared expert's gate as another (`moelab.fuse`: the model's parameters are
-    re-seated as views of the fused weights, no copies), "separate" one GEMM per Linear,
+    re-seated as views of the fused weights, no copies); with moelab's experts function the
+    shared expert then runs inside the experts kernels and the router with the shared gate
+    is one small product, and on CUDA these products and o_proj run as moelab's GEMV kernel
+    (`moelab.kernels.gemv`) for up to 4 tokens. "separate": one GEMM per Linear,
     "auto": on CUDA fused for steps of up to FUSED_MAX_TOKENS tokens, separate above (on an
     H200, fused decode was 1.17x at batch 1 but 0.87x at 8 and 0.91x at 64); on the CPU
     separate. Quantized (bitsandbytes) layers always run separately.
@@ -330,6 +344,34 @@ class MoeForward:
         return _linear(self.model.lm_head, hidden[last])
 
     @torch.no_grad()
+    def prefill_padded(self, cache: KVCache, tokens: torch.Tensor, slot: torch.Tensor,
+                       length: torch.Tensor) -> torch.Tensor:
+        """One whole prompt into one slot from position 0, padded to a fixed length: the
+        capturable prefill that `moelab.graphs.PrefillGraphs` records (notebook 08).
+
+        tokens: int64 [L] on the cache's device, the prompt in tokens[:length], any ids after;
+        slot, length: int64 [1] device tensors. No host sync and every shape fixed by L. The
+        padding rows run too: they write keys at positions length..L-1 of the slot, past its
+        length (never read, overwritten by decode) and their outputs are dropped. Sets the
+        slot's length; returns the last prompt token's logits [1, vocab]. Checks nothing: the
+        caller (the Engine) validated the prompt and allocated the slot for at least L tokens'
+        room in its row (L <= max_seq_len)."""
+        self._check_cache(cache)
+        n = tokens.numel()
+        positions = torch.arange(n, device=cache.device)
+
+        def attend(layer, q):  # q [L, heads, head_dim], causal over the slot's first L keys
+            k = cache.k[layer, :, :, :n].index_select(0, slot)  # [1, kv_heads, L, head_dim]
+            v = cache.v[layer, :, :, :n].index_select(0, slot)
+            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, is_causal=True, scale=self.scaling,
+                                                 enable_gqa=self.num_heads != self.num_kv_heads)
+            return out[0].transpose(0, 1).reshape(n, -1)
+
+        hidden = self._run(cache, tokens, slot.repeat(n), positions, attend)
+        cache.lengths[slot] = length
+        return _linear(self.model.lm_head, hidden.index_select(0, length - 1))
+
+    @torch.no_grad()
     def decode(self, cache: KVCache, tokens, slots, check: bool = True) -> torch.Tensor:
         """One decode step: token i is appended to slot i's sequence. Returns logits [B, vocab].
 
@@ -424,7 +466,7 @@ class MoeForward:
         n, heads, kv_heads, head_dim = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         fused = self._fused_qkv(index) if self._fuse(n) else None
         if fused is not None:  # one GEMM, split into column views
-            qkv = F.linear(x, fused.weight, fused.bias)
+            qkv = _project(x, fused.weight, fused.bias)
             q, k, v = qkv.split(fused.sizes, dim=-1)
         else:
             q, k, v = _linear(attn.q_proj, x), _linear(attn.k_proj, x), _linear(attn.v_proj, x)
@@ -444,7 +486,10 @@ class MoeForward:
                 q = apply_rope_tables(q.view(n, heads, head_dim), rope)
                 k = apply_rope_tables(k.view(n, kv_heads, head_dim), rope)
             cache.write(index, slots, positions, k, v)
-        return _linear(attn.o_proj, attend(index, q))
+        out = attend(index, q)
+        if fused is not None and type(attn.o_proj) is nn.Linear:
+            return _project(out, attn.o_proj.weight, attn.o_proj.bias)
+        return _linear(attn.o_proj, out)
 
     def _fuse(self, num_tokens: int) -> bool:
         """Whether a step of `num_tokens` runs the fused projections (see `projections`)."""
@@ -472,7 +517,7 @@ class MoeForward:
             # The router and the shared gate logit as one small GEMM; the shared expert's gate/up
             # and down run inside the experts kernels (notebook 08: seven fewer launches per layer).
             shared_inter = fused.sizes[0]
-            logits, gate_logit = F.linear(x, fused.weight[2 * shared_inter:]).split(fused.sizes[2:], dim=-1)
+            logits, gate_logit = _project(x, fused.weight[2 * shared_inter:]).split(fused.sizes[2:], dim=-1)
             weights, ids = route(logits, gate.top_k, normalize=gate.norm_topk_prob, backend=self.route_backend)
             from .kernels.experts import SharedExpert
 

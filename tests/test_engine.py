@@ -408,6 +408,22 @@ def test_static_graph_steps_with_one_big_bucket_pad_every_batch(model):
     assert all(padded for n, padded in decodes) and engine.graphs.bucket_for(1) == 8
 
 
+def test_one_request_at_a_time_prefills_through_the_prefill_graphs(model, hf):
+    """One slot: every prefill is one whole prompt alone, run by `prefill_graphs` (the padded
+    static step on the CPU), tokens equal to HF generate; a prompt longer than the largest
+    bucket (token budget 16 here) goes the chunked eager way and still matches."""
+    prompts = random_prompts(5, 3, 30, seed=33)
+    engine = Engine(model, num_slots=1, max_seq_len=64, cuda_graphs="static", token_budget=16)
+    calls = []
+    run_graph = engine.prefill_graphs.prefill
+    engine.prefill_graphs.prefill = lambda prompt, slot: calls.append(len(prompt)) or run_graph(prompt, slot)
+    outputs = engine.generate(prompts, 6)
+    assert engine.prefill_graphs.buckets == [16]
+    assert calls == [len(p) for p in prompts if len(p) <= 16] and len(calls) < len(prompts)
+    assert outputs == [hf(p, 6) for p in prompts]
+    assert engine.cache.used_slots == [1]  # the decode graphs' scratch slot only
+
+
 def test_cuda_graphs_argument_is_checked(model):
     with pytest.raises(ValueError, match="cuda_graphs must be"):
         Engine(model, num_slots=2, max_seq_len=32, cuda_graphs="yes")

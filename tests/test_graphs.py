@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import moelab
-from moelab.graphs import DecodeGraphs, greedy
+from moelab.graphs import DecodeGraphs, PrefillGraphs, greedy
 from moelab.model import MoeForward
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -199,3 +199,68 @@ def test_gpu_capture_failure_falls_back_with_a_warning(cuda_tiny):
     ref = run(cuda_tiny, plain)
     got = run(cuda_tiny, factory)
     assert got[0] == ref[0]
+
+
+# ------------------------------------------------------------------ whole-prompt prefill graphs
+
+def prefill_run(model, mode, lengths=(1, 5, 8, 9, 30, 48)):
+    """Each prompt through PrefillGraphs (buckets 8 / 16 / 48) and through plain prefill, in
+    two caches with an idle bystander slot; then two decode steps each. Returns (graph
+    results, plain results) as [(logits, first decoded logits)], the caches and slots."""
+    fwd = MoeForward(model)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in lengths]
+    out = []
+    for use_graphs in (True, False):
+        cache = fwd.new_cache(num_slots=3, max_seq_len=64)
+        bystander = cache.allocate(20)
+        fwd.prefill(cache, [[3, 1, 4, 1, 5]], [bystander])
+        before = (cache.k[:, bystander].clone(), int(cache.lengths[bystander]))
+        graphs = PrefillGraphs(fwd, cache, buckets=(8, 16, 48), mode=mode) if use_graphs else None
+        results = []
+        for prompt in prompts:
+            slot = cache.allocate(len(prompt) + 2)
+            if use_graphs:
+                logits = graphs.prefill(prompt, slot).clone()
+            else:
+                logits = fwd.prefill(cache, [prompt], [slot])
+            assert int(cache.lengths[slot]) == len(prompt)
+            after = fwd.decode(cache, logits.argmax(-1), [slot])  # reads only the prompt's keys
+            results.append((logits, after, cache.k[:, slot, :, :len(prompt) + 1].clone()))
+            cache.free(slot)
+        assert torch.equal(cache.k[:, bystander], before[0]) and int(cache.lengths[bystander]) == before[1]
+        out.append((results, graphs))
+    return out
+
+
+def test_padded_prefill_equals_plain_prefill(tiny):
+    """Prompts padded to a bucket (1 -> 8, 9 -> 16, 30 -> 48, 48 exactly): the same logits, the
+    same keys for the prompt and the decoded token, the slot's length the prompt's; the
+    padding's keys past the length are never read and no other slot is touched."""
+    (got, graphs), (ref, _) = prefill_run(tiny[0], "static")
+    for (logits, after, keys), (ref_logits, ref_after, ref_keys) in zip(got, ref):
+        torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-4)
+        torch.testing.assert_close(after, ref_after, rtol=0, atol=1e-4)
+        torch.testing.assert_close(keys, ref_keys, rtol=0, atol=1e-5)
+    assert [int(r[0].argmax()) for r in got] == [int(r[0].argmax()) for r in ref]
+    assert graphs.fits(48) and not graphs.fits(49) and not graphs.fits(0)
+    with pytest.raises(ValueError, match="no prefill bucket"):
+        graphs.prefill(list(range(49)), 1)
+    with pytest.raises(ValueError, match="mode must be"):
+        PrefillGraphs(graphs.fwd, graphs.cache, mode="eager")
+    with pytest.raises(ValueError, match="up to max_seq_len"):
+        PrefillGraphs(graphs.fwd, graphs.cache, buckets=(128,), mode="static")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA cache"):
+            PrefillGraphs(graphs.fwd, graphs.cache)
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_graph_replay_equals_plain_prefill(cuda_tiny):
+    (got, graphs), (ref, _) = prefill_run(cuda_tiny, "graph")
+    assert graphs.mode == "graph" and sorted(graphs.capture_seconds) == [8, 16, 48]
+    for (logits, after, keys), (ref_logits, ref_after, ref_keys) in zip(got, ref):
+        torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-3)
+        torch.testing.assert_close(after, ref_after, rtol=0, atol=1e-3)
+        torch.testing.assert_close(keys, ref_keys, rtol=0, atol=1e-4)
+    assert [int(r[0].argmax()) for r in got] == [int(r[0].argmax()) for r in ref]

@@ -1,0 +1,58 @@
+"""moelab.kernels.gemv.linear_gemv against F.linear: irregular shapes, row slices of a larger
+weight (the fused projections' router rows), bias, float16, bad input; bf16 on the GPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moelab  # noqa: F401  (sets the Triton interpreter up on a machine without CUDA)
+from moelab.kernels.gemv import linear_gemv
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter test (CPU tensors); see the gpu test")
+
+
+@interpreter
+@pytest.mark.parametrize("tokens,n_out,k_dim,bias", [(1, 61, 96, False), (3, 200, 130, True), (4, 8, 512, True),
+                                                     (2, 1, 33, False)])
+def test_matches_f_linear_float32(tokens, n_out, k_dim, bias):
+    gen = torch.Generator().manual_seed(tokens * 100 + n_out)
+    x = torch.randn(tokens, k_dim, generator=gen)
+    big = torch.randn(n_out + 40, k_dim, generator=gen)
+    weight = big[17:17 + n_out]  # a row slice: the router rows of the fused MoE-input weight
+    b = torch.randn(n_out, generator=gen) if bias else None
+    got = linear_gemv(x, weight, b)
+    torch.testing.assert_close(got, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+@interpreter
+def test_float16_rounds_once_and_bad_input_is_named():
+    gen = torch.Generator().manual_seed(1)
+    x, weight, b = torch.randn(2, 64, generator=gen), torch.randn(24, 64, generator=gen) * 0.1, torch.randn(24)
+    got = linear_gemv(x.half(), weight.half(), b.half())
+    exact = F.linear(x.half().double(), weight.half().double(), b.half().double())
+    assert got.dtype == torch.float16 and (got.double() - exact).abs().max() <= 2e-3 * exact.abs().max()
+    assert linear_gemv(x[:0], weight).shape == (0, 24)
+    with pytest.raises(ValueError, match="same K"):
+        linear_gemv(x, weight[:, :63])
+    with pytest.raises(ValueError, match="unit stride"):
+        linear_gemv(x, weight.t().contiguous().t())
+    with pytest.raises(ValueError, match="must be torch.float32"):
+        linear_gemv(x, weight.half())
+    with pytest.raises(ValueError, match="bias must be"):
+        linear_gemv(x, weight, b[:5])
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_matches_f_linear():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    for tokens, n_out, k_dim in ((1, 6144, 2048), (1, 61, 2048), (4, 2048, 2048), (2, 100, 1000)):
+        x = torch.randn(tokens, k_dim, device="cuda", generator=gen, dtype=torch.bfloat16)
+        weight = torch.randn(n_out, k_dim, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.05
+        b = torch.randn(n_out, device="cuda", generator=gen, dtype=torch.bfloat16)
+        exact = F.linear(x.double(), weight.double(), b.double())
+        got = linear_gemv(x, weight, b)
+        assert (got.double() - exact).norm() / exact.norm() < 1e-2
+        assert (got.double() - exact).norm() <= 1.5 * (F.linear(x, weight, b).double() - exact).norm() + 1e-6
