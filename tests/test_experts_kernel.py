@@ -334,6 +334,8 @@ def test_gemv_configs_stream_whole_blocks_with_bounded_accumulators():
             assert cfg["BLOCK_N"] * cfg["BLOCK_K"] <= 4096
             assert cfg["PIPELINE"] == (1 if nf4 and (not gated or rows > 4) else 3)
     assert gemv_config(4, 96, True, False, on_gpu=False)["PIPELINE"] == 1
+    # the shared expert folded into down: longer rows, 512-value K-steps (still 4,096 accumulators)
+    assert gemv_config(1, 2048, False, False, on_gpu=True, shared=True)["BLOCK_K"] == 512
 
 
 # ---------------------------------------------------------------------------- NF4

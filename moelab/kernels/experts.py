@@ -595,7 +595,8 @@ GEMV_MAX_PAIRS = 16
 GEMV_MAX_PAIRS_NF4 = 128
 
 
-def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool, num_sms: int = 132) -> dict:
+def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool, num_sms: int = 132,
+                shared: bool = False) -> dict:
     """N-tile, K-step, warps and pipeline depth of one ungrouped decode kernel (`num_rows`: its
     pairs for gate_up, its tokens for down).
 
@@ -606,15 +607,17 @@ def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool,
     next K-steps' weights into shared memory (cp.async) while this one is multiplied. Chosen
     from a sweep on an H200 (benchmarks/results/sweep_experts_2026-11-29_h200.json): bf16 at
     1 token 27.3 -> ~22 us with 256-value K-steps, three stages; NF4 codes (4x fewer bytes per
-    step) gain from prefetching only for gate_up at one token (up to 4 pairs). Under the
-    interpreter: one wide program per row."""
+    step) gain from prefetching only for gate_up at one token (up to 4 pairs). With the shared
+    expert folded in (`shared`), down streams 4 x 1,408 + 5,632 values per row and takes
+    512-value K-steps (benchmarks/results/sweep_decode_2026-11-29_h200.json: 42.2 -> 39.8 us for the
+    whole layer at one token). Under the interpreter: one wide program per row."""
     if not on_gpu:
         return dict(BLOCK_N=min(64, triton.next_power_of_2(n_out)), BLOCK_K=128, num_warps=4, PIPELINE=1)
     if nf4:
         if gated:
             return dict(BLOCK_N=8, BLOCK_K=256, num_warps=2, PIPELINE=3 if num_rows <= 4 else 1)
         return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, PIPELINE=1)
-    return dict(BLOCK_N=8, BLOCK_K=256, num_warps=2 if gated else 4, PIPELINE=3)
+    return dict(BLOCK_N=8, BLOCK_K=512 if shared and not gated else 256, num_warps=2 if gated else 4, PIPELINE=3)
 
 
 @dataclass
@@ -686,8 +689,8 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
         hidden.stride(0), strides[0], strides[1], act.stride(0), shared_gate_up.stride(0),
         strides[3], strides[4], HAS_SHARED=shared is not None, **flags, **cfg)
 
-    cfg = _whole_nf4_blocks({**gemv_config(num_tokens, hidden_dim, False, _is_nf4(down), on_gpu, sms),
-                             **(config or {})}, down)
+    cfg = _whole_nf4_blocks({**gemv_config(num_tokens, hidden_dim, False, _is_nf4(down), on_gpu, sms,
+                                           shared=shared is not None), **(config or {})}, down)
     ptrs, strides, flags = _weight_args(down, num_experts)
     _gemv_down_kernel[(num_tokens * triton.cdiv(hidden_dim, cfg["BLOCK_N"]),)](
         act, ptrs[0], flat_ids, route_w, out, shared_down, gate_logit, *ptrs[1:],

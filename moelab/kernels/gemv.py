@@ -7,7 +7,7 @@ tiled for many rows; on an H200 at one token they read q/k/v at ~2.6 TB/s and o_
 kernel streams W the way the experts' decode kernels do (`moelab.kernels.experts._gemv_rows`):
 one program per (token, 8 output rows), 16-byte loads along K, one FMA per weight into an
 fp32 tile summed once at the end, the K-loop software-pipelined; the bias is added before
-the one rounding. Worth it only while W is read once per token: `MAX_TOKENS`.
+the one rounding. `MoeForward` runs its fused projections through it (notebook 08). Worth it only while W is read once per token: `MAX_TOKENS`.
 """
 
 import torch
@@ -41,11 +41,14 @@ def _linear_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, n_out, k_dim, stride_xm
 
 
 def gemv_config(n_out: int, on_gpu: bool) -> dict:
-    """8 rows per program, 256-value K-steps, 4 warps, 3 stages on the GPU (the experts'
-    decode setting); under the interpreter one wide program per 64 rows."""
+    """8 rows per program, 4 warps, 3 stages on the GPU; 256-value K-steps for thousands of
+    rows, 512 for fewer (fewer programs: each keeps more bytes in flight). From an H200 sweep
+    at one token, H = 2048 (benchmarks/results/sweep_decode_2026-11-29_h200.json): q/k/v (6,144
+    rows, bias) 8.4 us against cuBLAS's 9.6, o_proj (2,048) 4.5 against 6.2, router + shared
+    gate (61) 2.5 against 4.5 (two kernels). Under the interpreter one wide program per 64 rows."""
     if not on_gpu:
         return dict(BLOCK_N=min(64, triton.next_power_of_2(n_out)), BLOCK_K=128, num_warps=4, PIPELINE=1)
-    return dict(BLOCK_N=8, BLOCK_K=256, num_warps=4, PIPELINE=3)
+    return dict(BLOCK_N=8, BLOCK_K=256 if n_out >= 4096 else 512, num_warps=4, PIPELINE=3)
 
 
 def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
