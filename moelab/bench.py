@@ -13,6 +13,7 @@ runs, name the card, and compare systems side by side in one run on one machine.
     python -m moelab.bench decode --model qwen1.5-moe-a2.7b --batches 1 8 64 --prompt-len 16 64 \
         --max-seq-len 2048 --profile                # CUDA: SDPA / kernel / graphs / fused ops vs the bound
     python -m moelab.bench attention               # CUDA: decode attention alone, SDPA vs kernel, split-K
+    python -m moelab.bench prefill                 # CUDA: prefill tokens/s against the measured matmul rate
     python -m moelab.bench                         # the full benchmark (= serve), CPU tiny fp32 + NF4
     python -m moelab.bench --model qwen1.5-moe-a2.7b --random-weights --concurrency 1 8 64   # CUDA, bf16 + NF4
 """
@@ -592,6 +593,77 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
     if profiles:
         result["profiles"] = profiles
     return result
+
+
+def prefill_flops(config, prompt_len: int) -> float:
+    """Matmul FLOPs of prefilling one prompt of `prompt_len` tokens (2 per multiply-add): per
+    token the dense projections, the router, the shared expert and top-k routed experts of
+    every layer; per layer causal attention, QK^T and PV over L(L+1)/2 query-key pairs. The
+    lm_head is left out (prefill projects only the last token)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    attn_proj = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2  # q and o, k and v
+    experts = config.num_experts_per_tok * 3 * h * config.moe_intermediate_size
+    shared = 3 * h * config.shared_expert_intermediate_size + h  # + its gate
+    per_token = 2 * layers * (attn_proj + h * config.num_experts + experts + shared)
+    attention = 2 * 2 * layers * heads * head_dim * prompt_len * (prompt_len + 1) / 2
+    return per_token * prompt_len + attention
+
+
+def bench_prefill(model_name: str = "qwen1.5-moe-a2.7b", lengths=(64, 512, 2048, 4096), repeats: int = 5,
+                  seed: int = 0) -> dict:
+    """Prefill throughput on CUDA: one prompt of each length through `MoeForward.prefill`
+    (eager: SDPA, the grouped experts kernels) and replayed from a `PrefillGraphs` graph of
+    that length, timed with CUDA events (median of `repeats`), as tokens/s and as a fraction
+    of the card's measured bf16 matmul rate (`matmul_tflops`): a long prefill is
+    compute-bound, so that is its roofline; a short eager one waits on its launches (notebook 08)."""
+    from .graphs import PrefillGraphs
+    from .model import MoeForward
+    from .models import load
+
+    model, _ = load(model_name, device="cuda", **({} if model_name == "tiny" else {"random_weights": True}))
+    fwd = MoeForward(model)
+    tflops = matmul_tflops()
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    rows = []
+    for n in lengths:
+        cache = fwd.new_cache(num_slots=1, max_seq_len=n)
+        prompt = torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+        def run():
+            cache.lengths.zero_()
+            return fwd.prefill(cache, [prompt], [0])
+
+        cache.allocate(n)
+        graphs = PrefillGraphs(fwd, cache, buckets=(n,))
+        for mode, step in (("eager", run), ("graph", lambda: graphs.prefill(prompt, 0))):
+            for _ in range(2):
+                step()
+            times = []
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            sec = statistics.median(times)
+            flops = prefill_flops(model.config, n)
+            rows.append({"prompt_len": n, "mode": mode, "ms": round(sec * 1e3, 3), "tokens_per_s": round(n / sec, 1),
+                         "tflops": round(flops / sec / 1e12, 1),
+                         "matmul_fraction": round(flops / sec / 1e12 / tflops, 4)})
+            print(f"prefill {n:>5} tokens {mode:<5}: {sec * 1e3:8.2f} ms, {n / sec:9.0f} tokens/s, "
+                  f"{flops / sec / 1e12:6.1f} TFLOP/s = {rows[-1]['matmul_fraction']:.0%} of the measured matmul rate "
+                  f"({tflops:.0f})", flush=True)
+        graphs.release()
+        del cache, graphs
+    return {"benchmark": "prefill", "card": card_name(), "date": _dt.date.today().isoformat(), "versions": versions(),
+            "workload": {"model": model_name, "lengths": list(lengths), "repeats": repeats,
+                         "note": "one prompt per prefill from position 0: eager MoeForward.prefill (SDPA, grouped "
+                                 "experts kernels) and the same length replayed from a PrefillGraphs graph"},
+            "matmul_tflops": round(tflops, 1), "results": rows}
 
 
 def decode_summary(result: dict) -> list[str]:
@@ -1892,6 +1964,10 @@ def main(argv=None) -> int:
     decode.add_argument("--quantize", choices=["nf4"], default=None, help="load with moelab's NF4 experts")
     decode.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
     decode.add_argument("--plot", type=Path, default=None, help="where to write the PNG (default: beside the JSON)")
+    prefill = sub.add_parser("prefill", help="CUDA: prefill throughput against the measured matmul rate")
+    prefill.add_argument("--model", default="qwen1.5-moe-a2.7b")
+    prefill.add_argument("--lengths", type=int, nargs="+", default=[64, 512, 2048, 4096])
+    prefill.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
     serve = sub.add_parser("serve", help="the full benchmark (the default): a seeded workload through HF generate "
                                          "(serial, static, compiled, continuous) and moelab's Engine (static, "
                                          "continuous), per precision and concurrency")
@@ -1983,6 +2059,16 @@ def main(argv=None) -> int:
             return 2
         result = bench_attention(tuple(args.batches), tuple(args.contexts), sweep=args.sweep)
         json_path = args.json or default_path("attention", result["card"], "json")
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {json_path}")
+
+    if args.what == "prefill":
+        if not torch.cuda.is_available():
+            print("error: the prefill benchmark needs a CUDA device", file=sys.stderr)
+            return 2
+        result = bench_prefill(args.model, tuple(args.lengths))
+        json_path = args.json or default_path("prefill", result["card"], "json")
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {json_path}")

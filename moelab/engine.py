@@ -99,10 +99,12 @@ class StreamEvent:
 
 
 # Tokens per step by default. On a CPU a step's cost grows with its tokens, so small chunks
-# keep decodes flowing (notebook 07). On a GPU a prefill step of a few thousand tokens costs
+# keep decodes flowing (notebook 07). On a GPU a prefill step of two thousand tokens costs
 # little more than one of 256 (it reads every expert once either way, and an eager step's
-# launches cost the same): on an H200, 64 prompts of 16-64 tokens took ~10 steps and ~0.37 s
-# to admit at 256 against one step at 2048 (notebook 09's serving run at concurrency 64).
+# launches cost the same: benchmarks/results/prefill_2026-11-29_h200.json, 56.7 ms eager at 512
+# tokens, 59.4 ms at 2048). In the H200 serving run at 64 concurrent requests of 16-64-token
+# prompts, time to first token p50 went 320 ms -> 33 ms (256 -> 2048, with the other changes
+# of that run: benchmarks/results/serve_2026-11-29_h200.json, runs 1-4 against 5).
 DEFAULT_TOKEN_BUDGET = {"cpu": 256, "cuda": 2048}
 
 
@@ -158,7 +160,7 @@ class Engine:
     bucket that holds it. `graphs` is the `DecodeGraphs` (None when eager). With graphs, a
     step that is one whole prompt and nothing else (every prefill at one request at a time)
     replays `prefill_graphs`, a `moelab.graphs.PrefillGraphs` graph of its length bucket
-    (16 ... 256 tokens, at most token_budget), captured at the first prompt of that bucket.
+    (16 ... 2048 tokens, at most token_budget), captured at the first prompt of that bucket.
     """
 
     def __init__(self, model, num_slots: int, max_seq_len: int, tokenizer=None, policy: str = "continuous",

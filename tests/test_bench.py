@@ -6,11 +6,12 @@ import time
 import pytest
 import torch
 
+import moelab
 from moelab import bench
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-@pytest.mark.parametrize("what", ["router", "launch", "attention"])
+@pytest.mark.parametrize("what", ["router", "launch", "attention", "prefill"])
 def test_gpu_benches_refuse_without_cuda(what, capsys):
     assert bench.main([what]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
@@ -321,3 +322,24 @@ def test_serve_summary_compares_with_serial_grouped_mm_and_same_concurrency():
     c8 = next(line for line in lines if line.startswith("moelab_continuous bf16 c8:"))
     assert "5.00x hf_serial" in c1 and "4.00x hf_static" in c1
     assert "20.00x hf_serial" in c8 and "8.00x hf_static" in c8
+
+
+def test_prefill_flops_count_the_weights_a_token_multiplies():
+    """2 FLOPs per weight each prompt token multiplies (attention projections, router, shared
+    expert and its gate, top-k routed experts; not the lm_head), counted here from tiny's
+    actual tensors, plus causal attention's L(L+1)/2 query-key pairs of QK^T and PV."""
+    model = moelab.load("tiny")[0]
+    config = model.config
+    per_token = 0
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        per_token += sum(m.weight.numel() for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+        per_token += mlp.gate.weight.numel() + mlp.shared_expert_gate.weight.numel()
+        per_token += sum(m.weight.numel() for m in (mlp.shared_expert.gate_proj, mlp.shared_expert.up_proj,
+                                                    mlp.shared_expert.down_proj))
+        per_expert = (mlp.experts.gate_up_proj.numel() + mlp.experts.down_proj.numel()) / config.num_experts
+        per_token += config.num_experts_per_tok * per_expert
+    head_dim = config.hidden_size // config.num_attention_heads
+    for n in (1, 7, 64):
+        attention = 2 * 2 * config.num_hidden_layers * config.num_attention_heads * head_dim * n * (n + 1) / 2
+        assert bench.prefill_flops(config, n) == pytest.approx(2 * per_token * n + attention)
