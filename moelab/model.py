@@ -199,6 +199,9 @@ class MoeForward:
     """moelab's forward pass for a transformers Qwen2MoeForCausalLM over a `KVCache`.
 
     experts_fn: the routed-experts seam, `fn(hidden, weights, ids, layer_experts) -> [T, H]`.
+    A function marked `takes_shared_expert = True` (moelab's `experts_forward` and
+    `fused_experts_forward`) also takes `shared=` (a `SharedExpert` to add) and float32 router
+    weights (it rounds them itself); any other gets bf16-rounded weights and no shared expert.
     route_backend: passed to `moelab.route` ("auto": the Triton kernel on CUDA).
     attention: decode attention, "kernel" (moelab's Triton decode-attention kernel, which
     reads only each slot's filled keys), "sdpa" (PyTorch's SDPA over the whole masked cache

@@ -18,7 +18,9 @@ with no host sync (so a CUDA graph can capture them):
 4. a sum over the top-k rows of each token (deterministic: no atomics).
 
 Decode at the fewest tokens (bf16 up to 16 pairs, NF4 up to 128: GEMV_MAX_PAIRS*) skips
-grouping: two launches instead of four. `_gemv_gate_up_kernel` runs one program per (pair,
+grouping: two launches instead of four. There the layer's shared expert (`SharedExpert`,
+notebooks/08 section 7) can ride along: its gate/up as C more rows per token in the first
+launch, its down behind its sigmoid gate in the second's sum. `_gemv_gate_up_kernel` runs one program per (pair,
 N-tile), streaming BLOCK_N gate and up rows of the pair's expert with 16-byte loads and one
 FMA per weight into an fp32 [BLOCK_N, BLOCK_K] accumulator summed once at the end (no tl.dot
 padding a single token to 16 rows); `_gemv_down_kernel` runs one program per (token,
@@ -451,7 +453,7 @@ def _gemv_down_kernel(
         gate = tl.sigmoid(tl.load(shared_gate_ptr + token.to(tl.int64) * stride_sg).to(tl.float32))
         shared_row = act_ptr + (shared_act_row + token.to(tl.int64) * shared_chunks) * stride_am
         acc_s = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in tl.range(0, shared_k, BLOCK_K, num_stages=PIPELINE):
+        for k0 in tl.range(0, shared_k, BLOCK_K, num_stages=PIPELINE):  # dense rows (NF4=False below)
             acc_s += _gemv_rows(shared_w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
                                 nf4_code_ptr, shared_row, gate, 0, n, n_ok, k0, shared_k, stride_swn,
                                 absmax_per_expert, scales_per_expert, False, False, False, BLOCK_K, False)

@@ -32,6 +32,8 @@ def _linear_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, n_out, k_dim, stride_xm
     x_row = x_ptr + token.to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in tl.range(0, k_dim, BLOCK_K, num_stages=PIPELINE):
+        # Dense rows: NF4=False, so the five NF4 pointers (any pointer will do), the expert and the
+        # absmax strides are unused.
         acc += _gemv_rows(w_ptr, w_ptr, w_ptr, w_ptr, w_ptr, w_ptr, x_row, 1.0, 0, n, n_ok, k0, k_dim, stride_wn,
                           0, 0, False, False, False, BLOCK_K, False)
     out = tl.sum(acc, axis=1)
