@@ -422,6 +422,16 @@ def test_one_request_at_a_time_prefills_through_the_prefill_graphs(model, hf):
     assert calls == [len(p) for p in prompts if len(p) <= 16] and len(calls) < len(prompts)
     assert outputs == [hf(p, 6) for p in prompts]
     assert engine.cache.used_slots == [1]  # the decode graphs' scratch slot only
+    # Seeded sampling after a padded prefill: the first token is sampled at the prompt's length
+    # (the slot's length the padded prefill set), so the draws equal the eager engine's.
+    sampled = {}
+    for graphs in ("static", False):
+        eng = Engine(model, num_slots=1, max_seq_len=64, cuda_graphs=graphs, token_budget=16)
+        reqs = [eng.submit(p, 6, temperature=0.9, top_k=20, seed=11 + i, ignore_eos=True)
+                for i, p in enumerate(prompts[:3])]
+        eng.run_until_idle()
+        sampled[graphs] = [r.output for r in reqs]
+    assert sampled["static"] == sampled[False] and len({t for o in sampled[False] for t in o}) > 3
 
 
 def test_cuda_graphs_argument_is_checked(model):
