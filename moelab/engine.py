@@ -300,30 +300,12 @@ class Engine:
         plan = self.scheduler.schedule(self.cache.free_slots)
         for request in plan.admitted:
             self._admit(request, start)
-        if self._graphable_prefill(plan):
-            # One whole prompt and nothing else: replay its length bucket's prefill graph.
-            request = plan.prefill[0][0]
-            logits = self.prefill_graphs.prefill(request.prompt, request.slot)
-            request.prefilled = len(request.prompt)
-            got = [request]
-            slots = self._slots_tensor((request.slot,))
-            new_ids = self._sample(logits, slots, request.greedy)
-            self._last_token[slots] = new_ids
-        elif plan.prefill:
-            # A mixed step: prompt chunks and the decoding requests' last tokens (chunks of
-            # one at their current length) share one forward pass.
-            parts = [(r, r.prompt[s:s + n], s) for r, s, n in plan.prefill]
-            parts += [(r, r.output[-1:], len(r.prompt) + len(r.output) - 1) for r in plan.decode]
-            logits = self.forward.prefill(self.cache, [c for _, c, _ in parts], [r.slot for r, _, _ in parts],
-                                          offsets=[o for _, _, o in parts])
-            for r, s, n in plan.prefill:
-                r.prefilled = s + n
-            rows = [i for i, (r, c, o) in enumerate(parts) if o + len(c) >= len(r.prompt)]
-            got, new_ids = [parts[i][0] for i in rows], None
+        if plan.prefill:
+            got, logits = self._prefill(plan)
+            new_ids = None
             if got:
-                slots = torch.tensor([r.slot for r in got], device=self.cache.device)
-                new_ids = self._sample(logits[torch.tensor(rows, device=self.cache.device)], slots,
-                                       all(r.greedy for r in got))
+                slots = self._slots_tensor(tuple(r.slot for r in got))
+                new_ids = self._sample(logits, slots, all(r.greedy for r in got))
                 self._last_token[slots] = new_ids
         elif plan.decode:
             got = plan.decode
@@ -338,6 +320,25 @@ class Engine:
         self.steps.append(StepStats(start, now, len(plan.decode) + len(plan.prefill),
                                     sum(n for _, _, n in plan.prefill), len(plan.decode), len(self.scheduler.waiting)))
         return events
+
+    def _prefill(self, plan) -> tuple[list[Request], torch.Tensor]:
+        """Run the step's prompt chunks; returns the requests whose prompt is now complete and
+        their last prompt position's logits, one row each, in that order."""
+        if self._graphable_prefill(plan):
+            # One whole prompt and nothing else: replay its length bucket's prefill graph.
+            request = plan.prefill[0][0]
+            request.prefilled = len(request.prompt)
+            return [request], self.prefill_graphs.prefill(request.prompt, request.slot)
+        # A mixed step: prompt chunks and the decoding requests' last tokens (chunks of one at
+        # their current length) share one forward pass.
+        parts = [(r, r.prompt[s:s + n], s) for r, s, n in plan.prefill]
+        parts += [(r, r.output[-1:], len(r.prompt) + len(r.output) - 1) for r in plan.decode]
+        logits = self.forward.prefill(self.cache, [c for _, c, _ in parts], [r.slot for r, _, _ in parts],
+                                      offsets=[o for _, _, o in parts])
+        for r, s, n in plan.prefill:
+            r.prefilled = s + n
+        rows = [i for i, (r, c, o) in enumerate(parts) if o + len(c) >= len(r.prompt)]
+        return [parts[i][0] for i in rows], logits[torch.tensor(rows, dtype=torch.long, device=self.cache.device)]
 
     def _graphable_prefill(self, plan) -> bool:
         """Whether this step is one whole prompt from position 0 with no decodes beside it (at

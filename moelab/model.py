@@ -515,19 +515,19 @@ class MoeForward:
         gate = mlp.gate
         fused = self._fused_moe_input(index) if self._fuse(x.shape[0]) else None
         folds = getattr(self.experts_fn, "takes_shared_expert", False)
-        if (fused is not None and folds and type(mlp.shared_expert.down_proj) is nn.Linear
-                and type(mlp.shared_expert.act_fn).__name__ in ("SiLUActivation", "SiLU")):
-            # The router and the shared gate logit as one small GEMM; the shared expert's gate/up
-            # and down run inside the experts kernels (notebook 08: seven fewer launches per layer).
-            shared_inter = fused.sizes[0]
-            logits, gate_logit = _project(x, fused.weight[2 * shared_inter:]).split(fused.sizes[2:], dim=-1)
-            weights, ids = route(logits, gate.top_k, normalize=gate.norm_topk_prob, backend=self.route_backend)
-            from .kernels.experts import SharedExpert
+        if fused is not None and folds and type(mlp.shared_expert.down_proj) is nn.Linear:
+            from .kernels.experts import SharedExpert, is_silu
 
-            shared = SharedExpert(fused.weight[: 2 * shared_inter], mlp.shared_expert.down_proj.weight, gate_logit)
-            return self.experts_fn(x, weights, ids, mlp.experts, shared=shared)
+            if is_silu(mlp.shared_expert.act_fn):
+                # The router and the shared gate logit as one small GEMM; the shared expert's gate/up
+                # and down run inside the experts kernels (notebook 08: seven fewer launches per layer).
+                shared_inter = fused.sizes[0]
+                logits, gate_logit = _project(x, fused.weight[2 * shared_inter:]).split(fused.sizes[2:], dim=-1)
+                weights, ids = route(logits, gate.top_k, normalize=gate.norm_topk_prob, backend=self.route_backend)
+                shared = SharedExpert(fused.weight[: 2 * shared_inter], mlp.shared_expert.down_proj.weight, gate_logit)
+                return self.experts_fn(x, weights, ids, mlp.experts, shared=shared)
         if fused is not None:  # shared gate, shared up, router logits, shared gate logit: one GEMM
-            shared_gate, shared_up, logits, gate_logit = F.linear(x, fused.weight).split(fused.sizes, dim=-1)
+            shared_gate, shared_up, logits, gate_logit = _project(x, fused.weight).split(fused.sizes, dim=-1)
         else:
             # Router logits from the router's own weight, then moelab's routing (with or without
             # moelab.patch installed on the HF model: its forward is never called here).

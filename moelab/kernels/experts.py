@@ -115,7 +115,8 @@ def _nf4_prmt_asm() -> str:
     levels. About 6 instructions per value and no load, where the 16-entry table in memory
     costs one load per value (in the H200 sweep of benchmarks/results/sweep_experts_2026-11-29_h200.json
     the decode kernels at one token took 23.0 us with permutes against 31.3 us with the table;
-    with the look-up made free they took no less, so what remains is memory latency). Inputs: the 4 bytes
+    with the look-up made free they took no less, so the look-up is not what remains; compiled, the
+    loop still issues about 13 instructions per value: benchmarks/tuning/sass_count.py). Inputs: the 4 bytes
     in $8 (byte i holds values 2i and 2i + 1 in its high and low nibble); outputs: the levels of
     the high nibbles in $0-$3, of the low nibbles in $4-$7."""
     from ..quant import NF4_CODE
@@ -506,6 +507,11 @@ def _is_nf4(w) -> bool:
     return hasattr(w, "codes") and hasattr(w, "absmax")
 
 
+def is_silu(act_fn) -> bool:
+    """Whether an activation module is SiLU (transformers' or torch's): the only one the kernels compute."""
+    return type(act_fn).__name__ in ("SiLUActivation", "SiLU")
+
+
 def _expert_weights(layer_experts):
     """(gate_up, down, num_experts) of transformers' experts module or moelab.quant.NF4Experts."""
     if hasattr(layer_experts, "gate_up_proj") and hasattr(layer_experts, "down_proj"):
@@ -517,7 +523,7 @@ def _expert_weights(layer_experts):
             f"{type(layer_experts).__name__} is neither a transformers experts module (gate_up_proj, "
             "down_proj) nor a moelab.quant.NF4Experts (gate_up, down): the fused kernel cannot run it")
     act = getattr(layer_experts, "act_fn", None)
-    if act is not None and type(act).__name__ not in ("SiLUActivation", "SiLU"):
+    if act is not None and not is_silu(act):
         raise ValueError(f"the fused kernel computes SiLU(gate) * up; this layer's activation is {type(act).__name__}")
     return gate_up, down
 

@@ -1,0 +1,59 @@
+"""Instructions per weight value in the decode GEMV loop, counted from sm_90 SASS on any machine.
+
+Compiles moelab's `_gemv_gate_up_kernel` for sm_90 (no GPU needed: Triton's compiler and the
+`cuobjdump` it ships) at two K-steps, BLOCK_K = 256 and 512, no pipelining, and divides the
+difference in SASS instructions by the difference in weight values each thread handles per
+K-step: what one more weight value costs in the loop body, prologue and epilogue cancelled out.
+Each program streams 8 gate + 8 up rows with 2 warps (64 threads), so 256 more values per row
+are 16 x 256 / 64 = 64 more values per thread.
+
+    TRITON_INTERPRET=0 python benchmarks/tuning/sass_count.py
+
+On triton 3.9 (this course's CPU machine, 2026-11-29): NF4 (double-quantised absmax, byte
+permutes) 13.2 instructions per value, bf16 8.1; per byte read 26.5 against 4.1.
+"""
+
+import inspect
+import os
+import re
+import subprocess
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: compile, do not interpret
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import moelab.kernels.experts as experts  # noqa: E402
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+
+
+def sass_instructions(nf4: bool, block_k: int) -> int:
+    fn = experts._gemv_gate_up_kernel
+    consts = dict(NF4=nf4, DOUBLE_QUANT=nf4, ROW_ALIGNED=nf4, NF4_ASM=nf4, HAS_SHARED=False, BLOCK_N=8,
+                  BLOCK_K=block_k, PIPELINE=1)
+    ptrs = {"x_ptr": "*bf16", "act_ptr": "*bf16", "shared_w_ptr": "*bf16", "w_ptr": "*u8" if nf4 else "*bf16",
+            "ids_ptr": "*i32", "absmax_ptr": "*u8", "absmax_code_ptr": "*fp32", "absmax_scale_ptr": "*fp32",
+            "absmax_offset_ptr": "*fp32", "nf4_code_ptr": "*fp32"}
+    names = list(inspect.signature(fn.fn).parameters)
+    signature = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
+    aligned = [n for n in names if n.endswith("_ptr") or n in ("k_dim", "n_out", "stride_xm", "stride_we",
+                                                                "stride_wn", "stride_am", "stride_swn")]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}  # as the JIT specialises
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=2, num_stages=1))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]+\*/\s+\S", line))
+
+
+if __name__ == "__main__":
+    values_per_thread = 16 * 256 // 64
+    for nf4, bytes_per_value in ((True, 0.5), (False, 2)):
+        per_value = (sass_instructions(nf4, 512) - sass_instructions(nf4, 256)) / values_per_thread
+        print(f"{'NF4' if nf4 else 'bf16'}: {per_value:.1f} instructions per weight value, "
+              f"{per_value / bytes_per_value:.1f} per byte read")
