@@ -87,19 +87,56 @@ def _align_kernel(ids_ptr, counts_ptr, pairs_ptr, num_pairs, num_experts,
 
 
 @triton.jit
-def _block_rows(counts_ptr, block, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+def _topk_sum_kernel(y_ptr, out_ptr, n_cols, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t, cols] = sum over k of y[t * TOP_K + k, cols]: the top-k rows of one token added in
+    fp32, in k order, and rounded once (what `y.view(T, K, H).sum(1)` computes)."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n_cols
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        acc += tl.load(y_ptr + (token * TOP_K + k) * n_cols + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * n_cols + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def topk_sum(y: torch.Tensor, top_k: int, block: int = 1024, num_warps: int = 4) -> torch.Tensor:
+    """[T * K, H] per-pair rows -> [T, H] sums over each token's K rows (contiguous y)."""
+    y = y.contiguous()
+    num_tokens, n_cols = y.shape[0] // top_k, y.shape[1]
+    out = torch.empty(num_tokens, n_cols, dtype=y.dtype, device=y.device)
+    block = min(block, triton.next_power_of_2(n_cols))
+    _topk_sum_kernel[(num_tokens, triton.cdiv(n_cols, block))](y, out, n_cols, TOP_K=top_k, BLOCK=block,
+                                                                num_warps=num_warps)
+    return out
+
+
+@triton.jit
+def _block_rows(counts_ptr, block, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, SPLIT: tl.constexpr):
     """(expert, first row, end row) in the sorted pairs of row block `block`; expert E is the
-    bucket of invalid ids, E + 1 means past the last block."""
+    bucket of invalid ids, E + 1 means past the last block.
+
+    SPLIT = 0: every row of an expert, in BLOCK_M blocks. SPLIT > 0 cuts each expert's rows
+    between two launches: SPLIT = BLOCK_M takes only its whole BLOCK_M blocks; SPLIT > BLOCK_M
+    takes the rows those leave (the tail after the whole SPLIT blocks), in BLOCK_M blocks."""
     idx = tl.arange(0, BLOCK_E)
     live = idx <= num_experts
     counts = tl.load(counts_ptr + idx, mask=live, other=0)
-    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    if SPLIT == 0:
+        skip = counts * 0
+        rows = counts
+    elif SPLIT == BLOCK_M:
+        skip = counts * 0
+        rows = (counts // BLOCK_M) * BLOCK_M
+    else:
+        skip = (counts // SPLIT) * SPLIT
+        rows = counts - skip
+    blocks = (rows + BLOCK_M - 1) // BLOCK_M
     # Cumulative block counts as a masked [E, E] sum: E is small, and it avoids a scan.
     ends = tl.sum(tl.where(idx[None, :] <= idx[:, None], blocks[None, :], 0), axis=1)
     expert = tl.sum((live & (ends <= block)).to(tl.int32), axis=0)
     first_block = tl.sum(tl.where(idx == expert, ends - blocks, 0), axis=0)
-    start = tl.sum(tl.where(idx < expert, counts, 0), axis=0)
-    count = tl.sum(tl.where(idx == expert, counts, 0), axis=0)
+    start = tl.sum(tl.where(idx < expert, counts, 0), axis=0) + tl.sum(tl.where(idx == expert, skip, 0), axis=0)
+    count = tl.sum(tl.where(idx == expert, rows, 0), axis=0)
     return expert, start + (block - first_block) * BLOCK_M, start + count
 
 
@@ -213,7 +250,7 @@ def _grouped_gemm_kernel(
     GATED: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     NF4_ASM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """out[pair, n] for the pairs of one row block and one N-tile.
 
@@ -228,7 +265,7 @@ def _grouped_gemm_kernel(
     group_size = tl.minimum(num_blocks - first_block, GROUP_M)
     block = first_block + (pid % (GROUP_M * n_tiles)) % group_size
     n_tile = (pid % (GROUP_M * n_tiles)) // group_size
-    expert, row_lo, row_hi = _block_rows(counts_ptr, block, num_experts, BLOCK_M, BLOCK_E)
+    expert, row_lo, row_hi = _block_rows(counts_ptr, block, num_experts, BLOCK_M, BLOCK_E, SPLIT)
     # Blocks past the end (expert E + 1) have no rows; the bucket of invalid ids (expert E)
     # runs no K-loop, so its pairs get zeros from the down pass. Straight-line code with the
     # K-loop at the top level lets Triton software-pipeline the loop's loads.
@@ -499,7 +536,10 @@ def kernel_config(num_pairs: int, n_out: int, num_experts: int, gated: bool, nf4
         # for their padding with twice the reuse of each weight tile. Measured on an H200 at 4,096
         # tokens: gate_up 577 -> 464 us, down 274 -> 226 us (a 128 x 256 tile; gate_up's two
         # accumulators make 128 x 128 its largest that fits).
-        return dict(BLOCK_M=128, BLOCK_N=128 if gated else 256, BLOCK_K=64, num_warps=8, num_stages=3 if gated else 4)
+        # Each expert's last partial block runs at 64 rows (`tail`, a second launch): at 4,096 tokens
+        # an expert has ~273 pairs, 2 x 128 + 64 rows instead of 3 x 128.
+        return dict(BLOCK_M=128, BLOCK_N=128 if gated else 256, BLOCK_K=64, num_warps=8, num_stages=3 if gated else 4,
+                    tail=dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4))
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
@@ -567,19 +607,48 @@ def _whole_nf4_blocks(cfg: dict, w) -> dict:
 
 
 def _grouped_gemm(x, w, out, pairs, counts, route_w, num_pairs, num_experts, x_row_div, gated, config):
-    _, rows, k_dim = _shape(w)
+    """One grouped GEMM (gate_up or down) over the sorted pairs. With a `tail` configuration
+    (long prefills, `kernel_config`) it is two launches: every expert's whole blocks at the large
+    tile, then the rows each expert's last partial block would hold at the small tile, so that
+    an expert with 273 pairs computes 2 x 128 + 64 rows, not 3 x 128."""
+    _, rows, _ = _shape(w)
     n_out = rows // 2 if gated else rows
-    nf4 = _is_nf4(w)
-    cfg = kernel_config(num_pairs, n_out, num_experts, gated, nf4, x.is_cuda,
+    cfg = kernel_config(num_pairs, n_out, num_experts, gated, _is_nf4(w), x.is_cuda,
                         torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132)
     cfg = _whole_nf4_blocks({**cfg, **(config or {})}, w)
-    ptrs, strides, flags = _weight_args(w, num_experts)
+    tail = cfg.pop("tail", None)
+    args = (x, w, out, pairs, counts, route_w, num_pairs, num_experts, x_row_div, gated)
+    if tail is None or tail["BLOCK_M"] >= cfg["BLOCK_M"]:
+        _launch_grouped(*args, cfg, split=0)
+    else:
+        _launch_grouped(*args, cfg, split=cfg["BLOCK_M"])
+        _launch_grouped(*args, _whole_nf4_blocks(dict(tail), w), split=cfg["BLOCK_M"])
+
+
+def _launch_grouped(x, w, out, pairs, counts, route_w, num_pairs, num_experts, x_row_div, gated, cfg, split):
+    """One `_grouped_gemm_kernel` launch; split as the kernel's SPLIT (0: all rows; = BLOCK_M:
+    whole blocks only; > BLOCK_M: the tails that whole `split` blocks leave)."""
+    _, rows, k_dim = _shape(w)
+    n_out = rows // 2 if gated else rows
+    cfg = dict(cfg)
     block_m = cfg.pop("BLOCK_M")
     if x.is_cuda or not EXACT_GRID_ON_CPU:  # sized for the worst case: no host sync, capturable
         num_blocks = triton.cdiv(num_pairs, block_m) + min(num_experts + 1, num_pairs)
+        if split == block_m:
+            num_blocks = num_pairs // block_m
+        elif split:  # at most split - 1 tail rows per expert
+            num_blocks = min(num_blocks, (num_experts + 1) * triton.cdiv(split - 1, block_m))
     else:  # the interpreter pays ~0.05 s per program, idle or not, and a host read is free
-        num_blocks = sum(triton.cdiv(c, block_m) for c in counts.tolist())
+        counts_list = counts.tolist()
+        if split == block_m:
+            counts_list = [c // block_m * block_m for c in counts_list]
+        elif split:
+            counts_list = [c % split for c in counts_list]
+        num_blocks = sum(triton.cdiv(c, block_m) for c in counts_list)
+    if num_blocks == 0:
+        return
     grid = (num_blocks * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+    ptrs, strides, flags = _weight_args(w, num_experts)
     w_ptr, absmax, absmax_code, scale, offset, code = ptrs
     stride_we, stride_wn, stride_wk, absmax_per_expert, scales_per_expert = strides
     _grouped_gemm_kernel[grid](
@@ -589,7 +658,7 @@ def _grouped_gemm(x, w, out, pairs, counts, route_w, num_pairs, num_experts, x_r
         x.stride(0), x.stride(1), stride_we, stride_wn, stride_wk, out.stride(0), out.stride(1),
         absmax_per_expert, scales_per_expert,
         GATED=gated, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts + 1), GROUP_M=8, **flags, **cfg,
+        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts + 1), GROUP_M=8, SPLIT=split, **flags, **cfg,
     )
 
 
