@@ -128,31 +128,30 @@ def test_worst_case_grid_of_the_cuda_path(monkeypatch):
 
 @interpreter
 @pytest.mark.parametrize("exact_grid", [True, False])
-def test_whole_blocks_then_tails_cover_every_pair_once(exact_grid, monkeypatch):
-    """Long prefills run each grouped GEMM as two launches (whole 32-row blocks, then every
-    expert's remaining rows in 16-row blocks): same result as one launch, every pair written
-    exactly once (over a NaN-filled buffer), with experts of 0, < 16, 16..31, 32 and > 32 pairs
-    and an invalid id; on the CUDA grid (worst case, idle blocks) as well as the exact one."""
+def test_half_row_tail_blocks_cover_every_pair_once(exact_grid, monkeypatch):
+    """HALF_TAIL (long prefills): a block with at most half its rows runs at half the rows. With
+    32-row blocks and experts of 5, 14, 21, 32, 40 (32 + 8) and 70 (2 x 32 + 6) pairs, both code
+    paths run; every pair is written exactly once (over a NaN-filled buffer) and the result is
+    that of the reference and of the same configuration without it, on the exact grid and on
+    the CUDA path's worst-case grid (idle blocks)."""
     monkeypatch.setattr(experts_kernels, "EXACT_GRID_ON_CPU", exact_grid)
     experts = experts_module(6, 32, 24, seed=31)
     gen = torch.Generator().manual_seed(32)
     ids = torch.cat([torch.full((40,), 0), torch.full((32,), 1), torch.full((21,), 2), torch.full((5,), 3),
-                     torch.full((70,), 5)])[torch.randperm(168, generator=gen)].view(-1, 2)
+                     torch.full((14,), 4), torch.full((70,), 5)])[torch.randperm(182, generator=gen)].view(-1, 2)
     x = torch.randn(ids.shape[0], 32, generator=gen)
     weights = torch.rand(ids.shape, generator=gen)
     counts, pairs = align_by_expert(ids, 6)
-    config = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1,
-                  tail=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1))
+    config = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1, HALF_TAIL=True)
     gemm = experts_kernels._grouped_gemm  # (x, w, out, pairs, counts, route_w, S, E, x_row_div, gated, config)
-    act, out = torch.full((168, 24), float("nan")), torch.full((168, 32), float("nan"))
-    gemm(x, experts.gate_up_proj, act, pairs, counts, weights.flatten(), 168, 6, 2, True, config)
-    gemm(act, experts.down_proj, out, pairs, counts, weights.flatten(), 168, 6, 1, False, config)
+    act, out = torch.full((182, 24), float("nan")), torch.full((182, 32), float("nan"))
+    gemm(x, experts.gate_up_proj, act, pairs, counts, weights.flatten(), 182, 6, 2, True, config)
+    gemm(act, experts.down_proj, out, pairs, counts, weights.flatten(), 182, 6, 1, False, config)
     assert not out.isnan().any()
     expected = reference(x, weights, ids, experts.gate_up_proj, experts.down_proj)
     assert rel_err(out.view(-1, 2, 32).sum(1), expected) < 1e-6
-    single = fused_experts_forward(x, weights, ids, experts, config={**config, "tail": None})
-    assert torch.allclose(out.view(-1, 2, 32).sum(1), single, rtol=1e-5, atol=1e-6)
-    # and through the public entry point, the tail configuration as a tuning knob
+    without = fused_experts_forward(x, weights, ids, experts, config={**config, "HALF_TAIL": False})
+    assert torch.allclose(out.view(-1, 2, 32).sum(1), without, rtol=1e-5, atol=1e-6)
     assert rel_err(fused_experts_forward(x, weights, ids, experts, config=config), expected) < 1e-6
 
 

@@ -111,32 +111,19 @@ def topk_sum(y: torch.Tensor, top_k: int, block: int = 1024, num_warps: int = 4)
 
 
 @triton.jit
-def _block_rows(counts_ptr, block, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, SPLIT: tl.constexpr):
+def _block_rows(counts_ptr, block, num_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     """(expert, first row, end row) in the sorted pairs of row block `block`; expert E is the
-    bucket of invalid ids, E + 1 means past the last block.
-
-    SPLIT = 0: every row of an expert, in BLOCK_M blocks. SPLIT > 0 cuts each expert's rows
-    between two launches: SPLIT = BLOCK_M takes only its whole BLOCK_M blocks; SPLIT > BLOCK_M
-    takes the rows those leave (the tail after the whole SPLIT blocks), in BLOCK_M blocks."""
+    bucket of invalid ids, E + 1 means past the last block."""
     idx = tl.arange(0, BLOCK_E)
     live = idx <= num_experts
     counts = tl.load(counts_ptr + idx, mask=live, other=0)
-    if SPLIT == 0:
-        skip = counts * 0
-        rows = counts
-    elif SPLIT == BLOCK_M:
-        skip = counts * 0
-        rows = (counts // BLOCK_M) * BLOCK_M
-    else:
-        skip = (counts // SPLIT) * SPLIT
-        rows = counts - skip
-    blocks = (rows + BLOCK_M - 1) // BLOCK_M
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
     # Cumulative block counts as a masked [E, E] sum: E is small, and it avoids a scan.
     ends = tl.sum(tl.where(idx[None, :] <= idx[:, None], blocks[None, :], 0), axis=1)
     expert = tl.sum((live & (ends <= block)).to(tl.int32), axis=0)
     first_block = tl.sum(tl.where(idx == expert, ends - blocks, 0), axis=0)
-    start = tl.sum(tl.where(idx < expert, counts, 0), axis=0) + tl.sum(tl.where(idx == expert, skip, 0), axis=0)
-    count = tl.sum(tl.where(idx == expert, rows, 0), axis=0)
+    start = tl.sum(tl.where(idx < expert, counts, 0), axis=0)
+    count = tl.sum(tl.where(idx == expert, counts, 0), axis=0)
     return expert, start + (block - first_block) * BLOCK_M, start + count
 
 
@@ -250,12 +237,16 @@ def _grouped_gemm_kernel(
     GATED: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     NF4_ASM: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT: tl.constexpr,
+    GROUP_M: tl.constexpr, HALF_TAIL: tl.constexpr,
 ):
     """out[pair, n] for the pairs of one row block and one N-tile.
 
     GATED (gate_up): x row = pair // top_k (the token), W rows n (gate) and n_out + n (up),
     out = SiLU(gate) * up. Otherwise (down): x row = pair, out = routing weight * (x @ W^T).
+
+    HALF_TAIL: a block with at most BLOCK_M / 2 rows (an expert's last, partial block) runs at
+    half the rows, so its padding costs half the tensor-core work (long prefills: at 4,096
+    tokens of Qwen1.5-MoE an expert's ~273 pairs are 2 x 128 + ~17 rows).
     """
     # Programs run in groups of GROUP_M row blocks x every N-tile: the rows of a group (and the
     # weights of its few experts) are read from L2 while all N-tiles pass over them.
@@ -265,10 +256,31 @@ def _grouped_gemm_kernel(
     group_size = tl.minimum(num_blocks - first_block, GROUP_M)
     block = first_block + (pid % (GROUP_M * n_tiles)) % group_size
     n_tile = (pid % (GROUP_M * n_tiles)) // group_size
-    expert, row_lo, row_hi = _block_rows(counts_ptr, block, num_experts, BLOCK_M, BLOCK_E, SPLIT)
-    # Blocks past the end (expert E + 1) have no rows; the bucket of invalid ids (expert E)
-    # runs no K-loop, so its pairs get zeros from the down pass. Straight-line code with the
-    # K-loop at the top level lets Triton software-pipeline the loop's loads.
+    expert, row_lo, row_hi = _block_rows(counts_ptr, block, num_experts, BLOCK_M, BLOCK_E)
+    if HALF_TAIL and (row_hi - row_lo <= BLOCK_M // 2):
+        _block_gemm(x_ptr, w_ptr, out_ptr, pairs_ptr, route_w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
+                    absmax_offset_ptr, nf4_code_ptr, expert, row_lo, row_hi, n_tile, n_out, k_dim, num_experts,
+                    x_row_div, stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+                    absmax_per_expert, scales_per_expert, GATED, NF4, DOUBLE_QUANT, ROW_ALIGNED, NF4_ASM,
+                    DOT_PRECISION, BLOCK_M // 2, BLOCK_N, BLOCK_K)
+    else:
+        _block_gemm(x_ptr, w_ptr, out_ptr, pairs_ptr, route_w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
+                    absmax_offset_ptr, nf4_code_ptr, expert, row_lo, row_hi, n_tile, n_out, k_dim, num_experts,
+                    x_row_div, stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on,
+                    absmax_per_expert, scales_per_expert, GATED, NF4, DOUBLE_QUANT, ROW_ALIGNED, NF4_ASM,
+                    DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _block_gemm(x_ptr, w_ptr, out_ptr, pairs_ptr, route_w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
+                absmax_offset_ptr, nf4_code_ptr, expert, row_lo, row_hi, n_tile, n_out, k_dim, num_experts, x_row_div,
+                stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_om, stride_on, absmax_per_expert,
+                scales_per_expert, GATED: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                ROW_ALIGNED: tl.constexpr, NF4_ASM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The rows row_lo..row_hi (at most BLOCK_M, all of `expert`) x one N-tile of _grouped_gemm_kernel.
+    Blocks past the end (expert E + 1) have no rows; the bucket of invalid ids (expert E) runs
+    no K-loop, so its pairs get zeros from the down pass."""
     m = row_lo + tl.arange(0, BLOCK_M)
     m_ok = m < row_hi
     k_end = tl.where(expert < num_experts, k_dim, 0)
@@ -536,10 +548,8 @@ def kernel_config(num_pairs: int, n_out: int, num_experts: int, gated: bool, nf4
         # for their padding with twice the reuse of each weight tile. Measured on an H200 at 4,096
         # tokens: gate_up 577 -> 464 us, down 274 -> 226 us (a 128 x 256 tile; gate_up's two
         # accumulators make 128 x 128 its largest that fits).
-        # Each expert's last partial block runs at 64 rows (`tail`, a second launch): at 4,096 tokens
-        # an expert has ~273 pairs, 2 x 128 + 64 rows instead of 3 x 128.
         return dict(BLOCK_M=128, BLOCK_N=128 if gated else 256, BLOCK_K=64, num_warps=8, num_stages=3 if gated else 4,
-                    tail=dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4))
+                    HALF_TAIL=True)
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
@@ -607,48 +617,20 @@ def _whole_nf4_blocks(cfg: dict, w) -> dict:
 
 
 def _grouped_gemm(x, w, out, pairs, counts, route_w, num_pairs, num_experts, x_row_div, gated, config):
-    """One grouped GEMM (gate_up or down) over the sorted pairs. With a `tail` configuration
-    (long prefills, `kernel_config`) it is two launches: every expert's whole blocks at the large
-    tile, then the rows each expert's last partial block would hold at the small tile, so that
-    an expert with 273 pairs computes 2 x 128 + 64 rows, not 3 x 128."""
-    _, rows, _ = _shape(w)
-    n_out = rows // 2 if gated else rows
-    cfg = kernel_config(num_pairs, n_out, num_experts, gated, _is_nf4(w), x.is_cuda,
-                        torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132)
-    cfg = _whole_nf4_blocks({**cfg, **(config or {})}, w)
-    tail = cfg.pop("tail", None)
-    args = (x, w, out, pairs, counts, route_w, num_pairs, num_experts, x_row_div, gated)
-    if tail is None or tail["BLOCK_M"] >= cfg["BLOCK_M"]:
-        _launch_grouped(*args, cfg, split=0)
-    else:
-        _launch_grouped(*args, cfg, split=cfg["BLOCK_M"])
-        _launch_grouped(*args, _whole_nf4_blocks(dict(tail), w), split=cfg["BLOCK_M"])
-
-
-def _launch_grouped(x, w, out, pairs, counts, route_w, num_pairs, num_experts, x_row_div, gated, cfg, split):
-    """One `_grouped_gemm_kernel` launch; split as the kernel's SPLIT (0: all rows; = BLOCK_M:
-    whole blocks only; > BLOCK_M: the tails that whole `split` blocks leave)."""
     _, rows, k_dim = _shape(w)
     n_out = rows // 2 if gated else rows
-    cfg = dict(cfg)
+    nf4 = _is_nf4(w)
+    cfg = kernel_config(num_pairs, n_out, num_experts, gated, nf4, x.is_cuda,
+                        torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132)
+    cfg = _whole_nf4_blocks({**cfg, **(config or {})}, w)
+    ptrs, strides, flags = _weight_args(w, num_experts)
     block_m = cfg.pop("BLOCK_M")
+    half_tail = cfg.pop("HALF_TAIL", False)
     if x.is_cuda or not EXACT_GRID_ON_CPU:  # sized for the worst case: no host sync, capturable
         num_blocks = triton.cdiv(num_pairs, block_m) + min(num_experts + 1, num_pairs)
-        if split == block_m:
-            num_blocks = num_pairs // block_m
-        elif split:  # at most split - 1 tail rows per expert
-            num_blocks = min(num_blocks, (num_experts + 1) * triton.cdiv(split - 1, block_m))
     else:  # the interpreter pays ~0.05 s per program, idle or not, and a host read is free
-        counts_list = counts.tolist()
-        if split == block_m:
-            counts_list = [c // block_m * block_m for c in counts_list]
-        elif split:
-            counts_list = [c % split for c in counts_list]
-        num_blocks = sum(triton.cdiv(c, block_m) for c in counts_list)
-    if num_blocks == 0:
-        return
+        num_blocks = sum(triton.cdiv(c, block_m) for c in counts.tolist())
     grid = (num_blocks * triton.cdiv(n_out, cfg["BLOCK_N"]),)
-    ptrs, strides, flags = _weight_args(w, num_experts)
     w_ptr, absmax, absmax_code, scale, offset, code = ptrs
     stride_we, stride_wn, stride_wk, absmax_per_expert, scales_per_expert = strides
     _grouped_gemm_kernel[grid](
@@ -658,7 +640,8 @@ def _launch_grouped(x, w, out, pairs, counts, route_w, num_pairs, num_experts, x
         x.stride(0), x.stride(1), stride_we, stride_wn, stride_wk, out.stride(0), out.stride(1),
         absmax_per_expert, scales_per_expert,
         GATED=gated, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts + 1), GROUP_M=8, SPLIT=split, **flags, **cfg,
+        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts + 1), GROUP_M=8, HALF_TAIL=half_tail,
+        **flags, **cfg,
     )
 
 
@@ -789,13 +772,15 @@ def align_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
     pairs = torch.empty(num_pairs, dtype=torch.int32, device=ids.device)
     if num_pairs == 0:
         return counts.zero_(), pairs
-    # On the GPU one expert per program (E + 1 programs scan the pairs side by side: 24 us at
-    # 16,384 pairs on an H200, against 119 us with 8 experts per program); in the interpreter
-    # one program for all of them.
+    # On the GPU one expert per program (E + 1 programs scan the pairs side by side), in chunks of
+    # up to 8,192 pairs: 16.9 us at 16,384 pairs on an H200, against 24.6 us in chunks of 1,024 and
+    # 119 us with 8 experts per program (benchmarks/results/sweep_prefill_2026-11-29_h200.json).
+    # In the interpreter one program for all of them.
     group = 1 if ids.is_cuda else triton.next_power_of_2(num_experts + 1)
     _align_kernel[(triton.cdiv(num_experts + 1, group),)](
         flat_ids, counts, pairs, num_pairs, num_experts,
-        BLOCK_S=min(1024 if ids.is_cuda else 4096, triton.next_power_of_2(num_pairs)), GROUP=group)
+        BLOCK_S=min(8192 if ids.is_cuda else 4096, triton.next_power_of_2(num_pairs)), GROUP=group,
+        num_warps=8 if ids.is_cuda and num_pairs > 1024 else 4)
     return counts, pairs
 
 
@@ -863,7 +848,9 @@ def fused_experts_forward(hidden: torch.Tensor, weights: torch.Tensor, ids: torc
     out = torch.empty(num_pairs, hidden_dim, dtype=hidden.dtype, device=device)
     _grouped_gemm(hidden, gate_up, act, pairs, counts, route_w, num_pairs, num_experts, top_k, True, config)
     _grouped_gemm(act, down, out, pairs, counts, route_w, num_pairs, num_experts, 1, False, config)
-    out = out.view(num_tokens, top_k, hidden_dim).sum(dim=1)
+    # The top-k sum: a kernel on CUDA (21 us at 4,096 tokens on an H200 against 37 us for PyTorch's
+    # sum over the middle dimension), PyTorch in the interpreter.
+    out = topk_sum(out, top_k) if device.type == "cuda" else out.view(num_tokens, top_k, hidden_dim).sum(dim=1)
     return out if shared is None else out + shared_expert_torch(hidden, shared)
 
 
