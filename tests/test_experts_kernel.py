@@ -62,8 +62,12 @@ def rel_err(a, b):
 # ---------------------------------------------------------------------------- align
 
 @interpreter
-@pytest.mark.parametrize("num_pairs,num_experts", [(1, 4), (13, 5), (64, 16), (300, 60)])
-def test_align_equals_a_stable_argsort(num_pairs, num_experts):
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("num_pairs,num_experts", [(1, 4), (13, 5), (64, 16), (300, 60), (777, 60)])
+def test_align_equals_a_stable_argsort(num_pairs, num_experts, chunked, monkeypatch):
+    """The one-kernel scan and the two-pass chunked align (256-pair chunks: 777 pairs are four,
+    the last partial) give the stable argsort."""
+    monkeypatch.setattr(experts_kernels, "ALIGN_CHUNKED_FROM", 0 if chunked else 1 << 30)
     gen = torch.Generator().manual_seed(num_pairs)
     ids = torch.randint(0, num_experts, (num_pairs, 1), generator=gen)
     ids[::7] = 2  # ties: many pairs on one expert keep their pair order
@@ -73,7 +77,9 @@ def test_align_equals_a_stable_argsort(num_pairs, num_experts):
 
 
 @interpreter
-def test_align_puts_ids_outside_the_experts_in_the_last_bucket():
+@pytest.mark.parametrize("chunked", [False, True])
+def test_align_puts_ids_outside_the_experts_in_the_last_bucket(chunked, monkeypatch):
+    monkeypatch.setattr(experts_kernels, "ALIGN_CHUNKED_FROM", 0 if chunked else 1 << 30)
     ids = torch.tensor([[3, -1], [7, 0], [2, 3]])
     counts, pairs = align_by_expert(ids, 4)
     assert counts.tolist() == [1, 0, 1, 2, 2]

@@ -87,6 +87,43 @@ def _align_kernel(ids_ptr, counts_ptr, pairs_ptr, num_pairs, num_experts,
 
 
 @triton.jit
+def _align_count_kernel(ids_ptr, chunk_counts_ptr, num_pairs, num_experts, BLOCK_S: tl.constexpr,
+                        BLOCK_E: tl.constexpr):
+    """Chunked align, pass 1: program c counts the pairs of chunk c (BLOCK_S pairs) per bucket
+    (expert E: ids outside [0, E)) into chunk_counts[c, :]."""
+    offs = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    ok = offs < num_pairs
+    ids = tl.load(ids_ptr + offs, mask=ok, other=0)
+    bucket = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+    b = tl.arange(0, BLOCK_E)
+    count = tl.sum((ok[:, None] & (bucket[:, None] == b[None, :])).to(tl.int32), axis=0)
+    tl.store(chunk_counts_ptr + tl.program_id(0) * BLOCK_E + b, count)
+
+
+@triton.jit
+def _align_scatter_kernel(ids_ptr, chunk_counts_ptr, counts_ptr, pairs_ptr, num_pairs, num_experts, num_chunks,
+                          BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Chunked align, pass 2: program c writes each pair of chunk c at start of its bucket + the
+    bucket's pairs in earlier chunks + its rank among the bucket's pairs of this chunk (a stable
+    counting sort, as `_align_kernel`, with every pair read twice instead of E + 1 times)."""
+    c = tl.program_id(0)
+    chunk = tl.arange(0, BLOCK_C)
+    b = tl.arange(0, BLOCK_E)
+    per_chunk = tl.load(chunk_counts_ptr + chunk[:, None] * BLOCK_E + b[None, :], mask=(chunk < num_chunks)[:, None],
+                        other=0)
+    totals = tl.sum(per_chunk, axis=0)
+    base = tl.cumsum(totals, axis=0) - totals + tl.sum(tl.where((chunk < c)[:, None], per_chunk, 0), axis=0)
+    offs = c * BLOCK_S + tl.arange(0, BLOCK_S)
+    ok = offs < num_pairs
+    ids = tl.load(ids_ptr + offs, mask=ok, other=0)
+    bucket = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+    match = (ok[:, None] & (bucket[:, None] == b[None, :])).to(tl.int32)   # [BLOCK_S, BLOCK_E]
+    pos = base[None, :] + tl.cumsum(match, axis=0) - 1
+    tl.store(pairs_ptr + pos, offs[:, None] + 0 * pos, mask=match != 0)
+    tl.store(counts_ptr + b, totals, mask=(b <= num_experts) & (c + 0 * b == 0))  # program 0 writes the totals
+
+
+@triton.jit
 def _topk_sum_kernel(y_ptr, out_ptr, n_cols, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
     """out[t, cols] = sum over k of y[t * TOP_K + k, cols]: the top-k rows of one token added in
     fp32, in k order, and rounded once (what `y.view(T, K, H).sum(1)` computes)."""
@@ -513,6 +550,7 @@ def _gemv_down_kernel(
 
 # ---------------------------------------------------------------------------- launchers
 
+ALIGN_CHUNKED_FROM = 2048  # above this many pairs align_by_expert takes two passes over chunks
 DECODE_MAX_PAIRS = 256  # up to here (64 tokens at top-4) the decode configuration is used
 EXACT_GRID_ON_CPU = True  # False launches the CUDA path's worst-case grid in the interpreter too (tests)
 
@@ -771,15 +809,26 @@ def align_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
     pairs = torch.empty(num_pairs, dtype=torch.int32, device=ids.device)
     if num_pairs == 0:
         return counts.zero_(), pairs
-    # On the GPU one expert per program (E + 1 programs scan the pairs side by side), in chunks of
-    # up to 8,192 pairs: 16.9 us at 16,384 pairs on an H200, against 24.6 us in chunks of 1,024 and
-    # 119 us with 8 experts per program (benchmarks/results/sweep_prefill_2026-11-29_h200.json).
-    # In the interpreter one program for all of them.
+    if num_pairs > ALIGN_CHUNKED_FROM:
+        # Many pairs: two passes over chunks of 256 pairs (count per chunk, then scatter), so each
+        # pair is read twice rather than once per expert: 16,384 pairs in 6.0 us on an H200 against
+        # 17.6 us for the one-kernel scan below (benchmarks/results/sweep_prefill_2026-11-29_h200.json).
+        block_s, block_e = 256, triton.next_power_of_2(num_experts + 1)
+        num_chunks = triton.cdiv(num_pairs, block_s)
+        chunk_counts = torch.empty(num_chunks, block_e, dtype=torch.int32, device=ids.device)
+        _align_count_kernel[(num_chunks,)](flat_ids, chunk_counts, num_pairs, num_experts, BLOCK_S=block_s,
+                                           BLOCK_E=block_e)
+        _align_scatter_kernel[(num_chunks,)](flat_ids, chunk_counts, counts, pairs, num_pairs, num_experts, num_chunks,
+                                             BLOCK_S=block_s, BLOCK_E=block_e,
+                                             BLOCK_C=triton.next_power_of_2(num_chunks))
+        return counts, pairs
+    # Otherwise one kernel: on the GPU one expert per program (E + 1 programs scan the pairs side by
+    # side: 4.2 us at 2,048 pairs on an H200, against 119 us with 8 experts per program at 16,384);
+    # in the interpreter one program for all of them.
     group = 1 if ids.is_cuda else triton.next_power_of_2(num_experts + 1)
     _align_kernel[(triton.cdiv(num_experts + 1, group),)](
         flat_ids, counts, pairs, num_pairs, num_experts,
-        BLOCK_S=min(8192 if ids.is_cuda else 4096, triton.next_power_of_2(num_pairs)), GROUP=group,
-        num_warps=8 if ids.is_cuda and num_pairs > 1024 else 4)
+        BLOCK_S=min(1024 if ids.is_cuda else 4096, triton.next_power_of_2(num_pairs)), GROUP=group)
     return counts, pairs
 
 
