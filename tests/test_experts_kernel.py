@@ -358,7 +358,7 @@ def test_configs_keep_enough_programs_at_decode_and_tiles_in_registers():
             assert programs >= 4 * 132 or cfg["BLOCK_N"] == 16
     # Long prefills (64+ pairs per expert) take 128-row blocks; a 512-token prefill stays at 64.
     big = kernel_config(16384, 1408, 60, gated=True, nf4=False, on_gpu=True)
-    assert (big["BLOCK_M"], big["BLOCK_N"]) == (128, 128)
+    assert (big["BLOCK_M"], big["BLOCK_N"], big["num_stages"], big["HALF_TAIL"]) == (128, 128, 4, True)
     assert (kernel_config(16384, 2048, 60, gated=False, nf4=False, on_gpu=True)["BLOCK_N"]) == 256
     mid = kernel_config(2048, 1408, 60, gated=True, nf4=False, on_gpu=True)
     assert (mid["BLOCK_M"], mid["BLOCK_N"]) == (64, 128)

@@ -15,7 +15,13 @@ with no host sync (so a CUDA graph can capture them):
    reused from L2. Gate and up tiles share each load of x; SiLU(gate) * up is applied
    before the one store.
 3. the same kernel (down): the routing weight of each pair is applied before the store.
-4. a sum over the top-k rows of each token (deterministic: no atomics).
+4. `_topk_sum_kernel`: the sum over the top-k rows of each token (deterministic: no atomics;
+   PyTorch's sum under the interpreter).
+
+Long prefills add two refinements: above 8,192 pairs the align step takes two passes over
+256-pair chunks (`_align_count_kernel`, `_align_scatter_kernel`) instead of one scan per expert,
+and a block holding at most half its rows (an expert's last, partial block) runs at half the
+rows (`HALF_TAIL`), so its padding costs half the tensor-core work.
 
 Decode at the fewest tokens (bf16 up to 16 pairs, NF4 up to 128: GEMV_MAX_PAIRS*) skips
 grouping: two launches instead of four. There the layer's shared expert (`SharedExpert`,
@@ -550,7 +556,7 @@ def _gemv_down_kernel(
 
 # ---------------------------------------------------------------------------- launchers
 
-ALIGN_CHUNKED_FROM = 2048  # above this many pairs align_by_expert takes two passes over chunks
+ALIGN_CHUNKED_FROM = 8192  # above this many pairs align_by_expert takes two passes over chunks
 DECODE_MAX_PAIRS = 256  # up to here (64 tokens at top-4) the decode configuration is used
 EXACT_GRID_ON_CPU = True  # False launches the CUDA path's worst-case grid in the interpreter too (tests)
 
@@ -585,7 +591,11 @@ def kernel_config(num_pairs: int, n_out: int, num_experts: int, gated: bool, nf4
         # Long prefills (64+ pairs per expert: 1,024+ tokens of Qwen1.5-MoE): 128-row blocks pay
         # for their padding with twice the reuse of each weight tile. Measured on an H200 at 4,096
         # tokens: gate_up 577 -> 464 us, down 274 -> 226 us (a 128 x 256 tile; gate_up's two
-        # accumulators make 128 x 128 its largest that fits).
+        # accumulators make 128 x 128 its largest that fits). An expert's last block holds ~17 of
+        # its ~273 pairs there: HALF_TAIL runs such a block at 64 rows, and with four stages
+        # gate_up takes 419 us, down 215 (473 / 225 without; sweep_prefill_2026-11-29_h200.json).
+        # Running the tails as a second launch at 64 rows instead was slower (526 / 272 us:
+        # sweep_prefill_split_2026-11-29_h200.json).
         return dict(BLOCK_M=128, BLOCK_N=128 if gated else 256, BLOCK_K=64, num_warps=8, num_stages=4, HALF_TAIL=True)
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
@@ -811,8 +821,10 @@ def align_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
         return counts.zero_(), pairs
     if num_pairs > ALIGN_CHUNKED_FROM:
         # Many pairs: two passes over chunks of 256 pairs (count per chunk, then scatter), so each
-        # pair is read twice rather than once per expert: 16,384 pairs in 6.0 us on an H200 against
-        # 17.6 us for the one-kernel scan below (benchmarks/results/sweep_prefill_2026-11-29_h200.json).
+        # pair is read twice rather than once per expert. On an H200 (benchmarks/results/
+        # sweep_prefill_2026-11-29_h200.json): 16,384 pairs in 12.6 us against 24.3 us for the
+        # one-kernel scan below; even at 8,192 pairs (12.4 / 12.8 us); at 4,096 the one kernel's
+        # single launch wins (7.1 / 11.6 us).
         block_s, block_e = 256, triton.next_power_of_2(num_experts + 1)
         num_chunks = triton.cdiv(num_pairs, block_s)
         chunk_counts = torch.empty(num_chunks, block_e, dtype=torch.int32, device=ids.device)
@@ -823,8 +835,8 @@ def align_by_expert(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
                                              BLOCK_C=triton.next_power_of_2(num_chunks))
         return counts, pairs
     # Otherwise one kernel: on the GPU one expert per program (E + 1 programs scan the pairs side by
-    # side: 4.2 us at 2,048 pairs on an H200, against 119 us with 8 experts per program at 16,384);
-    # in the interpreter one program for all of them.
+    # side; 8 experts per program took 119 us at 16,384 pairs); in the interpreter one program for
+    # all of them.
     group = 1 if ids.is_cuda else triton.next_power_of_2(num_experts + 1)
     _align_kernel[(triton.cdiv(num_experts + 1, group),)](
         flat_ids, counts, pairs, num_pairs, num_experts,
