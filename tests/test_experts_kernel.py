@@ -396,12 +396,32 @@ def test_nf4_kernel_equals_dequantize_then_matmul(hidden, inter, double_quant, t
     gate_up, down = dequantize_nf4(quantized.gate_up), dequantize_nf4(quantized.down)
     x = torch.randn(tokens, hidden)
     weights, ids = routed(tokens, 8, 3, hidden)
-    for limit in (0, 1 << 20):  # the grouped GEMM, then the ungrouped decode kernels
-        monkeypatch.setattr(experts_kernels, "GEMV_MAX_PAIRS_NF4", limit)
+    # the grouped GEMM dequantizing in its tiles, the ungrouped decode kernels, and the long-prefill
+    # path (every expert dequantized once by nf4_to_dense, then the dense grouped GEMMs)
+    dequantized = []
+    to_dense = experts_kernels.nf4_to_dense
+    monkeypatch.setattr(experts_kernels, "nf4_to_dense", lambda w: dequantized.append(w) or to_dense(w))
+    for gemv_limit, dense_from in ((0, 1 << 20), (1 << 20, 1 << 20), (0, 0)):
+        monkeypatch.setattr(experts_kernels, "GEMV_MAX_PAIRS_NF4", gemv_limit)
+        monkeypatch.setattr(experts_kernels, "NF4_DENSE_FROM_PAIRS", dense_from)
         got = fused_experts_forward(x, weights, ids, quantized)
         assert rel_err(got, reference(x, weights, ids, gate_up, down)) < 1e-6
+    assert len(dequantized) == 2  # gate_up and down, on the last path only
     # and NF4 is not the dense result (the test would not notice skipped dequantization otherwise)
     assert rel_err(got, reference(x, weights, ids, dense.gate_up_proj, dense.down_proj)) > 1e-3
+
+
+@interpreter
+@pytest.mark.parametrize("shape,double_quant,dtype", [
+    ((3, 96, 128), True, torch.float32),
+    ((2, 40, 48), False, torch.float16),    # 960 values a row block: blocks cross rows
+])
+def test_nf4_to_dense_equals_dequantize_nf4(shape, double_quant, dtype):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(shape[1]))
+    quantized = quantize_nf4(w, double_quant, dtype=dtype)
+    dense = experts_kernels.nf4_to_dense(quantized)
+    assert dense.dtype == dtype and dense.shape == shape
+    assert torch.equal(dense, dequantize_nf4(quantized))
 
 
 # ---------------------------------------------------------------------------- in transformers and MoeForward

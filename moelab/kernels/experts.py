@@ -241,6 +241,24 @@ def _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr
 
 
 @triton.jit
+def _nf4_dense_kernel(codes_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
+                      out_ptr, half_n, blocksize, stride_ce, absmax_per_expert, scales_per_expert,
+                      DOUBLE_QUANT: tl.constexpr, NF4_ASM: tl.constexpr, BLOCK: tl.constexpr):
+    """out[e, 2j], out[e, 2j + 1] = the levels of code byte j of expert e times its block absmax,
+    computed in float32 and rounded once to out's dtype (what `moelab.quant.dequantize_nf4` does)."""
+    expert = tl.program_id(1)
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = j < half_n
+    byte = tl.load(codes_ptr + expert.to(tl.int64) * stride_ce + j, mask=ok, other=0)
+    hi, lo = _nf4_levels(byte, nf4_code_ptr, NF4_ASM)
+    am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert, (2 * j) // blocksize,
+                     ok, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
+    values = tl.join(hi * am, lo * am)                                          # [BLOCK, 2]: values 2j, 2j + 1
+    out = out_ptr + expert.to(tl.int64) * (2 * half_n) + (2 * j)[:, None] + tl.arange(0, 2)[None, :]
+    tl.store(out, values.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
 def _nf4_tiles(codes_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
                expert, rows, row_ok, k0, k_dim, absmax_per_expert, scales_per_expert,
                DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr, NF4_ASM: tl.constexpr):
@@ -656,6 +674,20 @@ def _weight_args(w, num_experts: int) -> tuple[list, dict]:
                  NF4_ASM=w.codes.is_cuda and torch.version.hip is None))
 
 
+def nf4_to_dense(w) -> torch.Tensor:
+    """An NF4Tensor [E, R, C] dequantized into a new dense tensor in w.dtype, one kernel (every
+    value read once, written once): the long-prefill path of `fused_experts_forward`."""
+    num_experts, rows, cols = w.shape
+    half_n = rows * cols // 2
+    out = torch.empty(num_experts, rows, cols, dtype=w.dtype, device=w.codes.device)
+    ptrs, strides, flags = _weight_args(w, num_experts)
+    block = 1024 if w.codes.is_cuda else 1 << 16
+    _nf4_dense_kernel[(triton.cdiv(half_n, block), num_experts)](
+        *ptrs, out, half_n, w.blocksize, strides[0], strides[3], strides[4],
+        DOUBLE_QUANT=flags["DOUBLE_QUANT"], NF4_ASM=flags["NF4_ASM"], BLOCK=block)
+    return out
+
+
 def _whole_nf4_blocks(cfg: dict, w) -> dict:
     """An NF4 weight's K-step must cover whole 64-value blocks (one absmax each): round BLOCK_K up."""
     if _is_nf4(w) and cfg["BLOCK_K"] % 64:
@@ -700,6 +732,10 @@ def _grouped_gemm(x, w, out, pairs, counts, route_w, num_pairs, num_experts, x_r
 # the same experts come back too often.
 GEMV_MAX_PAIRS = 16
 GEMV_MAX_PAIRS_NF4 = 128
+# From this many pairs (256 tokens at top-4) NF4 experts are dequantized once per call into a
+# dense workspace (`nf4_to_dense`) and run through the dense grouped GEMMs: a prefill is
+# compute-bound, and dequantizing inside each tile costs more than the bytes it saves.
+NF4_DENSE_FROM_PAIRS = 1024
 
 
 def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool, num_sms: int = 132,
@@ -903,6 +939,8 @@ def fused_experts_forward(hidden: torch.Tensor, weights: torch.Tensor, ids: torc
             return _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared)
         out = _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config)
         return out if shared is None else out + shared_expert_torch(hidden, shared)
+    if _is_nf4(gate_up) and num_pairs >= NF4_DENSE_FROM_PAIRS:
+        gate_up, down = nf4_to_dense(gate_up), nf4_to_dense(down)
     counts, pairs = align_by_expert(ids, num_experts)
     act = torch.empty(num_pairs, inter, dtype=hidden.dtype, device=device)
     out = torch.empty(num_pairs, hidden_dim, dtype=hidden.dtype, device=device)
