@@ -18,7 +18,8 @@ with no host sync (so a CUDA graph can capture them):
 4. `_topk_sum_kernel`: the sum over the top-k rows of each token (deterministic: no atomics;
    PyTorch's sum under the interpreter).
 
-Long prefills add two refinements: above 8,192 pairs the align step takes two passes over
+Long prefills add three refinements: NF4 experts are dequantized once per call into a dense
+copy from 1,024 pairs (`nf4_to_dense`, then the dense kernels); above 8,192 pairs the align step takes two passes over
 256-pair chunks (`_align_count_kernel`, `_align_scatter_kernel`) instead of one scan per expert,
 and a block holding at most half its rows (an expert's last, partial block) runs at half the
 rows (`HALF_TAIL`), so its padding costs half the tensor-core work.
@@ -733,8 +734,12 @@ def _grouped_gemm(x, w, out, pairs, counts, route_w, num_pairs, num_experts, x_r
 GEMV_MAX_PAIRS = 16
 GEMV_MAX_PAIRS_NF4 = 128
 # From this many pairs (256 tokens at top-4) NF4 experts are dequantized once per call into a
-# dense workspace (`nf4_to_dense`) and run through the dense grouped GEMMs: a prefill is
-# compute-bound, and dequantizing inside each tile costs more than the bytes it saves.
+# dense workspace (`nf4_to_dense`: a transient bf16 copy of the layer's experts, 1.04 GB on
+# Qwen1.5-MoE) and run through the dense grouped GEMMs: a prefill is compute-bound, and
+# dequantizing inside every tile costs more than the bytes it saves. On an H200 one layer at
+# 512 / 4,096 tokens went from 2,073 / 11,160 us to 983 / 1,389 us
+# (benchmarks/results/experts_nf4_prefill_2026-11-29_h200.json); 64 tokens (256 pairs) and fewer
+# keep dequantizing in registers.
 NF4_DENSE_FROM_PAIRS = 1024
 
 
