@@ -18,11 +18,12 @@ with no host sync (so a CUDA graph can capture them):
 4. `_topk_sum_kernel`: the sum over the top-k rows of each token (deterministic: no atomics;
    PyTorch's sum under the interpreter).
 
-Long prefills add three refinements: NF4 experts are dequantized once per call into a dense
-copy from 1,024 pairs (`nf4_to_dense`, then the dense kernels); above 8,192 pairs the align step takes two passes over
-256-pair chunks (`_align_count_kernel`, `_align_scatter_kernel`) instead of one scan per expert,
-and a block holding at most half its rows (an expert's last, partial block) runs at half the
-rows (`HALF_TAIL`), so its padding costs half the tensor-core work.
+Long prefills add three refinements: from 1,024 pairs NF4 experts are dequantized once per
+call into a dense copy (`nf4_to_dense`) that the dense kernels run; above 8,192 pairs the align
+step takes two passes over 256-pair chunks (`_align_count_kernel`, `_align_scatter_kernel`)
+instead of one scan per expert; and a block holding at most half its rows (an expert's last,
+partial block) runs at half the rows (`HALF_TAIL`), so its padding costs half the tensor-core
+work.
 
 Decode at the fewest tokens (bf16 up to 16 pairs, NF4 up to 128: GEMV_MAX_PAIRS*) skips
 grouping: two launches instead of four. There the layer's shared expert (`SharedExpert`,
