@@ -7,7 +7,7 @@ emulating the PTX in Python) fed to `tl.dot` against x padded to 16 rows do bett
 sm_90 the loop came to about 6.7 instructions per value, but Triton converts the looked-up tile
 into the mma operand layout (shuffles, repacking) and pads x in shared memory.
 
-Measured on an H200 (benchmarks/results/nf4_dot_probe_2026-11-29_h200.json, Qwen1.5-MoE gate_up,
+Measured on an H200 (benchmarks/results/probe_nf4_dot_2026-11-29_h200.json, Qwen1.5-MoE gate_up,
 4 pairs): the package's kernel 18.0 us; this probe at best 24.8 us (interleaved levels, one dot per
 64-value block, 32 rows, 2 warps), 33-88 us otherwise. Not adopted: fewer instructions in the
 loop did not make it faster; the layout conversions and synchronisation around the dot cost more.
@@ -210,7 +210,7 @@ def main():
                 check_and_time(f"proto BN={bn} w={warps} st={stages}", lambda i, bn=bn, w=warps, st=stages: proto(i, bn, w, st))
     for bn, warps, stages in ((32, 1, 3), (32, 2, 3), (64, 4, 3)):
         check_and_time(f"proto join BN={bn} w={warps} st={stages}", lambda i, bn=bn, w=warps, st=stages: proto(i, bn, w, st, True))
-    json.dump(rows, open(os.path.join(os.environ.get("OUT", "/tmp"), "nf4_dot_probe.json"), "w"), indent=1)
+    json.dump(rows, open(os.path.join(os.environ.get("OUT", "/tmp"), "probe_nf4_dot.json"), "w"), indent=1)
 
 
 if __name__ == "__main__":
