@@ -343,7 +343,8 @@ def _block_gemm(x_ptr, w_ptr, out_ptr, pairs_ptr, route_w_ptr, absmax_ptr, absma
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The rows row_lo..row_hi (at most BLOCK_M, all of `expert`) x one N-tile of _grouped_gemm_kernel.
     Blocks past the end (expert E + 1) have no rows; the bucket of invalid ids (expert E) runs
-    no K-loop, so its pairs get zeros from the down pass."""
+    no K-loop, so its pairs get zeros from the down pass. Called from both HALF_TAIL branches,
+    the K-loop is compiled twice; Triton software-pipelines both (cp.async in the sm_90 SASS)."""
     m = row_lo + tl.arange(0, BLOCK_M)
     m_ok = m < row_hi
     k_end = tl.where(expert < num_experts, k_dim, 0)
