@@ -53,6 +53,24 @@ def greedy(logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return logits.argmax(-1)
 
 
+def capture_graph(step, pool):
+    """Capture one call of `step()` in a CUDA graph whose memory comes from `pool`; returns
+    (graph, what step returned: the graph's static outputs). Two calls on a side stream first,
+    as PyTorch asks: they do the one-time work (allocations, Triton compilation, library
+    handles) that must not land in the graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = step()
+    torch.cuda.synchronize()
+    return graph, out
+
+
 class DecodeGraphs:
     """Decode steps for up to max(buckets) sequences, replayed from CUDA graphs.
 
@@ -175,16 +193,7 @@ class DecodeGraphs:
         for bucket in reversed(self.buckets):  # largest first: the smaller ones reuse its memory
             start = time.perf_counter()
             for name, sample_fn in self.samplers.items():
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(2):
-                        self._static_step(bucket, sample_fn)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    logits, ids = self._static_step(bucket, sample_fn)
-                torch.cuda.synchronize()
+                graph, (logits, ids) = capture_graph(lambda: self._static_step(bucket, sample_fn), pool)
                 self._graphs[name, bucket] = (graph, logits, ids)
             self.capture_seconds[bucket] = time.perf_counter() - start  # all samplers of the bucket
 
@@ -269,19 +278,9 @@ class PrefillGraphs:
         start = time.perf_counter()
         lengths = self.cache.lengths.clone()  # the warm-up and capture runs must leave no trace
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._step(bucket)
-            torch.cuda.current_stream().wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                logits = self._step(bucket)
-            torch.cuda.synchronize()
-            self._graphs[bucket] = (graph, logits)
+            self._graphs[bucket] = capture_graph(lambda: self._step(bucket), self._pool)
         except Exception as err:  # noqa: BLE001  (any capture failure falls back, loudly)
             warnings.warn(f"CUDA graph capture of the {bucket}-token prefill failed ({type(err).__name__}: {err}); "
                           "prefilling eagerly", RuntimeWarning, stacklevel=3)

@@ -738,10 +738,11 @@ GEMV_MAX_PAIRS_NF4 = 128
 # From this many pairs (256 tokens at top-4) NF4 experts are dequantized once per call into a
 # dense workspace (`nf4_to_dense`: a transient bf16 copy of the layer's experts, 1.04 GB on
 # Qwen1.5-MoE) and run through the dense grouped GEMMs: a prefill is compute-bound, and
-# dequantizing inside every tile costs more than the bytes it saves. On an H200 one layer at
+# dequantizing inside every tile cost more than the bytes it saves. On an H200 one layer at
 # 512 / 4,096 tokens went from 2,073 / 11,160 us to 983 / 1,389 us
 # (benchmarks/results/experts_nf4_prefill_2026-11-29_h200.json); 64 tokens (256 pairs) and fewer
-# keep dequantizing in registers.
+# keep dequantizing in registers. The crossover between 256 and 2,048 pairs is not measured:
+# 1,024 is a guess between them.
 NF4_DENSE_FROM_PAIRS = 1024
 
 
