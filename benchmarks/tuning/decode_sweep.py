@@ -43,20 +43,14 @@ base = run_cfg(None, None)
 print("package (routed+shared)", base, flush=True); rows.append({"what": "package", "us": base})
 routed_only = bench._time_graph(lambda i: fused_experts_forward(x, w, ids[i], layers[i]), R)
 print("routed only", routed_only, flush=True); rows.append({"what": "routed_only", "us": routed_only})
-for bn, bk, nw, pl in itertools.product((4, 8, 16), (256, 512), (2, 4, 8), (1, 3)):
-    c = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, PIPELINE=pl)
-    try:
-        t = run_cfg(None, c)
-    except Exception as e:
-        t = None
-    rows.append({"what": "down", **c, "us": t}); print("down", c, t, flush=True)
-for bn, bk, nw, pl in itertools.product((4, 8, 16), (256, 512), (2, 4), (1, 3)):
-    c = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, PIPELINE=pl)
-    try:
-        t = run_cfg(c, None)
-    except Exception as e:
-        t = None
-    rows.append({"what": "gate_up", **c, "us": t}); print("gate_up", c, t, flush=True)
+for what, warps in (("down", (2, 4, 8)), ("gate_up", (2, 4))):  # each kernel's configs, the other at its default
+    for bn, bk, nw, pl in itertools.product((4, 8, 16), (256, 512), warps, (1, 3)):
+        c = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, PIPELINE=pl)
+        try:
+            t = run_cfg(c, None) if what == "gate_up" else run_cfg(None, c)
+        except Exception:
+            t = None
+        rows.append({"what": what, **c, "us": t}); print(what, c, t, flush=True)
 # dense GEMV
 shapes = {"qkv": (6144, True), "o_proj": (2048, False), "router": (61, False)}
 for name, (n, has_b) in shapes.items():
