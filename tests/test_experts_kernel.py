@@ -642,9 +642,10 @@ def greedy_cuda(model, tok, prompt, new_tokens):
     return out[0, ids.shape[1]:].tolist()
 
 
-def _run_ptx(asm: str, word: int) -> list[int]:
-    """A tiny interpreter for the straight-line PTX of `_nf4_prmt_asm` (and, or, xor, shl, shr,
-    prmt in its default mode, lop3): returns the eight 32-bit outputs $0..$7 for input $8."""
+def _run_ptx(asm: str, word: int, outputs: int = 8) -> list[int]:
+    """A tiny interpreter for the straight-line PTX of `_nf4_prmt_asm` and the look-up lines of
+    `_nf4_bf16_pair_lines` (and, or, xor, shl, shr, prmt in its default mode, lop3): returns the
+    32-bit outputs $0..$(outputs - 1) for the input word ${outputs}."""
     mask = 0xFFFFFFFF
 
     def prmt(a, b, sel):
@@ -662,7 +663,7 @@ def _run_ptx(asm: str, word: int) -> list[int]:
 
     ops = {"and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b, "xor.b32": lambda a, b: a ^ b,
            "shl.b32": lambda a, b: a << b, "shr.b32": lambda a, b: a >> b, "prmt.b32": prmt, "lop3.b32": lop3}
-    regs = {"$8": word}
+    regs = {f"${outputs}": word}
     for line in asm.replace("{", "").replace("}", "").split(";"):
         line = line.strip()
         if not line or line.startswith(".reg"):
@@ -670,7 +671,7 @@ def _run_ptx(asm: str, word: int) -> list[int]:
         op, args = line.split(None, 1)
         dst, *src = [a.strip() for a in args.split(",")]
         regs[dst] = ops[op](*[regs[a] if a in regs else int(a, 0) for a in src]) & mask
-    return [regs[f"${i}"] for i in range(8)]
+    return [regs[f"${i}"] for i in range(outputs)]
 
 
 def test_nf4_byte_permute_lookup_gives_the_exact_code_book():
@@ -689,3 +690,28 @@ def test_nf4_byte_permute_lookup_gives_the_exact_code_book():
         out = _run_ptx(asm, sum(b << 8 * i for i, b in enumerate(bytes4)))
         assert out[:4] == [levels[b >> 4] for b in bytes4]     # high nibbles: even values
         assert out[4:] == [levels[b & 15] for b in bytes4]     # low nibbles: odd values
+
+
+def test_nf4_bf16_pair_lookup_gives_the_bf16_code_book_in_x_order():
+    """The look-up inside the NF4 decode GEMV's PTX (`_nf4_bf16_pair_lines`, the table written
+    as immediates), run by the interpreter on code words covering every nibble in every
+    position: register i holds bf16(level) of value 2i (byte i's high nibble) in its low half and
+    of value 2i + 1 (its low nibble) in its high half, bit for bit; and the 4 table words the
+    kernels load into registers are the ones the immediates spell."""
+    from moelab.kernels.experts import _nf4_bf16_pair_lines, _nf4_code, nf4_bf16_tables
+    from moelab.quant import NF4_CODE
+
+    lines = [".reg .b32 m, m1, s, s1, ta, tb, l0, l1, h0, h1;"] + _nf4_bf16_pair_lines("$4", ("$0", "$1", "$2", "$3"))
+    asm = "{" + "\n".join(lines) + "}"
+    bf16 = [v & 0xFFFF for v in NF4_CODE.to(torch.bfloat16).view(torch.int16).tolist()]
+    rng = random.Random(1)
+    words = [rng.getrandbits(32) for _ in range(300)] + [0, 0xFFFFFFFF, 0x01234567, 0x89ABCDEF, 0x77777777, 0x88888888]
+    words += [sum(((n + i) % 16) << (4 * i) for i in range(8)) for n in range(16)]
+    for word in words:
+        out = _run_ptx(asm, word, outputs=4)
+        for i in range(4):
+            byte = word >> (8 * i) & 0xFF
+            assert out[i] == bf16[byte >> 4] | bf16[byte & 15] << 16, (hex(word), i)
+    low, high = nf4_bf16_tables()
+    loaded = [w & 0xFFFFFFFF for w in _nf4_code(torch.device("cpu"))[16:].view(torch.int32).tolist()]
+    assert loaded == [low[0], low[2], high[0], high[2]] * 32  # one copy per lane

@@ -215,6 +215,87 @@ def _nf4_prmt_asm() -> str:
 NF4_PRMT_ASM = tl.constexpr(_nf4_prmt_asm())
 
 
+def nf4_bf16_tables() -> tuple[list[int], list[int]]:
+    """The bf16 NF4 code book as two 16-byte tables, 4 words each: (low bytes, high bytes)."""
+    from ..quant import NF4_CODE
+
+    bits = [v & 0xFFFF for v in NF4_CODE.to(torch.bfloat16).view(torch.int16).tolist()]
+    pack = lambda table: [sum(table[n0 + i] << (8 * i) for i in range(4)) for n0 in (0, 4, 8, 12)]  # noqa: E731
+    return pack([b & 0xFF for b in bits]), pack([b >> 8 for b in bits])
+
+
+def _nf4_bf16_pair_lines(word: str, outs: tuple[str, str, str, str], table_regs=None) -> list[str]:
+    """PTX lines that look up the 8 nibbles of one 32-bit code word as bf16 levels, two per register:
+    outs[i] holds the level of value 2i (the high nibble of byte i) in its low half and of value
+    2i + 1 (the low nibble) in its high half: the order of x's bf16 pairs in memory.
+
+    The bf16 code book is cut into its low bytes L and high bytes H (16 each, 4 registers each).
+    `prmt` looks up 4 nibbles at a time in an 8-byte table, so each table is looked up twice
+    (levels 0-7 and 8-15, selector bit 3 cleared) and a third `prmt` keeps, per byte, the half
+    that bit 3 names (llama.cpp's get_int_from_table_16 trick); four more `prmt`s interleave the
+    L and H bytes into bf16 pairs. 21 instructions per 8 levels, no memory access.
+
+    table_regs: registers holding words 0 and 2 of the low and high tables (`prmt`'s first
+    source must be a register: with immediates ptxas copies them into one before every use);
+    None writes every table word as an immediate (for the PTX interpreter of the tests)."""
+    low, high = nf4_bf16_tables()
+    imm = {("l", i): f"0x{w:08X}" for i, w in enumerate(low)} | {("h", i): f"0x{w:08X}" for i, w in enumerate(high)}
+    if table_regs is not None:
+        imm |= dict(zip((("l", 0), ("l", 2), ("h", 0), ("h", 2)), table_regs))
+    lines = [f"and.b32 m, {word}, 0x77777777;", "shr.b32 m1, m, 16;",   # selectors, bit 3 cleared
+             f"shr.b32 s, {word}, 1;", "lop3.b32 s, s, 0x44444444, 0x32103210, 0xEA;",  # (s & 0x44..) | 0x3210..
+             "shr.b32 s1, s, 16;"]
+    for name in ("l", "h"):
+        for half, (sel, pick) in enumerate((("m", "s"), ("m1", "s1"))):
+            lines += [f"prmt.b32 ta, {imm[name, 0]}, {imm[name, 1]}, {sel};",
+                      f"prmt.b32 tb, {imm[name, 2]}, {imm[name, 3]}, {sel};",
+                      f"prmt.b32 {name}{half}, ta, tb, {pick};"]
+    # l0/h0: L/H bytes of the nibbles [lo0, hi0, lo1, hi1] (byte 0's low nibble first); l1/h1 of bytes 2, 3.
+    for i, (src, sel) in enumerate((("0", "0x4051"), ("0", "0x6273"), ("1", "0x4051"), ("1", "0x6273"))):
+        lines.append(f"prmt.b32 {outs[i]}, l{src}, h{src}, {sel};")
+    return lines
+
+
+def _nf4_dot_asm() -> str:
+    """PTX for one code word of an NF4 GEMV: $0 = $11 + $10 * (sum over the word's 8 values of
+    level * x), float32, with $1 the code word, $2-$5 the 4 bf16 pairs of x it multiplies, $6-$9
+    four table words (`_nf4_lut`), $10 the block's absmax (times the x scale) and $11 the
+    running sum. The levels come from `_nf4_bf16_pair_lines`; the products are formed two at a
+    time in bf16 (`mul`/`fma.rn.bf16x2`), the word's 4 pairs added in bf16, the two halves in
+    float32. About 3.8 instructions per value, against about 13 for float32 levels and FMAs; the
+    bf16 roundings (the level, each product, three additions) put the result within about 3e-3
+    (relative L2) of dequantize-then-matmul in bf16, which is itself about 2e-3 from exact."""
+    lines = [".reg .b32 m, m1, s, s1, ta, tb, l0, l1, h0, h1, p0, p1, p2, p3, a, c, u, v;",
+             ".reg .f32 fa, fb, fr;"]
+    lines += _nf4_bf16_pair_lines("$1", ("p0", "p1", "p2", "p3"), ("$6", "$7", "$8", "$9"))
+    lines += ["mul.rn.bf16x2 a, p0, $2;", "fma.rn.bf16x2 a, p1, $3, a;",
+              "mul.rn.bf16x2 c, p2, $4;", "fma.rn.bf16x2 c, p3, $5, c;", "add.rn.bf16x2 a, a, c;",
+              "shl.b32 u, a, 16;", "and.b32 v, a, 0xFFFF0000;", "mov.b32 fa, u;", "mov.b32 fb, v;",
+              "add.f32 fa, fa, fb;", "mov.b32 fb, $10;", "mov.b32 fr, $11;", "fma.rn.f32 fr, fa, fb, fr;",
+              "mov.b32 $0, fr;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+NF4_DOT_ASM = tl.constexpr(_nf4_dot_asm())
+
+
+@triton.jit
+def _nf4_lut(nf4_code_ptr, NF4_WORDS: tl.constexpr):
+    """The 4 table words `NF4_DOT_ASM` takes in registers, loaded once per program from the
+    code-book buffer (`_nf4_code`: one copy per lane after the 16 levels); zeros where the NF4
+    word path is not taken. Each lane reads its own copy so that ptxas sees per-thread values:
+    a value it can prove uniform lives in a uniform register, copied into a regular one before
+    every `prmt` (one more instruction per look-up)."""
+    if NF4_WORDS:
+        lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [tl.program_id(0)], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+        tab = nf4_code_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + 16 + 4 * lane
+        lut = (tl.load(tab), tl.load(tab + 1), tl.load(tab + 2), tl.load(tab + 3))
+    else:
+        lut = (0, 0, 0, 0)
+    return lut
+
+
 @triton.jit
 def _nf4_levels(byte, nf4_code_ptr, NF4_ASM: tl.constexpr):
     """fp32 NF4 levels of the high and low nibble of each code byte (uint8): byte permutes on
@@ -398,18 +479,71 @@ def _block_gemm(x_ptr, w_ptr, out_ptr, pairs_ptr, route_w_ptr, absmax_ptr, absma
 
 
 @triton.jit
-def _gemv_rows(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
+def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, x_row_ptr, x_scale,
+               expert, rows, row_ok, k0, k_dim, absmax_per_expert, scales_per_expert, lut,
+               DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The NF4 decode step on CUDA: acc [BLOCK_N, BLOCK_K // 64, 8] (float32, one entry per code
+    word) plus W[expert, rows, k0:k0 + BLOCK_K] times x, word by word, each word's sum scaled by
+    its block's absmax (and x_scale) inside `NF4_DOT_ASM`.
+
+    Word j of NF4 block b of a row holds the codes of values 64b + 8j .. 64b + 8j + 7; x is read
+    as bf16 pairs (32-bit words, so x must be 4-byte aligned: the launcher sees to it) and each
+    code word meets its 4 pairs in `NF4_DOT_ASM`. Rows are whole 64-blocks (k_dim % 64 == 0)."""
+    NB: tl.constexpr = BLOCK_K // 64
+    b = tl.arange(0, NB)
+    j = tl.arange(0, 8)
+    blk_ok = k0 + 64 * b < k_dim
+    row_words = tl.multiple_of(rows.to(tl.int64) * (k_dim // 8) + k0 // 8, 8)  # rows start on 32-byte boundaries
+    word_off = row_words[:, None, None] + (8 * b[:, None] + j[None, :])[None, :, :]
+    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + word_off,
+                    mask=row_ok[:, None, None] & blk_ok[None, :, None], other=0)
+    pair = (k0 // 2 + 32 * b[:, None] + 4 * j[None, :])[:, :, None] + tl.arange(0, 4)[None, None, :]  # [NB, 8, 4]
+    xp = tl.load(x_row_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + pair, mask=blk_ok[:, None, None], other=0)
+    x02, x13 = tl.split(tl.reshape(xp, (NB, 8, 2, 2)))  # pairs (0, 2) and (1, 3) of each word
+    x0, x2 = tl.split(x02)
+    x1, x3 = tl.split(x13)
+    blk = (rows.to(tl.int64) * k_dim + k0) // 64
+    am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
+                     blk[:, None] + b[None, :], row_ok[:, None] & blk_ok[None, :], absmax_per_expert,
+                     scales_per_expert, DOUBLE_QUANT)
+    return tl.inline_asm_elementwise(NF4_DOT_ASM, "=r,r,r,r,r,r,r,r,r,r,r,r",
+                                     [words, x0[None, :, :], x1[None, :, :], x2[None, :, :], x3[None, :, :],
+                                      lut[0], lut[1], lut[2], lut[3], (am * x_scale)[:, :, None], acc],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _gemv_acc(BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NF4: tl.constexpr, WORDS: tl.constexpr):
+    """A zero accumulator shaped like `_gemv_rows`' tiles."""
+    if NF4 and WORDS:
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 64, 8), dtype=tl.float32)
+    elif NF4:
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 64, 32), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _gemv_rows(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
                x_row_ptr, x_scale, expert, rows, row_ok, k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert,
-               NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr,
+               lut, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr,
                NF4_ASM: tl.constexpr):
-    """W[expert, rows, k0:k0 + BLOCK_K] * (x_scale * x[k0:k0 + BLOCK_K]) elementwise, in fp32, not yet summed
-    (the caller accumulates it and sums once at the end: one FMA per weight).
+    """acc + W[expert, rows, k0:k0 + BLOCK_K] * (x_scale * x[k0:k0 + BLOCK_K]) elementwise, in fp32, not yet
+    summed (the caller sums the accumulator once at the end: one FMA per weight).
 
     Dense: a [BLOCK_N, BLOCK_K] tile, contiguous along K (16-byte loads). NF4: a [BLOCK_N,
     BLOCK_K // 64, 32] tile of code bytes (byte j of NF4 block b holds values 64b + 2j and
     64b + 2j + 1), so one block absmax per (row, b) broadcasts over its 32 bytes; the two
-    nibbles are looked up in the 16-entry code book and paired with the even and odd x."""
-    if NF4:
+    nibbles are looked up in the 16-entry code book and paired with the even and odd x.
+
+    NF4 on CUDA with rows of whole 64-blocks (`_nf4_words`): a [BLOCK_N, BLOCK_K // 64, 8] tile
+    of 32-bit code words, each multiplied by its 8 values of x in one piece of PTX."""
+    if NF4 and NF4_ASM and ROW_ALIGNED:
+        acc = _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, x_row_ptr, x_scale,
+                          expert, rows, row_ok, k0, k_dim, absmax_per_expert, scales_per_expert, lut, DOUBLE_QUANT,
+                          BLOCK_K)
+    elif NF4:
         b = tl.arange(0, BLOCK_K // 64)
         j = tl.arange(0, 32)
         col = k0 + 64 * b[:, None] + 2 * j[None, :]                     # [NB, 32] even columns
@@ -436,19 +570,19 @@ def _gemv_rows(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offs
             ok = row_ok[:, None] & (k0 + 64 * b < k_dim)[None, :]
             am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
                              blk[:, None] + b[None, :], ok, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
-            prod = pair_sum * am[:, :, None]
+            acc += pair_sum * am[:, :, None]
         else:
             am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
                              flat // 64, mask, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
-            prod = pair_sum * am
+            acc += pair_sum * am
     else:
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < k_dim
         w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_wn + ks[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         x = tl.load(x_row_ptr + ks, mask=k_ok, other=0.0).to(tl.float32) * x_scale
-        prod = w.to(tl.float32) * x[None, :]
-    return prod
+        acc += w.to(tl.float32) * x[None, :]
+    return acc
 
 
 @triton.jit
@@ -503,19 +637,16 @@ def _gemv_gate_up_kernel(
         up_rows = tl.where(shared, n + shared_rows, up_rows)
         row_ok = n_ok & (n < tl.where(shared, shared_rows - c * n_out, n_out))  # the last chunk may be partial
         k_end = tl.where(shared, k_dim, k_end)
-    if NF4:
-        acc = tl.zeros((BLOCK_N, BLOCK_K // 64, 32), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_N, BLOCK_K // 64, 32), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
+    acc_up = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
+    lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED)
     for k0 in tl.range(0, k_end, BLOCK_K, num_stages=PIPELINE):
-        acc += _gemv_rows(w_e, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
+        acc = _gemv_rows(acc, w_e, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
                           x_row, 1.0, expert, n, row_ok, k0, k_dim, row_stride, absmax_per_expert, scales_per_expert,
-                          NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
-        acc_up += _gemv_rows(w_e, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
+                          lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
+        acc_up = _gemv_rows(acc_up, w_e, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
                              x_row, 1.0, expert, up_rows, row_ok, k0, k_dim, row_stride, absmax_per_expert,
-                             scales_per_expert, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
+                             scales_per_expert, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
     gate = _gemv_acc_sum(acc, NF4)
     out = gate * tl.sigmoid(gate) * _gemv_acc_sum(acc_up, NF4)
     tl.store(act_ptr + pair.to(tl.int64) * stride_am + n, out.to(act_ptr.dtype.element_ty), mask=n_ok)
@@ -546,10 +677,8 @@ def _gemv_down_kernel(
     token = pid // n_tiles
     n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < n_out
-    if NF4:
-        acc = tl.zeros((BLOCK_N, BLOCK_K // 64, 32), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
+    lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED)
     for k0 in tl.range(0, k_dim, BLOCK_K, num_stages=PIPELINE):
         for k in tl.static_range(TOP_K):  # the top-k experts' loads of one K-step are independent
             pair = token.to(tl.int64) * TOP_K + k
@@ -558,19 +687,19 @@ def _gemv_down_kernel(
             row_ok = n_ok & ((expert + 0 * n) >= 0) & ((expert + 0 * n) < num_experts)  # the interpreter needs tensors
             expert = tl.where(valid, expert, 0)
             route_w = tl.load(route_w_ptr + pair).to(out_ptr.dtype.element_ty).to(tl.float32)
-            acc += _gemv_rows(w_ptr + expert.to(tl.int64) * stride_we, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
+            acc = _gemv_rows(acc, w_ptr + expert.to(tl.int64) * stride_we, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
                               absmax_offset_ptr, nf4_code_ptr, act_ptr + pair * stride_am, route_w, expert, n, row_ok,
                               k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert,
-                              NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
+                              lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
     total = _gemv_acc_sum(acc, NF4)
     if HAS_SHARED:  # dense weights only (the launcher checks)
         gate = tl.sigmoid(tl.load(shared_gate_ptr + token.to(tl.int64) * stride_sg).to(tl.float32))
         shared_row = act_ptr + (shared_act_row + token.to(tl.int64) * shared_chunks) * stride_am
         acc_s = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in tl.range(0, shared_k, BLOCK_K, num_stages=PIPELINE):  # dense rows (NF4=False below)
-            acc_s += _gemv_rows(shared_w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
+            acc_s = _gemv_rows(acc_s, shared_w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
                                 nf4_code_ptr, shared_row, gate, 0, n, n_ok, k0, shared_k, stride_swn,
-                                absmax_per_expert, scales_per_expert, False, False, False, BLOCK_K, False)
+                                absmax_per_expert, scales_per_expert, lut, False, False, False, BLOCK_K, False)
         total += tl.sum(acc_s, axis=1)
     tl.store(out_ptr + token.to(tl.int64) * stride_om + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
 
@@ -652,11 +781,13 @@ def _shape(w) -> tuple[int, int, int]:
 
 @functools.lru_cache(maxsize=None)
 def _nf4_code(device: torch.device) -> torch.Tensor:
-    """float32 [16]: the NF4 code book, on `device` once (a host-to-device copy inside a CUDA
-    graph capture would fail)."""
+    """float32 [144]: the NF4 code book, then 32 copies (one per lane) of the 4 register table
+    words of `NF4_DOT_ASM` (their bits), on `device` once (a host-to-device copy inside a CUDA graph capture would fail)."""
     from ..quant import NF4_CODE
 
-    return NF4_CODE.to(torch.float32).to(device)
+    low, high = nf4_bf16_tables()
+    words = torch.tensor([low[0], low[2], high[0], high[2]] * 32, dtype=torch.int64).to(torch.int32)  # wraps: same bits
+    return torch.cat([NF4_CODE.to(torch.float32), words.view(torch.float32)]).to(device)
 
 
 def _weight_args(w, num_experts: int) -> tuple[list, dict]:
@@ -818,6 +949,8 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
     num_pairs = num_tokens * top_k
     num_experts, _, hidden_dim = _shape(gate_up)
     hidden = hidden.contiguous()  # the kernels step along K with unit stride
+    if hidden.data_ptr() % 4:  # the NF4 kernels read x as 32-bit bf16 pairs
+        hidden = hidden.clone()
     flat_ids = ids.reshape(-1).contiguous()
     on_gpu = hidden.is_cuda
     sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count if on_gpu else 132
