@@ -163,10 +163,20 @@ def experts_torch(hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
 
 def _linear(module, x: torch.Tensor) -> torch.Tensor:
     """module(x) for a plain nn.Linear as one `F.linear`, skipping nn.Module's call machinery
-    (a few microseconds a call, which add up in a small model's step); anything else (a
-    quantized Linear4bit) through its own forward."""
+    (a few microseconds a call, which add up in a small model's step); a bitsandbytes NF4
+    Linear4bit on CUDA, for a few tokens, through moelab's GEMV kernel on its own storage
+    (`moelab.kernels.gemv`: the experts' NF4 decode path, in place of bitsandbytes'
+    gemm_4bit); anything else through its own forward."""
     if type(module) is nn.Linear:
         return F.linear(x, module.weight, module.bias)
+    if x.is_cuda and type(module).__name__ == "Linear4bit":
+        from .kernels.gemv import MAX_TOKENS, linear_gemv
+        from .quant import linear4bit_nf4
+
+        nf4 = linear4bit_nf4(module) if x.shape[0] <= MAX_TOKENS and x.dim() == 2 else None
+        if nf4 is not None and nf4.dtype == x.dtype:
+            bias = module.bias if module.bias is None or module.bias.dtype == x.dtype else module.bias.to(x.dtype)
+            return linear_gemv(x, nf4, bias)
     return module(x)
 
 

@@ -392,6 +392,40 @@ def linear_to_nf4(linear: nn.Linear, compute_dtype: torch.dtype):
     return q
 
 
+def linear4bit_nf4(module) -> NF4Tensor | None:
+    """A bitsandbytes NF4 `Linear4bit`'s weight seen as a one-expert NF4Tensor [1, out, in],
+    sharing its storage (no copy): bitsandbytes' packed codes, block absmax and nested state
+    are this module's format (module docstring). None for anything else (another quant type,
+    block size or storage, a module not yet quantized, rows that are not whole 64-blocks: there
+    bitsandbytes' CPU dequantization disagrees with its own codes, 2026-12 check in
+    tests/test_gemv.py). Cached on the module, keyed by the codes' address so a move to another
+    device builds a new view."""
+    weight = getattr(module, "weight", None)
+    state = getattr(module, "quant_state", None) or getattr(weight, "quant_state", None)
+    if (type(module).__name__ != "Linear4bit" or state is None or state.quant_type != "nf4" or state.blocksize != 64
+            or weight.dtype != torch.uint8 or weight.device.type == "meta"):
+        return None
+    cached = module.__dict__.get("_moelab_nf4")
+    if cached is not None and cached[0] == weight.data_ptr():
+        return cached[1]
+    out_features, in_features = state.shape
+    if in_features % 64:
+        return None
+    n = out_features * in_features
+    nested = state.state2 if state.nested else None
+    if nested is not None and nested.blocksize != NESTED_BLOCKSIZE:
+        return None
+    view = NF4Tensor(
+        codes=weight.data.reshape(1, n // 2),
+        absmax=state.absmax.reshape(1, -1),
+        absmax_scale=None if nested is None else nested.absmax.reshape(1, -1),
+        absmax_offset=None if nested is None else state.offset.reshape(1).float(),
+        absmax_code=None if nested is None else nested.code,
+        shape=(1, out_features, in_features), dtype=state.dtype, blocksize=64)
+    module.__dict__["_moelab_nf4"] = (weight.data_ptr(), view)
+    return view
+
+
 def quantize_layer_(layer: nn.Module, compute_dtype: torch.dtype, backend: str = "bitsandbytes") -> nn.Module:
     """Quantize one Qwen2-MoE decoder layer in place, as `moelab.load(..., quantize="nf4")` does:
     every `nn.Linear` (attention, shared expert, a dense layer's MLP) becomes an NF4 `Linear4bit`

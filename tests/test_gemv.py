@@ -56,3 +56,36 @@ def test_gpu_bf16_matches_f_linear():
         got = linear_gemv(x, weight, b)
         assert (got.double() - exact).norm() / exact.norm() < 1e-2
         assert (got.double() - exact).norm() <= 1.5 * (F.linear(x, weight, b).double() - exact).norm() + 1e-6
+
+
+@interpreter
+@pytest.mark.parametrize("out_features, in_features, tokens", [(96, 128, 1), (40, 192, 3), (24, 320, 2)])
+def test_nf4_linear4bit_through_the_gemv_equals_bitsandbytes_dequantize(out_features, in_features, tokens):
+    """A bitsandbytes NF4 Linear4bit seen through `linear4bit_nf4` (a view of its own storage):
+    it dequantizes to exactly bitsandbytes' weight, and `linear_gemv` on it equals F.linear on
+    that weight. Rows that are not whole 64-blocks get no view (bitsandbytes' own CPU
+    dequantization of such a [24, 96] weight disagrees with its forward), so the module's own
+    forward runs them."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+
+    from moelab.quant import dequantize_nf4, linear4bit_nf4, linear_to_nf4
+
+    gen = torch.Generator().manual_seed(out_features + in_features)
+    linear = torch.nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=gen) * 0.05)
+    q = linear_to_nf4(linear, torch.float32)
+    view = linear4bit_nf4(q)
+    assert view.shape == (1, out_features, in_features) and view.codes.data_ptr() == q.weight.data_ptr()
+    weight = bnbf.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
+    assert torch.equal(dequantize_nf4(view)[0], weight)
+    assert linear4bit_nf4(q) is view  # cached
+    x = torch.randn(tokens, in_features, generator=gen)
+    got = linear_gemv(x, view, q.bias)
+    expected = F.linear(x.double(), weight.double(), q.bias.double())
+    assert (got.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert linear4bit_nf4(linear) is None  # not a Linear4bit
+    assert linear4bit_nf4(linear_to_nf4(torch.nn.Linear(96, 24), torch.float32)) is None
+    with pytest.raises(ValueError, match="same K"):
+        linear_gemv(x[:, :-2], view)

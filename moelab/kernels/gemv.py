@@ -8,71 +8,97 @@ kernel streams W the way the experts' decode kernels do (`moelab.kernels.experts
 one program per (token, 8 output rows), 16-byte loads along K, one FMA per weight into an
 fp32 tile summed once at the end, the K-loop software-pipelined; the bias is added before
 the one rounding. `MoeForward` runs its fused projections through it (notebook 08). Worth it only while W is read once per token: `MAX_TOKENS`.
+
+W may also be NF4 (`moelab.quant.NF4Tensor` of one "expert", e.g. a bitsandbytes `Linear4bit`
+seen through `moelab.quant.linear4bit_nf4`): the same kernel then streams the 4-bit codes
+through the experts' NF4 decode path, in place of bitsandbytes' gemm_4bit.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .experts import _gemv_rows
+from .experts import _gemv_acc, _gemv_acc_sum, _gemv_rows, _is_nf4, _nf4_lut, _weight_args
 
 MAX_TOKENS = 4  # above this a GEMM reads W once for all tokens, and cuBLAS wins
 
 
 @triton.jit
-def _linear_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, n_out, k_dim, stride_xm, stride_wn, stride_om,
-                        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        PIPELINE: tl.constexpr):
-    """out[t, n] = sum_k x[t, k] * W[n, k] (+ bias[n]), program (t, N-tile)."""
+def _linear_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
+                        absmax_offset_ptr, nf4_code_ptr, n_out, k_dim, stride_xm, stride_wn, stride_om,
+                        HAS_BIAS: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                        ROW_ALIGNED: tl.constexpr, NF4_ASM: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr):
+    """out[t, n] = sum_k x[t, k] * W[n, k] (+ bias[n]), program (t, N-tile). W dense (the NF4
+    pointers unused) or NF4 (one expert: expert index 0, no per-expert absmax strides)."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_out, BLOCK_N)
     token = pid // n_tiles
     n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < n_out
     x_row = x_ptr + token.to(tl.int64) * stride_xm
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
+    lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED)
     for k0 in tl.range(0, k_dim, BLOCK_K, num_stages=PIPELINE):
-        # Dense rows: NF4=False, so the five NF4 pointers (any pointer will do), the expert and the
-        # absmax strides are unused.
-        acc += _gemv_rows(w_ptr, w_ptr, w_ptr, w_ptr, w_ptr, w_ptr, x_row, 1.0, 0, n, n_ok, k0, k_dim, stride_wn,
-                          0, 0, False, False, False, BLOCK_K, False)
-    out = tl.sum(acc, axis=1)
+        acc = _gemv_rows(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
+                         x_row, 1.0, 0, n, n_ok, k0, k_dim, stride_wn, 0, 0, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED,
+                         BLOCK_K, NF4_ASM)
+    out = _gemv_acc_sum(acc, NF4)
     if HAS_BIAS:
         out += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + token.to(tl.int64) * stride_om + n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-def gemv_config(n_out: int, on_gpu: bool) -> dict:
+def gemv_config(n_out: int, on_gpu: bool, nf4: bool = False) -> dict:
     """8 rows per program, 4 warps, 3 stages on the GPU; 256-value K-steps for thousands of
     rows, 512 for fewer (fewer programs: each keeps more bytes in flight). From an H200 sweep
     at one token, H = 2048 (benchmarks/results/sweep_decode_2026-11-29_h200.json): q/k/v (6,144
     rows, bias) 8.4 us against cuBLAS's 9.6, o_proj (2,048) 4.5 against 6.2, router + shared
-    gate (61) 2.5 against 4.5 (two kernels). Under the interpreter one wide program per 64 rows."""
+    gate (61) 2.5 against 4.5 (two kernels). NF4 takes the experts' NF4 decode configuration
+    (`moelab.kernels.experts.gemv_config`, down). Under the interpreter one wide program per 64 rows."""
     if not on_gpu:
         return dict(BLOCK_N=min(64, triton.next_power_of_2(n_out)), BLOCK_K=128, num_warps=4, PIPELINE=1)
+    if nf4:
+        from .experts import gemv_config as experts_gemv_config
+
+        return experts_gemv_config(1, n_out, False, True, on_gpu)
     return dict(BLOCK_N=8, BLOCK_K=256 if n_out >= 4096 else 512, num_warps=4, PIPELINE=3)
 
 
-def linear_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+def linear_gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
                 config: dict | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [T, K] with few rows, as one Triton GEMV (no host sync:
     capturable). weight [N, K] with unit stride along K (a row slice of a larger weight is
-    fine), in x's dtype; bias [N] or None. `config` overrides `gemv_config`: a tuning knob."""
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"x must be [T, K] and weight [N, K] with the same K, got {tuple(x.shape)} and "
-                         f"{tuple(weight.shape)}")
-    if weight.dtype != x.dtype or weight.stride(1) != 1:
-        raise ValueError(f"weight must be {x.dtype} with unit stride along K, got {weight.dtype}, "
-                         f"strides {weight.stride()}")
-    if bias is not None and (bias.shape != (weight.shape[0],) or bias.stride(0) != 1):
-        raise ValueError(f"bias must be a contiguous [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+    fine), in x's dtype, or an NF4Tensor [1, N, K] computing in x's dtype; bias [N] or None.
+    `config` overrides `gemv_config`: a tuning knob."""
+    nf4 = _is_nf4(weight)
+    shape = tuple(weight.shape[1:]) if nf4 and len(weight.shape) == 3 and weight.shape[0] == 1 else (
+        None if nf4 else tuple(weight.shape))
+    if x.dim() != 2 or shape is None or len(shape) != 2 or x.shape[1] != shape[1]:
+        raise ValueError(f"x must be [T, K] and weight [N, K] (NF4: [1, N, K]) with the same K, got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    if weight.dtype != x.dtype or (not nf4 and weight.stride(1) != 1):
+        raise ValueError(f"weight must be {x.dtype} (NF4: compute in it) with unit stride along K, got {weight.dtype}"
+                         + ("" if nf4 else f", strides {weight.stride()}"))
+    if nf4 and shape[1] % 2:
+        raise ValueError(f"NF4 weights need an even K, got {shape[1]}")
+    if bias is not None and (bias.shape != (shape[0],) or bias.stride(0) != 1):
+        raise ValueError(f"bias must be a contiguous [{shape[0]}], got shape {tuple(bias.shape)}")
     x = x.contiguous()
-    num_tokens, n_out = x.shape[0], weight.shape[0]
+    if nf4 and x.data_ptr() % 4:  # the NF4 path reads x as 32-bit bf16 pairs
+        x = x.clone()
+    num_tokens, n_out = x.shape[0], shape[0]
     out = torch.empty(num_tokens, n_out, dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return out
-    cfg = {**gemv_config(n_out, x.is_cuda), **(config or {})}
+    cfg = {**gemv_config(n_out, x.is_cuda, nf4), **(config or {})}
+    if nf4 and cfg["BLOCK_K"] % 64:
+        cfg["BLOCK_K"] = triton.cdiv(cfg["BLOCK_K"], 64) * 64  # whole NF4 blocks per K-step
+    if nf4:
+        ptrs, _, flags = _weight_args(weight, 1)
+    else:  # the NF4 pointers are unused: any tensor will do
+        ptrs, flags = [weight] * 6, dict(NF4=False, DOUBLE_QUANT=False, ROW_ALIGNED=False, NF4_ASM=False)
     _linear_gemv_kernel[(num_tokens * triton.cdiv(n_out, cfg["BLOCK_N"]),)](
-        x, weight, weight if bias is None else bias, out, n_out, x.shape[1], x.stride(0), weight.stride(0),
-        out.stride(0), HAS_BIAS=bias is not None, **cfg)
+        x, ptrs[0], ptrs[0] if bias is None else bias, out, *ptrs[1:], n_out, shape[1], x.stride(0),
+        0 if nf4 else weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, **flags, **cfg)
     return out
