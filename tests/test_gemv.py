@@ -89,3 +89,28 @@ def test_nf4_linear4bit_through_the_gemv_equals_bitsandbytes_dequantize(out_feat
     assert linear4bit_nf4(linear_to_nf4(torch.nn.Linear(96, 24), torch.float32)) is None
     with pytest.raises(ValueError, match="same K"):
         linear_gemv(x[:, :-2], view)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_features, in_features", [(2048, 2048), (5632, 2048), (2048, 5632), (61, 2048)])
+def test_gpu_nf4_linear4bit_matches_dequantize_then_matmul(out_features, in_features):
+    """Qwen1.5-MoE's NF4 projections (q/k/v/o, the shared expert's gate, up and down, a
+    61-row one) through the CUDA word path (`NF4_DOT_ASM`: bf16 levels and products) against
+    F.linear on bitsandbytes' dequantized bf16 weight, within 1e-2 relative, at 1-4 tokens;
+    the bias is added once."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+
+    from moelab.quant import linear4bit_nf4, linear_to_nf4
+
+    torch.manual_seed(out_features)
+    linear = torch.nn.Linear(in_features, out_features, device="cuda", dtype=torch.bfloat16)
+    q = linear_to_nf4(linear, torch.bfloat16)
+    view = linear4bit_nf4(q)
+    weight = bnbf.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
+    for tokens in (1, 3, 4):
+        x = torch.randn(tokens, in_features, device="cuda").bfloat16()
+        got = linear_gemv(x, view, q.bias)
+        expected = F.linear(x.float(), weight, q.bias.float())
+        err = float((got.float() - expected).norm() / expected.norm())
+        assert err < 1e-2, f"relative error {err:.2e} at {tokens} tokens"
