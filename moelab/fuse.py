@@ -42,10 +42,13 @@ class FusedAttentionInput:
 @dataclass
 class FusedMoeInput:
     """Shared gate / shared up / router / shared_expert_gate of one layer as one GEMM
-    (no bias), split into `sizes` columns in that order."""
+    (no bias), split into `sizes` columns in that order. In an NF4 model (`nf4_gate_up` set:
+    the shared expert's jointly quantized gate/up, `moelab.quant.JointNF4`) `weight` holds only
+    the router and shared_expert_gate rows, `sizes` = (experts, 1)."""
 
     weight: torch.Tensor
     sizes: tuple[int, ...]
+    nf4_gate_up: object = None
 
 
 def _plain_linear(module) -> bool:
@@ -69,8 +72,12 @@ def _is_view_of(tensor: torch.Tensor, fused: torch.Tensor) -> bool:
 
 def fuse_attention_input(attn) -> FusedAttentionInput | None:
     """Fuse one attention layer's q/k/v (idempotent). None when they cannot be fused
-    (quantized, on the meta device, mixed dtypes or biases)."""
+    (on the meta device, mixed dtypes or biases, quantized separately). NF4 layers that
+    `moelab.quant.quantize_layer_` quantized jointly come back as their joint NF4 weight."""
     projs = [attn.q_proj, attn.k_proj, attn.v_proj]
+    joint = getattr(attn, "_moelab_nf4_qkv", None)
+    if joint is not None and joint.seats(projs):
+        return FusedAttentionInput(joint.weight, joint.bias, joint.sizes)
     cached = getattr(attn, "_moelab_fused_qkv", None)
     if cached is not None and all(_is_view_of(p.weight, cached.weight) for p in projs):
         return cached
@@ -94,6 +101,9 @@ def fuse_moe_input(mlp) -> FusedMoeInput | None:
     if not hasattr(mlp, "experts") or not hasattr(mlp, "shared_expert"):
         return None
     shared = mlp.shared_expert
+    joint = getattr(shared, "_moelab_nf4_gate_up", None)
+    if joint is not None and joint.seats([shared.gate_proj, shared.up_proj]):
+        return _fuse_router_nf4(mlp, joint)
     parts = [shared.gate_proj.weight, shared.up_proj.weight, mlp.gate.weight, mlp.shared_expert_gate.weight]
     cached = getattr(mlp, "_moelab_fused_input", None)
     if cached is not None and all(_is_view_of(t, cached.weight) for t in parts):
@@ -113,6 +123,22 @@ def fuse_moe_input(mlp) -> FusedMoeInput | None:
                      (mlp.shared_expert_gate, "weight")])
     mlp._moelab_fused_input = FusedMoeInput(weight, tuple(t.shape[0] for t in tensors))
     return mlp._moelab_fused_input
+
+
+def _fuse_router_nf4(mlp, joint) -> FusedMoeInput | None:
+    """An NF4 layer's MoE inputs: the router and shared_expert_gate (full precision) fused as
+    one [E + 1, H] weight, beside the shared expert's joint NF4 gate/up."""
+    parts = [mlp.gate.weight, mlp.shared_expert_gate.weight]
+    cached = getattr(mlp, "_moelab_fused_router", None)
+    if cached is None or not all(_is_view_of(t, cached.weight) for t in parts):
+        if (not _plain_linear(mlp.shared_expert_gate) or mlp.shared_expert_gate.bias is not None
+                or getattr(mlp.gate, "bias", None) is not None or len({(t.dtype, t.device) for t in parts}) != 1):
+            return None
+        with torch.no_grad():
+            weight = torch.cat(parts)
+        _reseat(weight, [(mlp.gate, "weight"), (mlp.shared_expert_gate, "weight")])
+        cached = mlp._moelab_fused_router = FusedMoeInput(weight, tuple(t.shape[0] for t in parts))
+    return FusedMoeInput(cached.weight, cached.sizes, joint.weight)
 
 
 def fuse_projections(model) -> int:

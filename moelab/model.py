@@ -27,7 +27,7 @@ from torch import nn
 from .fuse import fuse_attention_input, fuse_moe_input
 from .kv_cache import KVCache
 from .models import check_supported
-from .quant import NF4Experts
+from .quant import NF4Experts, NF4Tensor, dequantize_nf4
 from .routing import route
 
 # Up to this many tokens `experts_forward` runs every expert on every token (device-only,
@@ -180,10 +180,17 @@ def _linear(module, x: torch.Tensor) -> torch.Tensor:
     return module(x)
 
 
-def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _project(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight^T (+ bias) for the fused projections: on CUDA, for a few tokens, moelab's
     GEMV kernel (`moelab.kernels.gemv`: it streams W faster than cuBLAS's GEMM tiles at one
-    token, in one launch), else F.linear."""
+    token, in one launch), else F.linear. weight may be a jointly quantized NF4 weight
+    [1, N, K] (`moelab.quant.JointNF4`): elsewhere than that GEMV it is dequantized first."""
+    if isinstance(weight, NF4Tensor):
+        from .kernels.gemv import MAX_TOKENS, linear_gemv
+
+        if x.is_cuda and x.shape[0] <= MAX_TOKENS and weight.dtype == x.dtype:
+            return linear_gemv(x, weight, bias)
+        return F.linear(x, dequantize_nf4(weight)[0].to(x.dtype), bias)
     if x.is_cuda and weight.dtype == x.dtype and weight.stride(1) == 1:
         from .kernels.gemv import MAX_TOKENS, linear_gemv
         if x.shape[0] <= MAX_TOKENS:
@@ -525,6 +532,19 @@ class MoeForward:
         gate = mlp.gate
         fused = self._fused_moe_input(index) if self._fuse(x.shape[0]) else None
         folds = getattr(self.experts_fn, "takes_shared_expert", False)
+        if fused is not None and fused.nf4_gate_up is not None:  # an NF4 layer (see FusedMoeInput)
+            from .kernels.experts import is_silu, nf4_shared_expert
+            from .quant import linear4bit_nf4
+
+            down = linear4bit_nf4(mlp.shared_expert.down_proj)
+            if x.is_cuda and folds and down is not None and is_silu(mlp.shared_expert.act_fn):
+                # Router and shared gate logit as one small GEMV; the shared expert as two NF4
+                # launches of the experts' decode kernels (its gate/up quantized jointly).
+                logits, gate_logit = _project(x, fused.weight).split(fused.sizes, dim=-1)
+                weights, ids = route(logits, gate.top_k, normalize=gate.norm_topk_prob, backend=self.route_backend)
+                routed = self.experts_fn(x, weights, ids, mlp.experts)
+                return routed + nf4_shared_expert(x, fused.nf4_gate_up, down, gate_logit)
+            fused = None  # elsewhere each module runs on its own
         if fused is not None and folds and type(mlp.shared_expert.down_proj) is nn.Linear:
             from .kernels.experts import SharedExpert, is_silu
 

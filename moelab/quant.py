@@ -389,6 +389,14 @@ def linear_to_nf4(linear: nn.Linear, compute_dtype: torch.dtype):
                                      quant_type="nf4", module=q).to(device)
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    return _keep_format(q)
+
+
+def _keep_format(q):
+    """Stop bitsandbytes from repacking this Linear4bit's codes into its own CPU layout at the first
+    inference call (it does so in place on CPUs with AVX512-BF16, dropping the nested absmax):
+    moelab reads the codes in the format above, and the same model must stay the same bytes."""
+    q.support_avx512bf16_for_cpu = False
     return q
 
 
@@ -403,7 +411,8 @@ def linear4bit_nf4(module) -> NF4Tensor | None:
     weight = getattr(module, "weight", None)
     state = getattr(module, "quant_state", None) or getattr(weight, "quant_state", None)
     if (type(module).__name__ != "Linear4bit" or state is None or state.quant_type != "nf4" or state.blocksize != 64
-            or weight.dtype != torch.uint8 or weight.device.type == "meta"):
+            or weight.dtype != torch.uint8 or weight.device.type == "meta"
+            or getattr(state, "packing_format_for_cpu", False)):  # bitsandbytes' own CPU layout
         return None
     cached = module.__dict__.get("_moelab_nf4")
     if cached is not None and cached[0] == weight.data_ptr():
@@ -426,20 +435,125 @@ def linear4bit_nf4(module) -> NF4Tensor | None:
     return view
 
 
+@dataclass
+class JointNF4:
+    """Linears that read the same input, quantized as ONE NF4 tensor (their weights stacked by
+    rows, so one quantization state and one offset): `weight` [1, sum(sizes), in], `bias` the
+    stacked biases (or None), `sizes` the rows of each. Each layer's `Linear4bit` holds views of
+    these (codes, absmax, nested scales, bias), so nothing is stored twice and each still runs
+    on its own; moelab's forward runs them as one GEMV (notebook 08)."""
+
+    weight: NF4Tensor
+    bias: torch.Tensor | None
+    sizes: tuple[int, ...]
+
+    def seats(self, modules) -> bool:
+        """Whether `modules` (in order) still hold views of this tensor (not after a move or cast)."""
+        start, in_features = self.weight.codes.data_ptr(), self.weight.shape[2]
+        for module, rows in zip(modules, self.sizes):
+            weight = getattr(module, "weight", None)
+            if weight is None or weight.data_ptr() != start:
+                return False
+            start += rows * in_features // 2
+        return len(modules) == len(self.sizes)
+
+
+def linears_to_nf4_jointly(linears, compute_dtype: torch.dtype) -> tuple[list, JointNF4] | None:
+    """Quantize `linears` (nn.Linear, same input size, device and bias-ness) as one NF4 tensor
+    with bitsandbytes (block 64, double quantisation), returning a `Linear4bit` per linear whose
+    weight, quantization state and bias are row slices of the joint tensors, and the `JointNF4`.
+    None (nothing done) where a layer boundary would cut a block of 64 or a nested block of
+    256 absmax values: then each quantizes alone (`linear_to_nf4`). On the meta device it
+    builds the same tensors shape-only (for `memory_report`)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+    from bitsandbytes.functional import QuantState
+
+    in_features = linears[0].in_features
+    device = linears[0].weight.device
+    rows = [lin.out_features for lin in linears]
+    if (any(lin.in_features != in_features or lin.weight.device != device for lin in linears)
+            or len({lin.bias is None for lin in linears}) != 1
+            or any(r * in_features % (64 * NESTED_BLOCKSIZE) for r in rows[:-1]) or in_features % 64):
+        return None
+    n_all = sum(rows) * in_features
+    with torch.no_grad():
+        if device.type == "meta":  # shapes only, as linear_to_nf4 builds them
+            meta = dict(device="meta")
+            nested = QuantState(absmax=torch.empty(math.ceil(n_all // 64 / NESTED_BLOCKSIZE), **meta),
+                                code=torch.empty(256, **meta), blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
+            state = QuantState(absmax=torch.empty(n_all // 64, dtype=torch.uint8, **meta), code=torch.empty(16, **meta),
+                               blocksize=64, quant_type="nf4", dtype=linears[0].weight.dtype,
+                               offset=torch.empty((), **meta), state2=nested)
+            packed = torch.empty(n_all // 2, 1, dtype=torch.uint8, **meta)
+        else:
+            packed, state = bnbf.quantize_4bit(torch.cat([lin.weight.data for lin in linears]), blocksize=64,
+                                               compress_statistics=True, quant_type="nf4")
+        bias = None if linears[0].bias is None else torch.cat([lin.bias.data for lin in linears])
+    modules, byte, block, row = [], 0, 0, 0
+    for lin, r in zip(linears, rows):
+        n = r * in_features
+        nested = QuantState(absmax=state.state2.absmax[block // NESTED_BLOCKSIZE:
+                                                       math.ceil((block + n // 64) / NESTED_BLOCKSIZE)],
+                            code=state.state2.code, blocksize=NESTED_BLOCKSIZE, dtype=state.state2.dtype)
+        sub = QuantState(absmax=state.absmax[block:block + n // 64], shape=torch.Size([r, in_features]),
+                         code=state.code, blocksize=64, quant_type="nf4", dtype=state.dtype, offset=state.offset,
+                         state2=nested)
+        q = bnb.nn.Linear4bit(in_features, r, bias=bias is not None, compute_dtype=compute_dtype,
+                              compress_statistics=True, quant_type="nf4", device="meta")
+        q.weight = bnb.nn.Params4bit(packed[byte:byte + n // 2], requires_grad=False, quant_state=sub, blocksize=64,
+                                     compress_statistics=True, quant_type="nf4", bnb_quantized=True, module=q)
+        q.quant_state = sub
+        _keep_format(q)
+        if bias is not None:
+            q.bias = nn.Parameter(bias[row:row + r], requires_grad=False)
+        modules.append(q)
+        byte, block, row = byte + n // 2, block + n // 64, row + r
+    total = sum(rows)
+    weight = NF4Tensor(packed.reshape(1, -1), state.absmax.reshape(1, -1), state.state2.absmax.reshape(1, -1),
+                       state.offset.reshape(1).float(), state.state2.code, (1, total, in_features), compute_dtype, 64)
+    return modules, JointNF4(weight, bias, tuple(rows))
+
+
+JOINT_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj"), "_moelab_nf4_qkv"),
+                ("mlp.shared_expert", ("gate_proj", "up_proj"), "_moelab_nf4_gate_up"))
+
+
 def quantize_layer_(layer: nn.Module, compute_dtype: torch.dtype, backend: str = "bitsandbytes") -> nn.Module:
     """Quantize one Qwen2-MoE decoder layer in place, as `moelab.load(..., quantize="nf4")` does:
     every `nn.Linear` (attention, shared expert, a dense layer's MLP) becomes an NF4 `Linear4bit`
     except the gates (`mlp.gate`, `shared_expert_gate`: one output row, and routing is where
-    precision matters most); the fused routed experts become `NF4Experts`. Returns the layer."""
+    precision matters most); the fused routed experts become `NF4Experts`. Returns the layer.
+
+    q/k/v, and the shared expert's gate and up, are quantized jointly where their sizes allow
+    (`linears_to_nf4_jointly`; the `JointNF4` hangs on the attention / shared-expert module as
+    `_moelab_nf4_qkv` / `_moelab_nf4_gate_up`), so moelab's decode runs each group as one GEMV."""
+    for path, names, attr in JOINT_GROUPS:
+        parent = _submodule(layer, path)
+        linears = [getattr(parent, n, None) for n in names] if parent is not None else []
+        if not linears or not all(type(lin) is nn.Linear for lin in linears):
+            continue
+        joint = linears_to_nf4_jointly(linears, compute_dtype)
+        if joint is not None:
+            for n, q in zip(names, joint[0]):
+                setattr(parent, n, q)
+            setattr(parent, attr, joint[1])
     for name, module in list(layer.named_modules()):
         child = name.rsplit(".", 1)[-1]
-        if isinstance(module, nn.Linear) and child not in KEEP_FULL_PRECISION:
+        if type(module) is nn.Linear and child not in KEEP_FULL_PRECISION:  # Linear4bit subclasses nn.Linear
             parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
             setattr(parent, child, linear_to_nf4(module, compute_dtype))
     mlp = getattr(layer, "mlp", None)
     if mlp is not None and hasattr(mlp, "experts") and not isinstance(mlp.experts, NF4Experts):
         mlp.experts = NF4Experts.from_experts(mlp.experts, backend=backend, dtype=compute_dtype)
     return layer
+
+
+def _submodule(module: nn.Module, path: str):
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 # ---------------------------------------------------------------------------- memory report
@@ -481,7 +595,7 @@ def _held_tensors(module: nn.Module):
         for t in (state.absmax, state.code, state.offset):
             if isinstance(t, torch.Tensor):
                 yield t, 0, "nf4"
-        if state.state2 is not None:
+        if getattr(state, "state2", None) is not None:
             yield state.state2.absmax, 0, "nf4"
             yield state.state2.code, 0, "nf4"
     for b in module.buffers(recurse=False):

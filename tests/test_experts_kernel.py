@@ -715,3 +715,28 @@ def test_nf4_bf16_pair_lookup_gives_the_bf16_code_book_in_x_order():
     low, high = nf4_bf16_tables()
     loaded = [w & 0xFFFFFFFF for w in _nf4_code(torch.device("cpu"))[16:].view(torch.int32).tolist()]
     assert loaded == [low[0], low[2], high[0], high[2]] * 32  # one copy per lane
+
+
+def test_nf4_shared_expert_through_the_decode_kernels_equals_the_modules():
+    """tiny's NF4 shared expert (gate/up quantized jointly, down alone) through
+    `nf4_shared_expert` (the routed decode kernels, one expert every token picks, the sigmoid
+    gate as routing weight; interpreter) against sigmoid(gate) * its Linear4bit modules; a
+    gate_logit of the wrong size is refused."""
+    pytest.importorskip("bitsandbytes")
+    from moelab.kernels.experts import nf4_shared_expert
+    from moelab.quant import linear4bit_nf4
+
+    model, _ = moelab.load("tiny", quantize="nf4")
+    mlp = model.model.layers[2].mlp
+    gen = torch.Generator().manual_seed(3)
+    for tokens in (1, 3):
+        x = torch.randn(tokens, 128, generator=gen)
+        logit = torch.randn(tokens, 1, generator=gen)
+        got = nf4_shared_expert(x, mlp.shared_expert._moelab_nf4_gate_up.weight,
+                                linear4bit_nf4(mlp.shared_expert.down_proj), logit)
+        with torch.no_grad():
+            expected = torch.sigmoid(logit) * mlp.shared_expert(x)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="one logit per token"):
+        nf4_shared_expert(x, mlp.shared_expert._moelab_nf4_gate_up.weight,
+                          linear4bit_nf4(mlp.shared_expert.down_proj), logit[:1])

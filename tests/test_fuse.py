@@ -103,12 +103,19 @@ def test_auto_fuses_only_on_cuda_and_bad_values_are_named():
         MoeForward(model, projections="merged")
 
 
-def test_quantized_layers_stay_separate_and_still_run():
+def test_quantized_layers_fuse_only_where_quantized_jointly_and_still_run():
+    """NF4 Linear4bit layers cannot be concatenated after the fact; moelab quantizes q/k/v and
+    the shared gate/up jointly where block sizes allow (quant.JointNF4). tiny's k/v rows (64 x
+    128 values) do not fill a 256-block of absmax values: its q/k/v stay separate. Its shared
+    gate/up are joint: the MoE input is that NF4 tensor beside the router and shared gate, fused
+    in full precision. On the CPU the NF4 layers then run one by one, with the same tokens."""
     pytest.importorskip("bitsandbytes")
     model, _ = moelab.load("tiny", quantize="nf4")
     fwd = MoeForward(model, projections="fused", route_backend="torch", attention="sdpa")
-    assert fwd.fused_qkv == [None] * len(fwd.layers)  # bitsandbytes Linear4bit: not fusable
-    assert fwd.fused_moe_input == [None] * len(fwd.layers)  # the shared expert is quantized too
+    assert fwd.fused_qkv == [None] * len(fwd.layers)
+    for layer, fused in zip(fwd.layers, fwd.fused_moe_input):
+        assert fused.nf4_gate_up.shape == (1, 768, 128) and fused.sizes == (16, 1)
+        assert fused.weight.shape == (17, 128) and layer.mlp.gate.weight.data_ptr() == fused.weight.data_ptr()
     prompts = [[1, 2, 3, 4], [7, 8]]
     tokens, _ = greedy(fwd, prompts, 4)
     reference, _ = greedy(MoeForward(model, projections="separate", route_backend="torch", attention="sdpa"),
@@ -149,3 +156,35 @@ def test_gpu_fused_decode_matches_separate():
     assert MoeForward(model).projections == "auto"
     fused, _ = greedy(MoeForward(model, projections="fused"), prompts, 16)
     assert torch.equal(fused, separate)
+
+
+def test_nf4_qkv_quantized_jointly_where_the_blocks_allow():
+    """With as many k/v heads as query heads, tiny's q/k/v (128 rows each, 256 absmax blocks)
+    are quantized as one NF4 tensor: each Linear4bit holds views of it, the joint weight
+    dequantizes to exactly the three modules' weights stacked, and MoeForward's fused path (on
+    the CPU: the joint weight dequantized, one GEMM) gives the logits of the separate one."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+
+    from moelab.models import preset_config, random_nf4_model
+    from moelab.quant import dequantize_nf4
+
+    config = preset_config("tiny")
+    config.num_key_value_heads = config.num_attention_heads
+    model = random_nf4_model(config, "cpu", torch.float32, seed=5)
+    attn = model.model.layers[1].self_attn
+    fwd = MoeForward(model, projections="fused", route_backend="torch", attention="sdpa")
+    fused = fwd.fused_qkv[1]
+    assert fused.sizes == (128, 128, 128) and fused.weight.shape == (1, 384, 128)
+    parts = [bnbf.dequantize_4bit(p.weight.data, p.weight.quant_state) for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    assert torch.equal(dequantize_nf4(fused.weight)[0], torch.cat(parts))
+    assert fused.bias.data_ptr() == attn.q_proj.bias.data_ptr()
+    prompts = [[1, 2, 3, 4, 5], [9, 8]]
+    got = MoeForward(model, projections="fused", route_backend="torch", attention="sdpa")
+    ref = MoeForward(model, projections="separate", route_backend="torch", attention="sdpa")
+    logits = []
+    for f in (got, ref):
+        cache = f.new_cache(2, 16)
+        slots = [cache.allocate(8), cache.allocate(8)]
+        logits.append(torch.cat(f.prefill(cache, prompts, slots, all_logits=True)))
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)

@@ -308,13 +308,22 @@ def test_transformers_bnb_4bit_leaves_the_fused_experts_in_full_precision(tiny_n
     assert after["routed experts"] == before["routed experts"] and after["routed experts"]["storage"] == "float32"
     assert after["attention"]["bytes"] < 0.2 * before["attention"]["bytes"]
     assert type(model.model.layers[0].mlp.shared_expert_gate) is nn.Linear and type(model.lm_head) is nn.Linear
-    # Its 4-bit Linears hold the very codes moelab's loader gives them.
+    # Its 4-bit Linears hold the very codes moelab's loader gives them. moelab quantizes the
+    # shared expert's gate and up as one tensor (quant.JointNF4): same 4-bit codes and block
+    # absmax, but their 8-bit double quantisation shares one offset, so those 8-bit codes differ
+    # and the decoded absmax agree within the 8-bit step (3%).
+    import bitsandbytes.functional as bnbf
+
     ours, _ = tiny_nf4
     for name in ("self_attn.q_proj", "mlp.shared_expert.up_proj"):
         theirs_w = model.model.layers[3].get_submodule(name).weight
         ours_w = ours.model.layers[3].get_submodule(name).weight
         assert torch.equal(theirs_w.data, ours_w.data)
-        assert torch.equal(theirs_w.quant_state.absmax, ours_w.quant_state.absmax)
+        absmax = [bnbf.dequantize_blockwise(w.quant_state.absmax, w.quant_state.state2) + w.quant_state.offset
+                  for w in (theirs_w, ours_w)]
+        assert torch.allclose(absmax[0], absmax[1], rtol=0.03, atol=0)  # measured: at most 2.4%
+        if name.startswith("self_attn"):  # quantized alone (tiny's k/v rows do not fill 256-blocks)
+            assert torch.equal(theirs_w.quant_state.absmax, ours_w.quant_state.absmax)
     assert memory_report(ours)["routed experts"]["bytes"] < 0.15 * after["routed experts"]["bytes"]
 
 

@@ -940,6 +940,28 @@ def _can_fold_shared(shared: SharedExpert, hidden: torch.Tensor, gate_up) -> boo
             and shared.gate_up.stride(1) == 1 and shared.down.stride(1) == 1 and shared.gate_up.device == hidden.device)
 
 
+@functools.lru_cache(maxsize=64)
+def _zero_ids(num_tokens: int, device: torch.device) -> torch.Tensor:
+    """int32 [T, 1] zeros: every token routed to expert 0 (made once per size, before a capture)."""
+    return torch.zeros(num_tokens, 1, dtype=torch.int32, device=device)
+
+
+def nf4_shared_expert(hidden: torch.Tensor, gate_up, down, gate_logit: torch.Tensor) -> torch.Tensor:
+    """sigmoid(gate_logit) * down(SiLU(gate) * up) of hidden [T, H] for a shared expert in NF4:
+    gate_up a one-expert NF4Tensor [1, 2 Is, H] (gate rows, then up: quantized jointly,
+    `moelab.quant.JointNF4`), down [1, H, Is]. The routed experts' decode kernels with one
+    expert that every token picks and its sigmoid gate as the routing weight: two launches
+    (and the sigmoid), where each Linear4bit on its own took five (gate, up, SiLU, product,
+    down) and the gating two more."""
+    (_, two_inter, hidden_dim), (_, h2, inter) = _shape(gate_up), _shape(down)
+    if not (_is_nf4(gate_up) and _is_nf4(down)) or two_inter != 2 * inter or h2 != hidden_dim:
+        raise ValueError(f"shared expert weights do not fit: gate_up {_shape(gate_up)}, down {_shape(down)}")
+    if gate_logit.numel() != hidden.shape[0]:
+        raise ValueError(f"gate_logit must hold one logit per token ({hidden.shape[0]}), got {tuple(gate_logit.shape)}")
+    ids = _zero_ids(hidden.shape[0], hidden.device)
+    return _gemv_forward(hidden, torch.sigmoid(gate_logit.reshape(-1)), ids, gate_up, down, inter, None)
+
+
 def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: SharedExpert | None = None):
     """Decode: gate_up per (pair, N-tile) into act [S, I], then down per (token, N-tile) with
     the top-k sum folded in. No grouping step, no host sync. With `shared`, the shared
