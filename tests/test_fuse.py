@@ -188,3 +188,29 @@ def test_nf4_qkv_quantized_jointly_where_the_blocks_allow():
         slots = [cache.allocate(8), cache.allocate(8)]
         logits.append(torch.cat(f.prefill(cache, prompts, slots, all_logits=True)))
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_nf4_fused_decode_matches_the_separate_modules():
+    """On CUDA, one token per step: the NF4 fused path (joint q/k/v as one NF4 GEMV, o_proj and
+    the shared down through moelab's GEMV, the shared expert in the experts' decode kernels)
+    gives the logits of the separate bitsandbytes modules within bf16 noise, for a model whose
+    q/k/v are joint and for tiny (shared gate/up joint only)."""
+    pytest.importorskip("bitsandbytes")
+    from moelab.models import preset_config, random_nf4_model
+
+    config = preset_config("tiny")
+    config.num_key_value_heads = config.num_attention_heads
+    for model in (random_nf4_model(config, "cuda", torch.bfloat16, seed=5),
+                  moelab.load("tiny", quantize="nf4", device="cuda", dtype=torch.bfloat16)[0]):
+        runs = []
+        for projections in ("fused", "separate"):
+            fwd = MoeForward(model, projections=projections)
+            cache = fwd.new_cache(2, 32)
+            slot = cache.allocate(16)
+            fwd.prefill(cache, [[3, 1, 4, 1, 5]], [slot])
+            steps = [fwd.decode(cache, torch.tensor([t], device="cuda"), torch.tensor([slot], device="cuda"))
+                     for t in (9, 2, 6)]
+            runs.append(torch.cat(steps).float())
+        err = float((runs[0] - runs[1]).norm() / runs[1].norm())
+        assert err < 2e-2, f"fused NF4 decode differs from the modules by {err:.2e}"
