@@ -49,7 +49,13 @@ kernels), so no interleaving is needed. On CUDA the nibbles become fp32 levels t
 permutes in registers (`_nf4_prmt_asm`: no memory access, where the 16-entry code book in
 memory costs a load per value); under the interpreter through that code book. The
 decode kernels load the codes as [rows, 64-blocks, 32 bytes] tiles so each block's absmax is
-decoded once per row and broadcast over its 32 bytes.
+decoded once per row and broadcast over its 32 bytes. On CUDA, where a row is whole 64-blocks,
+they go further (`_nf4_words`): 32-bit code words, each meeting its 8 values of x (read as bf16
+pairs) in one piece of PTX (`NF4_DOT_ASM`) that looks the levels up in bf16 and multiplies two
+at a time in bf16x2: about 5 instructions per value in the compiled loop against about 13,
+because one token's NF4 GEMV is bound by instruction issue, not by its 4x fewer bytes
+(benchmarks/results/probe_nf4_latency_2026-12-06_h100.json: the double-quantised absmax chain
+is not what limits it).
 
 Decode GEMVs have no data reuse to hide memory latency behind: bytes in flight set their
 speed, so their K-loops are software-pipelined (`tl.range(..., num_stages=PIPELINE)`: the
