@@ -10,7 +10,10 @@ are 16 x 256 / 64 = 64 more values per thread.
     TRITON_INTERPRET=0 python benchmarks/tuning/sass_count.py
 
 On triton 3.9 (this course's CPU machine, 2026-11-29): NF4 (double-quantised absmax, byte
-permutes) 13.2 instructions per value, bf16 8.1; per byte read 26.5 against 4.1.
+permutes to float32 levels) 13.2 instructions per value, bf16 8.1; per byte read 26.5 against 4.1.
+2026-12-06, with the NF4 word path (`NF4_DOT_ASM`: bf16 levels, bf16x2 products): NF4 5.2 per
+value (10.5 per byte), bf16 8.1. The difference also counts the epilogue's larger reduction,
+so the loop itself costs a little less.
 """
 
 import inspect

@@ -52,10 +52,11 @@ decode kernels load the codes as [rows, 64-blocks, 32 bytes] tiles so each block
 decoded once per row and broadcast over its 32 bytes. On CUDA, where a row is whole 64-blocks,
 they go further (`_nf4_words`): 32-bit code words, each meeting its 8 values of x (read as bf16
 pairs) in one piece of PTX (`NF4_DOT_ASM`) that looks the levels up in bf16 and multiplies two
-at a time in bf16x2: about 5 instructions per value in the compiled loop against about 13,
-because one token's NF4 GEMV is bound by instruction issue, not by its 4x fewer bytes
-(benchmarks/results/probe_nf4_latency_2026-12-06_h100.json: the double-quantised absmax chain
-is not what limits it).
+at a time in bf16x2: about 5 instructions per value in the compiled loop against about 13.
+One token's NF4 GEMV is bound by instruction issue, not by its 4x fewer bytes: on an H100 the
+old path took one layer 31.4 us against bf16's 28.9, whatever the absmax format
+(benchmarks/results/probe_nf4_latency_2026-12-06_h100.json), the word path 22.2 against 29.0
+(experts_2026-12-06_h100.json).
 
 Decode GEMVs have no data reuse to hide memory latency behind: bytes in flight set their
 speed, so their K-loops are software-pipelined (`tl.range(..., num_stages=PIPELINE)`: the
@@ -268,7 +269,8 @@ def _nf4_dot_asm() -> str:
     four table words (`_nf4_lut`), $10 the block's absmax (times the x scale) and $11 the
     running sum. The levels come from `_nf4_bf16_pair_lines`; the products are formed two at a
     time in bf16 (`mul`/`fma.rn.bf16x2`), the word's 4 pairs added in bf16, the two halves in
-    float32. About 3.8 instructions per value, against about 13 for float32 levels and FMAs; the
+    float32. 30 instructions per 8 values here; compiled into the decode loop about 5.2 per value
+    against 13.2 for float32 levels and FMAs (benchmarks/tuning/sass_count.py); the
     bf16 roundings (the level, each product, three additions) put the result within about 3e-3
     (relative L2) of dequantize-then-matmul in bf16, which is itself about 2e-3 from exact."""
     lines = [".reg .b32 m, m1, s, s1, ta, tb, l0, l1, h0, h1, p0, p1, p2, p3, a, c, u, v;",
