@@ -236,7 +236,10 @@ class MoeForward:
     (`moelab.kernels.gemv`) for up to 4 tokens. "separate": one GEMM per Linear,
     "auto": on CUDA fused for steps of up to FUSED_MAX_TOKENS tokens, separate above (on an
     H200, fused decode was 1.17x at batch 1 but 0.87x at 8 and 0.91x at 64); on the CPU
-    separate. Quantized (bitsandbytes) layers always run separately.
+    separate. NF4 (bitsandbytes) layers fuse only where `moelab.quant.quantize_layer_` quantized
+    them jointly (`moelab.quant.JointNF4`: q/k/v, the shared expert's gate/up); on CUDA their
+    decode then runs moelab's NF4 GEMV and the shared expert inside the experts' decode kernels
+    (`nf4_shared_expert`), and any other NF4 Linear4bit of a few tokens moelab's GEMV too.
     """
 
     def __init__(self, model, experts_fn=experts_forward, route_backend: str = "auto", attention: str = "auto",
