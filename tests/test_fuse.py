@@ -214,3 +214,20 @@ def test_gpu_nf4_fused_decode_matches_the_separate_modules():
             runs.append(torch.cat(steps).float())
         err = float((runs[0] - runs[1]).norm() / runs[1].norm())
         assert err < 2e-2, f"fused NF4 decode differs from the modules by {err:.2e}"
+
+
+def test_nf4_joint_groups_stop_fusing_once_a_module_no_longer_holds_views():
+    """A JointNF4 is used only while every module still holds its views: a weight replaced
+    (as a move or a cast would) makes fusing fall back to the separate modules."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    model, _ = moelab.load("tiny", quantize="nf4")
+    mlp = model.model.layers[0].mlp
+    assert fuse_moe_input(mlp).nf4_gate_up is not None
+    gate = mlp.shared_expert.gate_proj
+    gate.weight = bnb.nn.Params4bit(gate.weight.data.clone(), requires_grad=False, quant_state=gate.weight.quant_state,
+                                    blocksize=64, compress_statistics=True, quant_type="nf4", bnb_quantized=True,
+                                    module=gate)
+    assert not mlp.shared_expert._moelab_nf4_gate_up.seats([gate, mlp.shared_expert.up_proj])
+    assert fuse_moe_input(mlp) is None  # Linear4bit: not fusable on their own
