@@ -174,9 +174,8 @@ def _linear(module, x: torch.Tensor) -> torch.Tensor:
         from .quant import linear4bit_nf4
 
         nf4 = linear4bit_nf4(module) if x.shape[0] <= MAX_TOKENS and x.dim() == 2 else None
-        if nf4 is not None and nf4.dtype == x.dtype:
-            bias = module.bias if module.bias is None or module.bias.dtype == x.dtype else module.bias.to(x.dtype)
-            return linear_gemv(x, nf4, bias)
+        if nf4 is not None and nf4.dtype == x.dtype and (module.bias is None or module.bias.dtype == x.dtype):
+            return linear_gemv(x, nf4, module.bias)
     return module(x)
 
 

@@ -364,32 +364,9 @@ KEEP_FULL_PRECISION = ("gate", "shared_expert_gate", "lm_head")  # router, share
 def linear_to_nf4(linear: nn.Linear, compute_dtype: torch.dtype):
     """A bitsandbytes `Linear4bit` (NF4, block 64, double quantisation) holding `linear`'s
     weight, on `linear`'s device; the bias stays in its dtype. On the meta device it builds the
-    same tensors shape-only, so `memory_report` can weigh a model that was never materialized."""
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import QuantState
-
-    out_features, in_features = linear.weight.shape
-    q = bnb.nn.Linear4bit(in_features, out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
-                          compress_statistics=True, quant_type="nf4", device="meta")
-    device = linear.weight.device
-    if device.type == "meta":
-        n = out_features * in_features
-        meta = dict(device="meta")
-        nested = QuantState(absmax=torch.empty(math.ceil(n // 64 / NESTED_BLOCKSIZE), **meta),
-                            code=torch.empty(256, **meta), blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
-        state = QuantState(absmax=torch.empty(n // 64, dtype=torch.uint8, **meta), shape=linear.weight.shape,
-                           code=torch.empty(16, **meta), blocksize=64, quant_type="nf4", dtype=linear.weight.dtype,
-                           offset=torch.empty((), **meta), state2=nested)
-        q.weight = bnb.nn.Params4bit(torch.empty(n // 2, 1, dtype=torch.uint8, **meta), requires_grad=False,
-                                     quant_state=state, blocksize=64, compress_statistics=True, quant_type="nf4",
-                                     bnb_quantized=True, module=q)
-        q.quant_state = state
-    else:  # Params4bit quantizes (bitsandbytes' quantize_4bit) when it is moved to a device
-        q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, blocksize=64, compress_statistics=True,
-                                     quant_type="nf4", module=q).to(device)
-    if linear.bias is not None:
-        q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-    return _keep_format(q)
+    same tensors shape-only, so `memory_report` can weigh a model that was never materialized.
+    (`linears_to_nf4_jointly` with one linear.)"""
+    return linears_to_nf4_jointly([linear], compute_dtype)[0][0]
 
 
 def _keep_format(q):
@@ -462,9 +439,9 @@ def linears_to_nf4_jointly(linears, compute_dtype: torch.dtype) -> tuple[list, J
     """Quantize `linears` (nn.Linear, same input size, device and bias-ness) as one NF4 tensor
     with bitsandbytes (block 64, double quantisation), returning a `Linear4bit` per linear whose
     weight, quantization state and bias are row slices of the joint tensors, and the `JointNF4`.
-    None (nothing done) where a layer boundary would cut a block of 64 or a nested block of
-    256 absmax values: then each quantizes alone (`linear_to_nf4`). On the meta device it
-    builds the same tensors shape-only (for `memory_report`)."""
+    None (nothing done) where a layer boundary would cut a nested block of 256 absmax values
+    (64 x 256 weights): then each quantizes alone (`linear_to_nf4`, this with one linear). On the
+    meta device it builds the same tensors shape-only (for `memory_report`)."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
     from bitsandbytes.functional import QuantState
@@ -474,11 +451,11 @@ def linears_to_nf4_jointly(linears, compute_dtype: torch.dtype) -> tuple[list, J
     rows = [lin.out_features for lin in linears]
     if (any(lin.in_features != in_features or lin.weight.device != device for lin in linears)
             or len({lin.bias is None for lin in linears}) != 1
-            or any(r * in_features % (64 * NESTED_BLOCKSIZE) for r in rows[:-1]) or in_features % 64):
+            or any(r * in_features % (64 * NESTED_BLOCKSIZE) for r in rows[:-1])):
         return None
     n_all = sum(rows) * in_features
     with torch.no_grad():
-        if device.type == "meta":  # shapes only, as linear_to_nf4 builds them
+        if device.type == "meta":  # shapes only
             meta = dict(device="meta")
             nested = QuantState(absmax=torch.empty(math.ceil(n_all // 64 / NESTED_BLOCKSIZE), **meta),
                                 code=torch.empty(256, **meta), blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)

@@ -55,7 +55,7 @@ pairs) in one piece of PTX (`NF4_DOT_ASM`) that looks the levels up in bf16 and 
 at a time in bf16x2: about 5 instructions per value in the compiled loop against about 13.
 One token's NF4 GEMV is bound by instruction issue, not by its 4x fewer bytes: on an H100 the
 old path took one layer 31.4 us against bf16's 28.9, whatever the absmax format
-(benchmarks/results/probe_nf4_latency_2026-12-06_h100.json), the word path 22.2 against 29.0
+(benchmarks/results/probe_nf4_latency_2026-12-06_h100.json), the word path 22.1 against 29.0
 (experts_2026-12-06_h100.json).
 
 Decode GEMVs have no data reuse to hide memory latency behind: bytes in flight set their
@@ -271,8 +271,9 @@ def _nf4_dot_asm() -> str:
     time in bf16 (`mul`/`fma.rn.bf16x2`), the word's 4 pairs added in bf16, the two halves in
     float32. 30 instructions per 8 values here; compiled into the decode loop about 5.2 per value
     against 13.2 for float32 levels and FMAs (benchmarks/tuning/sass_count.py); the
-    bf16 roundings (the level, each product, three additions) put the result within about 3e-3
-    (relative L2) of dequantize-then-matmul in bf16, which is itself about 2e-3 from exact."""
+    bf16 roundings (the level, each product, three additions) put the result about 3e-3
+    (relative L2) from dequantize-then-matmul in bf16, which is itself about 2e-3 from exact
+    (simulated in PyTorch: benchmarks/tuning/nf4_bf16_rounding.py)."""
     lines = [".reg .b32 m, m1, s, s1, ta, tb, l0, l1, h0, h1, p0, p1, p2, p3, a, c, u, v;",
              ".reg .f32 fa, fb, fr;"]
     lines += _nf4_bf16_pair_lines("$1", ("p0", "p1", "p2", "p3"), ("$6", "$7", "$8", "$9"))

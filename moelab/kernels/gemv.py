@@ -72,9 +72,10 @@ def linear_gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
     fine), in x's dtype, or an NF4Tensor [1, N, K] computing in x's dtype; bias [N] or None.
     `config` overrides `gemv_config`: a tuning knob."""
     nf4 = _is_nf4(weight)
-    shape = tuple(weight.shape[1:]) if nf4 and len(weight.shape) == 3 and weight.shape[0] == 1 else (
-        None if nf4 else tuple(weight.shape))
-    if x.dim() != 2 or shape is None or len(shape) != 2 or x.shape[1] != shape[1]:
+    shape = tuple(weight.shape)
+    if nf4 and shape[0] == 1:  # one NF4 "expert": its [N, K]
+        shape = shape[1:]
+    if x.dim() != 2 or len(shape) != 2 or x.shape[1] != shape[1]:
         raise ValueError(f"x must be [T, K] and weight [N, K] (NF4: [1, N, K]) with the same K, got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
     if weight.dtype != x.dtype or (not nf4 and weight.stride(1) != 1):
