@@ -593,6 +593,32 @@ def test_gpu_decode_paths_agree_with_the_reference(tokens, precision, monkeypatc
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tokens, top_k", [(1, 4), (3, 3), (2, 6)])
+@pytest.mark.parametrize("topk_tile", [False, True])
+def test_gpu_nf4_down_topk_tile_matches_the_reference_and_skips_bad_ids(tokens, top_k, topk_tile, monkeypatch):
+    """The NF4 word path of the down kernel, top-k looped or tiled (top-k 3 and 6: a padded tile),
+    with one id out of range, which must add nothing."""
+    experts = experts_module(QWEN["num_experts"], QWEN["hidden"], QWEN["inter"], torch.bfloat16, "cuda", seed=top_k)
+    layer = NF4Experts.from_experts(experts)
+    ref = types.SimpleNamespace(gate_up_proj=dequantize_nf4(layer.gate_up).float(),
+                                down_proj=dequantize_nf4(layer.down).float(), act_fn=torch.nn.SiLU(),
+                                num_experts=QWEN["num_experts"])
+    x = torch.randn(tokens, QWEN["hidden"], device="cuda").bfloat16()
+    weights, ids = routed(tokens, QWEN["num_experts"], top_k, tokens + top_k, torch.bfloat16, "cuda")
+    bad = ids.clone()
+    bad[-1, -1] = QWEN["num_experts"] + 3
+    kept = weights.clone()
+    kept[-1, -1] = 0  # what the bad pair must contribute
+    expected = moelab.model.experts_torch(x.float(), kept.float(), ids, ref)
+    original = experts_kernels.gemv_config
+    monkeypatch.setattr(experts_kernels, "gemv_config",
+                        lambda *a, **k: {**original(*a, **k), **({} if a[2] else {"TOPK_TILE": topk_tile})})
+    got = fused_experts_forward(x, weights, bad, layer)
+    err = float((got.float() - expected).norm() / expected.norm())
+    assert err < 1e-2, f"relative error {err:.2e}, tokens {tokens}, top-{top_k}, tiled {topk_tile}"
+
+
+@pytest.mark.gpu
 def test_gpu_captured_in_a_cuda_graph_and_bad_ids_add_nothing():
     experts = experts_module(QWEN["num_experts"], QWEN["hidden"], QWEN["inter"], torch.bfloat16, "cuda")
     x = torch.randn(8, QWEN["hidden"], device="cuda").bfloat16()

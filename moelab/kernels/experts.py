@@ -506,11 +506,13 @@ def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax
     word_off = row_words[:, None, None] + (8 * b[:, None] + j[None, :])[None, :, :]
     words = tl.load(w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + word_off,
                     mask=row_ok[:, None, None] & blk_ok[None, :, None], other=0)
-    pair = (k0 // 2 + 32 * b[:, None] + 4 * j[None, :])[:, :, None] + tl.arange(0, 4)[None, None, :]  # [NB, 8, 4]
-    xp = tl.load(x_row_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + pair, mask=blk_ok[:, None, None], other=0)
-    x02, x13 = tl.split(tl.reshape(xp, (NB, 8, 2, 2)))  # pairs (0, 2) and (1, 3) of each word
-    x0, x2 = tl.split(x02)
-    x1, x3 = tl.split(x13)
+    pair = k0 // 2 + 32 * b[:, None] + 4 * j[None, :]  # [NB, 8]: x's first bf16 pair of each word
+    xw = x_row_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + pair
+    x_ok = blk_ok[:, None]
+    x0 = tl.load(xw, mask=x_ok, other=0)
+    x1 = tl.load(xw + 1, mask=x_ok, other=0)
+    x2 = tl.load(xw + 2, mask=x_ok, other=0)
+    x3 = tl.load(xw + 3, mask=x_ok, other=0)
     blk = (rows.to(tl.int64) * k_dim + k0) // 64
     am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
                      blk[:, None] + b[None, :], row_ok[:, None] & blk_ok[None, :], absmax_per_expert,
@@ -518,6 +520,42 @@ def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax
     return tl.inline_asm_elementwise(NF4_DOT_ASM, "=r,r,r,r,r,r,r,r,r,r,r,r",
                                      [words, x0[None, :, :], x1[None, :, :], x2[None, :, :], x3[None, :, :],
                                       lut[0], lut[1], lut[2], lut[3], (am * x_scale)[:, :, None], acc],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _nf4_words_topk(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, act_ptr, route_w,
+                    expert, pair, k_ok, rows, row_ok, k0, k_dim, stride_am, stride_we, absmax_per_expert,
+                    scales_per_expert, lut, DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`_nf4_words` for all of a token's top-k experts at once (the down kernel): acc [K, BLOCK_N,
+    BLOCK_K // 64, 8] plus, for each k, W[expert[k], rows, k0:k0 + BLOCK_K] times route_w[k] *
+    act[pair[k]]. One tile over the top-k puts every expert's code words of a K-step in flight
+    together, where a loop over k waits for each expert's in turn."""
+    NB: tl.constexpr = BLOCK_K // 64
+    b = tl.arange(0, NB)
+    j = tl.arange(0, 8)
+    blk_ok = k0 + 64 * b < k_dim
+    # [K, N]: the first code word of each (expert, row) at this K-step, in 32-bit words
+    row_words = expert[:, None].to(tl.int64) * (stride_we // 4) + rows.to(tl.int64)[None, :] * (k_dim // 8) + k0 // 8
+    row_words = tl.multiple_of(row_words, [1, 8])  # rows of whole 64-blocks start on 32-byte boundaries
+    word_off = row_words[:, :, None, None] + (8 * b[:, None] + j[None, :])[None, None, :, :]
+    ok = (k_ok[:, None] & row_ok[None, :])[:, :, None, None] & blk_ok[None, None, :, None]
+    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + word_off, mask=ok, other=0)
+    # [K, NB, 8]: each word's first bf16 pair of its expert's activation row
+    pair_off = pair[:, None, None] * (stride_am // 2) + (k0 // 2 + 32 * b[:, None] + 4 * j[None, :])[None, :, :]
+    xw = act_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + pair_off
+    x_ok = k_ok[:, None, None] & blk_ok[None, :, None]
+    x0 = tl.load(xw, mask=x_ok, other=0)[:, None, :, :]
+    x1 = tl.load(xw + 1, mask=x_ok, other=0)[:, None, :, :]
+    x2 = tl.load(xw + 2, mask=x_ok, other=0)[:, None, :, :]
+    x3 = tl.load(xw + 3, mask=x_ok, other=0)[:, None, :, :]
+    blk = (rows.to(tl.int64) * k_dim + k0) // 64
+    am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert[:, None, None],
+                     blk[None, :, None] + b[None, None, :], (k_ok[:, None] & row_ok[None, :])[:, :, None]
+                     & blk_ok[None, None, :], absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
+    return tl.inline_asm_elementwise(NF4_DOT_ASM, "=r,r,r,r,r,r,r,r,r,r,r,r",
+                                     [words, x0, x1, x2, x3, lut[0], lut[1], lut[2], lut[3],
+                                      (am * route_w[:, None, None])[:, :, :, None], acc],
                                      dtype=tl.float32, is_pure=True, pack=1)
 
 
@@ -670,7 +708,7 @@ def _gemv_down_kernel(
     absmax_per_expert, scales_per_expert,
     TOP_K: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     NF4_ASM: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PIPELINE: tl.constexpr,
+    PIPELINE: tl.constexpr, TOPK_TILE: tl.constexpr = False,
 ):
     """Decode down with the top-k sum folded in, one program per (token, N-tile):
     out[t, n] = sum_k route_w[t, k] * (W_down[ids[t, k]] @ act[t * K + k])[n], FMAs in fp32 and
@@ -686,20 +724,35 @@ def _gemv_down_kernel(
     token = pid // n_tiles
     n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < n_out
-    acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
     lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED)
-    for k0 in tl.range(0, k_dim, BLOCK_K, num_stages=PIPELINE):
-        for k in tl.static_range(TOP_K):  # the top-k experts' loads of one K-step are independent
-            pair = token.to(tl.int64) * TOP_K + k
-            expert = tl.load(ids_ptr + pair).to(tl.int32)
-            valid = (expert >= 0) & (expert < num_experts)
-            row_ok = n_ok & ((expert + 0 * n) >= 0) & ((expert + 0 * n) < num_experts)  # the interpreter needs tensors
-            expert = tl.where(valid, expert, 0)
-            route_w = tl.load(route_w_ptr + pair).to(out_ptr.dtype.element_ty).to(tl.float32)
-            acc = _gemv_rows(acc, w_ptr + expert.to(tl.int64) * stride_we, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
-                              absmax_offset_ptr, nf4_code_ptr, act_ptr + pair * stride_am, route_w, expert, n, row_ok,
-                              k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert,
-                              lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
+    if NF4 and NF4_ASM and ROW_ALIGNED and TOPK_TILE:  # NF4 words: the top-k as one more tile dimension
+        kk = tl.arange(0, triton.next_power_of_2(TOP_K))
+        k_ok = kk < TOP_K
+        pair = token.to(tl.int64) * TOP_K + kk
+        expert = tl.load(ids_ptr + pair, mask=k_ok, other=-1).to(tl.int32)
+        k_ok = k_ok & (expert >= 0) & (expert < num_experts)
+        expert = tl.where(k_ok, expert, 0)
+        route_w = tl.load(route_w_ptr + pair, mask=k_ok, other=0).to(out_ptr.dtype.element_ty).to(tl.float32)
+        acc4 = tl.zeros((triton.next_power_of_2(TOP_K), BLOCK_N, BLOCK_K // 64, 8), dtype=tl.float32)
+        for k0 in tl.range(0, k_dim, BLOCK_K, num_stages=PIPELINE):
+            acc4 = _nf4_words_topk(acc4, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
+                                   act_ptr, route_w, expert, pair, k_ok, n, n_ok, k0, k_dim, stride_am, stride_we,
+                                   absmax_per_expert, scales_per_expert, lut, DOUBLE_QUANT, BLOCK_K)
+        acc = tl.sum(acc4, axis=0)
+    else:
+        acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
+        for k0 in tl.range(0, k_dim, BLOCK_K, num_stages=PIPELINE):
+            for k in tl.static_range(TOP_K):  # the top-k experts' loads of one K-step are independent
+                pair = token.to(tl.int64) * TOP_K + k
+                expert = tl.load(ids_ptr + pair).to(tl.int32)
+                valid = (expert >= 0) & (expert < num_experts)
+                row_ok = n_ok & ((expert + 0 * n) >= 0) & ((expert + 0 * n) < num_experts)  # the interpreter needs tensors
+                expert = tl.where(valid, expert, 0)
+                route_w = tl.load(route_w_ptr + pair).to(out_ptr.dtype.element_ty).to(tl.float32)
+                acc = _gemv_rows(acc, w_ptr + expert.to(tl.int64) * stride_we, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
+                                  absmax_offset_ptr, nf4_code_ptr, act_ptr + pair * stride_am, route_w, expert, n, row_ok,
+                                  k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert,
+                                  lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
     total = _gemv_acc_sum(acc, NF4)
     if HAS_SHARED:  # dense weights only (the launcher checks)
         gate = tl.sigmoid(tl.load(shared_gate_ptr + token.to(tl.int64) * stride_sg).to(tl.float32))
