@@ -368,14 +368,19 @@ def test_configs_keep_enough_programs_at_decode_and_tiles_in_registers():
 
 def test_gemv_configs_stream_whole_blocks_with_bounded_accumulators():
     """Decode GEMV: 8 rows per program, NF4 K-steps of whole 64-value blocks, an fp32
-    accumulator of at most 4,096 values per weight matrix, prefetching (PIPELINE > 1) for bf16
-    and for NF4 gate_up at a few pairs only; no pipelining under the interpreter."""
+    accumulator of at most 4,096 values per weight matrix (NF4 words: one per 8 values),
+    prefetching (PIPELINE > 1) for bf16 only; NF4's x tile (BLOCK_K // 8 pairs of each word
+    slot) smaller than the program's threads, so it loads in the words' layout (`_nf4_words`);
+    no pipelining under the interpreter."""
     for rows, n_out, gated in [(4, 1408, True), (1, 2048, False), (32, 1408, True), (8, 2048, False), (128, 1408, True)]:
         for nf4 in (False, True):
-            cfg = gemv_config(rows, n_out, gated, nf4, on_gpu=True, num_sms=132)
-            assert cfg["BLOCK_N"] == 8 and cfg["BLOCK_K"] % 64 == 0
-            assert cfg["BLOCK_N"] * cfg["BLOCK_K"] <= 4096
-            assert cfg["PIPELINE"] == (1 if nf4 and (not gated or rows > 4) else 3)
+            for k_dim in (1408, 5632):
+                cfg = gemv_config(rows, n_out, gated, nf4, on_gpu=True, num_sms=132, k_dim=k_dim)
+                assert cfg["BLOCK_N"] == 8 and cfg["BLOCK_K"] % 64 == 0
+                assert cfg["BLOCK_N"] * cfg["BLOCK_K"] // (8 if nf4 else 1) <= 4096
+                assert cfg["PIPELINE"] == (1 if nf4 else 3)
+                if nf4:
+                    assert cfg["BLOCK_K"] // 8 < 32 * cfg["num_warps"]
     assert gemv_config(4, 96, True, False, on_gpu=False)["PIPELINE"] == 1
     # the shared expert folded into down: longer rows, 512-value K-steps (still 4,096 accumulators)
     assert gemv_config(1, 2048, False, False, on_gpu=True, shared=True)["BLOCK_K"] == 512
@@ -594,10 +599,8 @@ def test_gpu_decode_paths_agree_with_the_reference(tokens, precision, monkeypatc
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens, top_k", [(1, 4), (3, 3), (2, 6)])
-@pytest.mark.parametrize("topk_tile", [False, True])
-def test_gpu_nf4_down_topk_tile_matches_the_reference_and_skips_bad_ids(tokens, top_k, topk_tile, monkeypatch):
-    """The NF4 word path of the down kernel, top-k looped or tiled (top-k 3 and 6: a padded tile),
-    with one id out of range, which must add nothing."""
+def test_gpu_nf4_decode_kernels_match_the_reference_and_skip_bad_ids(tokens, top_k):
+    """The NF4 word path of both decode kernels at top-4, 3 and 6, one id out of range (adds nothing)."""
     experts = experts_module(QWEN["num_experts"], QWEN["hidden"], QWEN["inter"], torch.bfloat16, "cuda", seed=top_k)
     layer = NF4Experts.from_experts(experts)
     ref = types.SimpleNamespace(gate_up_proj=dequantize_nf4(layer.gate_up).float(),
@@ -610,12 +613,9 @@ def test_gpu_nf4_down_topk_tile_matches_the_reference_and_skips_bad_ids(tokens, 
     kept = weights.clone()
     kept[-1, -1] = 0  # what the bad pair must contribute
     expected = moelab.model.experts_torch(x.float(), kept.float(), ids, ref)
-    original = experts_kernels.gemv_config
-    monkeypatch.setattr(experts_kernels, "gemv_config",
-                        lambda *a, **k: {**original(*a, **k), **({} if a[2] else {"TOPK_TILE": topk_tile})})
     got = fused_experts_forward(x, weights, bad, layer)
     err = float((got.float() - expected).norm() / expected.norm())
-    assert err < 1e-2, f"relative error {err:.2e}, tokens {tokens}, top-{top_k}, tiled {topk_tile}"
+    assert err < 1e-2, f"relative error {err:.2e}, tokens {tokens}, top-{top_k}"
 
 
 @pytest.mark.gpu

@@ -2,8 +2,12 @@
 (60 experts, top-4, hidden 2048, intermediate 1408) and the shared expert run as one expert
 (intermediate 5632, `nf4_shared_expert`), at 1 and 4 tokens. Each kernel is timed alone in a CUDA
 graph (gate_up, then down on a fixed activation), weights rotating beyond L2 (routed: other experts
-each call; shared: R copies). The down kernel is swept with and without TOPK_TILE (the top-k experts
-as one tile dimension). Every timed config's output is checked against the package's default.
+each call; shared: R copies). Every timed config's output is checked against the package's default.
+
+benchmarks/results/sweep_nf4_gemv_2026-12-06_h100.json (H100) ran this script at commit 0cedce8, whose
+down kernel also had TOPK_TILE (the top-k experts as one more tile dimension, all their code words
+of a K-step loaded together): its rows with TOPK_TILE true were all slower (best 8.5 us against
+7.2 looped at one token), so the variant was removed and this script no longer sweeps it.
 
     python benchmarks/tuning/nf4_gemv_sweep.py          # on the GPU machine; writes $OUT/nf4_gemv_sweep.json
 """
@@ -74,7 +78,7 @@ def sweep(name, spec, T, kernel, configs):
     else:
         outs = [torch.empty(T, H, device=dev, dtype=dt) for _ in range(R)]
         run = lambda i, c: launch_down(act, wsel("down", i), ids[i], route_w[i], outs[i], inter, top_k, c)  # noqa: E731
-        base_cfg = EK.gemv_config(T, H, False, True, True)
+        base_cfg = EK.gemv_config(T, H, False, True, True, k_dim=inter)
         nbytes = T * top_k * H * inter // 2
     ref = []
     for i in range(R):
@@ -101,8 +105,8 @@ def sweep(name, spec, T, kernel, configs):
 
 gate_up_cfgs = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, PIPELINE=pl)
                 for bn, bk, nw, pl in itertools.product((4, 8, 16), (256, 512), (2, 4), (1, 3))]
-down_cfgs = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, PIPELINE=pl, TOPK_TILE=tt)
-             for tt, bn, bk, nw, pl in itertools.product((False, True), (4, 8), (256, 512), (4, 8), (1, 3))]
+down_cfgs = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, PIPELINE=pl)
+             for bn, bk, nw, pl in itertools.product((4, 8), (256, 512), (4, 8), (1, 3))]
 shared_down_cfgs = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, PIPELINE=pl)
                     for bn, bk, nw, pl in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (1, 3))]
 with torch.no_grad():

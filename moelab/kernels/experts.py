@@ -497,7 +497,14 @@ def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax
 
     Word j of NF4 block b of a row holds the codes of values 64b + 8j .. 64b + 8j + 7; x is read
     as bf16 pairs (32-bit words, so x must be 4-byte aligned: the launcher sees to it) and each
-    code word meets its 4 pairs in `NF4_DOT_ASM`. Rows are whole 64-blocks (k_dim % 64 == 0)."""
+    code word meets its 4 pairs in `NF4_DOT_ASM`. Rows are whole 64-blocks (k_dim % 64 == 0).
+
+    x comes as four [NB, 8] loads (pair 0, 1, 2, 3 of every word), which Triton places directly
+    in the layout the words use as long as the tile has fewer elements than the program has
+    threads (BLOCK_K // 8 < 32 * num_warps: `gemv_config` keeps to it). One [NB, 8, 4] load split
+    in registers was laid out otherwise and cost a round trip through shared memory and a
+    barrier per K-step and expert (the down kernel at one token: 9.3 -> 7.1 us for the shared
+    expert on an H100, benchmarks/results/sweep_nf4_gemv_2026-12-06_h100.json)."""
     NB: tl.constexpr = BLOCK_K // 64
     b = tl.arange(0, NB)
     j = tl.arange(0, 8)
@@ -520,42 +527,6 @@ def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax
     return tl.inline_asm_elementwise(NF4_DOT_ASM, "=r,r,r,r,r,r,r,r,r,r,r,r",
                                      [words, x0[None, :, :], x1[None, :, :], x2[None, :, :], x3[None, :, :],
                                       lut[0], lut[1], lut[2], lut[3], (am * x_scale)[:, :, None], acc],
-                                     dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _nf4_words_topk(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, act_ptr, route_w,
-                    expert, pair, k_ok, rows, row_ok, k0, k_dim, stride_am, stride_we, absmax_per_expert,
-                    scales_per_expert, lut, DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr):
-    """`_nf4_words` for all of a token's top-k experts at once (the down kernel): acc [K, BLOCK_N,
-    BLOCK_K // 64, 8] plus, for each k, W[expert[k], rows, k0:k0 + BLOCK_K] times route_w[k] *
-    act[pair[k]]. One tile over the top-k puts every expert's code words of a K-step in flight
-    together, where a loop over k waits for each expert's in turn."""
-    NB: tl.constexpr = BLOCK_K // 64
-    b = tl.arange(0, NB)
-    j = tl.arange(0, 8)
-    blk_ok = k0 + 64 * b < k_dim
-    # [K, N]: the first code word of each (expert, row) at this K-step, in 32-bit words
-    row_words = expert[:, None].to(tl.int64) * (stride_we // 4) + rows.to(tl.int64)[None, :] * (k_dim // 8) + k0 // 8
-    row_words = tl.multiple_of(row_words, [1, 8])  # rows of whole 64-blocks start on 32-byte boundaries
-    word_off = row_words[:, :, None, None] + (8 * b[:, None] + j[None, :])[None, None, :, :]
-    ok = (k_ok[:, None] & row_ok[None, :])[:, :, None, None] & blk_ok[None, None, :, None]
-    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + word_off, mask=ok, other=0)
-    # [K, NB, 8]: each word's first bf16 pair of its expert's activation row
-    pair_off = pair[:, None, None] * (stride_am // 2) + (k0 // 2 + 32 * b[:, None] + 4 * j[None, :])[None, :, :]
-    xw = act_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + pair_off
-    x_ok = k_ok[:, None, None] & blk_ok[None, :, None]
-    x0 = tl.load(xw, mask=x_ok, other=0)[:, None, :, :]
-    x1 = tl.load(xw + 1, mask=x_ok, other=0)[:, None, :, :]
-    x2 = tl.load(xw + 2, mask=x_ok, other=0)[:, None, :, :]
-    x3 = tl.load(xw + 3, mask=x_ok, other=0)[:, None, :, :]
-    blk = (rows.to(tl.int64) * k_dim + k0) // 64
-    am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert[:, None, None],
-                     blk[None, :, None] + b[None, None, :], (k_ok[:, None] & row_ok[None, :])[:, :, None]
-                     & blk_ok[None, None, :], absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
-    return tl.inline_asm_elementwise(NF4_DOT_ASM, "=r,r,r,r,r,r,r,r,r,r,r,r",
-                                     [words, x0, x1, x2, x3, lut[0], lut[1], lut[2], lut[3],
-                                      (am * route_w[:, None, None])[:, :, :, None], acc],
                                      dtype=tl.float32, is_pure=True, pack=1)
 
 
@@ -708,7 +679,7 @@ def _gemv_down_kernel(
     absmax_per_expert, scales_per_expert,
     TOP_K: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     NF4_ASM: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PIPELINE: tl.constexpr, TOPK_TILE: tl.constexpr = False,
+    PIPELINE: tl.constexpr,
 ):
     """Decode down with the top-k sum folded in, one program per (token, N-tile):
     out[t, n] = sum_k route_w[t, k] * (W_down[ids[t, k]] @ act[t * K + k])[n], FMAs in fp32 and
@@ -725,34 +696,19 @@ def _gemv_down_kernel(
     n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < n_out
     lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED)
-    if NF4 and NF4_ASM and ROW_ALIGNED and TOPK_TILE:  # NF4 words: the top-k as one more tile dimension
-        kk = tl.arange(0, triton.next_power_of_2(TOP_K))
-        k_ok = kk < TOP_K
-        pair = token.to(tl.int64) * TOP_K + kk
-        expert = tl.load(ids_ptr + pair, mask=k_ok, other=-1).to(tl.int32)
-        k_ok = k_ok & (expert >= 0) & (expert < num_experts)
-        expert = tl.where(k_ok, expert, 0)
-        route_w = tl.load(route_w_ptr + pair, mask=k_ok, other=0).to(out_ptr.dtype.element_ty).to(tl.float32)
-        acc4 = tl.zeros((triton.next_power_of_2(TOP_K), BLOCK_N, BLOCK_K // 64, 8), dtype=tl.float32)
-        for k0 in tl.range(0, k_dim, BLOCK_K, num_stages=PIPELINE):
-            acc4 = _nf4_words_topk(acc4, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
-                                   act_ptr, route_w, expert, pair, k_ok, n, n_ok, k0, k_dim, stride_am, stride_we,
-                                   absmax_per_expert, scales_per_expert, lut, DOUBLE_QUANT, BLOCK_K)
-        acc = tl.sum(acc4, axis=0)
-    else:
-        acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
-        for k0 in tl.range(0, k_dim, BLOCK_K, num_stages=PIPELINE):
-            for k in tl.static_range(TOP_K):  # the top-k experts' loads of one K-step are independent
-                pair = token.to(tl.int64) * TOP_K + k
-                expert = tl.load(ids_ptr + pair).to(tl.int32)
-                valid = (expert >= 0) & (expert < num_experts)
-                row_ok = n_ok & ((expert + 0 * n) >= 0) & ((expert + 0 * n) < num_experts)  # the interpreter needs tensors
-                expert = tl.where(valid, expert, 0)
-                route_w = tl.load(route_w_ptr + pair).to(out_ptr.dtype.element_ty).to(tl.float32)
-                acc = _gemv_rows(acc, w_ptr + expert.to(tl.int64) * stride_we, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
-                                  absmax_offset_ptr, nf4_code_ptr, act_ptr + pair * stride_am, route_w, expert, n, row_ok,
-                                  k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert,
-                                  lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
+    acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
+    for k0 in tl.range(0, k_dim, BLOCK_K, num_stages=PIPELINE):
+        for k in tl.static_range(TOP_K):  # the top-k experts' loads of one K-step are independent
+            pair = token.to(tl.int64) * TOP_K + k
+            expert = tl.load(ids_ptr + pair).to(tl.int32)
+            valid = (expert >= 0) & (expert < num_experts)
+            row_ok = n_ok & ((expert + 0 * n) >= 0) & ((expert + 0 * n) < num_experts)  # the interpreter needs tensors
+            expert = tl.where(valid, expert, 0)
+            route_w = tl.load(route_w_ptr + pair).to(out_ptr.dtype.element_ty).to(tl.float32)
+            acc = _gemv_rows(acc, w_ptr + expert.to(tl.int64) * stride_we, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
+                              absmax_offset_ptr, nf4_code_ptr, act_ptr + pair * stride_am, route_w, expert, n, row_ok,
+                              k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert,
+                              lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
     total = _gemv_acc_sum(acc, NF4)
     if HAS_SHARED:  # dense weights only (the launcher checks)
         gate = tl.sigmoid(tl.load(shared_gate_ptr + token.to(tl.int64) * stride_sg).to(tl.float32))
@@ -940,7 +896,7 @@ NF4_DENSE_FROM_PAIRS = 1024
 
 
 def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool, num_sms: int = 132,
-                shared: bool = False) -> dict:
+                shared: bool = False, k_dim: int = 0) -> dict:
     """N-tile, K-step, warps and pipeline depth of one ungrouped decode kernel (`num_rows`: its
     pairs for gate_up, its tokens for down).
 
@@ -954,12 +910,19 @@ def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool,
     step) gain from prefetching only for gate_up at one token (up to 4 pairs). With the shared
     expert folded in (`shared`), down streams 4 x 1,408 + 5,632 values per row and takes
     512-value K-steps (benchmarks/results/sweep_decode_2026-11-29_h200.json: 42.2 -> 39.8 us for the
-    whole layer at one token). Under the interpreter: one wide program per row."""
+    whole layer at one token). The NF4 word path (`_nf4_words`) was swept on an H100, each
+    kernel alone (benchmarks/results/sweep_nf4_gemv_2026-12-06_h100.json): no prefetching,
+    512-value steps, and for down at one token 8 warps (1,024-value steps over the shared
+    expert's rows, `k_dim`); at one token gate_up 15.3 -> 11.4 us and down 7.9 -> 7.2 us
+    (routed), 15.9 -> 11.6 and 9.3 -> 7.1 us (shared expert). Under the interpreter: one wide
+    program per row."""
     if not on_gpu:
         return dict(BLOCK_N=min(64, triton.next_power_of_2(n_out)), BLOCK_K=128, num_warps=4, PIPELINE=1)
-    if nf4:
+    if nf4:  # the NF4 word path, from an H100 sweep of each kernel alone (sweep_nf4_gemv_2026-12-06_h100)
         if gated:
-            return dict(BLOCK_N=8, BLOCK_K=256, num_warps=2, PIPELINE=3 if num_rows <= 4 else 1)
+            return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, PIPELINE=1)
+        if num_rows == 1:  # one token: 8 warps; the shared expert's long rows (k_dim 5,632) in 1,024-value steps
+            return dict(BLOCK_N=8, BLOCK_K=1024 if k_dim >= 4096 else 512, num_warps=8, PIPELINE=1)
         return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, PIPELINE=1)
     return dict(BLOCK_N=8, BLOCK_K=512 if shared and not gated else 256, num_warps=2 if gated else 4, PIPELINE=3)
 
@@ -1058,7 +1021,7 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
         strides[3], strides[4], HAS_SHARED=shared is not None, **flags, **cfg)
 
     cfg = _whole_nf4_blocks({**gemv_config(num_tokens, hidden_dim, False, _is_nf4(down), on_gpu, sms,
-                                           shared=shared is not None), **(config or {})}, down)
+                                           shared=shared is not None, k_dim=inter), **(config or {})}, down)
     ptrs, strides, flags = _weight_args(down, num_experts)
     _gemv_down_kernel[(num_tokens * triton.cdiv(hidden_dim, cfg["BLOCK_N"]),)](
         act, ptrs[0], flat_ids, route_w, out, shared_down, gate_logit, *ptrs[1:],
