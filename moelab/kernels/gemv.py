@@ -54,14 +54,15 @@ def gemv_config(n_out: int, on_gpu: bool, nf4: bool = False) -> dict:
     rows, 512 for fewer (fewer programs: each keeps more bytes in flight). From an H200 sweep
     at one token, H = 2048 (benchmarks/results/sweep_decode_2026-11-29_h200.json): q/k/v (6,144
     rows, bias) 8.4 us against cuBLAS's 9.6, o_proj (2,048) 4.5 against 6.2, router + shared
-    gate (61) 2.5 against 4.5 (two kernels). NF4 takes the experts' NF4 decode configuration
-    (`moelab.kernels.experts.gemv_config`, down). Under the interpreter one wide program per 64 rows."""
+    gate (61) 2.5 against 4.5 (two kernels). NF4: the word path in 512-value steps, 4 warps, no
+    prefetching (the experts' down kernel at several tokens); the 8 warps that its one-token
+    down takes made the NF4 linears slower in the H100 decode profile of 2026-12-06 (72 calls
+    408 us a step against 365 with 4 warps, benchmarks/results/decode_nf4_2026-12-06_h100*.json).
+    Under the interpreter one wide program per 64 rows."""
     if not on_gpu:
         return dict(BLOCK_N=min(64, triton.next_power_of_2(n_out)), BLOCK_K=128, num_warps=4, PIPELINE=1)
     if nf4:
-        from .experts import gemv_config as experts_gemv_config
-
-        return experts_gemv_config(1, n_out, False, True, on_gpu)
+        return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, PIPELINE=1)
     return dict(BLOCK_N=8, BLOCK_K=256 if n_out >= 4096 else 512, num_warps=4, PIPELINE=3)
 
 
