@@ -238,7 +238,8 @@ class MoeForward:
     separate. NF4 (bitsandbytes) layers fuse only where `moelab.quant.quantize_layer_` quantized
     them jointly (`moelab.quant.JointNF4`: q/k/v, the shared expert's gate/up); on CUDA their
     decode then runs moelab's NF4 GEMV and the shared expert inside the experts' decode kernels
-    (`nf4_shared_expert`), and any other NF4 Linear4bit of a few tokens moelab's GEMV too.
+    (a `SharedExpert` of NF4 weights, as in bf16), and any other NF4 Linear4bit of a few tokens
+    moelab's GEMV too.
     """
 
     def __init__(self, model, experts_fn=experts_forward, route_backend: str = "auto", attention: str = "auto",
@@ -535,17 +536,17 @@ class MoeForward:
         fused = self._fused_moe_input(index) if self._fuse(x.shape[0]) else None
         folds = getattr(self.experts_fn, "takes_shared_expert", False)
         if fused is not None and fused.nf4_gate_up is not None:  # an NF4 layer (see FusedMoeInput)
-            from .kernels.experts import is_silu, nf4_shared_expert
+            from .kernels.experts import SharedExpert, is_silu
             from .quant import linear4bit_nf4
 
             down = linear4bit_nf4(mlp.shared_expert.down_proj)
             if x.is_cuda and folds and down is not None and is_silu(mlp.shared_expert.act_fn):
-                # Router and shared gate logit as one small GEMV; the shared expert as two NF4
-                # launches of the experts' decode kernels (its gate/up quantized jointly).
+                # Router and shared gate logit as one small GEMV; the shared expert (its gate/up
+                # quantized jointly) streamed inside the experts' NF4 decode kernels, as in bf16.
                 logits, gate_logit = _project(x, fused.weight).split(fused.sizes, dim=-1)
                 weights, ids = route(logits, gate.top_k, normalize=gate.norm_topk_prob, backend=self.route_backend)
-                routed = self.experts_fn(x, weights, ids, mlp.experts)
-                return routed + nf4_shared_expert(x, fused.nf4_gate_up, down, gate_logit)
+                shared = SharedExpert(fused.nf4_gate_up, down, gate_logit)
+                return self.experts_fn(x, weights, ids, mlp.experts, shared=shared)
             fused = None  # elsewhere each module runs on its own
         if fused is not None and folds and type(mlp.shared_expert.down_proj) is nn.Linear:
             from .kernels.experts import SharedExpert, is_silu

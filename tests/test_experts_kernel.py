@@ -743,6 +743,35 @@ def test_nf4_bf16_pair_lookup_gives_the_bf16_code_book_in_x_order():
     assert loaded == [low[0], low[2], high[0], high[2]] * 32  # one copy per lane
 
 
+@pytest.mark.parametrize("inter, shared_inter, folds", [(64, 128, True), (96, 160, True), (96, 128, False)])
+def test_nf4_shared_expert_folds_into_the_nf4_decode_kernels(inter, shared_inter, folds, monkeypatch):
+    """An NF4 shared expert (one-expert NF4Tensors) beside NF4 routed experts: streamed inside the
+    two decode launches where its format matches theirs (rows of whole 64-blocks or not: 160 rows
+    make a partial last chunk of 96), on its own otherwise; either way routed + sigmoid(gate) *
+    the dequantized shared expert (interpreter, float32)."""
+    from moelab.kernels.experts import SharedExpert
+
+    hidden, experts_n, top_k = 128, 8, 2
+    gen = torch.Generator().manual_seed(inter + shared_inter)
+    w = lambda *shape: torch.randn(*shape, generator=gen) * 0.05  # noqa: E731
+    layer = NF4Experts(quantize_nf4(w(experts_n, 2 * inter, hidden)), quantize_nf4(w(experts_n, hidden, inter)),
+                       torch.nn.SiLU())
+    gate_up, down = quantize_nf4(w(1, 2 * shared_inter, hidden)), quantize_nf4(w(1, hidden, shared_inter))
+    gu, dn = dequantize_nf4(gate_up)[0], dequantize_nf4(down)[0]
+    if folds:  # the fold must not fall back to running the shared expert on its own
+        monkeypatch.setattr(experts_kernels, "_shared_expert", lambda *a: pytest.fail("shared expert not folded"))
+    for tokens in (1, 3):
+        x = torch.randn(tokens, hidden, generator=gen)
+        logit = torch.randn(tokens, 1, generator=gen)
+        weights, ids = routed(tokens, experts_n, top_k, tokens)
+        got = fused_experts_forward(x, weights, ids, layer, shared=SharedExpert(gate_up, down, logit))
+        g, u = (x @ gu.T).chunk(2, dim=-1)
+        expected = fused_experts_forward(x, weights, ids, layer) + torch.sigmoid(logit) * ((F.silu(g) * u) @ dn.T)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="shared expert weights do not fit"):
+        fused_experts_forward(x, weights, ids, layer, shared=SharedExpert(gate_up, gu, logit))
+
+
 def test_nf4_shared_expert_through_the_decode_kernels_equals_the_modules():
     """tiny's NF4 shared expert (gate/up quantized jointly, down alone) through
     `nf4_shared_expert` (the routed decode kernels, one expert every token picks, the sigmoid

@@ -4,7 +4,8 @@
 graph (gate_up, then down on a fixed activation), weights rotating beyond L2 (routed: other experts
 each call; shared: R copies). Every timed config's output is checked against the package's default.
 
-benchmarks/results/sweep_nf4_gemv_2026-12-06_h100.json (H100) ran this script at commit 0cedce8, whose
+benchmarks/results/sweep_nf4_gemv_2026-12-06_h100.json (H100) ran this script at commit 0cedce8 (the kernels
+have since gained the shared expert's NF4 absmax pointers, passed here unused), whose
 down kernel also had TOPK_TILE (the top-k experts as one more tile dimension, all their code words
 of a K-step loaded together): its rows with TOPK_TILE true were all slower (best 8.5 us against
 7.2 looped at one token), so the variant was removed and this script no longer sweeps it.
@@ -46,7 +47,7 @@ def launch_gate_up(x, w, ids, act, inter, top_k, cfg):
     num_pairs = ids.numel()
     ptrs, strides, flags = EK._weight_args(w, w.shape[0])
     EK._gemv_gate_up_kernel[(num_pairs * triton.cdiv(inter, cfg["BLOCK_N"]),)](
-        x, ptrs[0], ids, act, x, *ptrs[1:], inter, H, w.shape[0], top_k, num_pairs, 0, 1,
+        x, ptrs[0], ids, act, x, *ptrs[1:], *ptrs[1:5], inter, H, w.shape[0], top_k, num_pairs, 0, 1,
         x.stride(0), strides[0], strides[1], act.stride(0), x.stride(0), strides[3], strides[4],
         HAS_SHARED=False, **flags, **cfg)
 
@@ -55,7 +56,7 @@ def launch_down(act, w, ids, route_w, out, inter, top_k, cfg):
     num_tokens = ids.numel() // top_k
     ptrs, strides, flags = EK._weight_args(w, w.shape[0])
     EK._gemv_down_kernel[(num_tokens * triton.cdiv(H, cfg["BLOCK_N"]),)](
-        act, ptrs[0], ids, route_w, out, out, out, *ptrs[1:], H, inter, w.shape[0], 0, ids.numel(), 1,
+        act, ptrs[0], ids, route_w, out, out, out, *ptrs[1:], *ptrs[1:5], H, inter, w.shape[0], 0, ids.numel(), 1,
         act.stride(0), strides[0], strides[1], out.stride(0), out.stride(0), 1, strides[3], strides[4],
         TOP_K=top_k, HAS_SHARED=False, **flags, **cfg)
 

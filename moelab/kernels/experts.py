@@ -617,6 +617,7 @@ def _gemv_acc_sum(acc, NF4: tl.constexpr):
 def _gemv_gate_up_kernel(
     x_ptr, w_ptr, ids_ptr, act_ptr, shared_w_ptr,
     absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
+    shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr, shared_absmax_offset_ptr,
     n_out, k_dim, num_experts, top_k, num_pairs, shared_rows, shared_chunks,
     stride_xm, stride_we, stride_wn, stride_am, stride_swn,
     absmax_per_expert, scales_per_expert,
@@ -630,7 +631,9 @@ def _gemv_gate_up_kernel(
     HAS_SHARED: rows num_pairs + t * C + c of act are the shared expert's chunk c of token t
     (its intermediate cut into C chunks of n_out rows; the last one zero-padded): gate rows
     c * n_out + n and up rows shared_rows + c * n_out + n of `shared_w` ([2 Is, H], gate then
-    up), so the shared expert's gate/up streams alongside the routed experts in one launch."""
+    up), so the shared expert's gate/up streams alongside the routed experts in one launch.
+    NF4 experts take an NF4 shared expert (one expert, the same format), its absmax and
+    scales from the shared_absmax* pointers."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_out, BLOCK_N)
     pair = pid // n_tiles
@@ -643,26 +646,35 @@ def _gemv_gate_up_kernel(
     w_e = w_ptr + expert.to(tl.int64) * stride_we
     x_row = x_ptr + (pair // top_k).to(tl.int64) * stride_xm
     row_stride = stride_wn
+    gate_rows = n
     up_rows = n + n_out
     row_ok = n_ok
-    if HAS_SHARED:  # dense weights only (the launcher checks)
+    am, am_code, am_scale, am_offset = absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr
+    if HAS_SHARED:  # the shared expert's chunk c: its rows c * n_out + n (gate) and shared_rows + c * n_out + n (up)
         shared = pair >= num_pairs
         chunk = tl.maximum(pair - num_pairs, 0)
         c = chunk % shared_chunks
-        w_e = tl.where(shared, shared_w_ptr + (c * n_out).to(tl.int64) * stride_swn, w_e)
+        w_e = tl.where(shared, shared_w_ptr, w_e)
+        expert = tl.where(shared, 0, expert)
         x_row = tl.where(shared, x_ptr + (chunk // shared_chunks).to(tl.int64) * stride_xm, x_row)
         row_stride = tl.where(shared, stride_swn, stride_wn)
-        up_rows = tl.where(shared, n + shared_rows, up_rows)
+        gate_rows = tl.where(shared, n + c * n_out, gate_rows)
+        up_rows = tl.where(shared, n + c * n_out + shared_rows, up_rows)
         row_ok = n_ok & (n < tl.where(shared, shared_rows - c * n_out, n_out))  # the last chunk may be partial
         k_end = tl.where(shared, k_dim, k_end)
+        if NF4:
+            am = tl.where(shared, shared_absmax_ptr, am)
+            am_code = tl.where(shared, shared_absmax_code_ptr, am_code)
+            am_scale = tl.where(shared, shared_absmax_scale_ptr, am_scale)
+            am_offset = tl.where(shared, shared_absmax_offset_ptr, am_offset)
     acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
     acc_up = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
     lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED)
     for k0 in tl.range(0, k_end, BLOCK_K, num_stages=PIPELINE):
-        acc = _gemv_rows(acc, w_e, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
-                          x_row, 1.0, expert, n, row_ok, k0, k_dim, row_stride, absmax_per_expert, scales_per_expert,
-                          lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
-        acc_up = _gemv_rows(acc_up, w_e, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
+        acc = _gemv_rows(acc, w_e, am, am_code, am_scale, am_offset, nf4_code_ptr,
+                          x_row, 1.0, expert, gate_rows, row_ok, k0, k_dim, row_stride, absmax_per_expert,
+                          scales_per_expert, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
+        acc_up = _gemv_rows(acc_up, w_e, am, am_code, am_scale, am_offset, nf4_code_ptr,
                              x_row, 1.0, expert, up_rows, row_ok, k0, k_dim, row_stride, absmax_per_expert,
                              scales_per_expert, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
     gate = _gemv_acc_sum(acc, NF4)
@@ -674,6 +686,7 @@ def _gemv_gate_up_kernel(
 def _gemv_down_kernel(
     act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_w_ptr, shared_gate_ptr,
     absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
+    shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr, shared_absmax_offset_ptr,
     n_out, k_dim, num_experts, shared_k, shared_act_row, shared_chunks,
     stride_am, stride_we, stride_wn, stride_om, stride_swn, stride_sg,
     absmax_per_expert, scales_per_expert,
@@ -689,7 +702,8 @@ def _gemv_down_kernel(
 
     HAS_SHARED adds sigmoid(shared_gate[t]) * (W_shared_down @ act_shared[t])[n], the shared
     expert behind its gate, into the same sum: act_shared[t] is the shared_k values from act
-    row shared_act_row + t * C on (the gate_up kernel's C chunks of token t, contiguous)."""
+    row shared_act_row + t * C on (the gate_up kernel's C chunks of token t, contiguous); in NF4
+    with NF4 experts (its absmax from the shared_absmax* pointers)."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_out, BLOCK_N)
     token = pid // n_tiles
@@ -710,15 +724,16 @@ def _gemv_down_kernel(
                               k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert,
                               lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
     total = _gemv_acc_sum(acc, NF4)
-    if HAS_SHARED:  # dense weights only (the launcher checks)
+    if HAS_SHARED:
         gate = tl.sigmoid(tl.load(shared_gate_ptr + token.to(tl.int64) * stride_sg).to(tl.float32))
         shared_row = act_ptr + (shared_act_row + token.to(tl.int64) * shared_chunks) * stride_am
-        acc_s = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in tl.range(0, shared_k, BLOCK_K, num_stages=PIPELINE):  # dense rows (NF4=False below)
-            acc_s = _gemv_rows(acc_s, shared_w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
-                                nf4_code_ptr, shared_row, gate, 0, n, n_ok, k0, shared_k, stride_swn,
-                                absmax_per_expert, scales_per_expert, lut, False, False, False, BLOCK_K, False)
-        total += tl.sum(acc_s, axis=1)
+        acc_s = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
+        for k0 in tl.range(0, shared_k, BLOCK_K, num_stages=PIPELINE):  # one expert: expert 0 of shared_w
+            acc_s = _gemv_rows(acc_s, shared_w_ptr, shared_absmax_ptr, shared_absmax_code_ptr,
+                                shared_absmax_scale_ptr, shared_absmax_offset_ptr, nf4_code_ptr, shared_row, gate, 0,
+                                n, n_ok, k0, shared_k, stride_swn, 0, 0, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K,
+                                NF4_ASM)
+        total += _gemv_acc_sum(acc_s, NF4)
     tl.store(out_ptr + token.to(tl.int64) * stride_om + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -933,7 +948,9 @@ class SharedExpert:
     sigmoid(gate_logit) * down(SiLU(gate) * up) (Qwen2-MoE's gated shared expert).
 
     gate_up: [2 Is, H], the gate rows then the up rows (`moelab.fuse`'s fused MoE-input weight
-    holds them so, a free view); down: [H, Is]; gate_logit: [T] or [T, 1], before the sigmoid."""
+    holds them so, a free view); down: [H, Is]; gate_logit: [T] or [T, 1], before the sigmoid.
+    With NF4 experts, gate_up and down may be one-expert NF4Tensors [1, 2 Is, H] and [1, H, Is]
+    (`moelab.quant.JointNF4`, `linear4bit_nf4`)."""
 
     gate_up: torch.Tensor
     down: torch.Tensor
@@ -947,21 +964,40 @@ def shared_expert_torch(hidden: torch.Tensor, shared: SharedExpert) -> torch.Ten
     return torch.sigmoid(shared.gate_logit.reshape(-1, 1)) * out
 
 
+def _shared_expert(hidden: torch.Tensor, shared: SharedExpert) -> torch.Tensor:
+    """The shared expert on its own (where the kernels do not fold it in): NF4 through the decode kernels."""
+    if _is_nf4(shared.gate_up):
+        return nf4_shared_expert(hidden, shared.gate_up, shared.down, shared.gate_logit)
+    return shared_expert_torch(hidden, shared)
+
+
 def _check_shared(shared: SharedExpert, hidden: torch.Tensor) -> None:
     num_tokens, hidden_dim = hidden.shape
-    two_inter = shared.gate_up.shape[0] if shared.gate_up.dim() == 2 else -1
-    if (shared.gate_up.dim() != 2 or two_inter % 2 or shared.gate_up.shape[1] != hidden_dim
-            or tuple(shared.down.shape) != (hidden_dim, two_inter // 2)):
-        raise ValueError(f"shared expert weights do not fit: gate_up {tuple(shared.gate_up.shape)}, down "
-                         f"{tuple(shared.down.shape)} (expected [2 Is, {hidden_dim}] and [{hidden_dim}, Is])")
+    nf4 = _is_nf4(shared.gate_up)
+    gate_up, down = (_shape(shared.gate_up)[1:], _shape(shared.down)[1:]) if nf4 else (shared.gate_up.shape,
+                                                                                        shared.down.shape)
+    two_inter = gate_up[0] if len(gate_up) == 2 else -1
+    if (len(gate_up) != 2 or two_inter % 2 or gate_up[1] != hidden_dim or _is_nf4(shared.down) != nf4
+            or (nf4 and (_shape(shared.gate_up)[0], _shape(shared.down)[0]) != (1, 1))
+            or tuple(down) != (hidden_dim, two_inter // 2)):
+        raise ValueError(f"shared expert weights do not fit: gate_up {_shape(shared.gate_up)}, down "
+                         f"{_shape(shared.down)} (expected [2 Is, {hidden_dim}] and [{hidden_dim}, Is], "
+                         "or both one-expert NF4Tensors [1, 2 Is, H] and [1, H, Is])")
     if shared.gate_logit.numel() != num_tokens:
         raise ValueError(f"shared gate_logit must hold one logit per token ({num_tokens}), got shape "
                          f"{tuple(shared.gate_logit.shape)}")
 
 
-def _can_fold_shared(shared: SharedExpert, hidden: torch.Tensor, gate_up) -> bool:
-    """Whether the decode kernels can stream this shared expert: dense weights in the hidden dtype, unit K stride."""
-    return (not _is_nf4(gate_up) and shared.gate_up.dtype == shared.down.dtype == hidden.dtype
+def _can_fold_shared(shared: SharedExpert, hidden: torch.Tensor, gate_up, down) -> bool:
+    """Whether the decode kernels can stream this shared expert: dense weights in the hidden dtype
+    with unit K stride beside dense experts; beside NF4 experts NF4 in their format (block size,
+    double quantisation, rows of whole 64-blocks or not: one set of kernel flags serves both)."""
+    if _is_nf4(gate_up):
+        same = lambda a, b: (a.blocksize, a.double_quant, _shape(a)[2] % 64 == 0) == (  # noqa: E731
+            b.blocksize, b.double_quant, _shape(b)[2] % 64 == 0)
+        return (_is_nf4(shared.gate_up) and same(shared.gate_up, gate_up) and same(shared.down, down)
+                and gate_up.double_quant == down.double_quant and shared.gate_up.codes.device == hidden.device)
+    return (not _is_nf4(shared.gate_up) and shared.gate_up.dtype == shared.down.dtype == hidden.dtype
             and shared.gate_up.stride(1) == 1 and shared.down.stride(1) == 1 and shared.gate_up.device == hidden.device)
 
 
@@ -1001,32 +1037,41 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
     flat_ids = ids.reshape(-1).contiguous()
     on_gpu = hidden.is_cuda
     sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count if on_gpu else 132
-    shared_inter = shared.down.shape[1] if shared is not None else 0
+    shared_inter = _shape(shared.down)[-1] if shared is not None else 0
     chunks = triton.cdiv(shared_inter, inter)  # shared rows per token in act
     rows = num_pairs + num_tokens * chunks
     act = torch.empty(rows, inter, dtype=hidden.dtype, device=hidden.device)
     out = torch.empty(num_tokens, hidden_dim, dtype=hidden.dtype, device=hidden.device)
-    if shared is not None:
-        shared_gate_up, shared_down, gate_logit = shared.gate_up, shared.down, shared.gate_logit.reshape(-1)
-    else:
-        shared_gate_up = shared_down = gate_logit = hidden  # unused pointers
+    gate_logit = shared.gate_logit.reshape(-1) if shared is not None else hidden  # unused pointer without one
+
+    def shared_args(routed, part):
+        """The shared expert's weight pointer, row stride and absmax pointers (dense: the routed ones, unused)."""
+        if shared is None:
+            return routed[0], 0, routed[1:5]
+        w = getattr(shared, part)
+        if _is_nf4(w):
+            ptrs, _, _ = _weight_args(w, 1)
+            return ptrs[0], 0, ptrs[1:5]
+        return w, w.stride(0), routed[1:5]
 
     cfg = _whole_nf4_blocks({**gemv_config(rows, inter, True, _is_nf4(gate_up), on_gpu, sms), **(config or {})},
                             gate_up)
     ptrs, strides, flags = _weight_args(gate_up, num_experts)
+    shared_w, shared_stride, shared_absmax = shared_args(ptrs, "gate_up")
     _gemv_gate_up_kernel[(rows * triton.cdiv(inter, cfg["BLOCK_N"]),)](
-        hidden, ptrs[0], flat_ids, act, shared_gate_up, *ptrs[1:],
+        hidden, ptrs[0], flat_ids, act, shared_w, *ptrs[1:], *shared_absmax,
         inter, hidden_dim, num_experts, top_k, num_pairs, shared_inter, max(chunks, 1),
-        hidden.stride(0), strides[0], strides[1], act.stride(0), shared_gate_up.stride(0),
+        hidden.stride(0), strides[0], strides[1], act.stride(0), shared_stride,
         strides[3], strides[4], HAS_SHARED=shared is not None, **flags, **cfg)
 
     cfg = _whole_nf4_blocks({**gemv_config(num_tokens, hidden_dim, False, _is_nf4(down), on_gpu, sms,
                                            shared=shared is not None, k_dim=inter), **(config or {})}, down)
     ptrs, strides, flags = _weight_args(down, num_experts)
+    shared_w, shared_stride, shared_absmax = shared_args(ptrs, "down")
     _gemv_down_kernel[(num_tokens * triton.cdiv(hidden_dim, cfg["BLOCK_N"]),)](
-        act, ptrs[0], flat_ids, route_w, out, shared_down, gate_logit, *ptrs[1:],
+        act, ptrs[0], flat_ids, route_w, out, shared_w, gate_logit, *ptrs[1:], *shared_absmax,
         hidden_dim, inter, num_experts, shared_inter, num_pairs, max(chunks, 1),
-        act.stride(0), strides[0], strides[1], out.stride(0), shared_down.stride(0), gate_logit.stride(0),
+        act.stride(0), strides[0], strides[1], out.stride(0), shared_stride, gate_logit.stride(0),
         strides[3], strides[4], TOP_K=top_k, HAS_SHARED=shared is not None, **flags, **cfg)
     return out
 
@@ -1115,7 +1160,7 @@ def fused_experts_forward(hidden: torch.Tensor, weights: torch.Tensor, ids: torc
         _check_shared(shared, hidden)
     if num_pairs == 0:
         out = hidden.new_zeros(num_tokens, hidden_dim)
-        return out if shared is None else out + shared_expert_torch(hidden, shared)
+        return out if shared is None else out + _shared_expert(hidden, shared)
     if not hidden.is_cuda and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
         raise ValueError(f"expert ids must be in [0, {num_experts}), got {int(ids.min())}..{int(ids.max())}")
 
@@ -1123,10 +1168,10 @@ def fused_experts_forward(hidden: torch.Tensor, weights: torch.Tensor, ids: torc
     route_w = weights.reshape(-1).contiguous()
     dense_k_ok = _is_nf4(gate_up) or (gate_up.stride(2) == 1 and down.stride(2) == 1)
     if num_pairs <= (GEMV_MAX_PAIRS_NF4 if _is_nf4(gate_up) else GEMV_MAX_PAIRS) and dense_k_ok:
-        if shared is not None and _can_fold_shared(shared, hidden, gate_up):
+        if shared is not None and _can_fold_shared(shared, hidden, gate_up, down):
             return _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared)
         out = _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config)
-        return out if shared is None else out + shared_expert_torch(hidden, shared)
+        return out if shared is None else out + _shared_expert(hidden, shared)
     if _is_nf4(gate_up) and num_pairs >= NF4_DENSE_FROM_PAIRS:
         gate_up, down = nf4_to_dense(gate_up), nf4_to_dense(down)
     counts, pairs = align_by_expert(ids, num_experts)
@@ -1137,7 +1182,7 @@ def fused_experts_forward(hidden: torch.Tensor, weights: torch.Tensor, ids: torc
     # The top-k sum: a kernel on CUDA (21 us at 4,096 tokens on an H200 against 37 us for PyTorch's
     # sum over the middle dimension), PyTorch in the interpreter.
     out = topk_sum(out, top_k) if device.type == "cuda" else out.view(num_tokens, top_k, hidden_dim).sum(dim=1)
-    return out if shared is None else out + shared_expert_torch(hidden, shared)
+    return out if shared is None else out + _shared_expert(hidden, shared)
 
 
 # MoeForward hands this function the float32 router weights (rounded in the kernels) and, on
