@@ -381,6 +381,10 @@ def test_gemv_configs_stream_whole_blocks_with_bounded_accumulators():
                 assert cfg["PIPELINE"] == (1 if nf4 else 3)
                 if nf4:
                     assert cfg["BLOCK_K"] // 8 < 32 * cfg["num_warps"]
+    # NF4 at one token with the shared expert folded in: its 5,632-value rows in 1,024-value steps
+    cfg = gemv_config(1, 2048, False, True, on_gpu=True, shared=True, k_dim=1408, shared_k=5632)
+    assert (cfg["BLOCK_K"], cfg["SHARED_BLOCK_K"], cfg["num_warps"]) == (512, 1024, 8)
+    assert cfg["SHARED_BLOCK_K"] // 8 < 32 * cfg["num_warps"]
     assert gemv_config(4, 96, True, False, on_gpu=False)["PIPELINE"] == 1
     # the shared expert folded into down: longer rows, 512-value K-steps (still 4,096 accumulators)
     assert gemv_config(1, 2048, False, False, on_gpu=True, shared=True)["BLOCK_K"] == 512

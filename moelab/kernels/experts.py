@@ -692,7 +692,7 @@ def _gemv_down_kernel(
     absmax_per_expert, scales_per_expert,
     TOP_K: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     NF4_ASM: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PIPELINE: tl.constexpr,
+    PIPELINE: tl.constexpr, SHARED_BLOCK_K: tl.constexpr = 0,
 ):
     """Decode down with the top-k sum folded in, one program per (token, N-tile):
     out[t, n] = sum_k route_w[t, k] * (W_down[ids[t, k]] @ act[t * K + k])[n], FMAs in fp32 and
@@ -703,7 +703,8 @@ def _gemv_down_kernel(
     HAS_SHARED adds sigmoid(shared_gate[t]) * (W_shared_down @ act_shared[t])[n], the shared
     expert behind its gate, into the same sum: act_shared[t] is the shared_k values from act
     row shared_act_row + t * C on (the gate_up kernel's C chunks of token t, contiguous); in NF4
-    with NF4 experts (its absmax from the shared_absmax* pointers)."""
+    with NF4 experts (its absmax from the shared_absmax* pointers), in K-steps of SHARED_BLOCK_K
+    (0: BLOCK_K) values."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_out, BLOCK_N)
     token = pid // n_tiles
@@ -727,11 +728,12 @@ def _gemv_down_kernel(
     if HAS_SHARED:
         gate = tl.sigmoid(tl.load(shared_gate_ptr + token.to(tl.int64) * stride_sg).to(tl.float32))
         shared_row = act_ptr + (shared_act_row + token.to(tl.int64) * shared_chunks) * stride_am
-        acc_s = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
-        for k0 in tl.range(0, shared_k, BLOCK_K, num_stages=PIPELINE):  # one expert: expert 0 of shared_w
+        SK: tl.constexpr = SHARED_BLOCK_K if SHARED_BLOCK_K > 0 else BLOCK_K
+        acc_s = _gemv_acc(BLOCK_N, SK, NF4, NF4_ASM and ROW_ALIGNED)
+        for k0 in tl.range(0, shared_k, SK, num_stages=PIPELINE):  # one expert: expert 0 of shared_w
             acc_s = _gemv_rows(acc_s, shared_w_ptr, shared_absmax_ptr, shared_absmax_code_ptr,
                                 shared_absmax_scale_ptr, shared_absmax_offset_ptr, nf4_code_ptr, shared_row, gate, 0,
-                                n, n_ok, k0, shared_k, stride_swn, 0, 0, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K,
+                                n, n_ok, k0, shared_k, stride_swn, 0, 0, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, SK,
                                 NF4_ASM)
         total += _gemv_acc_sum(acc_s, NF4)
     tl.store(out_ptr + token.to(tl.int64) * stride_om + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
@@ -911,7 +913,7 @@ NF4_DENSE_FROM_PAIRS = 1024
 
 
 def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool, num_sms: int = 132,
-                shared: bool = False, k_dim: int = 0) -> dict:
+                shared: bool = False, k_dim: int = 0, shared_k: int = 0) -> dict:
     """N-tile, K-step, warps and pipeline depth of one ungrouped decode kernel (`num_rows`: its
     pairs for gate_up, its tokens for down).
 
@@ -936,8 +938,10 @@ def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool,
     if nf4:  # the NF4 word path, from an H100 sweep of each kernel alone (sweep_nf4_gemv_2026-12-06_h100)
         if gated:
             return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, PIPELINE=1)
-        if num_rows == 1:  # one token: 8 warps; the shared expert's long rows (k_dim 5,632) in 1,024-value steps
-            return dict(BLOCK_N=8, BLOCK_K=1024 if k_dim >= 4096 else 512, num_warps=8, PIPELINE=1)
+        if num_rows == 1:  # one token: 8 warps; long rows (the shared expert's 5,632) in 1,024-value steps
+            long_k = lambda k: 1024 if k >= 4096 else 512  # noqa: E731
+            cfg = dict(BLOCK_N=8, BLOCK_K=long_k(k_dim), num_warps=8, PIPELINE=1)
+            return {**cfg, "SHARED_BLOCK_K": long_k(shared_k)} if shared else cfg
         return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, PIPELINE=1)
     return dict(BLOCK_N=8, BLOCK_K=512 if shared and not gated else 256, num_warps=2 if gated else 4, PIPELINE=3)
 
@@ -1065,7 +1069,8 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
         strides[3], strides[4], HAS_SHARED=shared is not None, **flags, **cfg)
 
     cfg = _whole_nf4_blocks({**gemv_config(num_tokens, hidden_dim, False, _is_nf4(down), on_gpu, sms,
-                                           shared=shared is not None, k_dim=inter), **(config or {})}, down)
+                                           shared=shared is not None, k_dim=inter, shared_k=shared_inter),
+                             **(config or {})}, down)
     ptrs, strides, flags = _weight_args(down, num_experts)
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "down")
     _gemv_down_kernel[(num_tokens * triton.cdiv(hidden_dim, cfg["BLOCK_N"]),)](
