@@ -747,13 +747,20 @@ def test_nf4_bf16_pair_lookup_gives_the_bf16_code_book_in_x_order():
     assert loaded == [low[0], low[2], high[0], high[2]] * 32  # one copy per lane
 
 
-@pytest.mark.parametrize("inter, shared_inter, folds", [(64, 128, True), (96, 160, True), (96, 128, False)])
-def test_nf4_shared_expert_folds_into_the_nf4_decode_kernels(inter, shared_inter, folds, monkeypatch):
+@pytest.mark.parametrize("inter, shared_inter, folds, shared_block_k", [(64, 128, True, 0), (96, 160, True, 0),
+                                                                       (64, 320, True, 256), (96, 128, False, 0)])
+def test_nf4_shared_expert_folds_into_the_nf4_decode_kernels(inter, shared_inter, folds, shared_block_k, monkeypatch):
     """An NF4 shared expert (one-expert NF4Tensors) beside NF4 routed experts: streamed inside the
     two decode launches where its format matches theirs (rows of whole 64-blocks or not: 160 rows
     make a partial last chunk of 96), on its own otherwise; either way routed + sigmoid(gate) *
-    the dequantized shared expert (interpreter, float32)."""
+    the dequantized shared expert (interpreter, float32). shared_block_k: the down kernel's own
+    K-step over the shared rows (SHARED_BLOCK_K, as on CUDA at one token), here 256 against 128."""
     from moelab.kernels.experts import SharedExpert
+
+    if shared_block_k:
+        original = experts_kernels.gemv_config
+        monkeypatch.setattr(experts_kernels, "gemv_config", lambda *a, **k: {
+            **original(*a, **k), **({} if a[2] else {"SHARED_BLOCK_K": shared_block_k})})
 
     hidden, experts_n, top_k = 128, 8, 2
     gen = torch.Generator().manual_seed(inter + shared_inter)
