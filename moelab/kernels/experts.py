@@ -27,8 +27,8 @@ work.
 
 Decode at the fewest tokens (bf16 up to 16 pairs, NF4 up to 128: GEMV_MAX_PAIRS*) skips
 grouping: two launches instead of four. There the layer's shared expert (`SharedExpert`,
-notebooks/08 section 7) can ride along: its gate/up as C more rows per token in the first
-launch, its down behind its sigmoid gate in the second's sum. `_gemv_gate_up_kernel` runs one program per (pair,
+notebooks/08 section 7; dense, or NF4 beside NF4 experts) can ride along: its gate/up as C more
+rows per token in the first launch, its down behind its sigmoid gate in the second's sum. `_gemv_gate_up_kernel` runs one program per (pair,
 N-tile), streaming BLOCK_N gate and up rows of the pair's expert with 16-byte loads and one
 FMA per weight into an fp32 [BLOCK_N, BLOCK_K] accumulator summed once at the end (no tl.dot
 padding a single token to 16 rows); `_gemv_down_kernel` runs one program per (token,
@@ -53,10 +53,14 @@ decoded once per row and broadcast over its 32 bytes. On CUDA, where a row is wh
 they go further (`_nf4_words`): 32-bit code words, each meeting its 8 values of x (read as bf16
 pairs) in one piece of PTX (`NF4_DOT_ASM`) that looks the levels up in bf16 and multiplies two
 at a time in bf16x2: about 5 instructions per value in the compiled loop against about 13.
-One token's NF4 GEMV is bound by instruction issue, not by its 4x fewer bytes: on an H100 the
-old path took one layer 31.4 us against bf16's 28.9, whatever the absmax format
+One token's NF4 GEMV is not bound by its 4x fewer bytes: on an H100 the old path took one
+layer 31.4 us against bf16's 28.9, whatever the absmax format
 (benchmarks/results/probe_nf4_latency_2026-12-06_h100.json), the word path 22.1 against 29.0
-(experts_2026-12-06_h100.json).
+(experts_2026-12-06_h100.json), tuned 21.1 against 28.7 (experts_2026-12-06_h100_run1.json).
+ncu (ncu_nf4_gemv_2026-12-06_h100.txt) shows why: a few hundred programs fill 0.38 of one wave,
+2.5 warps per scheduler, each waiting on its loads with too little work in between, so the
+kernels reach about 1 TB/s of codes where bf16 streams 2.4 TB/s. The NF4 shared expert rides
+the same two launches as the bf16 one (`SharedExpert` of one-expert NF4Tensors).
 
 Decode GEMVs have no data reuse to hide memory latency behind: bytes in flight set their
 speed, so their K-loops are software-pipelined (`tl.range(..., num_stages=PIPELINE)`: the
@@ -503,8 +507,10 @@ def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax
     in the layout the words use as long as the tile has fewer elements than the program has
     threads (BLOCK_K // 8 < 32 * num_warps: `gemv_config` keeps to it). One [NB, 8, 4] load split
     in registers was laid out otherwise and cost a round trip through shared memory and a
-    barrier per K-step and expert (the down kernel at one token: 9.3 -> 7.1 us for the shared
-    expert on an H100, benchmarks/results/sweep_nf4_gemv_2026-12-06_h100.json)."""
+    barrier per K-step and expert (compiled for sm_90 at 512-value steps and 4 warps, the down
+    kernel held 18 barriers before, 1 after, its final reduction's). Not timed apart: with the
+    configs swept since, the NF4 down kernels of an H100 decode step went from 513 to 426 us
+    (decode_nf4_2026-12-06_h100.json, then _run1)."""
     NB: tl.constexpr = BLOCK_K // 64
     b = tl.arange(0, NB)
     j = tl.arange(0, 8)
@@ -930,9 +936,9 @@ def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool,
     whole layer at one token). The NF4 word path (`_nf4_words`) was swept on an H100, each
     kernel alone (benchmarks/results/sweep_nf4_gemv_2026-12-06_h100.json): no prefetching,
     512-value steps, and for down at one token 8 warps (1,024-value steps over the shared
-    expert's rows, `k_dim`); at one token gate_up 15.3 -> 11.4 us and down 7.9 -> 7.2 us
-    (routed), 15.9 -> 11.6 and 9.3 -> 7.1 us (shared expert). Under the interpreter: one wide
-    program per row."""
+    expert's rows, `k_dim`, `shared_k`): at one token, against the previous configs on the same
+    code, gate_up 15.3 -> 11.4 us and down 7.9 -> 7.2 us (routed), 15.9 -> 11.6 and 9.2 -> 7.1 us
+    (shared expert). Under the interpreter: one wide program per row."""
     if not on_gpu:
         return dict(BLOCK_N=min(64, triton.next_power_of_2(n_out)), BLOCK_K=128, num_warps=4, PIPELINE=1)
     if nf4:  # the NF4 word path, from an H100 sweep of each kernel alone (sweep_nf4_gemv_2026-12-06_h100)

@@ -56,8 +56,8 @@ def gemv_config(n_out: int, on_gpu: bool, nf4: bool = False) -> dict:
     rows, bias) 8.4 us against cuBLAS's 9.6, o_proj (2,048) 4.5 against 6.2, router + shared
     gate (61) 2.5 against 4.5 (two kernels). NF4: the word path in 512-value steps, 4 warps, no
     prefetching (the experts' down kernel at several tokens); the 8 warps that its one-token
-    down takes made the NF4 linears slower in the H100 decode profile of 2026-12-06 (72 calls
-    408 us a step against 365 with 4 warps, benchmarks/results/decode_nf4_2026-12-06_h100.json against decode_nf4_2026-12-06_h100_run1.json).
+    down takes made the NF4 linears slower in H100 decode profiles (72 calls 408 us a step with
+    8 warps, 348 with 4: benchmarks/results/decode_nf4_2026-12-06_h100_run1.json and _run2).
     Under the interpreter one wide program per 64 rows."""
     if not on_gpu:
         return dict(BLOCK_N=min(64, triton.next_power_of_2(n_out)), BLOCK_K=128, num_warps=4, PIPELINE=1)
