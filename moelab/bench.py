@@ -1140,8 +1140,9 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYS
     vocab = 256  # byte-level ids below every preset's vocab (tiny: no EOS in prompts)
     wl = serve_workload(num_requests, prompt_len, output_len, rate, vocab, seed)
     serial_wl = first_requests(wl, serial_requests or num_requests)
-    # Warm-up requests span the workload's prompt lengths, so every prefill kernel (and each Triton
-    # specialisation by token count) is compiled before the timed runs.
+    # Warm-up requests with prompt lengths drawn from the workload's range (not the short prompts of
+    # before), so the prefill paths those lengths take compile before the timed runs; 8 draws need
+    # not meet every Triton specialisation by token count.
     warm = serve_workload(min(8, num_requests), prompt_len, (2, 4), None, vocab, seed + 1)
     needed = max(len(p) + n for w in (wl, warm) for p, n in zip(w["prompts"], w["outputs"]))
     if max_seq_len is not None and max_seq_len < needed:

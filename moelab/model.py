@@ -161,6 +161,28 @@ def experts_torch(hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
     return _experts_grouped(hidden, weights, ids, layer_experts)
 
 
+def _foldable_shared(mlp, fused, nf4_ok: bool):
+    """What the experts kernels need to stream a layer's shared expert (`SharedExpert`), from its
+    fused MoE inputs (`moelab.fuse.FusedMoeInput`): (gate_up, down, router weight, router sizes),
+    the router weight being the router and shared-gate rows that stay one small product. Dense:
+    row slices of the fused weight and down_proj's weight. NF4 (only where `nf4_ok`: the CUDA
+    kernels fold it, the CPU path does not): the jointly quantized gate/up and down_proj seen as
+    NF4 (`moelab.quant.linear4bit_nf4`). None where it cannot fold (not SiLU, other modules)."""
+    from .kernels.experts import is_silu
+    from .quant import linear4bit_nf4
+
+    shared = mlp.shared_expert
+    if not is_silu(shared.act_fn):
+        return None
+    if fused.nf4_gate_up is not None:
+        down = linear4bit_nf4(shared.down_proj) if nf4_ok else None
+        return None if down is None else (fused.nf4_gate_up, down, fused.weight, fused.sizes)
+    if type(shared.down_proj) is not nn.Linear:
+        return None
+    inter = fused.sizes[0]
+    return fused.weight[: 2 * inter], shared.down_proj.weight, fused.weight[2 * inter:], fused.sizes[2:]
+
+
 def _linear(module, x: torch.Tensor) -> torch.Tensor:
     """module(x) for a plain nn.Linear as one `F.linear`, skipping nn.Module's call machinery
     (a few microseconds a call, which add up in a small model's step); a bitsandbytes NF4
@@ -535,30 +557,18 @@ class MoeForward:
         gate = mlp.gate
         fused = self._fused_moe_input(index) if self._fuse(x.shape[0]) else None
         folds = getattr(self.experts_fn, "takes_shared_expert", False)
-        if fused is not None and fused.nf4_gate_up is not None:  # an NF4 layer (see FusedMoeInput)
-            from .kernels.experts import SharedExpert, is_silu
-            from .quant import linear4bit_nf4
+        parts = _foldable_shared(mlp, fused, nf4_ok=x.is_cuda) if fused is not None and folds else None
+        if parts is not None:
+            from .kernels.experts import SharedExpert
 
-            down = linear4bit_nf4(mlp.shared_expert.down_proj)
-            if x.is_cuda and folds and down is not None and is_silu(mlp.shared_expert.act_fn):
-                # Router and shared gate logit as one small GEMV; the shared expert (its gate/up
-                # quantized jointly) streamed inside the experts' NF4 decode kernels, as in bf16.
-                logits, gate_logit = _project(x, fused.weight).split(fused.sizes, dim=-1)
-                weights, ids = route(logits, gate.top_k, normalize=gate.norm_topk_prob, backend=self.route_backend)
-                shared = SharedExpert(fused.nf4_gate_up, down, gate_logit)
-                return self.experts_fn(x, weights, ids, mlp.experts, shared=shared)
-            fused = None  # elsewhere each module runs on its own
-        if fused is not None and folds and type(mlp.shared_expert.down_proj) is nn.Linear:
-            from .kernels.experts import SharedExpert, is_silu
-
-            if is_silu(mlp.shared_expert.act_fn):
-                # The router and the shared gate logit as one small GEMM; the shared expert's gate/up
-                # and down run inside the experts kernels (notebook 08: seven fewer launches per layer).
-                shared_inter = fused.sizes[0]
-                logits, gate_logit = _project(x, fused.weight[2 * shared_inter:]).split(fused.sizes[2:], dim=-1)
-                weights, ids = route(logits, gate.top_k, normalize=gate.norm_topk_prob, backend=self.route_backend)
-                shared = SharedExpert(fused.weight[: 2 * shared_inter], mlp.shared_expert.down_proj.weight, gate_logit)
-                return self.experts_fn(x, weights, ids, mlp.experts, shared=shared)
+            # The router and the shared gate logit as one small product; the shared expert's gate/up
+            # and down run inside the experts kernels (notebook 08: seven fewer launches per layer).
+            gate_up, down, router_weight, router_sizes = parts
+            logits, gate_logit = _project(x, router_weight).split(router_sizes, dim=-1)
+            weights, ids = route(logits, gate.top_k, normalize=gate.norm_topk_prob, backend=self.route_backend)
+            return self.experts_fn(x, weights, ids, mlp.experts, shared=SharedExpert(gate_up, down, gate_logit))
+        if fused is not None and fused.nf4_gate_up is not None:
+            fused = None  # an NF4 layer whose shared expert does not fold: each module runs on its own
         if fused is not None:  # shared gate, shared up, router logits, shared gate logit: one GEMM
             shared_gate, shared_up, logits, gate_logit = _project(x, fused.weight).split(fused.sizes, dim=-1)
         else:

@@ -397,19 +397,24 @@ def linear4bit_nf4(module) -> NF4Tensor | None:
     out_features, in_features = state.shape
     if in_features % 64:
         return None
-    n = out_features * in_features
-    nested = state.state2 if state.nested else None
-    if nested is not None and nested.blocksize != NESTED_BLOCKSIZE:
+    if state.nested and state.state2.blocksize != NESTED_BLOCKSIZE:
         return None
-    view = NF4Tensor(
-        codes=weight.data.reshape(1, n // 2),
+    view = _nf4_view(weight.data, state, out_features, in_features, state.dtype)
+    module.__dict__["_moelab_nf4"] = (weight.data_ptr(), view)
+    return view
+
+
+def _nf4_view(packed: torch.Tensor, state, rows: int, cols: int, dtype: torch.dtype) -> NF4Tensor:
+    """bitsandbytes' packed NF4 codes and their QuantState (block 64, nested or not) as a
+    one-expert NF4Tensor [1, rows, cols] on the same storage: no copy."""
+    nested = state.state2 if state.nested else None
+    return NF4Tensor(
+        codes=packed.reshape(1, rows * cols // 2),
         absmax=state.absmax.reshape(1, -1),
         absmax_scale=None if nested is None else nested.absmax.reshape(1, -1),
         absmax_offset=None if nested is None else state.offset.reshape(1).float(),
         absmax_code=None if nested is None else nested.code,
-        shape=(1, out_features, in_features), dtype=state.dtype, blocksize=64)
-    module.__dict__["_moelab_nf4"] = (weight.data_ptr(), view)
-    return view
+        shape=(1, rows, cols), dtype=dtype, blocksize=64)
 
 
 @dataclass
@@ -486,10 +491,7 @@ def linears_to_nf4_jointly(linears, compute_dtype: torch.dtype) -> tuple[list, J
             q.bias = nn.Parameter(bias[row:row + r], requires_grad=False)
         modules.append(q)
         byte, block, row = byte + n // 2, block + n // 64, row + r
-    total = sum(rows)
-    weight = NF4Tensor(packed.reshape(1, -1), state.absmax.reshape(1, -1), state.state2.absmax.reshape(1, -1),
-                       state.offset.reshape(1).float(), state.state2.code, (1, total, in_features), compute_dtype, 64)
-    return modules, JointNF4(weight, bias, tuple(rows))
+    return modules, JointNF4(_nf4_view(packed, state, sum(rows), in_features, compute_dtype), bias, tuple(rows))
 
 
 JOINT_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj"), "_moelab_nf4_qkv"),

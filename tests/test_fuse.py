@@ -190,6 +190,39 @@ def test_nf4_qkv_quantized_jointly_where_the_blocks_allow():
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
 
 
+def test_nf4_shared_expert_folds_through_moeforward(monkeypatch):
+    """MoeForward hands an NF4 layer's shared expert to the experts function as a `SharedExpert`
+    of NF4 weights (the joint gate/up, down_proj seen as NF4; `model._foldable_shared`), as it
+    does a bf16 one; the CPU path keeps its modules. Forced here (nf4_ok) with moelab's fused
+    experts function under the interpreter: the logits of the separate modules."""
+    pytest.importorskip("bitsandbytes")
+    import moelab.model as model_module
+    from moelab.kernels.experts import fused_experts_forward
+    from moelab.quant import linear4bit_nf4
+
+    model, _ = moelab.load("tiny", quantize="nf4")
+    mlp = model.model.layers[0].mlp
+    fused = fuse_moe_input(mlp)
+    assert model_module._foldable_shared(mlp, fused, nf4_ok=False) is None
+    gate_up, down, router_weight, sizes = model_module._foldable_shared(mlp, fused, nf4_ok=True)
+    assert gate_up is fused.nf4_gate_up and down is linear4bit_nf4(mlp.shared_expert.down_proj)
+    assert router_weight is fused.weight and sizes == (16, 1)
+    calls = []
+    original = model_module._foldable_shared
+    monkeypatch.setattr(model_module, "_foldable_shared",
+                        lambda m, f, nf4_ok: calls.append(1) or original(m, f, nf4_ok=True))
+    prompts = [[1, 2, 3, 4, 5], [9, 8]]
+    logits = []
+    for projections in ("fused", "separate"):
+        f = MoeForward(model, experts_fn=fused_experts_forward, projections=projections, route_backend="torch",
+                       attention="sdpa")
+        cache = f.new_cache(2, 16)
+        slots = [cache.allocate(8), cache.allocate(8)]
+        logits.append(torch.cat(f.prefill(cache, prompts, slots, all_logits=True)))
+    assert len(calls) == len(model.model.layers)  # the fused run folded every layer's shared expert
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.gpu
 def test_gpu_nf4_fused_decode_matches_the_separate_modules():
     """On CUDA, one token per step: the NF4 fused path (joint q/k/v as one NF4 GEMV, o_proj and

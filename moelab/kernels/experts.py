@@ -984,12 +984,11 @@ def _shared_expert(hidden: torch.Tensor, shared: SharedExpert) -> torch.Tensor:
 def _check_shared(shared: SharedExpert, hidden: torch.Tensor) -> None:
     num_tokens, hidden_dim = hidden.shape
     nf4 = _is_nf4(shared.gate_up)
-    gate_up, down = (_shape(shared.gate_up)[1:], _shape(shared.down)[1:]) if nf4 else (shared.gate_up.shape,
-                                                                                        shared.down.shape)
-    two_inter = gate_up[0] if len(gate_up) == 2 else -1
-    if (len(gate_up) != 2 or two_inter % 2 or gate_up[1] != hidden_dim or _is_nf4(shared.down) != nf4
-            or (nf4 and (_shape(shared.gate_up)[0], _shape(shared.down)[0]) != (1, 1))
-            or tuple(down) != (hidden_dim, two_inter // 2)):
+    gate_up, down = _shape(shared.gate_up), _shape(shared.down)
+    if nf4 and gate_up[0] == down[0] == 1:  # one-expert NF4Tensors: their [rows, cols]
+        gate_up, down = gate_up[1:], down[1:]
+    if (_is_nf4(shared.down) != nf4 or len(gate_up) != 2 or gate_up[0] % 2 or gate_up[1] != hidden_dim
+            or down != (hidden_dim, gate_up[0] // 2)):
         raise ValueError(f"shared expert weights do not fit: gate_up {_shape(shared.gate_up)}, down "
                          f"{_shape(shared.down)} (expected [2 Is, {hidden_dim}] and [{hidden_dim}, Is], "
                          "or both one-expert NF4Tensors [1, 2 Is, H] and [1, H, Is])")
@@ -1006,7 +1005,7 @@ def _can_fold_shared(shared: SharedExpert, hidden: torch.Tensor, gate_up, down) 
         same = lambda a, b: (a.blocksize, a.double_quant, _shape(a)[2] % 64 == 0) == (  # noqa: E731
             b.blocksize, b.double_quant, _shape(b)[2] % 64 == 0)
         return (_is_nf4(shared.gate_up) and same(shared.gate_up, gate_up) and same(shared.down, down)
-                and gate_up.double_quant == down.double_quant and shared.gate_up.codes.device == hidden.device)
+                and shared.gate_up.codes.device == hidden.device)
     return (not _is_nf4(shared.gate_up) and shared.gate_up.dtype == shared.down.dtype == hidden.dtype
             and shared.gate_up.stride(1) == 1 and shared.down.stride(1) == 1 and shared.gate_up.device == hidden.device)
 
@@ -1024,13 +1023,11 @@ def nf4_shared_expert(hidden: torch.Tensor, gate_up, down, gate_logit: torch.Ten
     expert that every token picks and its sigmoid gate as the routing weight: two launches
     (and the sigmoid), where each Linear4bit on its own took five (gate, up, SiLU, product,
     down) and the gating two more."""
-    (_, two_inter, hidden_dim), (_, h2, inter) = _shape(gate_up), _shape(down)
-    if not (_is_nf4(gate_up) and _is_nf4(down)) or two_inter != 2 * inter or h2 != hidden_dim:
-        raise ValueError(f"shared expert weights do not fit: gate_up {_shape(gate_up)}, down {_shape(down)}")
-    if gate_logit.numel() != hidden.shape[0]:
-        raise ValueError(f"gate_logit must hold one logit per token ({hidden.shape[0]}), got {tuple(gate_logit.shape)}")
+    if not _is_nf4(gate_up):
+        raise ValueError(f"nf4_shared_expert takes NF4 weights, got gate_up {type(gate_up).__name__}")
+    _check_shared(SharedExpert(gate_up, down, gate_logit), hidden)
     ids = _zero_ids(hidden.shape[0], hidden.device)
-    return _gemv_forward(hidden, torch.sigmoid(gate_logit.reshape(-1)), ids, gate_up, down, inter, None)
+    return _gemv_forward(hidden, torch.sigmoid(gate_logit.reshape(-1)), ids, gate_up, down, _shape(down)[2], None)
 
 
 def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: SharedExpert | None = None):

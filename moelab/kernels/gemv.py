@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .experts import _gemv_acc, _gemv_acc_sum, _gemv_rows, _is_nf4, _nf4_lut, _weight_args
+from .experts import _gemv_acc, _gemv_acc_sum, _gemv_rows, _is_nf4, _nf4_lut, _weight_args, _whole_nf4_blocks
 
 MAX_TOKENS = 4  # above this a GEMM reads W once for all tokens, and cuBLAS wins
 
@@ -93,13 +93,8 @@ def linear_gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
     out = torch.empty(num_tokens, n_out, dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return out
-    cfg = {**gemv_config(n_out, x.is_cuda, nf4), **(config or {})}
-    if nf4 and cfg["BLOCK_K"] % 64:
-        cfg["BLOCK_K"] = triton.cdiv(cfg["BLOCK_K"], 64) * 64  # whole NF4 blocks per K-step
-    if nf4:
-        ptrs, _, flags = _weight_args(weight, 1)
-    else:  # the NF4 pointers are unused: any tensor will do
-        ptrs, flags = [weight] * 6, dict(NF4=False, DOUBLE_QUANT=False, ROW_ALIGNED=False, NF4_ASM=False)
+    cfg = _whole_nf4_blocks({**gemv_config(n_out, x.is_cuda, nf4), **(config or {})}, weight)
+    ptrs, _, flags = _weight_args(weight if nf4 else weight[None], 1)  # one "expert"
     _linear_gemv_kernel[(num_tokens * triton.cdiv(n_out, cfg["BLOCK_N"]),)](
         x, ptrs[0], ptrs[0] if bias is None else bias, out, *ptrs[1:], n_out, shape[1], x.stride(0),
         0 if nf4 else weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, **flags, **cfg)
