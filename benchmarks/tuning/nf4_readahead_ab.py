@@ -4,7 +4,7 @@ and on ("stream": the next K-step's codes, absmax and x issued before this one i
 two K-steps per loop trip), each kernel alone in a CUDA graph at Qwen1.5-MoE's routed shapes
 (60 experts, top-4, H 2048, I 1408), weights rotating beyond L2, at 1 and 4 tokens.
 
-Ran on an H100 at the commit that added the variant (moelab/kernels/experts.py with NF4_STREAM),
+Ran on an H100 at commit ec14122 (moelab/kernels/experts.py with NF4_STREAM; removed since),
 with c63dc4d's experts.py copied beside it as moelab/kernels/experts_head.py:
 
     git show c63dc4d:moelab/kernels/experts.py > moelab/kernels/experts_head.py

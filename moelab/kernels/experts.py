@@ -492,38 +492,33 @@ def _block_gemm(x_ptr, w_ptr, out_ptr, pairs_ptr, route_w_ptr, absmax_ptr, absma
 
 
 @triton.jit
-def _nf4_fetch(w_ptr, absmax_ptr, absmax_scale_ptr, x_row_ptr, expert, rows, row_ok, k0, k_dim, k_end,
-               absmax_per_expert, scales_per_expert, DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The memory reads of one NF4 K-step of `_nf4_dot`: the code words [BLOCK_N, BLOCK_K // 64,
-    8] of W[expert, rows, k0:k0 + BLOCK_K], each (row, block)'s absmax as stored (its 8-bit code
-    and its 256-block group's scale if double quantised), and x's bf16 pairs for the words.
-    Nothing past k_end (k_end = 0 reads nothing). Kept apart from the arithmetic so that a loop
-    can issue the next K-step's reads before it multiplies this one (`_nf4_stream`).
+def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, x_row_ptr, x_scale,
+               expert, rows, row_ok, k0, k_dim, absmax_per_expert, scales_per_expert, lut,
+               DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The NF4 decode step on CUDA: acc [BLOCK_N, BLOCK_K // 64, 8] (float32, one entry per code
+    word) plus W[expert, rows, k0:k0 + BLOCK_K] times x, word by word, each word's sum scaled by
+    its block's absmax (and x_scale) inside `NF4_DOT_ASM`.
 
     Word j of NF4 block b of a row holds the codes of values 64b + 8j .. 64b + 8j + 7; x is read
-    as bf16 pairs (32-bit words, so x must be 4-byte aligned: the launchers see to it). Rows are
-    whole 64-blocks (k_dim % 64 == 0). x comes as four [NB, 8] loads (pair 0, 1, 2, 3 of every
-    word), which Triton places directly in the layout the words use as long as the tile has
-    fewer elements than the program has threads (BLOCK_K // 8 < 32 * num_warps: `gemv_config`
-    keeps to it). One [NB, 8, 4] load split in registers was laid out otherwise and cost a round
-    trip through shared memory and a barrier per K-step and expert (compiled for sm_90 at
-    512-value steps and 4 warps, the down kernel held 18 barriers before, 1 after)."""
+    as bf16 pairs (32-bit words, so x must be 4-byte aligned: the launcher sees to it) and each
+    code word meets its 4 pairs in `NF4_DOT_ASM`. Rows are whole 64-blocks (k_dim % 64 == 0).
+
+    x comes as four [NB, 8] loads (pair 0, 1, 2, 3 of every word), which Triton places directly
+    in the layout the words use as long as the tile has fewer elements than the program has
+    threads (BLOCK_K // 8 < 32 * num_warps: `gemv_config` keeps to it). One [NB, 8, 4] load split
+    in registers was laid out otherwise and cost a round trip through shared memory and a
+    barrier per K-step and expert (compiled for sm_90 at 512-value steps and 4 warps, the down
+    kernel held 18 barriers before, 1 after, its final reduction's). Not timed apart: with the
+    configs swept since, the NF4 down kernels of an H100 decode step went from 513 to 426 us
+    (decode_nf4_2026-12-06_h100.json, then _run1)."""
     NB: tl.constexpr = BLOCK_K // 64
     b = tl.arange(0, NB)
     j = tl.arange(0, 8)
-    blk_ok = k0 + 64 * b < k_end
-    ok = row_ok[:, None] & blk_ok[None, :]
+    blk_ok = k0 + 64 * b < k_dim
     row_words = tl.multiple_of(rows.to(tl.int64) * (k_dim // 8) + k0 // 8, 8)  # rows start on 32-byte boundaries
     word_off = row_words[:, None, None] + (8 * b[:, None] + j[None, :])[None, :, :]
-    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + word_off, mask=ok[:, :, None], other=0)
-    # Each word's block absmax, in the words' layout (a [BLOCK_N, NB] tile carried through the
-    # loop got a layout of its own and a shared-memory round trip per K-step to meet them).
-    blk = word_off // 8
-    q = tl.load(absmax_ptr + expert * absmax_per_expert + blk, mask=ok[:, :, None], other=0)
-    if DOUBLE_QUANT:
-        scale = tl.load(absmax_scale_ptr + expert * scales_per_expert + blk // 256, mask=ok[:, :, None], other=0.0)
-    else:
-        scale = q
+    words = tl.load(w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + word_off,
+                    mask=row_ok[:, None, None] & blk_ok[None, :, None], other=0)
     pair = k0 // 2 + 32 * b[:, None] + 4 * j[None, :]  # [NB, 8]: x's first bf16 pair of each word
     xw = x_row_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + pair
     x_ok = blk_ok[:, None]
@@ -531,82 +526,14 @@ def _nf4_fetch(w_ptr, absmax_ptr, absmax_scale_ptr, x_row_ptr, expert, rows, row
     x1 = tl.load(xw + 1, mask=x_ok, other=0)
     x2 = tl.load(xw + 2, mask=x_ok, other=0)
     x3 = tl.load(xw + 3, mask=x_ok, other=0)
-    return words, q, scale, x0, x1, x2, x3
-
-
-@triton.jit
-def _nf4_dot(acc, words, q, scale, x0, x1, x2, x3, absmax_code_ptr, absmax_offset_ptr, x_scale, expert, row_ok,
-             k0, k_end, lut, DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The NF4 decode step on CUDA: acc [BLOCK_N, BLOCK_K // 64, 8] (float32, one entry per code
-    word) plus the K-step `_nf4_fetch` read, word by word, each word's sum scaled by its block's
-    absmax (and x_scale) inside `NF4_DOT_ASM`."""
-    blk_ok = k0 + 64 * tl.arange(0, BLOCK_K // 64) < k_end
-    if DOUBLE_QUANT:
-        am = tl.load(absmax_code_ptr + q.to(tl.int32)) * scale + tl.load(absmax_offset_ptr + expert)
-    else:
-        am = q.to(tl.float32)
-    am = tl.where((row_ok[:, None] & blk_ok[None, :])[:, :, None], am, 0.0)  # masked words (zero codes) add nothing
+    blk = (rows.to(tl.int64) * k_dim + k0) // 64
+    am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
+                     blk[:, None] + b[None, :], row_ok[:, None] & blk_ok[None, :], absmax_per_expert,
+                     scales_per_expert, DOUBLE_QUANT)
     return tl.inline_asm_elementwise(NF4_DOT_ASM, "=r,r,r,r,r,r,r,r,r,r,r,r",
                                      [words, x0[None, :, :], x1[None, :, :], x2[None, :, :], x3[None, :, :],
-                                      lut[0], lut[1], lut[2], lut[3], am * x_scale, acc],
+                                      lut[0], lut[1], lut[2], lut[3], (am * x_scale)[:, :, None], acc],
                                      dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, x_row_ptr, x_scale,
-               expert, rows, row_ok, k0, k_dim, absmax_per_expert, scales_per_expert, lut,
-               DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One NF4 K-step on CUDA, read and multiplied in place (`_nf4_fetch`, then `_nf4_dot`)."""
-    words, q, scale, x0, x1, x2, x3 = _nf4_fetch(w_ptr, absmax_ptr, absmax_scale_ptr, x_row_ptr, expert, rows, row_ok,
-                                                 k0, k_dim, k_dim, absmax_per_expert, scales_per_expert,
-                                                 DOUBLE_QUANT, BLOCK_K)
-    return _nf4_dot(acc, words, q, scale, x0, x1, x2, x3, absmax_code_ptr, absmax_offset_ptr, x_scale, expert,
-                    row_ok, k0, k_dim, lut, DOUBLE_QUANT, BLOCK_K)
-
-
-@triton.jit
-def _nf4_stream(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, x_row_ptr, x_scale,
-                expert, rows, row_ok, k_dim, k_end, absmax_per_expert, scales_per_expert, lut,
-                DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc plus W[expert, rows, :k_end] times x over a whole K loop of the NF4 word path, the next
-    K-step's reads (`_nf4_fetch`) issued before this one is multiplied: a GEMV has no reuse to
-    hide HBM latency behind, so each warp keeps its next reads in flight, in registers, while
-    it does the present step's arithmetic."""
-    # Two K-steps per trip, each one's registers of its own (one set carried round the loop
-    # would be copied at its end, and the copy waits for the read: no read ahead at all).
-    w, q, s, x0, x1, x2, x3 = _nf4_fetch(w_ptr, absmax_ptr, absmax_scale_ptr, x_row_ptr, expert, rows, row_ok, 0,
-                                         k_dim, k_end, absmax_per_expert, scales_per_expert, DOUBLE_QUANT, BLOCK_K)
-    for k0 in tl.range(0, k_end, 2 * BLOCK_K):
-        w_b, q_b, s_b, x0_b, x1_b, x2_b, x3_b = _nf4_fetch(
-            w_ptr, absmax_ptr, absmax_scale_ptr, x_row_ptr, expert, rows, row_ok, k0 + BLOCK_K, k_dim, k_end,
-            absmax_per_expert, scales_per_expert, DOUBLE_QUANT, BLOCK_K)
-        acc = _nf4_dot(acc, w, q, s, x0, x1, x2, x3, absmax_code_ptr, absmax_offset_ptr, x_scale, expert, row_ok,
-                       k0, k_end, lut, DOUBLE_QUANT, BLOCK_K)
-        w, q, s, x0, x1, x2, x3 = _nf4_fetch(
-            w_ptr, absmax_ptr, absmax_scale_ptr, x_row_ptr, expert, rows, row_ok, k0 + 2 * BLOCK_K, k_dim, k_end,
-            absmax_per_expert, scales_per_expert, DOUBLE_QUANT, BLOCK_K)
-        if k0 + BLOCK_K < k_end:
-            acc = _nf4_dot(acc, w_b, q_b, s_b, x0_b, x1_b, x2_b, x3_b, absmax_code_ptr, absmax_offset_ptr, x_scale,
-                           expert, row_ok, k0 + BLOCK_K, k_end, lut, DOUBLE_QUANT, BLOCK_K)
-    return acc
-
-
-@triton.jit
-def _down_fetch(i, token, ids_ptr, w_ptr, absmax_ptr, absmax_scale_ptr, act_ptr, n, n_ok, k_dim, num_experts, steps,
-                stride_we, stride_am, absmax_per_expert, scales_per_expert, TOP_K: tl.constexpr,
-                DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The reads of item i of the down kernel's NF4 stream: K-step i % steps of the token's
-    (i // steps)-th expert (nothing for an id outside [0, E) or past the last item). Also
-    returns the expert and its K bound for `_nf4_dot`."""
-    pair = token.to(tl.int64) * TOP_K + tl.minimum(i // steps, TOP_K - 1)
-    expert = tl.load(ids_ptr + pair).to(tl.int32)
-    valid = (expert >= 0) & (expert < num_experts) & (i < TOP_K * steps)
-    expert = tl.where(valid, expert, 0)
-    k_end = tl.where(valid, k_dim, 0)
-    w, q, s, x0, x1, x2, x3 = _nf4_fetch(w_ptr + expert.to(tl.int64) * stride_we, absmax_ptr, absmax_scale_ptr,
-                                         act_ptr + pair * stride_am, expert, n, n_ok, (i % steps) * BLOCK_K, k_dim,
-                                         k_end, absmax_per_expert, scales_per_expert, DOUBLE_QUANT, BLOCK_K)
-    return w, q, s, x0, x1, x2, x3, expert, k_end
 
 
 @triton.jit
@@ -702,7 +629,6 @@ def _gemv_gate_up_kernel(
     absmax_per_expert, scales_per_expert,
     NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, NF4_ASM: tl.constexpr,
     HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr,
-    NF4_STREAM: tl.constexpr = True,
 ):
     """Decode gate_up, one program per (pair, N-tile), no grouping: act[pair, n] =
     SiLU(gate) * up of the pair's token through its expert, with FMAs (no 16-row dot padding).
@@ -726,9 +652,9 @@ def _gemv_gate_up_kernel(
     w_e = w_ptr + expert.to(tl.int64) * stride_we
     x_row = x_ptr + (pair // top_k).to(tl.int64) * stride_xm
     row_stride = stride_wn
-    gate_off = 0       # gate rows gate_off + n, up rows up_off + n, rows n < row_lim only
-    up_off = n_out
-    row_lim = n_out
+    gate_rows = n
+    up_rows = n + n_out
+    row_ok = n_ok
     am, am_code, am_scale, am_offset = absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr
     if HAS_SHARED:  # the shared expert's chunk c: its rows c * n_out + n (gate) and shared_rows + c * n_out + n (up)
         shared = pair >= num_pairs
@@ -738,41 +664,27 @@ def _gemv_gate_up_kernel(
         expert = tl.where(shared, 0, expert)
         x_row = tl.where(shared, x_ptr + (chunk // shared_chunks).to(tl.int64) * stride_xm, x_row)
         row_stride = tl.where(shared, stride_swn, stride_wn)
-        gate_off = tl.where(shared, c * n_out, gate_off)
-        up_off = tl.where(shared, c * n_out + shared_rows, up_off)
-        row_lim = tl.where(shared, shared_rows - c * n_out, row_lim)  # the last chunk may be partial
+        gate_rows = tl.where(shared, n + c * n_out, gate_rows)
+        up_rows = tl.where(shared, n + c * n_out + shared_rows, up_rows)
+        row_ok = n_ok & (n < tl.where(shared, shared_rows - c * n_out, n_out))  # the last chunk may be partial
         k_end = tl.where(shared, k_dim, k_end)
         if NF4:
             am = tl.where(shared, shared_absmax_ptr, am)
             am_code = tl.where(shared, shared_absmax_code_ptr, am_code)
             am_scale = tl.where(shared, shared_absmax_scale_ptr, am_scale)
             am_offset = tl.where(shared, shared_absmax_offset_ptr, am_offset)
+    acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
+    acc_up = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
     lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED)
-    if NF4 and NF4_ASM and ROW_ALIGNED and NF4_STREAM:
-        # Gate and up rows as one tile of 2 * BLOCK_N rows (gate first), streamed with the next
-        # K-step's reads in flight: twice the bytes per read that two tiles would have.
-        r = tl.arange(0, 2 * BLOCK_N)
-        n2 = (pid % n_tiles) * BLOCK_N + r % BLOCK_N
-        rows2 = n2 + tl.where(r < BLOCK_N, gate_off, up_off)
-        acc2 = _nf4_stream(_gemv_acc(2 * BLOCK_N, BLOCK_K, NF4, True), w_e, am, am_code, am_scale, am_offset,
-                           x_row, 1.0, expert, rows2, (n2 < n_out) & (n2 < row_lim), k_dim, k_end,
-                           absmax_per_expert, scales_per_expert, lut, DOUBLE_QUANT, BLOCK_K)
-        sums = tl.permute(tl.reshape(_gemv_acc_sum(acc2, NF4), (2, BLOCK_N)), (1, 0))  # [BLOCK_N, 2]
-        gate, up = tl.split(sums)
-    else:
-        row_ok = n_ok & (n < row_lim)
-        acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
-        acc_up = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
-        for k0 in tl.range(0, k_end, BLOCK_K, num_stages=PIPELINE):
-            acc = _gemv_rows(acc, w_e, am, am_code, am_scale, am_offset, nf4_code_ptr,
-                              x_row, 1.0, expert, gate_off + n, row_ok, k0, k_dim, row_stride, absmax_per_expert,
-                              scales_per_expert, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
-            acc_up = _gemv_rows(acc_up, w_e, am, am_code, am_scale, am_offset, nf4_code_ptr,
-                                 x_row, 1.0, expert, up_off + n, row_ok, k0, k_dim, row_stride, absmax_per_expert,
-                                 scales_per_expert, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
-        gate = _gemv_acc_sum(acc, NF4)
-        up = _gemv_acc_sum(acc_up, NF4)
-    out = gate * tl.sigmoid(gate) * up
+    for k0 in tl.range(0, k_end, BLOCK_K, num_stages=PIPELINE):
+        acc = _gemv_rows(acc, w_e, am, am_code, am_scale, am_offset, nf4_code_ptr,
+                          x_row, 1.0, expert, gate_rows, row_ok, k0, k_dim, row_stride, absmax_per_expert,
+                          scales_per_expert, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
+        acc_up = _gemv_rows(acc_up, w_e, am, am_code, am_scale, am_offset, nf4_code_ptr,
+                             x_row, 1.0, expert, up_rows, row_ok, k0, k_dim, row_stride, absmax_per_expert,
+                             scales_per_expert, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
+    gate = _gemv_acc_sum(acc, NF4)
+    out = gate * tl.sigmoid(gate) * _gemv_acc_sum(acc_up, NF4)
     tl.store(act_ptr + pair.to(tl.int64) * stride_am + n, out.to(act_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -786,7 +698,7 @@ def _gemv_down_kernel(
     absmax_per_expert, scales_per_expert,
     TOP_K: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     NF4_ASM: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PIPELINE: tl.constexpr, SHARED_BLOCK_K: tl.constexpr = 0, NF4_STREAM: tl.constexpr = True,
+    PIPELINE: tl.constexpr, SHARED_BLOCK_K: tl.constexpr = 0,
 ):
     """Decode down with the top-k sum folded in, one program per (token, N-tile):
     out[t, n] = sum_k route_w[t, k] * (W_down[ids[t, k]] @ act[t * K + k])[n], FMAs in fp32 and
@@ -806,51 +718,29 @@ def _gemv_down_kernel(
     n_ok = n < n_out
     lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED)
     acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
-    if NF4 and NF4_ASM and ROW_ALIGNED and NF4_STREAM:
-        # One stream of TOP_K x steps items (expert, K-step), each item's reads issued while the
-        # one before is multiplied (`_down_fetch`, `_nf4_dot`).
-        steps = tl.cdiv(k_dim, BLOCK_K)
-        w, q, s, x0, x1, x2, x3, expert, k_end = _down_fetch(
-            0, token, ids_ptr, w_ptr, absmax_ptr, absmax_scale_ptr, act_ptr, n, n_ok, k_dim, num_experts, steps,
-            stride_we, stride_am, absmax_per_expert, scales_per_expert, TOP_K, DOUBLE_QUANT, BLOCK_K)
-        for i in tl.range(0, TOP_K * steps):
-            w_n, q_n, s_n, x0_n, x1_n, x2_n, x3_n, expert_n, k_end_n = _down_fetch(
-                i + 1, token, ids_ptr, w_ptr, absmax_ptr, absmax_scale_ptr, act_ptr, n, n_ok, k_dim, num_experts,
-                steps, stride_we, stride_am, absmax_per_expert, scales_per_expert, TOP_K, DOUBLE_QUANT, BLOCK_K)
-            pair = token.to(tl.int64) * TOP_K + i // steps
+    for k0 in tl.range(0, k_dim, BLOCK_K, num_stages=PIPELINE):
+        for k in tl.static_range(TOP_K):  # the top-k experts' loads of one K-step are independent
+            pair = token.to(tl.int64) * TOP_K + k
+            expert = tl.load(ids_ptr + pair).to(tl.int32)
+            valid = (expert >= 0) & (expert < num_experts)
+            row_ok = n_ok & ((expert + 0 * n) >= 0) & ((expert + 0 * n) < num_experts)  # the interpreter needs tensors
+            expert = tl.where(valid, expert, 0)
             route_w = tl.load(route_w_ptr + pair).to(out_ptr.dtype.element_ty).to(tl.float32)
-            acc = _nf4_dot(acc, w, q, s, x0, x1, x2, x3, absmax_code_ptr, absmax_offset_ptr, route_w, expert, n_ok,
-                           (i % steps) * BLOCK_K, k_end, lut, DOUBLE_QUANT, BLOCK_K)
-            w, q, s, x0, x1, x2, x3, expert, k_end = w_n, q_n, s_n, x0_n, x1_n, x2_n, x3_n, expert_n, k_end_n
-    else:
-        for k0 in tl.range(0, k_dim, BLOCK_K, num_stages=PIPELINE):
-            for k in tl.static_range(TOP_K):  # the top-k experts' loads of one K-step are independent
-                pair = token.to(tl.int64) * TOP_K + k
-                expert = tl.load(ids_ptr + pair).to(tl.int32)
-                valid = (expert >= 0) & (expert < num_experts)
-                row_ok = n_ok & ((expert + 0 * n) >= 0) & ((expert + 0 * n) < num_experts)  # the interpreter needs tensors
-                expert = tl.where(valid, expert, 0)
-                route_w = tl.load(route_w_ptr + pair).to(out_ptr.dtype.element_ty).to(tl.float32)
-                acc = _gemv_rows(acc, w_ptr + expert.to(tl.int64) * stride_we, absmax_ptr, absmax_code_ptr,
-                                  absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr, act_ptr + pair * stride_am, route_w,
-                                  expert, n, row_ok, k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert,
-                                  lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
+            acc = _gemv_rows(acc, w_ptr + expert.to(tl.int64) * stride_we, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
+                              absmax_offset_ptr, nf4_code_ptr, act_ptr + pair * stride_am, route_w, expert, n, row_ok,
+                              k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert,
+                              lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
     total = _gemv_acc_sum(acc, NF4)
     if HAS_SHARED:
         gate = tl.sigmoid(tl.load(shared_gate_ptr + token.to(tl.int64) * stride_sg).to(tl.float32))
         shared_row = act_ptr + (shared_act_row + token.to(tl.int64) * shared_chunks) * stride_am
         SK: tl.constexpr = SHARED_BLOCK_K if SHARED_BLOCK_K > 0 else BLOCK_K
         acc_s = _gemv_acc(BLOCK_N, SK, NF4, NF4_ASM and ROW_ALIGNED)
-        if NF4 and NF4_ASM and ROW_ALIGNED and NF4_STREAM:
-            acc_s = _nf4_stream(acc_s, shared_w_ptr, shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr,
-                                shared_absmax_offset_ptr, shared_row, gate, 0, n, n_ok, shared_k, shared_k, 0, 0, lut,
-                                DOUBLE_QUANT, SK)
-        else:
-            for k0 in tl.range(0, shared_k, SK, num_stages=PIPELINE):  # one expert: expert 0 of shared_w
-                acc_s = _gemv_rows(acc_s, shared_w_ptr, shared_absmax_ptr, shared_absmax_code_ptr,
-                                    shared_absmax_scale_ptr, shared_absmax_offset_ptr, nf4_code_ptr, shared_row, gate,
-                                    0, n, n_ok, k0, shared_k, stride_swn, 0, 0, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED,
-                                    SK, NF4_ASM)
+        for k0 in tl.range(0, shared_k, SK, num_stages=PIPELINE):  # one expert: expert 0 of shared_w
+            acc_s = _gemv_rows(acc_s, shared_w_ptr, shared_absmax_ptr, shared_absmax_code_ptr,
+                                shared_absmax_scale_ptr, shared_absmax_offset_ptr, nf4_code_ptr, shared_row, gate, 0,
+                                n, n_ok, k0, shared_k, stride_swn, 0, 0, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, SK,
+                                NF4_ASM)
         total += _gemv_acc_sum(acc_s, NF4)
     tl.store(out_ptr + token.to(tl.int64) * stride_om + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
 
