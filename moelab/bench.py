@@ -96,6 +96,12 @@ def floor_us(nbytes: int, bandwidth_gbs: float) -> float:
     return nbytes / (bandwidth_gbs * 1e9) * 1e6
 
 
+def _pdl_on(on_cuda: bool) -> bool:
+    """Whether moelab's decode kernels launch with PDL in this run (`moelab.kernels.pdl`)."""
+    from .kernels import pdl
+    return on_cuda and pdl.uses_pdl(torch.empty(0, device="cuda"))
+
+
 def _time_eager(fn, n_inputs: int, repeats: int = 7) -> float:
     """Median microseconds per call of fn(i), rotating i over the inputs, host overhead included."""
     for i in range(min(n_inputs, 8)):
@@ -581,7 +587,7 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
         "workload": {"model": model_name, "dtype": dtype_name, "quantize": quantize,
                      "random_weights": model_name != "tiny", "prompt_len": [low, high], "steps": steps,
                      "warmup_steps": warmup, "repeats": repeats, "batches": list(batches), "modes": list(modes),
-                     "max_seq_len": max_seq_len, "experts_impl": experts_impl,
+                     "max_seq_len": max_seq_len, "experts_impl": experts_impl, "pdl": _pdl_on(on_cuda),
                      "note": "moelab decode step over a slot KV cache, greedy on the device, one copy of the new "
                              "ids to the host per step; median ms per step. step_cost_vs_batch_1 is relative to "
                              "the mode's first batch. Random weights measure speed, never quality."},
@@ -1310,7 +1316,7 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYS
                          "HF at concurrency 1 (hf_serial and the others' c1 rows) on the first serial_requests requests "
                          "(num_requests per row); each run's fastest of `repeats`")
     result = {"benchmark": "serve", "card": card_name(), "date": _dt.date.today().isoformat(),
-              "versions": versions(), "workload": workload, "results": list(rows.values()), "checks": checks,
+              "versions": versions(), "workload": {**workload, "pdl": _pdl_on(on_cuda)}, "results": list(rows.values()), "checks": checks,
               "checks_ok": all(c["ok"] for c in required)}
     if bandwidth is not None:
         result["copy_bandwidth_gbs"] = round(bandwidth, 1)

@@ -166,6 +166,27 @@ def test_gpu_graph_replay_gives_eager_tokens(cuda_tiny, buckets):
     assert_same_run(got, ref, atol=1e-4)
 
 
+def test_pdl_only_on_cuda_and_only_when_enabled(monkeypatch):
+    from moelab.kernels import pdl
+    assert pdl.launch_args(torch.zeros(2)) == {"USE_PDL": False}  # the interpreter has no grid dependencies
+    if torch.cuda.is_available():
+        monkeypatch.setattr(pdl, "ENABLED", False)
+        assert pdl.launch_args(torch.zeros(2, device="cuda")) == {"USE_PDL": False}
+
+
+@pytest.mark.gpu
+def test_gpu_graph_replay_with_pdl_gives_the_eager_tokens_without(cuda_tiny, monkeypatch):
+    from moelab.kernels import pdl
+    if not pdl.uses_pdl(torch.zeros(1, device="cuda")):
+        pytest.skip("PDL needs an sm_90 GPU (and MOELAB_PDL unset)")
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    ref = run(cuda_tiny, plain)
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    got = run(cuda_tiny, with_graphs("graph", (1, 2, 4)))
+    assert got[3].captured
+    assert_same_run(got, ref, atol=1e-4)
+
+
 @pytest.mark.gpu
 def test_gpu_graph_replay_bf16_random_weights():
     model = moelab.load("tiny", random_weights=True, device="cuda", dtype=torch.bfloat16, seed=3)[0]

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_args, wait_for_previous_kernel
+
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the GPU's native one
 
 
@@ -87,8 +89,9 @@ def _decode_attention_kernel(
     stride_vs, stride_vh, stride_vn,
     stride_ob, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    wait_for_previous_kernel(USE_PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -141,7 +144,9 @@ def _merge_splits_kernel(
     part_acc_ptr, part_ml_ptr, out_ptr,
     num_heads, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    wait_for_previous_kernel(USE_PDL)
     b = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -260,12 +265,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
         BLOCK_G=triton.next_power_of_2(group), BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps,
+        num_warps=num_warps, **launch_args(q),
     )
     if num_splits > 1:
         _merge_splits_kernel[(batch, heads)](
             part_acc, part_ml, out, heads, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=block_d, num_warps=1 if on_gpu else 4,
+            BLOCK_D=block_d, num_warps=1 if on_gpu else 4, **launch_args(q),
         )
     return out

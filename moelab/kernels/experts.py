@@ -76,6 +76,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_args, wait_for_previous_kernel
+
 
 @triton.jit
 def _align_kernel(ids_ptr, counts_ptr, pairs_ptr, num_pairs, num_experts,
@@ -629,6 +631,7 @@ def _gemv_gate_up_kernel(
     absmax_per_expert, scales_per_expert,
     NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, NF4_ASM: tl.constexpr,
     HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Decode gate_up, one program per (pair, N-tile), no grouping: act[pair, n] =
     SiLU(gate) * up of the pair's token through its expert, with FMAs (no 16-row dot padding).
@@ -640,6 +643,7 @@ def _gemv_gate_up_kernel(
     up), so the shared expert's gate/up streams alongside the routed experts in one launch.
     NF4 experts take an NF4 shared expert (one expert, the same format), its absmax and
     scales from the shared_absmax* pointers."""
+    wait_for_previous_kernel(USE_PDL)
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_out, BLOCK_N)
     pair = pid // n_tiles
@@ -698,7 +702,7 @@ def _gemv_down_kernel(
     absmax_per_expert, scales_per_expert,
     TOP_K: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     NF4_ASM: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PIPELINE: tl.constexpr, SHARED_BLOCK_K: tl.constexpr = 0,
+    PIPELINE: tl.constexpr, SHARED_BLOCK_K: tl.constexpr = 0, USE_PDL: tl.constexpr = False,
 ):
     """Decode down with the top-k sum folded in, one program per (token, N-tile):
     out[t, n] = sum_k route_w[t, k] * (W_down[ids[t, k]] @ act[t * K + k])[n], FMAs in fp32 and
@@ -711,6 +715,7 @@ def _gemv_down_kernel(
     row shared_act_row + t * C on (the gate_up kernel's C chunks of token t, contiguous); in NF4
     with NF4 experts (its absmax from the shared_absmax* pointers), in K-steps of SHARED_BLOCK_K
     (0: BLOCK_K) values."""
+    wait_for_previous_kernel(USE_PDL)
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_out, BLOCK_N)
     token = pid // n_tiles
@@ -1069,7 +1074,7 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
         hidden, ptrs[0], flat_ids, act, shared_w, *ptrs[1:], *shared_absmax,
         inter, hidden_dim, num_experts, top_k, num_pairs, shared_inter, max(chunks, 1),
         hidden.stride(0), strides[0], strides[1], act.stride(0), shared_stride,
-        strides[3], strides[4], HAS_SHARED=shared is not None, **flags, **cfg)
+        strides[3], strides[4], HAS_SHARED=shared is not None, **flags, **cfg, **launch_args(hidden))
 
     cfg = _whole_nf4_blocks({**gemv_config(num_tokens, hidden_dim, False, _is_nf4(down), on_gpu, sms,
                                            shared=shared is not None, k_dim=inter, shared_k=shared_inter),
@@ -1080,7 +1085,7 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
         act, ptrs[0], flat_ids, route_w, out, shared_w, gate_logit, *ptrs[1:], *shared_absmax,
         hidden_dim, inter, num_experts, shared_inter, num_pairs, max(chunks, 1),
         act.stride(0), strides[0], strides[1], out.stride(0), shared_stride, gate_logit.stride(0),
-        strides[3], strides[4], TOP_K=top_k, HAS_SHARED=shared is not None, **flags, **cfg)
+        strides[3], strides[4], TOP_K=top_k, HAS_SHARED=shared is not None, **flags, **cfg, **launch_args(hidden))
     return out
 
 

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .experts import _gemv_acc, _gemv_acc_sum, _gemv_rows, _is_nf4, _nf4_lut, _weight_args, _whole_nf4_blocks
+from .pdl import launch_args, wait_for_previous_kernel
 
 MAX_TOKENS = 4  # above this a GEMM reads W once for all tokens, and cuBLAS wins
 
@@ -28,9 +29,10 @@ def _linear_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, absmax_ptr, absmax_code
                         absmax_offset_ptr, nf4_code_ptr, n_out, k_dim, stride_xm, stride_wn, stride_om,
                         HAS_BIAS: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                         ROW_ALIGNED: tl.constexpr, NF4_ASM: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr):
+                        BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr, USE_PDL: tl.constexpr = False):
     """out[t, n] = sum_k x[t, k] * W[n, k] (+ bias[n]), program (t, N-tile). W dense (the NF4
     pointers unused) or NF4 (one expert: expert index 0, no per-expert absmax strides)."""
+    wait_for_previous_kernel(USE_PDL)
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_out, BLOCK_N)
     token = pid // n_tiles
@@ -97,5 +99,5 @@ def linear_gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
     ptrs, _, flags = _weight_args(weight if nf4 else weight[None], 1)  # one "expert"
     _linear_gemv_kernel[(num_tokens * triton.cdiv(n_out, cfg["BLOCK_N"]),)](
         x, ptrs[0], ptrs[0] if bias is None else bias, out, *ptrs[1:], n_out, shape[1], x.stride(0),
-        0 if nf4 else weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, **flags, **cfg)
+        0 if nf4 else weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, **flags, **cfg, **launch_args(x))
     return out

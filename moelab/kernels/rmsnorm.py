@@ -17,14 +17,17 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_args, wait_for_previous_kernel
+
 
 @triton.jit
 def _add_rms_norm_kernel(
     x_ptr, delta_ptr, weight_ptr, sum_ptr, out_ptr,
     num_cols, eps,
     stride_x, stride_delta, stride_sum, stride_out,
-    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    wait_for_previous_kernel(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < num_cols
@@ -67,6 +70,6 @@ def add_rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch
         hidden, delta if delta is not None else hidden, weight, total, out,
         cols, eps,
         hidden.stride(0), (delta if delta is not None else hidden).stride(0), total.stride(0), out.stride(0),
-        HAS_DELTA=delta is not None, BLOCK=block, num_warps=num_warps,
+        HAS_DELTA=delta is not None, BLOCK=block, num_warps=num_warps, **launch_args(hidden),
     )
     return total, out

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_args, wait_for_previous_kernel
+
 
 @triton.jit
 def _rope_cache_kernel(
@@ -26,8 +28,9 @@ def _rope_cache_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
     stride_cs, stride_ch, stride_cn,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    wait_for_previous_kernel(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_HALF)
@@ -102,6 +105,6 @@ def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos:
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=heads, NUM_KV_HEADS=k.shape[1], HALF=half,
         BLOCK_H=triton.next_power_of_2(max(heads, k.shape[1])), BLOCK_HALF=triton.next_power_of_2(half),
-        num_warps=4 if q.is_cuda else 1,
+        num_warps=4 if q.is_cuda else 1, **launch_args(q),
     )
     return q_out

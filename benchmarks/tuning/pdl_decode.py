@@ -1,0 +1,32 @@
+"""Decode with and without PDL on one machine, bf16 and NF4 (moelab.kernels.pdl), the model built once
+per precision, four runs each alternating PDL off / on: benchmarks/results/decode_pdl_2026-12-06_h100.json.
+
+    python benchmarks/tuning/pdl_decode.py      # on the GPU machine; writes $OUT/decode*_pdl*.json
+"""
+import json, os, sys
+import torch
+import moelab.models as M
+import moelab.bench as B
+from moelab.kernels import pdl
+
+orig, cache = M.load, {}
+def load(name, **kw):
+    key = (name, kw.get("quantize"))
+    if key not in cache:
+        cache.clear(); torch.cuda.empty_cache()
+        cache[key] = orig(name, **kw)
+    return cache[key]
+M.load = load
+OUT = os.environ.get("OUT", "/tmp")
+runs = []
+for quant in (None, "nf4"):
+    for flag in (False, True, False, True):
+        pdl.ENABLED = flag
+        r = B.bench_decode("qwen1.5-moe-a2.7b", batches=(1, 64), prompt_len=(16, 64), max_seq_len=2048,
+                           modes=("graph_fused_proj",), quantize=quant, profile=False)
+        for row in r["results"]:
+            print(f"{quant or 'bf16':4s} pdl={flag!s:5s} (recorded {r['workload']['pdl']}) batch {row['batch']:3d}: "
+                  f"{row.get('ms_per_step')} ms/step {row.get('tokens_per_s')} tok/s {row.get('error', '')}", flush=True)
+        runs.append(r)
+        name = f"decode{'_nf4' if quant else ''}_pdl{int(flag)}_{len(runs)}.json"
+        json.dump(r, open(os.path.join(OUT, name), "w"), indent=1)

@@ -1,0 +1,49 @@
+"""Programmatic dependent launch (PDL): a decode kernel placed on the GPU while the one before
+it finishes.
+
+Built in notebooks/08_cuda_graphs_and_decode_attention. A CUDA graph removes the CPU's launch
+cost, not the GPU's: a kernel that depends on the one before still waits for it to drain and
+for its writes to be visible, and only then are its programs placed on the SMs, at every
+boundary of a decode step's ~290 kernels. On Hopper (sm_90) a kernel launched with PDL
+(Triton: `launch_pdl=True`) is placed early and waits in the kernel instead: `gdc_wait()`
+returns once the kernel before has finished and its writes are visible. Each kernel here
+calls it before its first memory access, so only the launch and the placement overlap, never
+the data; `gdc_launch_dependents()` right after lets the next kernel be placed in turn (it
+waits for this one to finish all the same). benchmarks/results/pdl_probe_2026-12-06_h100.json:
+1.19 -> 0.84 us per dependent kernel inside a captured graph (torch 2.11, triton 3.6).
+"""
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+ENABLED = os.environ.get("MOELAB_PDL", "1") != "0"  # MOELAB_PDL=0 launches without it (for comparisons)
+
+
+@functools.lru_cache(maxsize=None)
+def _supported(device_index: int) -> bool:
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def uses_pdl(t: torch.Tensor) -> bool:
+    """Whether kernels on t's device launch with PDL: CUDA on sm_90 or newer, and ENABLED."""
+    return ENABLED and t.is_cuda and _supported(t.device.index if t.device.index is not None
+                                                else torch.cuda.current_device())
+
+
+def launch_args(t: torch.Tensor) -> dict:
+    """The keyword arguments that launch a kernel taking `USE_PDL` with PDL where it applies
+    (none of them in the interpreter, which has no grid dependencies)."""
+    return {"USE_PDL": True, "launch_pdl": True} if uses_pdl(t) else {"USE_PDL": False}
+
+
+@triton.jit
+def wait_for_previous_kernel(USE_PDL: tl.constexpr):
+    """Call first in a kernel launched with `launch_args`: waits until the kernel before has
+    finished and its writes are visible, then lets the next kernel be placed."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
