@@ -1316,7 +1316,8 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYS
                          "HF at concurrency 1 (hf_serial and the others' c1 rows) on the first serial_requests requests "
                          "(num_requests per row); each run's fastest of `repeats`")
     result = {"benchmark": "serve", "card": card_name(), "date": _dt.date.today().isoformat(),
-              "versions": versions(), "workload": {**workload, "pdl": _pdl_on(on_cuda)}, "results": list(rows.values()), "checks": checks,
+              "versions": versions(), "workload": {**workload, "pdl": _pdl_on(on_cuda)},
+              "results": list(rows.values()), "checks": checks,
               "checks_ok": all(c["ok"] for c in required)}
     if bandwidth is not None:
         result["copy_bandwidth_gbs"] = round(bandwidth, 1)
