@@ -93,22 +93,24 @@ def test_double_quant_matches_bitsandbytes_within_pinned_bounds(shape):
         assert torch.equal(theirs.absmax[e], state.absmax) and torch.equal(theirs.absmax_scale[e], state.state2.absmax)
         assert theirs.absmax_offset[e] == state.offset
         assert torch.equal(dequantize_nf4(theirs, experts=e)[0], bnbf.dequantize_4bit(packed, state).reshape(shape[1:]))
-    # Where the 8-bit absmax codes differ, it is by one level, for a value within 5e-5 (relative
-    # to its block's scale) of the midpoint between the two levels: bitsandbytes' CPU code rounds
-    # some near-midpoints away from the nearest level (measured: at most 1.45e-5 over 40 seeds,
-    # on about 0.5% of the blocks).
+    # Where the 8-bit absmax codes differ, ours is the nearest level and bitsandbytes' CPU code
+    # picked one at most 1e-4 (of the block's scale) farther from the value: it rounds some
+    # near-midpoints the other way (then one level apart, the value within 5e-5 of the midpoint:
+    # at most 1.45e-5 measured over 40 seeds, on about 0.5% of the blocks), and near zero, where
+    # the dynamic map's levels lie 1e-5 to 1e-6 apart, it can land a few levels away (seen once in
+    # CI: 4 levels).
     differ = ours.absmax != theirs.absmax
     assert differ.float().mean() < 0.02
     if differ.any():
-        assert ((ours.absmax.int() - theirs.absmax.int()).abs()[differ] == 1).all()
         nb = ours.absmax.shape[1]
         centered = torch.stack([bnbf.quantize_4bit(w[e].flatten(), blocksize=64, quant_type="nf4")[1].absmax
                                 for e in range(shape[0])]) - ours.absmax_offset[:, None]
         scale = ours.absmax_scale.repeat_interleave(256, dim=1)[:, :nb]
-        scaled = centered / scale
-        lower = torch.minimum(ours.absmax, theirs.absmax)[differ].long()
-        mid = (DYNAMIC_CODE[lower] + DYNAMIC_CODE[lower + 1]) / 2
-        assert ((scaled[differ] - mid).abs() < 5e-5).all()
+        value = (centered / scale)[differ]
+        ours_gap = (value - DYNAMIC_CODE[ours.absmax[differ].long()]).abs()
+        theirs_gap = (value - DYNAMIC_CODE[theirs.absmax[differ].long()]).abs()
+        assert (ours_gap <= theirs_gap + 1e-7).all()
+        assert (theirs_gap - ours_gap <= 1e-4).all()
     # ...and our own codes are the nearest level everywhere: the dequantized scale is within half
     # a level gap (at most 0.0071 of the block's scale) of the true absmax.
     true_absmax = torch.stack([w[e].float().reshape(-1, 64).abs().amax(1) for e in range(shape[0])])
