@@ -539,18 +539,6 @@ def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax
 
 
 @triton.jit
-def _prefetch_l2(ptr, nbytes, LINES: tl.constexpr):
-    """Ask L2 for the nbytes that start at ptr (its first LINES 128-byte lines), one
-    `prefetch.global.L2` per line, at a program's start, so that later K-steps wait for L2
-    instead of HBM. LINES = 0 issues nothing. (Tried: slower, see the next commit.)"""
-    if LINES > 0:
-        byte_ptr = ptr.to(tl.pointer_type(tl.uint8), bitcast=True)
-        line = tl.minimum(tl.arange(0, LINES), tl.maximum(nbytes - 1, 0) // 128)
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [byte_ptr + line * 128],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _gemv_acc(BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NF4: tl.constexpr, WORDS: tl.constexpr):
     """A zero accumulator shaped like `_gemv_rows`' tiles."""
     if NF4 and WORDS:
@@ -643,7 +631,7 @@ def _gemv_gate_up_kernel(
     absmax_per_expert, scales_per_expert,
     NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, NF4_ASM: tl.constexpr,
     HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr,
-    USE_PDL: tl.constexpr = False, PREFETCH_LINES: tl.constexpr = 0, ROTATE_K: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     """Decode gate_up, one program per (pair, N-tile), no grouping: act[pair, n] =
     SiLU(gate) * up of the pair's token through its expert, with FMAs (no 16-row dot padding).
@@ -689,16 +677,10 @@ def _gemv_gate_up_kernel(
             am_code = tl.where(shared, shared_absmax_code_ptr, am_code)
             am_scale = tl.where(shared, shared_absmax_scale_ptr, am_scale)
             am_offset = tl.where(shared, shared_absmax_offset_ptr, am_offset)
-    if PREFETCH_LINES > 0:  # NF4: the program's gate and up rows, each a contiguous run of codes
-        tile_bytes = tl.sum(row_ok.to(tl.int32), axis=0) * (k_end // 2)
-        _prefetch_l2(w_e + tl.min(gate_rows, axis=0).to(tl.int64) * (k_dim // 2), tile_bytes, PREFETCH_LINES)
-        _prefetch_l2(w_e + tl.min(up_rows, axis=0).to(tl.int64) * (k_dim // 2), tile_bytes, PREFETCH_LINES)
     acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
     acc_up = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
     lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED)
-    steps = tl.cdiv(k_end, BLOCK_K)
-    for i in tl.range(0, steps, num_stages=PIPELINE):
-        k0 = ((i + pid % steps) % steps) * BLOCK_K if ROTATE_K else i * BLOCK_K
+    for k0 in tl.range(0, k_end, BLOCK_K, num_stages=PIPELINE):
         acc = _gemv_rows(acc, w_e, am, am_code, am_scale, am_offset, nf4_code_ptr,
                           x_row, 1.0, expert, gate_rows, row_ok, k0, k_dim, row_stride, absmax_per_expert,
                           scales_per_expert, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
@@ -721,7 +703,6 @@ def _gemv_down_kernel(
     TOP_K: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     NF4_ASM: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PIPELINE: tl.constexpr, SHARED_BLOCK_K: tl.constexpr = 0, USE_PDL: tl.constexpr = False,
-    PREFETCH_LINES: tl.constexpr = 0, ROTATE_K: tl.constexpr = False,
 ):
     """Decode down with the top-k sum folded in, one program per (token, N-tile):
     out[t, n] = sum_k route_w[t, k] * (W_down[ids[t, k]] @ act[t * K + k])[n], FMAs in fp32 and
@@ -740,20 +721,9 @@ def _gemv_down_kernel(
     token = pid // n_tiles
     n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < n_out
-    if PREFETCH_LINES > 0:  # NF4: each of the token's experts' rows n, a contiguous run of codes
-        tile_rows = tl.sum(n_ok.to(tl.int32), axis=0)
-        n0 = (pid % n_tiles) * BLOCK_N
-        for k in tl.static_range(TOP_K):
-            expert = tl.load(ids_ptr + token.to(tl.int64) * TOP_K + k).to(tl.int32)
-            rows_k = tl.where((expert >= 0) & (expert < num_experts), tile_rows, 0)
-            expert = tl.where((expert >= 0) & (expert < num_experts), expert, 0)
-            _prefetch_l2(w_ptr + expert.to(tl.int64) * stride_we + n0.to(tl.int64) * (k_dim // 2),
-                         rows_k * (k_dim // 2), PREFETCH_LINES)
     lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED)
     acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
-    steps = tl.cdiv(k_dim, BLOCK_K)
-    for i in tl.range(0, steps, num_stages=PIPELINE):
-        k0 = ((i + pid % steps) % steps) * BLOCK_K if ROTATE_K else i * BLOCK_K
+    for k0 in tl.range(0, k_dim, BLOCK_K, num_stages=PIPELINE):
         for k in tl.static_range(TOP_K):  # the top-k experts' loads of one K-step are independent
             pair = token.to(tl.int64) * TOP_K + k
             expert = tl.load(ids_ptr + pair).to(tl.int32)
