@@ -99,7 +99,7 @@ def floor_us(nbytes: int, bandwidth_gbs: float) -> float:
 def _pdl_on(on_cuda: bool) -> bool:
     """Whether moelab's decode kernels launch with PDL in this run (`moelab.kernels.pdl`)."""
     from .kernels import pdl
-    return on_cuda and pdl.uses_pdl(torch.empty(0, device="cuda"))
+    return on_cuda and pdl.uses_pdl(torch.device("cuda"))
 
 
 def _time_eager(fn, n_inputs: int, repeats: int = 7) -> float:

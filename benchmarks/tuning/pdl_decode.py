@@ -3,19 +3,28 @@ per precision, four runs each alternating PDL off / on: benchmarks/results/decod
 
     python benchmarks/tuning/pdl_decode.py      # on the GPU machine; writes $OUT/decode*_pdl*.json
 """
-import json, os, sys
+import json
+import os
+
 import torch
-import moelab.models as M
+
 import moelab.bench as B
+import moelab.models as M
 from moelab.kernels import pdl
 
 orig, cache = M.load, {}
+
+
 def load(name, **kw):
+    """moelab.models.load, built once per (model, quantization): bench_decode calls it on every run."""
     key = (name, kw.get("quantize"))
     if key not in cache:
-        cache.clear(); torch.cuda.empty_cache()
+        cache.clear()
+        torch.cuda.empty_cache()
         cache[key] = orig(name, **kw)
     return cache[key]
+
+
 M.load = load
 OUT = os.environ.get("OUT", "/tmp")
 runs = []

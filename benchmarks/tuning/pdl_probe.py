@@ -1,8 +1,19 @@
 """Does programmatic dependent launch (PDL) shorten the gap between dependent small kernels in a
-captured CUDA graph on this stack? A chain of 200 dependent copy-add kernels, with and without PDL."""
-import json, os, statistics
-import torch, triton, triton.language as tl
+captured CUDA graph on this stack? A chain of 200 dependent copy-add kernels, with and without PDL:
+benchmarks/results/pdl_probe_2026-12-06_h100.json.
+
+    python benchmarks/tuning/pdl_probe.py      # on the GPU machine; writes $OUT/pdl_probe.json
+"""
+import json
+import os
+import statistics
+
+import torch
+import triton
+import triton.language as tl
+
 from moelab import bench
+
 
 @triton.jit
 def add_one(src, dst, n, USE_GDC: tl.constexpr, BLOCK: tl.constexpr):

@@ -28,16 +28,16 @@ def _supported(device_index: int) -> bool:
     return torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
-def uses_pdl(t: torch.Tensor) -> bool:
-    """Whether kernels on t's device launch with PDL: CUDA on sm_90 or newer, and ENABLED."""
-    return ENABLED and t.is_cuda and _supported(t.device.index if t.device.index is not None
-                                                else torch.cuda.current_device())
+def uses_pdl(device: torch.device) -> bool:
+    """Whether kernels on this device launch with PDL: CUDA on sm_90 or newer, and ENABLED."""
+    return ENABLED and device.type == "cuda" and _supported(device.index if device.index is not None
+                                                            else torch.cuda.current_device())
 
 
 def launch_args(t: torch.Tensor) -> dict:
-    """The keyword arguments that launch a kernel taking `USE_PDL` with PDL where it applies
-    (none of them in the interpreter, which has no grid dependencies)."""
-    return {"USE_PDL": True, "launch_pdl": True} if uses_pdl(t) else {"USE_PDL": False}
+    """The keyword arguments that launch a kernel taking `USE_PDL` on t's device with PDL where
+    it applies (none of them in the interpreter, which has no grid dependencies)."""
+    return {"USE_PDL": True, "launch_pdl": True} if uses_pdl(t.device) else {"USE_PDL": False}
 
 
 @triton.jit
