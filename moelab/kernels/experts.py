@@ -1048,13 +1048,6 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
         hidden = hidden.clone()
     flat_ids = ids.reshape(-1).contiguous()
     on_gpu = hidden.is_cuda
-    if shared is None and not config and _is_nf4(gate_up) and _is_nf4(down):
-        from . import nf4_stream
-        if nf4_stream.ENABLED and nf4_stream.supports(hidden, gate_up) and nf4_stream.supports(hidden, down):
-            act = torch.empty(num_pairs, inter, dtype=hidden.dtype, device=hidden.device)
-            out = torch.empty(num_tokens, hidden_dim, dtype=hidden.dtype, device=hidden.device)
-            nf4_stream.gate_up(hidden, gate_up, flat_ids, act)
-            return nf4_stream.down(act, down, ids.contiguous(), route_w, out)
     sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count if on_gpu else 132
     shared_inter = _shape(shared.down)[-1] if shared is not None else 0
     chunks = triton.cdiv(shared_inter, inter)  # shared rows per token in act
