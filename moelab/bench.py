@@ -102,6 +102,13 @@ def _pdl_on(on_cuda: bool) -> bool:
     return on_cuda and pdl.uses_pdl(torch.device("cuda"))
 
 
+def _pdl_fields(on_cuda: bool) -> dict:
+    """The workload's PDL fields: whether it is on and where each kernel lets the next be placed."""
+    from .kernels import pdl
+    on = _pdl_on(on_cuda)
+    return {"pdl": on, "pdl_next_at": pdl.NEXT_AT if on else None}
+
+
 def _time_eager(fn, n_inputs: int, repeats: int = 7) -> float:
     """Median microseconds per call of fn(i), rotating i over the inputs, host overhead included."""
     for i in range(min(n_inputs, 8)):
@@ -587,7 +594,7 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
         "workload": {"model": model_name, "dtype": dtype_name, "quantize": quantize,
                      "random_weights": model_name != "tiny", "prompt_len": [low, high], "steps": steps,
                      "warmup_steps": warmup, "repeats": repeats, "batches": list(batches), "modes": list(modes),
-                     "max_seq_len": max_seq_len, "experts_impl": experts_impl, "pdl": _pdl_on(on_cuda),
+                     "max_seq_len": max_seq_len, "experts_impl": experts_impl, **_pdl_fields(on_cuda),
                      "note": "moelab decode step over a slot KV cache, greedy on the device, one copy of the new "
                              "ids to the host per step; median ms per step. step_cost_vs_batch_1 is relative to "
                              "the mode's first batch. Random weights measure speed, never quality."},
@@ -1316,7 +1323,7 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYS
                          "HF at concurrency 1 (hf_serial and the others' c1 rows) on the first serial_requests requests "
                          "(num_requests per row); each run's fastest of `repeats`")
     result = {"benchmark": "serve", "card": card_name(), "date": _dt.date.today().isoformat(),
-              "versions": versions(), "workload": {**workload, "pdl": _pdl_on(on_cuda)},
+              "versions": versions(), "workload": {**workload, **_pdl_fields(on_cuda)},
               "results": list(rows.values()), "checks": checks,
               "checks_ok": all(c["ok"] for c in required)}
     if bandwidth is not None:
@@ -1583,7 +1590,7 @@ def bench_experts(tokens=(1, 8, 64, 512, 4096), systems=EXPERTS_SYSTEMS, n_routi
         "versions": versions(),
         "workload": {"model": "qwen1.5-moe-a2.7b", "layer": "routed experts of one MoE layer",
                      "experts": num_experts, "top_k": top_k, "hidden": hidden, "intermediate": inter,
-                     "dtype": "bfloat16", "tokens": list(tokens), "routings": n_routings,
+                     "dtype": "bfloat16", "tokens": list(tokens), "routings": n_routings, **_pdl_fields(True),
                      "bytes_per_expert": {k: round(v) for k, v in expert_bytes.items()},
                      "note": "random weights (speed only); each call's routing is one of `routings` random "
                              "ones; 'graph' rows are per call inside one captured CUDA graph, 'eager' rows "

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import launch_args, wait_for_previous_kernel
+from .pdl import launch_args, let_next_kernel_start, wait_for_previous_kernel
 
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the GPU's native one
 
@@ -125,6 +125,7 @@ def _decode_attention_kernel(
         q = tl.load(q_rows + heads[:, None] * stride_qh + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
         m, l, acc = _scan_keys_grouped(q * qk_scale, k_base, v_base, start, end, stride_kn, stride_vn, d, d_ok,
                                        BLOCK_G, BLOCK_N, BLOCK_D)
+    let_next_kernel_start(USE_PDL)
 
     if NUM_SPLITS == 1:
         # length 0 (no keys): output 0 rather than 0 / 0.
@@ -161,6 +162,7 @@ def _merge_splits_kernel(
     w = tl.exp2(m - m_all)                                # empty splits: exp2(-inf) = 0
     total = tl.sum(w * l, axis=0)
     out = tl.sum(w[:, None] * acc, axis=0) / tl.where(total > 0, total, 1.0)
+    let_next_kernel_start(USE_PDL)
     o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + head * stride_oh + d
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 

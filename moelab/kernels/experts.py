@@ -76,7 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import launch_args, wait_for_previous_kernel
+from .pdl import launch_args, let_next_kernel_start, wait_for_previous_kernel
 
 
 @triton.jit
@@ -687,6 +687,7 @@ def _gemv_gate_up_kernel(
         acc_up = _gemv_rows(acc_up, w_e, am, am_code, am_scale, am_offset, nf4_code_ptr,
                              x_row, 1.0, expert, up_rows, row_ok, k0, k_dim, row_stride, absmax_per_expert,
                              scales_per_expert, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
+    let_next_kernel_start(USE_PDL)
     gate = _gemv_acc_sum(acc, NF4)
     out = gate * tl.sigmoid(gate) * _gemv_acc_sum(acc_up, NF4)
     tl.store(act_ptr + pair.to(tl.int64) * stride_am + n, out.to(act_ptr.dtype.element_ty), mask=n_ok)
@@ -747,6 +748,7 @@ def _gemv_down_kernel(
                                 n, n_ok, k0, shared_k, stride_swn, 0, 0, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, SK,
                                 NF4_ASM)
         total += _gemv_acc_sum(acc_s, NF4)
+    let_next_kernel_start(USE_PDL)
     tl.store(out_ptr + token.to(tl.int64) * stride_om + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 

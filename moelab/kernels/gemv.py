@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .experts import _gemv_acc, _gemv_acc_sum, _gemv_rows, _is_nf4, _nf4_lut, _weight_args, _whole_nf4_blocks
-from .pdl import launch_args, wait_for_previous_kernel
+from .pdl import launch_args, let_next_kernel_start, wait_for_previous_kernel
 
 MAX_TOKENS = 4  # above this a GEMM reads W once for all tokens, and cuBLAS wins
 
@@ -45,6 +45,7 @@ def _linear_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, absmax_ptr, absmax_code
         acc = _gemv_rows(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
                          x_row, 1.0, 0, n, n_ok, k0, k_dim, stride_wn, 0, 0, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED,
                          BLOCK_K, NF4_ASM)
+    let_next_kernel_start(USE_PDL)
     out = _gemv_acc_sum(acc, NF4)
     if HAS_BIAS:
         out += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(tl.float32)

@@ -8,9 +8,13 @@ boundary of a decode step's ~290 kernels. On Hopper (sm_90) a kernel launched wi
 (Triton: `launch_pdl=True`) is placed early and waits in the kernel instead: `gdc_wait()`
 returns once the kernel before has finished and its writes are visible. Each kernel here
 calls it before its first memory access, so only the launch and the placement overlap, never
-the data; `gdc_launch_dependents()` right after lets the next kernel be placed in turn (it
-waits for this one to finish all the same). benchmarks/results/pdl_probe_2026-12-06_h100.json:
-1.19 -> 0.84 us per dependent kernel inside a captured graph (torch 2.11, triton 3.6).
+the data. `gdc_launch_dependents()` lets the next kernel be placed in turn (it waits for this
+one to finish all the same): called right after the wait, the next kernel's programs sit on
+the SMs beside this one's for all of its run, holding warp slots and registers a kernel that
+needs every SM's room in one wave (the NF4 decode GEMVs) then lacks; called at the end of each
+program's main loop (`let_next_kernel_start`, the default) they are placed only as this
+kernel's programs finish. benchmarks/results/pdl_probe_2026-12-06_h100.json: 1.19 -> 0.84 us
+per dependent kernel inside a captured graph (torch 2.11, triton 3.6).
 """
 
 import functools
@@ -21,6 +25,8 @@ import triton
 import triton.language as tl
 
 ENABLED = os.environ.get("MOELAB_PDL", "1") != "0"  # MOELAB_PDL=0 launches without it (for comparisons)
+# Where a kernel lets the next one be placed: "end" of its main loop, or "start" (right after its wait).
+NEXT_AT = os.environ.get("MOELAB_PDL_NEXT", "end")
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,14 +42,30 @@ def uses_pdl(device: torch.device) -> bool:
 
 def launch_args(t: torch.Tensor) -> dict:
     """The keyword arguments that launch a kernel taking `USE_PDL` on t's device with PDL where
-    it applies (none of them in the interpreter, which has no grid dependencies)."""
-    return {"USE_PDL": True, "launch_pdl": True} if uses_pdl(t.device) else {"USE_PDL": False}
+    it applies (none of them in the interpreter, which has no grid dependencies). USE_PDL is 1
+    when the next kernel is placed from this one's start (NEXT_AT "start"), 2 from the end of
+    its main loop."""
+    if not uses_pdl(t.device):
+        return {"USE_PDL": False}
+    if NEXT_AT not in ("start", "end"):
+        raise ValueError(f"MOELAB_PDL_NEXT must be 'start' or 'end', got {NEXT_AT!r}")
+    return {"USE_PDL": 1 if NEXT_AT == "start" else 2, "launch_pdl": True}
 
 
 @triton.jit
 def wait_for_previous_kernel(USE_PDL: tl.constexpr):
     """Call first in a kernel launched with `launch_args`: waits until the kernel before has
-    finished and its writes are visible, then lets the next kernel be placed."""
+    finished and its writes are visible (and with USE_PDL 1 lets the next kernel be placed)."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
+        if USE_PDL == 1:
+            tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def let_next_kernel_start(USE_PDL: tl.constexpr):
+    """Call after a kernel's main loop (USE_PDL 2): once every program has passed here, or
+    finished, the next kernel's programs may be placed. Its writes still wait (the next
+    kernel's `wait_for_previous_kernel` waits for this whole kernel)."""
+    if USE_PDL == 2:
         tl.extra.cuda.gdc_launch_dependents()

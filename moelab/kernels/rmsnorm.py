@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import launch_args, wait_for_previous_kernel
+from .pdl import launch_args, let_next_kernel_start, wait_for_previous_kernel
 
 
 @triton.jit
@@ -28,6 +28,7 @@ def _add_rms_norm_kernel(
     HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     wait_for_previous_kernel(USE_PDL)
+    let_next_kernel_start(USE_PDL)  # a row per program: the next kernel may be placed at once
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < num_cols

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import launch_args, wait_for_previous_kernel
+from .pdl import launch_args, let_next_kernel_start, wait_for_previous_kernel
 
 
 @triton.jit
@@ -31,6 +31,7 @@ def _rope_cache_kernel(
     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     wait_for_previous_kernel(USE_PDL)
+    let_next_kernel_start(USE_PDL)  # a row per program: the next kernel may be placed at once
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_HALF)
