@@ -1,7 +1,7 @@
 """Decode with and without PDL on one machine, bf16 and NF4 (moelab.kernels.pdl), the model built once
 per precision, four runs each alternating PDL off / on: benchmarks/results/decode_pdl_2026-12-06_h100.json.
 With `next`, PDL stays on and the runs alternate where each kernel lets the next be placed
-(pdl.NEXT_AT "start" / "end"): benchmarks/results/decode_pdl_next_2026-12-06_h100.json.
+(pdl.NEXT_AT "start" / "end", or NEXT_A / NEXT_B from the environment): benchmarks/results/decode_pdl_next_2026-12-06_h100.json.
 
     python benchmarks/tuning/pdl_decode.py [next]   # on the GPU machine; writes $OUT/decode*_pdl*.json
 """
@@ -32,7 +32,7 @@ M.load = load
 OUT = os.environ.get("OUT", "/tmp")
 runs = []
 compare_next = sys.argv[1:] == ["next"]
-settings = ("start", "end", "start", "end") if compare_next else (False, True, False, True)
+settings = (os.environ.get("NEXT_A", "start"), os.environ.get("NEXT_B", "end")) * 2 if compare_next else (False, True, False, True)
 for quant in (None, "nf4"):
     for setting in settings:
         if compare_next:

@@ -1076,7 +1076,8 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
         hidden, ptrs[0], flat_ids, act, shared_w, *ptrs[1:], *shared_absmax,
         inter, hidden_dim, num_experts, top_k, num_pairs, shared_inter, max(chunks, 1),
         hidden.stride(0), strides[0], strides[1], act.stride(0), shared_stride,
-        strides[3], strides[4], HAS_SHARED=shared is not None, **flags, **cfg, **launch_args(hidden))
+        strides[3], strides[4], HAS_SHARED=shared is not None, **flags, **cfg,
+        **launch_args(hidden, late=True))  # down's programs would squat beside this kernel's
 
     cfg = _whole_nf4_blocks({**gemv_config(num_tokens, hidden_dim, False, _is_nf4(down), on_gpu, sms,
                                            shared=shared is not None, k_dim=inter, shared_k=shared_inter),
@@ -1087,7 +1088,8 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
         act, ptrs[0], flat_ids, route_w, out, shared_w, gate_logit, *ptrs[1:], *shared_absmax,
         hidden_dim, inter, num_experts, shared_inter, num_pairs, max(chunks, 1),
         act.stride(0), strides[0], strides[1], out.stride(0), shared_stride, gate_logit.stride(0),
-        strides[3], strides[4], TOP_K=top_k, HAS_SHARED=shared is not None, **flags, **cfg, **launch_args(hidden))
+        strides[3], strides[4], TOP_K=top_k, HAS_SHARED=shared is not None, **flags, **cfg,
+        **launch_args(hidden, late=flags["NF4"]))
     return out
 
 

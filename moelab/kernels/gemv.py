@@ -100,5 +100,6 @@ def linear_gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
     ptrs, _, flags = _weight_args(weight if nf4 else weight[None], 1)  # one "expert"
     _linear_gemv_kernel[(num_tokens * triton.cdiv(n_out, cfg["BLOCK_N"]),)](
         x, ptrs[0], ptrs[0] if bias is None else bias, out, *ptrs[1:], n_out, shape[1], x.stride(0),
-        0 if nf4 else weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, **flags, **cfg, **launch_args(x))
+        0 if nf4 else weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, **flags, **cfg,
+        **launch_args(x, late=nf4))
     return out

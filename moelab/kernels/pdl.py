@@ -25,8 +25,9 @@ import triton
 import triton.language as tl
 
 ENABLED = os.environ.get("MOELAB_PDL", "1") != "0"  # MOELAB_PDL=0 launches without it (for comparisons)
-# Where a kernel lets the next one be placed: "end" of its main loop, or "start" (right after its wait).
-NEXT_AT = os.environ.get("MOELAB_PDL_NEXT", "end")
+# Where a kernel lets the next one be placed: "auto" (each launch site's choice), or "start" /
+# "end" for every kernel (comparisons: MOELAB_PDL_NEXT).
+NEXT_AT = os.environ.get("MOELAB_PDL_NEXT", "auto")
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,16 +41,18 @@ def uses_pdl(device: torch.device) -> bool:
                                                             else torch.cuda.current_device())
 
 
-def launch_args(t: torch.Tensor) -> dict:
+def launch_args(t: torch.Tensor, late: bool = False) -> dict:
     """The keyword arguments that launch a kernel taking `USE_PDL` on t's device with PDL where
     it applies (none of them in the interpreter, which has no grid dependencies). USE_PDL is 1
-    when the next kernel is placed from this one's start (NEXT_AT "start"), 2 from the end of
-    its main loop."""
+    when the next kernel is placed from this one's start, 2 from the end of its main loop:
+    `late` asks for the end (a launch whose next kernel's programs would take room this one
+    needs), NEXT_AT "start" / "end" overrides every launch."""
     if not uses_pdl(t.device):
         return {"USE_PDL": False}
-    if NEXT_AT not in ("start", "end"):
-        raise ValueError(f"MOELAB_PDL_NEXT must be 'start' or 'end', got {NEXT_AT!r}")
-    return {"USE_PDL": 1 if NEXT_AT == "start" else 2, "launch_pdl": True}
+    if NEXT_AT not in ("auto", "start", "end"):
+        raise ValueError(f"MOELAB_PDL_NEXT must be 'auto', 'start' or 'end', got {NEXT_AT!r}")
+    at_end = NEXT_AT == "end" or (NEXT_AT == "auto" and late)
+    return {"USE_PDL": 2 if at_end else 1, "launch_pdl": True}
 
 
 @triton.jit
