@@ -174,6 +174,24 @@ def test_pdl_only_on_cuda_and_only_when_enabled(monkeypatch):
         assert pdl.launch_args(torch.zeros(2, device="cuda")) == {"USE_PDL": False}
 
 
+def test_pdl_places_the_next_kernel_where_each_launch_asks(monkeypatch):
+    """USE_PDL 1: the next kernel is placed from this one's start; 2: from the end of its main
+    loop. `auto` follows each launch's `late`, MOELAB_PDL_NEXT=start / end overrides it."""
+    from moelab.kernels import pdl
+    monkeypatch.setattr(pdl, "uses_pdl", lambda device: True)
+    t = torch.zeros(2)
+    monkeypatch.setattr(pdl, "NEXT_AT", "auto")
+    assert pdl.launch_args(t) == {"USE_PDL": 1, "launch_pdl": True}
+    assert pdl.launch_args(t, late=True) == {"USE_PDL": 2, "launch_pdl": True}
+    monkeypatch.setattr(pdl, "NEXT_AT", "start")
+    assert pdl.launch_args(t, late=True)["USE_PDL"] == 1
+    monkeypatch.setattr(pdl, "NEXT_AT", "end")
+    assert pdl.launch_args(t)["USE_PDL"] == 2
+    monkeypatch.setattr(pdl, "NEXT_AT", "middle")
+    with pytest.raises(ValueError, match="MOELAB_PDL_NEXT"):
+        pdl.launch_args(t)
+
+
 @pytest.mark.gpu
 def test_gpu_graph_replay_with_pdl_gives_the_eager_tokens_without(cuda_tiny, monkeypatch):
     from moelab.kernels import pdl
