@@ -58,8 +58,8 @@ def run(T):
     for flag in (True, False):
         systems.append((f"package_pdl{int(flag)}", flag, None, None,
                         lambda i: EK.fused_experts_forward(xs[i], route_w[i], ids[i], layer)))
-    for gu_cfg in ((8, 8), (4, 4), (16, 16), (8, 4), (16, 8)):
-        for dn_cfg in ((16, 16), (32, 16), (8, 8)):
+    for gu_cfg in ((8, 8), (8, 4), (16, 8), (32, 8), (32, 16), (16, 4)):
+        for dn_cfg in ((16, 16), (32, 16), (8, 8), (16, 8), (64, 16)):
             if gu_cfg != (8, 8) and dn_cfg != (16, 16):
                 continue  # the default of one kernel against the other's variants
             systems.append(("mma", None, gu_cfg, dn_cfg,

@@ -53,7 +53,7 @@ def _block_asm() -> str:
     for w in range(4):
         word = f"${2 + w}"
         for i, (op, amount) in enumerate((("shl", 7), ("shr", 1), ("shr", 9), ("shr", 17))):
-            lines += [f"{op}.b32 t, {word}, {amount};", "lop3.b32 p, t, 0x7F80, $14, 0xEA;",  # (t & 0x7F80) | lane
+            lines += [f"{op}.b32 t, {word}, {amount};", "and.b32 p, t, 0x7F80;", "add.u32 p, p, $14;",
                       f"ld.shared.b32 a{i}, [p];"]
         c = "{z, z, z, z}" if w == 0 else "{d0, d1, d2, d3}"
         lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{d0, d1, d2, d3}}, "
@@ -108,7 +108,7 @@ def _block(acc0, acc1, frag_ptr, scale_ptr, tile_blk, x_pairs, pair0, lane, ok, 
         _BLOCK_ASM, _BLOCK_CONSTRAINTS,
         [w0, w1, w2, w3, x0, x1, x2, x3, x4, x5, x6, x7,
          table, s0, s1, acc0, acc1],
-        dtype=(gl.float32, gl.float32), is_pure=True, pack=1)
+        dtype=(gl.float32, gl.float32), is_pure=False, pack=1)  # not pure: it reads the table, kept after the fill
 
 
 @gluon.jit
