@@ -12,9 +12,11 @@ the data. `gdc_launch_dependents()` lets the next kernel be placed in turn (it w
 one to finish all the same): called right after the wait, the next kernel's programs sit on
 the SMs beside this one's for all of its run, holding warp slots and registers a kernel that
 needs every SM's room in one wave (the NF4 decode GEMVs) then lacks; called at the end of each
-program's main loop (`let_next_kernel_start`, the default) they are placed only as this
-kernel's programs finish. benchmarks/results/pdl_probe_2026-12-06_h100.json: 1.19 -> 0.84 us
-per dependent kernel inside a captured graph (torch 2.11, triton 3.6).
+program's main loop (`let_next_kernel_start`) they are placed only as this kernel's programs
+finish. Launchers choose (`launch_args(t, late=...)`): the experts' gate_up and the NF4 GEMVs at
+the end, the rest at the start (notebook 08, section 11, has the measurements).
+benchmarks/results/pdl_probe_2026-12-06_h100.json: 1.19 -> 0.84 us per dependent kernel inside
+a captured graph (torch 2.11, triton 3.6).
 """
 
 import functools
