@@ -96,16 +96,11 @@ def floor_us(nbytes: int, bandwidth_gbs: float) -> float:
     return nbytes / (bandwidth_gbs * 1e9) * 1e6
 
 
-def _pdl_on(on_cuda: bool) -> bool:
-    """Whether moelab's decode kernels launch with PDL in this run (`moelab.kernels.pdl`)."""
-    from .kernels import pdl
-    return on_cuda and pdl.uses_pdl(torch.device("cuda"))
-
-
 def _pdl_fields(on_cuda: bool) -> dict:
-    """The workload's PDL fields: whether it is on and where each kernel lets the next be placed."""
+    """The workload's PDL fields (`moelab.kernels.pdl`): whether moelab's decode kernels launch
+    with it in this run, and where each kernel lets the next be placed."""
     from .kernels import pdl
-    on = _pdl_on(on_cuda)
+    on = on_cuda and pdl.uses_pdl(torch.device("cuda"))
     return {"pdl": on, "pdl_next_at": pdl.NEXT_AT if on else None}
 
 
