@@ -494,25 +494,13 @@ def _block_gemm(x_ptr, w_ptr, out_ptr, pairs_ptr, route_w_ptr, absmax_ptr, absma
 
 
 @triton.jit
-def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, x_row_ptr, x_scale,
-               expert, rows, row_ok, k0, k_dim, absmax_per_expert, scales_per_expert, lut,
-               DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The NF4 decode step on CUDA: acc [BLOCK_N, BLOCK_K // 64, 8] (float32, one entry per code
-    word) plus W[expert, rows, k0:k0 + BLOCK_K] times x, word by word, each word's sum scaled by
-    its block's absmax (and x_scale) inside `NF4_DOT_ASM`.
-
-    Word j of NF4 block b of a row holds the codes of values 64b + 8j .. 64b + 8j + 7; x is read
-    as bf16 pairs (32-bit words, so x must be 4-byte aligned: the launcher sees to it) and each
-    code word meets its 4 pairs in `NF4_DOT_ASM`. Rows are whole 64-blocks (k_dim % 64 == 0).
-
-    x comes as four [NB, 8] loads (pair 0, 1, 2, 3 of every word), which Triton places directly
-    in the layout the words use as long as the tile has fewer elements than the program has
-    threads (BLOCK_K // 8 < 32 * num_warps: `gemv_config` keeps to it). One [NB, 8, 4] load split
-    in registers was laid out otherwise and cost a round trip through shared memory and a
-    barrier per K-step and expert (compiled for sm_90 at 512-value steps and 4 warps, the down
-    kernel held 18 barriers before, 1 after, its final reduction's). Not timed apart: with the
-    configs swept since, the NF4 down kernels of an H100 decode step went from 513 to 426 us
-    (decode_nf4_2026-12-06_h100.json, then _run1)."""
+def _nf4_words_tile(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert, rows, row_ok,
+                    k0, k_dim, absmax_per_expert, scales_per_expert, DOUBLE_QUANT: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """The NF4 decode step's weights on CUDA: W[expert, rows, k0:k0 + BLOCK_K] as a [BLOCK_N,
+    BLOCK_K // 64, 8] tile of 32-bit code words and the [BLOCK_N, BLOCK_K // 64] absmax of their
+    blocks. Word j of NF4 block b of a row holds the codes of values 64b + 8j .. 64b + 8j + 7.
+    Rows are whole 64-blocks (k_dim % 64 == 0)."""
     NB: tl.constexpr = BLOCK_K // 64
     b = tl.arange(0, NB)
     j = tl.arange(0, 8)
@@ -521,17 +509,39 @@ def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax
     word_off = row_words[:, None, None] + (8 * b[:, None] + j[None, :])[None, :, :]
     words = tl.load(w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + word_off,
                     mask=row_ok[:, None, None] & blk_ok[None, :, None], other=0)
-    pair = k0 // 2 + 32 * b[:, None] + 4 * j[None, :]  # [NB, 8]: x's first bf16 pair of each word
-    xw = x_row_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + pair
-    x_ok = blk_ok[:, None]
-    x0 = tl.load(xw, mask=x_ok, other=0)
-    x1 = tl.load(xw + 1, mask=x_ok, other=0)
-    x2 = tl.load(xw + 2, mask=x_ok, other=0)
-    x3 = tl.load(xw + 3, mask=x_ok, other=0)
     blk = (rows.to(tl.int64) * k_dim + k0) // 64
     am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
                      blk[:, None] + b[None, :], row_ok[:, None] & blk_ok[None, :], absmax_per_expert,
                      scales_per_expert, DOUBLE_QUANT)
+    return words, am
+
+
+@triton.jit
+def _nf4_words_dot(acc, words, am, x_row_ptr, x_scale, k0, k_dim, lut, BLOCK_K: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_K // 64, 8] (float32, one entry per code word) plus a `_nf4_words_tile`
+    times x, word by word, each word's sum scaled by its block's absmax (and x_scale) inside
+    `NF4_DOT_ASM`.
+
+    x is read as bf16 pairs (32-bit words, so x must be 4-byte aligned: the launcher sees to it)
+    and each code word meets its 4 pairs in `NF4_DOT_ASM`. x comes as four [NB, 8] loads (pair
+    0, 1, 2, 3 of every word), which Triton places directly in the layout the words use as long
+    as the tile has fewer elements than the program has threads (BLOCK_K // 8 < 32 * num_warps:
+    `gemv_config` keeps to it where it can). One [NB, 8, 4] load split in registers was laid out
+    otherwise and cost a round trip through shared memory and a barrier per K-step and expert
+    (compiled for sm_90 at 512-value steps and 4 warps, the down kernel held 18 barriers before,
+    1 after, its final reduction's). Not timed apart: with the configs swept since, the NF4 down
+    kernels of an H100 decode step went from 513 to 426 us (decode_nf4_2026-12-06_h100.json,
+    then _run1)."""
+    NB: tl.constexpr = BLOCK_K // 64
+    b = tl.arange(0, NB)
+    j = tl.arange(0, 8)
+    pair = k0 // 2 + 32 * b[:, None] + 4 * j[None, :]  # [NB, 8]: x's first bf16 pair of each word
+    xw = x_row_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + pair
+    x_ok = (k0 + 64 * b < k_dim)[:, None]
+    x0 = tl.load(xw, mask=x_ok, other=0)
+    x1 = tl.load(xw + 1, mask=x_ok, other=0)
+    x2 = tl.load(xw + 2, mask=x_ok, other=0)
+    x3 = tl.load(xw + 3, mask=x_ok, other=0)
     return tl.inline_asm_elementwise(NF4_DOT_ASM, "=r,r,r,r,r,r,r,r,r,r,r,r",
                                      [words, x0[None, :, :], x1[None, :, :], x2[None, :, :], x3[None, :, :],
                                       lut[0], lut[1], lut[2], lut[3], (am * x_scale)[:, :, None], acc],
@@ -551,64 +561,96 @@ def _gemv_acc(BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NF4: tl.constexpr, W
 
 
 @triton.jit
-def _gemv_rows(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
-               x_row_ptr, x_scale, expert, rows, row_ok, k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert,
-               lut, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr,
-               NF4_ASM: tl.constexpr):
-    """acc + W[expert, rows, k0:k0 + BLOCK_K] * (x_scale * x[k0:k0 + BLOCK_K]) elementwise, in fp32, not yet
-    summed (the caller sums the accumulator once at the end: one FMA per weight).
-
-    Dense: a [BLOCK_N, BLOCK_K] tile, contiguous along K (16-byte loads). NF4: a [BLOCK_N,
-    BLOCK_K // 64, 32] tile of code bytes (byte j of NF4 block b holds values 64b + 2j and
-    64b + 2j + 1), so one block absmax per (row, b) broadcasts over its 32 bytes; the two
-    nibbles are looked up in the 16-entry code book and paired with the even and odd x.
-
-    NF4 on CUDA with rows of whole 64-blocks (`_nf4_words`): a [BLOCK_N, BLOCK_K // 64, 8] tile
-    of 32-bit code words, each multiplied by its 8 values of x in one piece of PTX."""
+def _gemv_tile(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert, rows, row_ok, k0,
+               k_dim, stride_wn, absmax_per_expert, scales_per_expert, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+               ROW_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr, NF4_ASM: tl.constexpr):
+    """The weights of one K-step, W[expert, rows, k0:k0 + BLOCK_K], as (values, absmax): a dense
+    [BLOCK_N, BLOCK_K] tile (absmax unused), or NF4 codes with the absmax of their blocks (see
+    `_gemv_rows`). Nothing here depends on x: a kernel may load its first tile before it waits
+    for the kernel before it (`wait_for_previous_kernel`), since no kernel writes weights."""
     if NF4 and NF4_ASM and ROW_ALIGNED:
-        acc = _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, x_row_ptr, x_scale,
-                          expert, rows, row_ok, k0, k_dim, absmax_per_expert, scales_per_expert, lut, DOUBLE_QUANT,
-                          BLOCK_K)
+        words, am = _nf4_words_tile(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
+                                    rows, row_ok, k0, k_dim, absmax_per_expert, scales_per_expert, DOUBLE_QUANT,
+                                    BLOCK_K)
+        return words, am
     elif NF4:
         b = tl.arange(0, BLOCK_K // 64)
         j = tl.arange(0, 32)
-        col = k0 + 64 * b[:, None] + 2 * j[None, :]                     # [NB, 32] even columns
-        col_ok = col < k_dim
         # The mask per whole 64-block (or per byte), not per value, so it is constant over 16-byte runs.
         if ROW_ALIGNED:
             byte_ok = (k0 + 64 * b < k_dim)[:, None] & (j < 32)[None, :]
         else:
             byte_ok = (k0 // 2 + 32 * b[:, None] + j[None, :]) < k_dim // 2
         mask = row_ok[:, None, None] & byte_ok[None, :, :]
-        flat = rows.to(tl.int64)[:, None, None] * k_dim + col[None, :, :]  # flat value index (even)
         # Byte offsets as row start + contiguous run (not flat // 2), so the compiler sees 16-byte runs.
         row_start = (rows.to(tl.int64) * k_dim + k0) // 2
         if ROW_ALIGNED:  # rows of whole 64-blocks: every row starts on a 32-byte boundary (16-byte loads)
             row_start = tl.multiple_of(row_start, 16)
         byte_off = row_start[:, None, None] + (32 * b[:, None] + j[None, :])[None, :, :]
         byte = tl.load(w_ptr + byte_off, mask=mask, other=0)
-        x_even = tl.load(x_row_ptr + col, mask=col_ok, other=0.0).to(tl.float32) * x_scale
-        x_odd = tl.load(x_row_ptr + col + 1, mask=col_ok, other=0.0).to(tl.float32) * x_scale
-        hi, lo = _nf4_levels(byte, nf4_code_ptr, NF4_ASM)
-        pair_sum = hi * x_even[None, :, :] + lo * x_odd[None, :, :]
         if ROW_ALIGNED:  # each row is whole 64-blocks: one absmax per (row, b)
             blk = (rows.to(tl.int64) * k_dim + k0) // 64
             ok = row_ok[:, None] & (k0 + 64 * b < k_dim)[None, :]
             am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
                              blk[:, None] + b[None, :], ok, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
-            acc += pair_sum * am[:, :, None]
-        else:
+        else:  # a block may straddle two rows: one absmax per byte
+            flat = rows.to(tl.int64)[:, None, None] * k_dim + (k0 + 64 * b[:, None] + 2 * j[None, :])[None, :, :]
             am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
                              flat // 64, mask, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
+        return byte, am
+    else:
+        ks = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_wn + ks[None, :],
+                    mask=row_ok[:, None] & (ks < k_dim)[None, :], other=0.0)
+        return w, 0.0
+
+
+@triton.jit
+def _gemv_step(acc, w, am, nf4_code_ptr, x_row_ptr, x_scale, k0, k_dim, lut, NF4: tl.constexpr,
+               ROW_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr, NF4_ASM: tl.constexpr):
+    """acc plus a `_gemv_tile` (w, am) of K-step k0 times (x_scale * x[k0:k0 + BLOCK_K]), elementwise."""
+    if NF4 and NF4_ASM and ROW_ALIGNED:
+        acc = _nf4_words_dot(acc, w, am, x_row_ptr, x_scale, k0, k_dim, lut, BLOCK_K)
+    elif NF4:
+        b = tl.arange(0, BLOCK_K // 64)
+        j = tl.arange(0, 32)
+        col = k0 + 64 * b[:, None] + 2 * j[None, :]                     # [NB, 32] even columns
+        col_ok = col < k_dim
+        x_even = tl.load(x_row_ptr + col, mask=col_ok, other=0.0).to(tl.float32) * x_scale
+        x_odd = tl.load(x_row_ptr + col + 1, mask=col_ok, other=0.0).to(tl.float32) * x_scale
+        hi, lo = _nf4_levels(w, nf4_code_ptr, NF4_ASM)
+        pair_sum = hi * x_even[None, :, :] + lo * x_odd[None, :, :]
+        if ROW_ALIGNED:
+            acc += pair_sum * am[:, :, None]
+        else:
             acc += pair_sum * am
     else:
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < k_dim
-        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_wn + ks[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        x = tl.load(x_row_ptr + ks, mask=k_ok, other=0.0).to(tl.float32) * x_scale
+        x = tl.load(x_row_ptr + ks, mask=ks < k_dim, other=0.0).to(tl.float32) * x_scale
         acc += w.to(tl.float32) * x[None, :]
     return acc
+
+
+@triton.jit
+def _gemv_rows(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
+               x_row_ptr, x_scale, expert, rows, row_ok, k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert,
+               lut, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr,
+               NF4_ASM: tl.constexpr):
+    """acc + W[expert, rows, k0:k0 + BLOCK_K] * (x_scale * x[k0:k0 + BLOCK_K]) elementwise, in fp32, not yet
+    summed (the caller sums the accumulator once at the end: one FMA per weight): `_gemv_tile`, then `_gemv_step`.
+
+    Dense: a [BLOCK_N, BLOCK_K] tile, contiguous along K (16-byte loads). NF4: a [BLOCK_N,
+    BLOCK_K // 64, 32] tile of code bytes (byte j of NF4 block b holds values 64b + 2j and
+    64b + 2j + 1), so one block absmax per (row, b) broadcasts over its 32 bytes; the two
+    nibbles are looked up in the 16-entry code book and paired with the even and odd x.
+
+    NF4 on CUDA with rows of whole 64-blocks (`_nf4_words_tile`, `_nf4_words_dot`): a [BLOCK_N,
+    BLOCK_K // 64, 8] tile of 32-bit code words, each multiplied by its 8 values of x in one piece of PTX."""
+    w, am = _gemv_tile(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert, rows, row_ok,
+                       k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert, NF4, DOUBLE_QUANT, ROW_ALIGNED,
+                       BLOCK_K, NF4_ASM)
+    return _gemv_step(acc, w, am, nf4_code_ptr, x_row_ptr, x_scale, k0, k_dim, lut, NF4, ROW_ALIGNED, BLOCK_K,
+                      NF4_ASM)
 
 
 @triton.jit
@@ -694,6 +736,17 @@ def _gemv_gate_up_kernel(
 
 
 @triton.jit
+def _down_pair(ids_ptr, token, k, n, n_ok, num_experts, TOP_K: tl.constexpr):
+    """Pair token * TOP_K + k of the down kernel: (pair, its expert (0 if the id is outside [0, E)),
+    the rows it adds to: none for such an id)."""
+    pair = token.to(tl.int64) * TOP_K + k
+    expert = tl.load(ids_ptr + pair).to(tl.int32)
+    valid = (expert >= 0) & (expert < num_experts)
+    row_ok = n_ok & ((expert + 0 * n) >= 0) & ((expert + 0 * n) < num_experts)  # the interpreter needs tensors
+    return pair, tl.where(valid, expert, 0), row_ok
+
+
+@triton.jit
 def _gemv_down_kernel(
     act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_w_ptr, shared_gate_ptr,
     absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
@@ -703,7 +756,8 @@ def _gemv_down_kernel(
     absmax_per_expert, scales_per_expert,
     TOP_K: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     NF4_ASM: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PIPELINE: tl.constexpr, SHARED_BLOCK_K: tl.constexpr = 0, USE_PDL: tl.constexpr = False,
+    PIPELINE: tl.constexpr, SHARED_BLOCK_K: tl.constexpr = 0, PREFETCH: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     """Decode down with the top-k sum folded in, one program per (token, N-tile):
     out[t, n] = sum_k route_w[t, k] * (W_down[ids[t, k]] @ act[t * K + k])[n], FMAs in fp32 and
@@ -715,8 +769,12 @@ def _gemv_down_kernel(
     expert behind its gate, into the same sum: act_shared[t] is the shared_k values from act
     row shared_act_row + t * C on (the gate_up kernel's C chunks of token t, contiguous); in NF4
     with NF4 experts (its absmax from the shared_absmax* pointers), in K-steps of SHARED_BLOCK_K
-    (0: BLOCK_K) values."""
-    wait_for_previous_kernel(USE_PDL)
+    (0: BLOCK_K) values.
+
+    PREFETCH loads the first K-step's weights (every top-k expert's, and the shared expert's)
+    before waiting for the kernel before (gate_up, whose act this kernel reads): with PDL they
+    come from memory while gate_up finishes. The ids are safe to read then: they come from the
+    router, which finished before gate_up passed its own wait and let this kernel start."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_out, BLOCK_N)
     token = pid // n_tiles
@@ -724,13 +782,29 @@ def _gemv_down_kernel(
     n_ok = n < n_out
     lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED)
     acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
-    for k0 in tl.range(0, k_dim, BLOCK_K, num_stages=PIPELINE):
-        for k in tl.static_range(TOP_K):  # the top-k experts' loads of one K-step are independent
+    SK: tl.constexpr = SHARED_BLOCK_K if SHARED_BLOCK_K > 0 else BLOCK_K
+    if PREFETCH:
+        tiles = ()
+        for k in tl.static_range(TOP_K):
+            pair, expert, row_ok = _down_pair(ids_ptr, token, k, n, n_ok, num_experts, TOP_K)
+            tiles = tiles + (_gemv_tile(w_ptr + expert.to(tl.int64) * stride_we, absmax_ptr, absmax_code_ptr,
+                                        absmax_scale_ptr, absmax_offset_ptr, expert, n, row_ok, 0, k_dim, stride_wn,
+                                        absmax_per_expert, scales_per_expert, NF4, DOUBLE_QUANT, ROW_ALIGNED,
+                                        BLOCK_K, NF4_ASM),)
+        if HAS_SHARED:
+            shared_tile = _gemv_tile(shared_w_ptr, shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr,
+                                     shared_absmax_offset_ptr, 0, n, n_ok, 0, shared_k, stride_swn, 0, 0, NF4,
+                                     DOUBLE_QUANT, ROW_ALIGNED, SK, NF4_ASM)
+    wait_for_previous_kernel(USE_PDL)
+    if PREFETCH:
+        for k in tl.static_range(TOP_K):
             pair = token.to(tl.int64) * TOP_K + k
-            expert = tl.load(ids_ptr + pair).to(tl.int32)
-            valid = (expert >= 0) & (expert < num_experts)
-            row_ok = n_ok & ((expert + 0 * n) >= 0) & ((expert + 0 * n) < num_experts)  # the interpreter needs tensors
-            expert = tl.where(valid, expert, 0)
+            route_w = tl.load(route_w_ptr + pair).to(out_ptr.dtype.element_ty).to(tl.float32)
+            acc = _gemv_step(acc, tiles[k][0], tiles[k][1], nf4_code_ptr, act_ptr + pair * stride_am, route_w, 0,
+                             k_dim, lut, NF4, ROW_ALIGNED, BLOCK_K, NF4_ASM)
+    for k0 in tl.range(BLOCK_K if PREFETCH else 0, k_dim, BLOCK_K, num_stages=PIPELINE):
+        for k in tl.static_range(TOP_K):  # the top-k experts' loads of one K-step are independent
+            pair, expert, row_ok = _down_pair(ids_ptr, token, k, n, n_ok, num_experts, TOP_K)
             route_w = tl.load(route_w_ptr + pair).to(out_ptr.dtype.element_ty).to(tl.float32)
             acc = _gemv_rows(acc, w_ptr + expert.to(tl.int64) * stride_we, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
                               absmax_offset_ptr, nf4_code_ptr, act_ptr + pair * stride_am, route_w, expert, n, row_ok,
@@ -740,9 +814,11 @@ def _gemv_down_kernel(
     if HAS_SHARED:
         gate = tl.sigmoid(tl.load(shared_gate_ptr + token.to(tl.int64) * stride_sg).to(tl.float32))
         shared_row = act_ptr + (shared_act_row + token.to(tl.int64) * shared_chunks) * stride_am
-        SK: tl.constexpr = SHARED_BLOCK_K if SHARED_BLOCK_K > 0 else BLOCK_K
         acc_s = _gemv_acc(BLOCK_N, SK, NF4, NF4_ASM and ROW_ALIGNED)
-        for k0 in tl.range(0, shared_k, SK, num_stages=PIPELINE):  # one expert: expert 0 of shared_w
+        if PREFETCH:
+            acc_s = _gemv_step(acc_s, shared_tile[0], shared_tile[1], nf4_code_ptr, shared_row, gate, 0, shared_k, lut,
+                               NF4, ROW_ALIGNED, SK, NF4_ASM)
+        for k0 in tl.range(SK if PREFETCH else 0, shared_k, SK, num_stages=PIPELINE):  # expert 0 of shared_w
             acc_s = _gemv_rows(acc_s, shared_w_ptr, shared_absmax_ptr, shared_absmax_code_ptr,
                                 shared_absmax_scale_ptr, shared_absmax_offset_ptr, nf4_code_ptr, shared_row, gate, 0,
                                 n, n_ok, k0, shared_k, stride_swn, 0, 0, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, SK,
