@@ -367,24 +367,24 @@ def test_configs_keep_enough_programs_at_decode_and_tiles_in_registers():
 
 
 def test_gemv_configs_stream_whole_blocks_with_bounded_accumulators():
-    """Decode GEMV: 8 rows per program, NF4 K-steps of whole 64-value blocks, an fp32
-    accumulator of at most 4,096 values per weight matrix (NF4 words: one per 8 values),
-    prefetching (PIPELINE > 1) for bf16 only; NF4's x tile (BLOCK_K // 8 pairs of each word
-    slot) smaller than the program's threads, so it loads in the words' layout (`_nf4_words`);
-    no pipelining under the interpreter."""
+    """Decode GEMV: 8 rows per program (16 for NF4 down at one token), NF4 K-steps of whole
+    64-value blocks, an fp32 accumulator of at most 4,096 values per weight matrix (NF4 words:
+    one per 8 values), prefetching (PIPELINE > 1) for bf16 only; NF4's x tile (BLOCK_K // 8
+    pairs of each word slot) smaller than the program's threads, so it loads in the words'
+    layout (`_nf4_words`); no pipelining under the interpreter."""
     for rows, n_out, gated in [(4, 1408, True), (1, 2048, False), (32, 1408, True), (8, 2048, False), (128, 1408, True)]:
         for nf4 in (False, True):
-            for k_dim in (1408, 5632):
-                cfg = gemv_config(rows, n_out, gated, nf4, on_gpu=True, num_sms=132, k_dim=k_dim)
-                assert cfg["BLOCK_N"] == 8 and cfg["BLOCK_K"] % 64 == 0
+            for shared in (False, True):
+                cfg = gemv_config(rows, n_out, gated, nf4, on_gpu=True, num_sms=132, shared=shared)
+                assert cfg["BLOCK_N"] == (16 if nf4 and rows == 1 and not gated else 8)
+                assert cfg["BLOCK_K"] % 64 == 0 and cfg.get("SHARED_BLOCK_K", 64) % 64 == 0
                 assert cfg["BLOCK_N"] * cfg["BLOCK_K"] // (8 if nf4 else 1) <= 4096
                 assert cfg["PIPELINE"] == (1 if nf4 else 3)
                 if nf4:
-                    assert cfg["BLOCK_K"] // 8 < 32 * cfg["num_warps"]
-    # NF4 at one token with the shared expert folded in: its 5,632-value rows in 1,024-value steps
-    cfg = gemv_config(1, 2048, False, True, on_gpu=True, shared=True, k_dim=1408, shared_k=5632)
-    assert (cfg["BLOCK_K"], cfg["SHARED_BLOCK_K"], cfg["num_warps"]) == (512, 1024, 8)
-    assert cfg["SHARED_BLOCK_K"] // 8 < 32 * cfg["num_warps"]
+                    assert max(cfg["BLOCK_K"], cfg.get("SHARED_BLOCK_K", 0)) // 8 < 32 * cfg["num_warps"] <= 1024
+    # NF4 at one token with the shared expert folded in: one 16-row program per SM, 2,048-value steps
+    cfg = gemv_config(1, 2048, False, True, on_gpu=True, shared=True)
+    assert (cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SHARED_BLOCK_K"], cfg["num_warps"]) == (16, 2048, 2048, 32)
     assert gemv_config(4, 96, True, False, on_gpu=False)["PIPELINE"] == 1
     # the shared expert folded into down: longer rows, 512-value K-steps (still 4,096 accumulators)
     assert gemv_config(1, 2048, False, False, on_gpu=True, shared=True)["BLOCK_K"] == 512

@@ -79,7 +79,7 @@ def sweep(name, spec, T, kernel, configs):
     else:
         outs = [torch.empty(T, H, device=dev, dtype=dt) for _ in range(R)]
         run = lambda i, c: launch_down(act, wsel("down", i), ids[i], route_w[i], outs[i], inter, top_k, c)  # noqa: E731
-        base_cfg = EK.gemv_config(T, H, False, True, True, k_dim=inter)
+        base_cfg = EK.gemv_config(T, H, False, True, True)
         nbytes = T * top_k * H * inter // 2
     ref = []
     for i in range(R):

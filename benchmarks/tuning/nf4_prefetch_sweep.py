@@ -11,6 +11,12 @@ Timed side by side on one machine, in CUDA graphs with PDL as the package launch
    PREFETCH in down and the linears, and with the best configs of 1 and 2, alternating.
 
     python benchmarks/tuning/nf4_prefetch_sweep.py   # on the GPU machine; writes $OUT/nf4_prefetch_sweep.json
+
+benchmarks/results/sweep_nf4_prefetch_2026-12-06_h100.json (H100) ran this script at commit 888d849, the
+only commit whose kernels take PREFETCH (`_gemv_tile` / `_gemv_step`): the layer with it 19.9 / 20.4 us
+against 19.8 / 19.9 without, bf16 29.7 against 28.1; the NF4 linears no faster; the NF4 decode step
+562.1 / 558.2 against 549.6 / 557.6 tokens/s (within run-to-run spread), bf16 421 against 440 / 424. The
+weights' first K-step was not what the kernels wait for, so the next commit removed PREFETCH again.
 """
 import json
 import os
@@ -50,8 +56,8 @@ def cfg_of(c):
 
 def patch(down=None, linear=None, nf4_only=True):
     """Override the one-token down and linear configs (None: the package's)."""
-    def ek(num_rows, n_out, gated, nf4, on_gpu, num_sms=132, shared=False, k_dim=0, shared_k=0):
-        c = ORIG_EK(num_rows, n_out, gated, nf4, on_gpu, num_sms, shared, k_dim, shared_k)
+    def ek(num_rows, n_out, gated, nf4, on_gpu, num_sms=132, shared=False):
+        c = ORIG_EK(num_rows, n_out, gated, nf4, on_gpu, num_sms, shared)
         if gated or down is None or num_rows != 1 or (nf4_only and not nf4) or not on_gpu:
             return c
         o = cfg_of(down)

@@ -18,6 +18,12 @@ Timed side by side on one machine, in CUDA graphs with PDL as the package launch
    and 2, alternating, and bf16 once for the ratio.
 
     python benchmarks/tuning/nf4_wide_sweep.py    # on the GPU machine; writes $OUT/nf4_wide_sweep.json
+
+benchmarks/results/sweep_nf4_wide_2026-12-06_h100.json (H100, commit 053c27c): every wider gate_up was
+slower (layer 20.7 us with the package's, 22.1 to 36.2 with the others), so the steps a program runs one
+after the other are not what holds gate_up back; down in 16-row programs of 32 warps, the whole row in
+one 2,048-value step, took the layer from 20.7 to 19.0 us (the package's config since); the linears
+gained nothing; the decode step at batch 1 with it 562.6 / 573.5 against 548.8 / 558.6 tokens/s.
 """
 import json
 import os
@@ -54,8 +60,8 @@ def cfg_of(t):
 
 def patch(gate=None, down=None, shared_bk=None, linear=None):
     """Override the NF4 decode configs (None: the package's)."""
-    def ek(num_rows, n_out, gated, nf4, on_gpu, num_sms=132, shared=False, k_dim=0, shared_k=0):
-        c = ORIG_EK(num_rows, n_out, gated, nf4, on_gpu, num_sms, shared, k_dim, shared_k)
+    def ek(num_rows, n_out, gated, nf4, on_gpu, num_sms=132, shared=False):
+        c = ORIG_EK(num_rows, n_out, gated, nf4, on_gpu, num_sms, shared)
         if not (nf4 and on_gpu and num_rows <= 8):
             return c
         o = gate if gated else down

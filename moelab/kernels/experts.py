@@ -494,13 +494,25 @@ def _block_gemm(x_ptr, w_ptr, out_ptr, pairs_ptr, route_w_ptr, absmax_ptr, absma
 
 
 @triton.jit
-def _nf4_words_tile(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert, rows, row_ok,
-                    k0, k_dim, absmax_per_expert, scales_per_expert, DOUBLE_QUANT: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
-    """The NF4 decode step's weights on CUDA: W[expert, rows, k0:k0 + BLOCK_K] as a [BLOCK_N,
-    BLOCK_K // 64, 8] tile of 32-bit code words and the [BLOCK_N, BLOCK_K // 64] absmax of their
-    blocks. Word j of NF4 block b of a row holds the codes of values 64b + 8j .. 64b + 8j + 7.
-    Rows are whole 64-blocks (k_dim % 64 == 0)."""
+def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, x_row_ptr, x_scale,
+               expert, rows, row_ok, k0, k_dim, absmax_per_expert, scales_per_expert, lut,
+               DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The NF4 decode step on CUDA: acc [BLOCK_N, BLOCK_K // 64, 8] (float32, one entry per code
+    word) plus W[expert, rows, k0:k0 + BLOCK_K] times x, word by word, each word's sum scaled by
+    its block's absmax (and x_scale) inside `NF4_DOT_ASM`.
+
+    Word j of NF4 block b of a row holds the codes of values 64b + 8j .. 64b + 8j + 7; x is read
+    as bf16 pairs (32-bit words, so x must be 4-byte aligned: the launcher sees to it) and each
+    code word meets its 4 pairs in `NF4_DOT_ASM`. Rows are whole 64-blocks (k_dim % 64 == 0).
+
+    x comes as four [NB, 8] loads (pair 0, 1, 2, 3 of every word), which Triton places directly
+    in the layout the words use as long as the tile has fewer elements than the program has
+    threads (BLOCK_K // 8 < 32 * num_warps: `gemv_config` keeps to it). One [NB, 8, 4] load split
+    in registers was laid out otherwise and cost a round trip through shared memory and a
+    barrier per K-step and expert (compiled for sm_90 at 512-value steps and 4 warps, the down
+    kernel held 18 barriers before, 1 after, its final reduction's). Not timed apart: with the
+    configs swept since, the NF4 down kernels of an H100 decode step went from 513 to 426 us
+    (decode_nf4_2026-12-06_h100.json, then _run1)."""
     NB: tl.constexpr = BLOCK_K // 64
     b = tl.arange(0, NB)
     j = tl.arange(0, 8)
@@ -509,39 +521,17 @@ def _nf4_words_tile(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax
     word_off = row_words[:, None, None] + (8 * b[:, None] + j[None, :])[None, :, :]
     words = tl.load(w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + word_off,
                     mask=row_ok[:, None, None] & blk_ok[None, :, None], other=0)
-    blk = (rows.to(tl.int64) * k_dim + k0) // 64
-    am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
-                     blk[:, None] + b[None, :], row_ok[:, None] & blk_ok[None, :], absmax_per_expert,
-                     scales_per_expert, DOUBLE_QUANT)
-    return words, am
-
-
-@triton.jit
-def _nf4_words_dot(acc, words, am, x_row_ptr, x_scale, k0, k_dim, lut, BLOCK_K: tl.constexpr):
-    """acc [BLOCK_N, BLOCK_K // 64, 8] (float32, one entry per code word) plus a `_nf4_words_tile`
-    times x, word by word, each word's sum scaled by its block's absmax (and x_scale) inside
-    `NF4_DOT_ASM`.
-
-    x is read as bf16 pairs (32-bit words, so x must be 4-byte aligned: the launcher sees to it)
-    and each code word meets its 4 pairs in `NF4_DOT_ASM`. x comes as four [NB, 8] loads (pair
-    0, 1, 2, 3 of every word), which Triton places directly in the layout the words use as long
-    as the tile has fewer elements than the program has threads (BLOCK_K // 8 < 32 * num_warps:
-    `gemv_config` keeps to it where it can). One [NB, 8, 4] load split in registers was laid out
-    otherwise and cost a round trip through shared memory and a barrier per K-step and expert
-    (compiled for sm_90 at 512-value steps and 4 warps, the down kernel held 18 barriers before,
-    1 after, its final reduction's). Not timed apart: with the configs swept since, the NF4 down
-    kernels of an H100 decode step went from 513 to 426 us (decode_nf4_2026-12-06_h100.json,
-    then _run1)."""
-    NB: tl.constexpr = BLOCK_K // 64
-    b = tl.arange(0, NB)
-    j = tl.arange(0, 8)
     pair = k0 // 2 + 32 * b[:, None] + 4 * j[None, :]  # [NB, 8]: x's first bf16 pair of each word
     xw = x_row_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + pair
-    x_ok = (k0 + 64 * b < k_dim)[:, None]
+    x_ok = blk_ok[:, None]
     x0 = tl.load(xw, mask=x_ok, other=0)
     x1 = tl.load(xw + 1, mask=x_ok, other=0)
     x2 = tl.load(xw + 2, mask=x_ok, other=0)
     x3 = tl.load(xw + 3, mask=x_ok, other=0)
+    blk = (rows.to(tl.int64) * k_dim + k0) // 64
+    am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
+                     blk[:, None] + b[None, :], row_ok[:, None] & blk_ok[None, :], absmax_per_expert,
+                     scales_per_expert, DOUBLE_QUANT)
     return tl.inline_asm_elementwise(NF4_DOT_ASM, "=r,r,r,r,r,r,r,r,r,r,r,r",
                                      [words, x0[None, :, :], x1[None, :, :], x2[None, :, :], x3[None, :, :],
                                       lut[0], lut[1], lut[2], lut[3], (am * x_scale)[:, :, None], acc],
@@ -561,96 +551,64 @@ def _gemv_acc(BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NF4: tl.constexpr, W
 
 
 @triton.jit
-def _gemv_tile(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert, rows, row_ok, k0,
-               k_dim, stride_wn, absmax_per_expert, scales_per_expert, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-               ROW_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr, NF4_ASM: tl.constexpr):
-    """The weights of one K-step, W[expert, rows, k0:k0 + BLOCK_K], as (values, absmax): a dense
-    [BLOCK_N, BLOCK_K] tile (absmax unused), or NF4 codes with the absmax of their blocks (see
-    `_gemv_rows`). Nothing here depends on x: a kernel may load its first tile before it waits
-    for the kernel before it (`wait_for_previous_kernel`), since no kernel writes weights."""
-    if NF4 and NF4_ASM and ROW_ALIGNED:
-        words, am = _nf4_words_tile(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
-                                    rows, row_ok, k0, k_dim, absmax_per_expert, scales_per_expert, DOUBLE_QUANT,
-                                    BLOCK_K)
-        return words, am
-    elif NF4:
-        b = tl.arange(0, BLOCK_K // 64)
-        j = tl.arange(0, 32)
-        # The mask per whole 64-block (or per byte), not per value, so it is constant over 16-byte runs.
-        if ROW_ALIGNED:
-            byte_ok = (k0 + 64 * b < k_dim)[:, None] & (j < 32)[None, :]
-        else:
-            byte_ok = (k0 // 2 + 32 * b[:, None] + j[None, :]) < k_dim // 2
-        mask = row_ok[:, None, None] & byte_ok[None, :, :]
-        # Byte offsets as row start + contiguous run (not flat // 2), so the compiler sees 16-byte runs.
-        row_start = (rows.to(tl.int64) * k_dim + k0) // 2
-        if ROW_ALIGNED:  # rows of whole 64-blocks: every row starts on a 32-byte boundary (16-byte loads)
-            row_start = tl.multiple_of(row_start, 16)
-        byte_off = row_start[:, None, None] + (32 * b[:, None] + j[None, :])[None, :, :]
-        byte = tl.load(w_ptr + byte_off, mask=mask, other=0)
-        if ROW_ALIGNED:  # each row is whole 64-blocks: one absmax per (row, b)
-            blk = (rows.to(tl.int64) * k_dim + k0) // 64
-            ok = row_ok[:, None] & (k0 + 64 * b < k_dim)[None, :]
-            am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
-                             blk[:, None] + b[None, :], ok, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
-        else:  # a block may straddle two rows: one absmax per byte
-            flat = rows.to(tl.int64)[:, None, None] * k_dim + (k0 + 64 * b[:, None] + 2 * j[None, :])[None, :, :]
-            am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
-                             flat // 64, mask, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
-        return byte, am
-    else:
-        ks = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_wn + ks[None, :],
-                    mask=row_ok[:, None] & (ks < k_dim)[None, :], other=0.0)
-        return w, 0.0
-
-
-@triton.jit
-def _gemv_step(acc, w, am, nf4_code_ptr, x_row_ptr, x_scale, k0, k_dim, lut, NF4: tl.constexpr,
-               ROW_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr, NF4_ASM: tl.constexpr):
-    """acc plus a `_gemv_tile` (w, am) of K-step k0 times (x_scale * x[k0:k0 + BLOCK_K]), elementwise."""
-    if NF4 and NF4_ASM and ROW_ALIGNED:
-        acc = _nf4_words_dot(acc, w, am, x_row_ptr, x_scale, k0, k_dim, lut, BLOCK_K)
-    elif NF4:
-        b = tl.arange(0, BLOCK_K // 64)
-        j = tl.arange(0, 32)
-        col = k0 + 64 * b[:, None] + 2 * j[None, :]                     # [NB, 32] even columns
-        col_ok = col < k_dim
-        x_even = tl.load(x_row_ptr + col, mask=col_ok, other=0.0).to(tl.float32) * x_scale
-        x_odd = tl.load(x_row_ptr + col + 1, mask=col_ok, other=0.0).to(tl.float32) * x_scale
-        hi, lo = _nf4_levels(w, nf4_code_ptr, NF4_ASM)
-        pair_sum = hi * x_even[None, :, :] + lo * x_odd[None, :, :]
-        if ROW_ALIGNED:
-            acc += pair_sum * am[:, :, None]
-        else:
-            acc += pair_sum * am
-    else:
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_row_ptr + ks, mask=ks < k_dim, other=0.0).to(tl.float32) * x_scale
-        acc += w.to(tl.float32) * x[None, :]
-    return acc
-
-
-@triton.jit
 def _gemv_rows(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
                x_row_ptr, x_scale, expert, rows, row_ok, k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert,
                lut, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr,
                NF4_ASM: tl.constexpr):
     """acc + W[expert, rows, k0:k0 + BLOCK_K] * (x_scale * x[k0:k0 + BLOCK_K]) elementwise, in fp32, not yet
-    summed (the caller sums the accumulator once at the end: one FMA per weight): `_gemv_tile`, then `_gemv_step`.
+    summed (the caller sums the accumulator once at the end: one FMA per weight).
 
     Dense: a [BLOCK_N, BLOCK_K] tile, contiguous along K (16-byte loads). NF4: a [BLOCK_N,
     BLOCK_K // 64, 32] tile of code bytes (byte j of NF4 block b holds values 64b + 2j and
     64b + 2j + 1), so one block absmax per (row, b) broadcasts over its 32 bytes; the two
     nibbles are looked up in the 16-entry code book and paired with the even and odd x.
 
-    NF4 on CUDA with rows of whole 64-blocks (`_nf4_words_tile`, `_nf4_words_dot`): a [BLOCK_N,
-    BLOCK_K // 64, 8] tile of 32-bit code words, each multiplied by its 8 values of x in one piece of PTX."""
-    w, am = _gemv_tile(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert, rows, row_ok,
-                       k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert, NF4, DOUBLE_QUANT, ROW_ALIGNED,
-                       BLOCK_K, NF4_ASM)
-    return _gemv_step(acc, w, am, nf4_code_ptr, x_row_ptr, x_scale, k0, k_dim, lut, NF4, ROW_ALIGNED, BLOCK_K,
-                      NF4_ASM)
+    NF4 on CUDA with rows of whole 64-blocks (`_nf4_words`): a [BLOCK_N, BLOCK_K // 64, 8] tile
+    of 32-bit code words, each multiplied by its 8 values of x in one piece of PTX."""
+    if NF4 and NF4_ASM and ROW_ALIGNED:
+        acc = _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, x_row_ptr, x_scale,
+                          expert, rows, row_ok, k0, k_dim, absmax_per_expert, scales_per_expert, lut, DOUBLE_QUANT,
+                          BLOCK_K)
+    elif NF4:
+        b = tl.arange(0, BLOCK_K // 64)
+        j = tl.arange(0, 32)
+        col = k0 + 64 * b[:, None] + 2 * j[None, :]                     # [NB, 32] even columns
+        col_ok = col < k_dim
+        # The mask per whole 64-block (or per byte), not per value, so it is constant over 16-byte runs.
+        if ROW_ALIGNED:
+            byte_ok = (k0 + 64 * b < k_dim)[:, None] & (j < 32)[None, :]
+        else:
+            byte_ok = (k0 // 2 + 32 * b[:, None] + j[None, :]) < k_dim // 2
+        mask = row_ok[:, None, None] & byte_ok[None, :, :]
+        flat = rows.to(tl.int64)[:, None, None] * k_dim + col[None, :, :]  # flat value index (even)
+        # Byte offsets as row start + contiguous run (not flat // 2), so the compiler sees 16-byte runs.
+        row_start = (rows.to(tl.int64) * k_dim + k0) // 2
+        if ROW_ALIGNED:  # rows of whole 64-blocks: every row starts on a 32-byte boundary (16-byte loads)
+            row_start = tl.multiple_of(row_start, 16)
+        byte_off = row_start[:, None, None] + (32 * b[:, None] + j[None, :])[None, :, :]
+        byte = tl.load(w_ptr + byte_off, mask=mask, other=0)
+        x_even = tl.load(x_row_ptr + col, mask=col_ok, other=0.0).to(tl.float32) * x_scale
+        x_odd = tl.load(x_row_ptr + col + 1, mask=col_ok, other=0.0).to(tl.float32) * x_scale
+        hi, lo = _nf4_levels(byte, nf4_code_ptr, NF4_ASM)
+        pair_sum = hi * x_even[None, :, :] + lo * x_odd[None, :, :]
+        if ROW_ALIGNED:  # each row is whole 64-blocks: one absmax per (row, b)
+            blk = (rows.to(tl.int64) * k_dim + k0) // 64
+            ok = row_ok[:, None] & (k0 + 64 * b < k_dim)[None, :]
+            am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
+                             blk[:, None] + b[None, :], ok, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
+            acc += pair_sum * am[:, :, None]
+        else:
+            am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
+                             flat // 64, mask, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
+            acc += pair_sum * am
+    else:
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < k_dim
+        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_wn + ks[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_row_ptr + ks, mask=k_ok, other=0.0).to(tl.float32) * x_scale
+        acc += w.to(tl.float32) * x[None, :]
+    return acc
 
 
 @triton.jit
@@ -736,17 +694,6 @@ def _gemv_gate_up_kernel(
 
 
 @triton.jit
-def _down_pair(ids_ptr, token, k, n, n_ok, num_experts, TOP_K: tl.constexpr):
-    """Pair token * TOP_K + k of the down kernel: (pair, its expert (0 if the id is outside [0, E)),
-    the rows it adds to: none for such an id)."""
-    pair = token.to(tl.int64) * TOP_K + k
-    expert = tl.load(ids_ptr + pair).to(tl.int32)
-    valid = (expert >= 0) & (expert < num_experts)
-    row_ok = n_ok & ((expert + 0 * n) >= 0) & ((expert + 0 * n) < num_experts)  # the interpreter needs tensors
-    return pair, tl.where(valid, expert, 0), row_ok
-
-
-@triton.jit
 def _gemv_down_kernel(
     act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_w_ptr, shared_gate_ptr,
     absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
@@ -756,8 +703,7 @@ def _gemv_down_kernel(
     absmax_per_expert, scales_per_expert,
     TOP_K: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     NF4_ASM: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PIPELINE: tl.constexpr, SHARED_BLOCK_K: tl.constexpr = 0, PREFETCH: tl.constexpr = False,
-    USE_PDL: tl.constexpr = False,
+    PIPELINE: tl.constexpr, SHARED_BLOCK_K: tl.constexpr = 0, USE_PDL: tl.constexpr = False,
 ):
     """Decode down with the top-k sum folded in, one program per (token, N-tile):
     out[t, n] = sum_k route_w[t, k] * (W_down[ids[t, k]] @ act[t * K + k])[n], FMAs in fp32 and
@@ -769,12 +715,8 @@ def _gemv_down_kernel(
     expert behind its gate, into the same sum: act_shared[t] is the shared_k values from act
     row shared_act_row + t * C on (the gate_up kernel's C chunks of token t, contiguous); in NF4
     with NF4 experts (its absmax from the shared_absmax* pointers), in K-steps of SHARED_BLOCK_K
-    (0: BLOCK_K) values.
-
-    PREFETCH loads the first K-step's weights (every top-k expert's, and the shared expert's)
-    before waiting for the kernel before (gate_up, whose act this kernel reads): with PDL they
-    come from memory while gate_up finishes. The ids are safe to read then: they come from the
-    router, which finished before gate_up passed its own wait and let this kernel start."""
+    (0: BLOCK_K) values."""
+    wait_for_previous_kernel(USE_PDL)
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_out, BLOCK_N)
     token = pid // n_tiles
@@ -782,29 +724,13 @@ def _gemv_down_kernel(
     n_ok = n < n_out
     lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED)
     acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
-    SK: tl.constexpr = SHARED_BLOCK_K if SHARED_BLOCK_K > 0 else BLOCK_K
-    if PREFETCH:
-        tiles = ()
-        for k in tl.static_range(TOP_K):
-            pair, expert, row_ok = _down_pair(ids_ptr, token, k, n, n_ok, num_experts, TOP_K)
-            tiles = tiles + (_gemv_tile(w_ptr + expert.to(tl.int64) * stride_we, absmax_ptr, absmax_code_ptr,
-                                        absmax_scale_ptr, absmax_offset_ptr, expert, n, row_ok, 0, k_dim, stride_wn,
-                                        absmax_per_expert, scales_per_expert, NF4, DOUBLE_QUANT, ROW_ALIGNED,
-                                        BLOCK_K, NF4_ASM),)
-        if HAS_SHARED:
-            shared_tile = _gemv_tile(shared_w_ptr, shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr,
-                                     shared_absmax_offset_ptr, 0, n, n_ok, 0, shared_k, stride_swn, 0, 0, NF4,
-                                     DOUBLE_QUANT, ROW_ALIGNED, SK, NF4_ASM)
-    wait_for_previous_kernel(USE_PDL)
-    if PREFETCH:
-        for k in tl.static_range(TOP_K):
-            pair = token.to(tl.int64) * TOP_K + k
-            route_w = tl.load(route_w_ptr + pair).to(out_ptr.dtype.element_ty).to(tl.float32)
-            acc = _gemv_step(acc, tiles[k][0], tiles[k][1], nf4_code_ptr, act_ptr + pair * stride_am, route_w, 0,
-                             k_dim, lut, NF4, ROW_ALIGNED, BLOCK_K, NF4_ASM)
-    for k0 in tl.range(BLOCK_K if PREFETCH else 0, k_dim, BLOCK_K, num_stages=PIPELINE):
+    for k0 in tl.range(0, k_dim, BLOCK_K, num_stages=PIPELINE):
         for k in tl.static_range(TOP_K):  # the top-k experts' loads of one K-step are independent
-            pair, expert, row_ok = _down_pair(ids_ptr, token, k, n, n_ok, num_experts, TOP_K)
+            pair = token.to(tl.int64) * TOP_K + k
+            expert = tl.load(ids_ptr + pair).to(tl.int32)
+            valid = (expert >= 0) & (expert < num_experts)
+            row_ok = n_ok & ((expert + 0 * n) >= 0) & ((expert + 0 * n) < num_experts)  # the interpreter needs tensors
+            expert = tl.where(valid, expert, 0)
             route_w = tl.load(route_w_ptr + pair).to(out_ptr.dtype.element_ty).to(tl.float32)
             acc = _gemv_rows(acc, w_ptr + expert.to(tl.int64) * stride_we, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
                               absmax_offset_ptr, nf4_code_ptr, act_ptr + pair * stride_am, route_w, expert, n, row_ok,
@@ -814,11 +740,9 @@ def _gemv_down_kernel(
     if HAS_SHARED:
         gate = tl.sigmoid(tl.load(shared_gate_ptr + token.to(tl.int64) * stride_sg).to(tl.float32))
         shared_row = act_ptr + (shared_act_row + token.to(tl.int64) * shared_chunks) * stride_am
+        SK: tl.constexpr = SHARED_BLOCK_K if SHARED_BLOCK_K > 0 else BLOCK_K
         acc_s = _gemv_acc(BLOCK_N, SK, NF4, NF4_ASM and ROW_ALIGNED)
-        if PREFETCH:
-            acc_s = _gemv_step(acc_s, shared_tile[0], shared_tile[1], nf4_code_ptr, shared_row, gate, 0, shared_k, lut,
-                               NF4, ROW_ALIGNED, SK, NF4_ASM)
-        for k0 in tl.range(SK if PREFETCH else 0, shared_k, SK, num_stages=PIPELINE):  # expert 0 of shared_w
+        for k0 in tl.range(0, shared_k, SK, num_stages=PIPELINE):  # one expert: expert 0 of shared_w
             acc_s = _gemv_rows(acc_s, shared_w_ptr, shared_absmax_ptr, shared_absmax_code_ptr,
                                 shared_absmax_scale_ptr, shared_absmax_offset_ptr, nf4_code_ptr, shared_row, gate, 0,
                                 n, n_ok, k0, shared_k, stride_swn, 0, 0, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, SK,
@@ -1002,13 +926,13 @@ NF4_DENSE_FROM_PAIRS = 1024
 
 
 def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool, num_sms: int = 132,
-                shared: bool = False, k_dim: int = 0, shared_k: int = 0) -> dict:
+                shared: bool = False) -> dict:
     """N-tile, K-step, warps and pipeline depth of one ungrouped decode kernel (`num_rows`: its
     pairs for gate_up, its tokens for down).
 
-    Each program streams 8 weight rows (gate_up: 8 gate and 8 up rows; down: 8 rows of each of
-    the top-k experts) in K-steps of BLOCK_K values, one FMA per weight into a [8, BLOCK_K] fp32
-    accumulator summed once at the end. A GEMV has no reuse to hide memory latency behind, so
+    Each program streams BLOCK_N weight rows, 8 but where said below (gate_up: 8 gate and 8 up
+    rows; down: 8 rows of each of the top-k experts) in K-steps of BLOCK_K values, one FMA per
+    weight into a [BLOCK_N, BLOCK_K] fp32 accumulator summed once at the end. A GEMV has no reuse to hide memory latency behind, so
     what sets its speed is how many bytes are in flight: PIPELINE > 1 has Triton prefetch the
     next K-steps' weights into shared memory (cp.async) while this one is multiplied. Chosen
     from a sweep on an H200 (benchmarks/results/sweep_experts_2026-11-29_h200.json): bf16 at
@@ -1019,18 +943,21 @@ def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool,
     whole layer at one token). The NF4 word path (`_nf4_words`) was swept on an H100, each
     kernel alone (benchmarks/results/sweep_nf4_gemv_2026-12-06_h100.json): no prefetching,
     512-value steps, and for down at one token 8 warps (1,024-value steps over the shared
-    expert's rows, `k_dim`, `shared_k`): at one token, against the previous configs on the same
+    expert's rows): at one token, against the previous configs on the same
     code, gate_up 15.3 -> 11.4 us and down 7.9 -> 7.2 us (routed), 15.9 -> 11.6 and 9.2 -> 7.1 us
-    (shared expert). Under the interpreter: one wide program per row."""
+    (shared expert). NF4 down at one token then went to 16 rows per program on 32 warps (one
+    program per SM), each of its rows in 2,048-value steps (1,408 of the routed experts' in one,
+    the shared expert's 5,632 in three): the layer at one token 20.7 -> 19.0 us, the batch-1 decode
+    step +2.6 % (benchmarks/results/sweep_nf4_wide_2026-12-06_h100.json; wider gate_up programs were
+    all slower). Under the interpreter: one wide program per row."""
     if not on_gpu:
         return dict(BLOCK_N=min(64, triton.next_power_of_2(n_out)), BLOCK_K=128, num_warps=4, PIPELINE=1)
-    if nf4:  # the NF4 word path, from an H100 sweep of each kernel alone (sweep_nf4_gemv_2026-12-06_h100)
+    if nf4:  # the NF4 word path, from H100 sweeps (sweep_nf4_gemv_2026-12-06_h100, sweep_nf4_wide_2026-12-06_h100)
         if gated:
             return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, PIPELINE=1)
-        if num_rows == 1:  # one token: 8 warps; long rows (the shared expert's 5,632) in 1,024-value steps
-            long_k = lambda k: 1024 if k >= 4096 else 512  # noqa: E731
-            cfg = dict(BLOCK_N=8, BLOCK_K=long_k(k_dim), num_warps=8, PIPELINE=1)
-            return {**cfg, "SHARED_BLOCK_K": long_k(shared_k)} if shared else cfg
+        if num_rows == 1:  # one token: one program per SM, long K-steps (the whole routed row)
+            cfg = dict(BLOCK_N=16, BLOCK_K=2048, num_warps=32, PIPELINE=1)
+            return {**cfg, "SHARED_BLOCK_K": 2048} if shared else cfg
         return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, PIPELINE=1)
     return dict(BLOCK_N=8, BLOCK_K=512 if shared and not gated else 256, num_warps=2 if gated else 4, PIPELINE=3)
 
@@ -1156,8 +1083,7 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
         **launch_args(hidden, late=True))  # down's programs would squat beside this kernel's
 
     cfg = _whole_nf4_blocks({**gemv_config(num_tokens, hidden_dim, False, _is_nf4(down), on_gpu, sms,
-                                           shared=shared is not None, k_dim=inter, shared_k=shared_inter),
-                             **(config or {})}, down)
+                                           shared=shared is not None), **(config or {})}, down)
     ptrs, strides, flags = _weight_args(down, num_experts)
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "down")
     _gemv_down_kernel[(num_tokens * triton.cdiv(hidden_dim, cfg["BLOCK_N"]),)](

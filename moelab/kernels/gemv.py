@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .experts import _gemv_acc, _gemv_acc_sum, _gemv_rows, _gemv_step, _gemv_tile, _is_nf4, _nf4_lut, _weight_args, _whole_nf4_blocks
+from .experts import _gemv_acc, _gemv_acc_sum, _gemv_rows, _is_nf4, _nf4_lut, _weight_args, _whole_nf4_blocks
 from .pdl import launch_args, let_next_kernel_start, wait_for_previous_kernel
 
 MAX_TOKENS = 4  # above this a GEMM reads W once for all tokens, and cuBLAS wins
@@ -29,12 +29,10 @@ def _linear_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, absmax_ptr, absmax_code
                         absmax_offset_ptr, nf4_code_ptr, n_out, k_dim, stride_xm, stride_wn, stride_om,
                         HAS_BIAS: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                         ROW_ALIGNED: tl.constexpr, NF4_ASM: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr, PREFETCH: tl.constexpr = False,
-                        USE_PDL: tl.constexpr = False):
+                        BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr, USE_PDL: tl.constexpr = False):
     """out[t, n] = sum_k x[t, k] * W[n, k] (+ bias[n]), program (t, N-tile). W dense (the NF4
-    pointers unused) or NF4 (one expert: expert index 0, no per-expert absmax strides).
-    PREFETCH loads the first K-step of W before waiting for the kernel before (which writes x,
-    never W): with PDL it comes from memory while that kernel finishes."""
+    pointers unused) or NF4 (one expert: expert index 0, no per-expert absmax strides)."""
+    wait_for_previous_kernel(USE_PDL)
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_out, BLOCK_N)
     token = pid // n_tiles
@@ -43,13 +41,7 @@ def _linear_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, absmax_ptr, absmax_code
     x_row = x_ptr + token.to(tl.int64) * stride_xm
     acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
     lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED)
-    if PREFETCH:
-        w0, am0 = _gemv_tile(w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, 0, n, n_ok, 0,
-                             k_dim, stride_wn, 0, 0, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
-    wait_for_previous_kernel(USE_PDL)
-    if PREFETCH:
-        acc = _gemv_step(acc, w0, am0, nf4_code_ptr, x_row, 1.0, 0, k_dim, lut, NF4, ROW_ALIGNED, BLOCK_K, NF4_ASM)
-    for k0 in tl.range(BLOCK_K if PREFETCH else 0, k_dim, BLOCK_K, num_stages=PIPELINE):
+    for k0 in tl.range(0, k_dim, BLOCK_K, num_stages=PIPELINE):
         acc = _gemv_rows(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
                          x_row, 1.0, 0, n, n_ok, k0, k_dim, stride_wn, 0, 0, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED,
                          BLOCK_K, NF4_ASM)
