@@ -9,11 +9,9 @@ routed rows, 1,024 for the shared expert's), alternating on one machine:
 import json
 import os
 
-import torch
-
 import moelab.bench as B
 import moelab.kernels.experts as EK
-import moelab.models as M
+from tuning_common import build_models_once
 
 OUT = os.environ.get("OUT", "/tmp")
 PACKAGE = EK.gemv_config
@@ -27,20 +25,7 @@ def before(num_rows, n_out, gated, nf4, on_gpu, num_sms=132, shared=False):
     return c
 
 
-orig_load, cache = M.load, {}
-
-
-def load(name, **kw):
-    """moelab.models.load, built once per quantization (bench_decode loads on every call)."""
-    key = (name, kw.get("quantize"))
-    if key not in cache:
-        cache.clear()
-        torch.cuda.empty_cache()
-        cache[key] = orig_load(name, **kw)
-    return cache[key]
-
-
-M.load = load
+build_models_once()
 res = {"card": B.card_name(), "versions": B.versions(), "experts": [], "decode": []}
 for rep in range(3):
     for variant in ("before", "package"):

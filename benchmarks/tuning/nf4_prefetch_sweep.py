@@ -27,11 +27,9 @@ import torch
 import moelab.bench as B
 import moelab.kernels.experts as EK
 import moelab.kernels.gemv as G
-import moelab.models as M
 from moelab.kernels.experts import fused_experts_forward
-from moelab.models import preset_config
-from moelab.quant import NF4Experts, quantize_nf4
-from moelab.routing import route
+from moelab.quant import quantize_nf4
+from tuning_common import build_models_once, routed_layer_at_one_token
 
 OUT = os.environ.get("OUT", "/tmp")
 torch.manual_seed(0)
@@ -79,17 +77,7 @@ def unpatch():
 
 
 # ---- 1. the routed-experts layer at one token
-config = preset_config("qwen1.5-moe-a2.7b")
-from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts  # noqa: E402
-
-experts = Qwen2MoeExperts(config).to(dev, dt)
-with torch.no_grad():
-    experts.gate_up_proj.normal_(0, 0.02)
-    experts.down_proj.normal_(0, 0.02)
-nf4 = NF4Experts.from_experts(experts, backend="torch").to(dev)
-x = torch.randn(1, config.hidden_size, device=dev, dtype=dt)
-inputs = [route(torch.randn(1, config.num_experts, device=dev), config.num_experts_per_tok) for _ in range(8)]
-inputs = [(w.to(dt), ids.to(torch.int64)) for w, ids in inputs]
+experts, nf4, x, inputs = routed_layer_at_one_token()
 refs = {}
 
 
@@ -167,19 +155,7 @@ best_lin = json.loads(min(tot, key=tot.get))
 print("best nf4 linear", best_lin, tot[json.dumps(best_lin)], "package", tot["null"], flush=True)
 
 # ---- 3. the decode step at batch 1, alternating
-orig_load, cache = M.load, {}
-
-
-def load(name, **kw):
-    key = (name, kw.get("quantize"))
-    if key not in cache:
-        cache.clear()
-        torch.cuda.empty_cache()
-        cache[key] = orig_load(name, **kw)
-    return cache[key]
-
-
-M.load = load
+build_models_once()
 PF = {"PREFETCH": True}
 variants = {"package": {}, "prefetch": dict(down=PF, linear=PF), "prefetch_best": dict(down=best_down, linear=best_lin)}
 res["decode_variants"] = variants

@@ -34,11 +34,9 @@ import torch
 import moelab.bench as B
 import moelab.kernels.experts as EK
 import moelab.kernels.gemv as G
-import moelab.models as M
 from moelab.kernels.experts import fused_experts_forward
-from moelab.models import preset_config
-from moelab.quant import NF4Experts, quantize_nf4
-from moelab.routing import route
+from moelab.quant import quantize_nf4
+from tuning_common import build_models_once, routed_layer_at_one_token
 
 OUT = os.environ.get("OUT", "/tmp")
 torch.manual_seed(0)
@@ -78,17 +76,7 @@ def patch(gate=None, down=None, shared_bk=None, linear=None):
 
 
 # ---- 1. the routed-experts layer at one token
-config = preset_config("qwen1.5-moe-a2.7b")
-from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts  # noqa: E402
-
-experts = Qwen2MoeExperts(config).to(dev, dt)
-with torch.no_grad():
-    experts.gate_up_proj.normal_(0, 0.02)
-    experts.down_proj.normal_(0, 0.02)
-nf4 = NF4Experts.from_experts(experts, backend="torch").to(dev)
-x = torch.randn(1, config.hidden_size, device=dev, dtype=dt)
-inputs = [route(torch.randn(1, config.num_experts, device=dev), config.num_experts_per_tok) for _ in range(8)]
-inputs = [(w.to(dt), ids.to(torch.int64)) for w, ids in inputs]
+experts, nf4, x, inputs = routed_layer_at_one_token()
 
 
 def layer_us(layer, **over):
@@ -177,19 +165,7 @@ best_lin = min(lin_tot, key=lin_tot.get)
 print("best linear", best_lin, lin_tot[best_lin], "package", lin_tot.get(None), flush=True)
 
 # ---- 3. the decode step at batch 1, package vs the best configs, alternating
-orig_load, cache = M.load, {}
-
-
-def load(name, **kw):
-    key = (name, kw.get("quantize"))
-    if key not in cache:
-        cache.clear()
-        torch.cuda.empty_cache()
-        cache[key] = orig_load(name, **kw)
-    return cache[key]
-
-
-M.load = load
+build_models_once()
 variants = {"package": {}, "wide": dict(gate=best_gate, down=best_down, linear=best_lin)}
 res["decode_variants"] = {k: {kk: vv for kk, vv in v.items()} for k, v in variants.items()}
 for quant, names in (("nf4", ["package", "wide", "package", "wide"]), (None, ["package"])):

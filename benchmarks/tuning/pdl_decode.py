@@ -9,26 +9,11 @@ import json
 import os
 import sys
 
-import torch
-
 import moelab.bench as B
-import moelab.models as M
 from moelab.kernels import pdl
+from tuning_common import build_models_once
 
-orig, cache = M.load, {}
-
-
-def load(name, **kw):
-    """moelab.models.load, built once per (model, quantization): bench_decode calls it on every run."""
-    key = (name, kw.get("quantize"))
-    if key not in cache:
-        cache.clear()
-        torch.cuda.empty_cache()
-        cache[key] = orig(name, **kw)
-    return cache[key]
-
-
-M.load = load
+build_models_once()
 OUT = os.environ.get("OUT", "/tmp")
 runs = []
 compare_next = sys.argv[1:] == ["next"]

@@ -1,0 +1,42 @@
+"""Pieces the GPU tuning scripts share (imported from beside them: `python benchmarks/tuning/<script>.py`
+puts this folder on the path)."""
+import torch
+
+import moelab.models as M
+from moelab.models import preset_config
+from moelab.quant import NF4Experts
+from moelab.routing import route
+
+
+def build_models_once():
+    """Make `moelab.models.load` build each (model, quantization) once and keep only the latest:
+    `bench_decode` loads the model on every call, and a script alternating variants calls it often."""
+    orig_load, cache = M.load, {}
+
+    def load(name, **kw):
+        key = (name, kw.get("quantize"))
+        if key not in cache:
+            cache.clear()
+            torch.cuda.empty_cache()
+            cache[key] = orig_load(name, **kw)
+        return cache[key]
+
+    M.load = load
+
+
+def routed_layer_at_one_token(routings: int = 8, dtype=torch.bfloat16):
+    """One routed-experts layer of Qwen1.5-MoE-A2.7B on CUDA as `bench experts` builds it (random
+    bf16 weights, N(0, 0.02)) and its NF4 copy, one token x and `routings` random routings:
+    (experts, nf4, x, [(weights, ids)])."""
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
+
+    config = preset_config("qwen1.5-moe-a2.7b")
+    experts = Qwen2MoeExperts(config).to("cuda", dtype)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.02)
+        experts.down_proj.normal_(0, 0.02)
+    nf4 = NF4Experts.from_experts(experts, backend="torch").to("cuda")
+    x = torch.randn(1, config.hidden_size, device="cuda", dtype=dtype)
+    inputs = [route(torch.randn(1, config.num_experts, device="cuda"), config.num_experts_per_tok)
+              for _ in range(routings)]
+    return experts, nf4, x, [(w.to(dtype), ids.to(torch.int64)) for w, ids in inputs]
