@@ -930,10 +930,10 @@ def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool,
     """N-tile, K-step, warps and pipeline depth of one ungrouped decode kernel (`num_rows`: its
     pairs for gate_up, its tokens for down).
 
-    Each program streams BLOCK_N weight rows, 8 but where said below (gate_up: 8 gate and 8 up
-    rows; down: 8 rows of each of the top-k experts) in K-steps of BLOCK_K values, one FMA per
-    weight into a [BLOCK_N, BLOCK_K] fp32 accumulator summed once at the end. A GEMV has no reuse to hide memory latency behind, so
-    what sets its speed is how many bytes are in flight: PIPELINE > 1 has Triton prefetch the
+    Each program streams BLOCK_N weight rows (8, except NF4 down at one token: 16; gate_up takes
+    BLOCK_N gate and BLOCK_N up rows, down BLOCK_N rows of each of the top-k experts) in K-steps of
+    BLOCK_K values, one FMA per weight into a [BLOCK_N, BLOCK_K] fp32 accumulator summed once at
+    the end. A GEMV has no reuse to hide memory latency behind, so what sets its speed is how many bytes are in flight: PIPELINE > 1 has Triton prefetch the
     next K-steps' weights into shared memory (cp.async) while this one is multiplied. Chosen
     from a sweep on an H200 (benchmarks/results/sweep_experts_2026-11-29_h200.json): bf16 at
     1 token 27.3 -> ~22 us with 256-value K-steps, three stages; NF4 codes (4x fewer bytes per
