@@ -728,7 +728,7 @@ def test_nf4_bf16_pair_lookup_gives_the_bf16_code_book_in_x_order():
     position: register i holds bf16(level) of value 2i (byte i's high nibble) in its low half and
     of value 2i + 1 (its low nibble) in its high half, bit for bit; and the 4 table words the
     kernels load into registers are the ones the immediates spell."""
-    from moelab.kernels.experts import _nf4_bf16_pair_lines, _nf4_code, nf4_bf16_tables
+    from moelab.kernels.experts import NF4_PAIRS_AT, _nf4_bf16_pair_lines, _nf4_code, nf4_bf16_tables, nf4_pair_table
     from moelab.quant import NF4_CODE
 
     lines = [".reg .b32 m, m1, s, s1, ta, tb, l0, l1, h0, h1;"] + _nf4_bf16_pair_lines("$4", ("$0", "$1", "$2", "$3"))
@@ -744,7 +744,9 @@ def test_nf4_bf16_pair_lookup_gives_the_bf16_code_book_in_x_order():
             assert out[i] == bf16[byte >> 4] | bf16[byte & 15] << 16, (hex(word), i)
     low, high = nf4_bf16_tables()
     loaded = [w & 0xFFFFFFFF for w in _nf4_code(torch.device("cpu"))[16:].view(torch.int32).tolist()]
-    assert loaded == [low[0], low[2], high[0], high[2]] * 32  # one copy per lane
+    assert loaded[:128] == [low[0], low[2], high[0], high[2]] * 32  # one copy per lane
+    assert loaded[128:] == nf4_pair_table()  # then the shared-memory variant's 256 pairs (NF4_PAIRS_AT)
+    assert NF4_PAIRS_AT == 16 + 128
 
 
 @pytest.mark.parametrize("inter, shared_inter, folds, shared_block_k", [(64, 128, True, 0), (96, 160, True, 0),
@@ -806,3 +808,91 @@ def test_nf4_shared_expert_through_the_decode_kernels_equals_the_modules():
     with pytest.raises(ValueError, match="one logit per token"):
         nf4_shared_expert(x, mlp.shared_expert._moelab_nf4_gate_up.weight,
                           linear4bit_nf4(mlp.shared_expert.down_proj), logit[:1])
+
+
+def _run_lanes(asm: str, num_warps: int, inputs, shared: dict, base: int = 0x1000) -> list[list[int]]:
+    """Runs straight-line PTX on every lane of a program in lock step (the few ops of the NF4
+    table fill and look-up: mov from %laneid / %tid.x / the table symbol, shl, shr, add, and,
+    mul.lo, mad.lo, prmt, shfl.sync.idx, st.shared, ld.shared, bar.sync). inputs(warp, lane)
+    gives each lane's $-operands from $1 on (a dict); `shared` is the shared memory (address ->
+    word). Returns $0 of every lane, per warp."""
+    mask = 0xFFFFFFFF
+    lines = [ln.strip() for ln in asm.replace("{", "").replace("}", "").split(";")]
+    lines = [ln for ln in lines if ln and not ln.startswith(".reg")]
+    regs = [[dict(inputs(w, lane), **{"%laneid": lane, "%tid.x": 32 * w + lane, "moelab_nf4_pairs": base})
+             for lane in range(32)] for w in range(num_warps)]
+
+    def val(r, a):
+        return r[a] if a in r else int(a, 0)
+
+    for line in lines:
+        op, args = line.split(None, 1) if " " in line else (line, "")
+        if op == "bar.sync":
+            continue
+        if op.startswith("st.shared"):
+            addr, src = [a.strip() for a in args.split(",")]
+            reg, off = (addr.strip("[]").split("+") + ["0"])[:2]
+            for warp in regs:
+                for r in warp:
+                    shared[val(r, reg) + int(off)] = val(r, src)
+            continue
+        dst, *src = [a.strip() for a in args.split(",")]
+        for warp in regs:
+            if op.startswith("shfl"):
+                new = [warp[val(r, src[1])][src[0]] for r in warp]
+                for r, v in zip(warp, new):
+                    r[dst] = v
+                continue
+            for r in warp:
+                if op.startswith("ld.shared"):
+                    r[dst] = shared[val(r, src[0].strip("[]"))]
+                elif op == "mov.u32":
+                    r[dst] = val(r, src[0])
+                elif op == "mad.lo.u32":
+                    r[dst] = (val(r, src[0]) * val(r, src[1]) + val(r, src[2])) & mask
+                elif op == "prmt.b32":
+                    pool = val(r, src[0]) | val(r, src[1]) << 32
+                    sel = val(r, src[2])
+                    r[dst] = sum((pool >> 8 * (sel >> 4 * i & 7) & 0xFF) << 8 * i for i in range(4))
+                else:
+                    f = {"shl.b32": lambda a, b: a << b, "shr.u32": lambda a, b: a >> b, "add.u32": lambda a, b: a + b,
+                         "and.b32": lambda a, b: a & b, "mul.lo.u32": lambda a, b: a * b}[op]
+                    r[dst] = f(val(r, src[0]), val(r, src[1])) & mask
+    return [[r["$0"] for r in warp] for warp in regs]
+
+
+@pytest.mark.parametrize("num_warps", [2, 4, 8, 16, 32])
+def test_nf4_shared_memory_table_fill_and_lookup(num_warps):
+    """The NF4 GEMVs' shared-memory variant (`MOELAB_NF4_SMEM=1`), run lane by lane: the fill
+    (`_nf4_table_fill_asm`, each warp's lanes holding their share of `nf4_pair_table` as
+    `_nf4_lut` loads it) leaves entry e of lane l at word 32 e + l for all 256 entries and 32
+    lanes, returns each lane's own address, and the look-up lines of `NF4_DOT_SMEM_ASM` then
+    give, for every byte value in every position of a code word, the bf16 level pair of
+    `_nf4_bf16_pair_lines` (high nibble in the low half)."""
+    from moelab.kernels.experts import _nf4_dot_smem_asm, _nf4_table_fill_asm, nf4_pair_table
+    from moelab.quant import NF4_CODE
+
+    table, base, shared = nf4_pair_table(), 0x1000, {}
+    bf16 = [v & 0xFFFF for v in NF4_CODE.to(torch.bfloat16).view(torch.int16).tolist()]
+    assert table == [bf16[b >> 4] | bf16[b & 15] << 16 for b in range(256)]
+    per_warp = 256 // num_warps
+    regs = max(1, per_warp // 32)
+
+    def inputs(w, lane):  # what `_nf4_lut` loads: entry w * per_warp + lane % per_warp + 32 j into $(1 + j)
+        return {f"${1 + j}": table[w * per_warp + lane % per_warp + 32 * j] for j in range(regs)}
+
+    addrs = _run_lanes(_nf4_table_fill_asm(num_warps), num_warps, inputs, shared, base)
+    assert all(addrs[w][lane] == base + 4 * lane for w in range(num_warps) for lane in range(32))
+    assert shared == {base + 4 * (32 * e + lane): table[e] for e in range(256) for lane in range(32)}
+
+    lookup = ";".join(_nf4_dot_smem_asm().replace("{", "").replace("}", "").split(";")[2:14]).replace("p3", "$0")
+    rng = random.Random(3)
+    for b in range(256):
+        word = [b, rng.randrange(256), rng.randrange(256), 255 - b]
+        packed = sum(v << 8 * i for i, v in enumerate(word))
+        out = _run_lanes(lookup, 1, lambda w, lane: {"$1": packed, "$6": base + 4 * lane}, shared, base)[0]
+        assert out == [table[word[3]]] * 32
+        for i in range(3):
+            got = _run_lanes(lookup.replace("$0", "p3").replace(f"p{i}, [q]", f"$0, [q]"), 1,
+                             lambda w, lane: {"$1": packed, "$6": base + 4 * lane}, shared, base)[0]
+            assert got == [table[word[i]]] * 32

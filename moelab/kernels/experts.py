@@ -70,6 +70,7 @@ next K-steps' weights are copied into shared memory while this one is multiplied
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -294,14 +295,112 @@ def _nf4_dot_asm() -> str:
 NF4_DOT_ASM = tl.constexpr(_nf4_dot_asm())
 
 
+def nf4_pair_table() -> list[int]:
+    """The 256 bf16 level pairs a code byte decodes to, as 32-bit words: entry b holds the level of
+    its high nibble (value 2i) in the low half and of its low nibble (value 2i + 1) in the high
+    half, the order of x's bf16 pairs in memory."""
+    from ..quant import NF4_CODE
+
+    bits = [v & 0xFFFF for v in NF4_CODE.to(torch.bfloat16).view(torch.int16).tolist()]
+    return [bits[b >> 4] | bits[b & 15] << 16 for b in range(256)]
+
+
+NF4_PAIRS_AT = tl.constexpr(16 + 4 * 32)  # where `_nf4_code`'s buffer holds the pair table (in 32-bit words)
+NF4_TABLE_DECL = tl.constexpr(".shared .align 16 .b32 moelab_nf4_pairs[8192];\nmov.u32 $0, 0;")
+
+
+def _nf4_table_fill_asm(num_warps: int) -> str:
+    """PTX that fills the shared-memory pair table (`NF4_TABLE_DECL`: 256 entries, one copy per
+    lane, entry e of lane l at word 32 e + l, so a warp's 32 look-ups always hit 32 different
+    banks) and returns this lane's address in it. Warp w writes entries [w E, (w + 1) E), E = 256
+    / num_warps; its lanes hold them in $1.. (entry w E + 32 j + l in ${1 + j}), and each entry
+    reaches every lane by one `shfl` and is stored by one `st.shared`: 2 E instructions per
+    thread. Ends with the barrier that makes the table visible to the whole program."""
+    per_warp = 256 // num_warps
+    regs = max(1, per_warp // 32)
+    lines = [".reg .b32 w, base, lane, v;", "mov.u32 lane, %laneid;", "mov.u32 w, %tid.x;", "shr.u32 w, w, 5;",
+             f"mul.lo.u32 w, w, {per_warp * 128};", "mov.u32 base, moelab_nf4_pairs;", "add.u32 base, base, w;",
+             "shl.b32 w, lane, 2;", "add.u32 base, base, w;"]
+    for k in range(per_warp):
+        lines += [f"shfl.sync.idx.b32 v, ${1 + k // 32}, {k % 32}, 31, 0xFFFFFFFF;",
+                  f"st.shared.b32 [base+{k * 128}], v;"]
+    lines += ["bar.sync 0;", "mov.u32 base, moelab_nf4_pairs;", "shl.b32 w, lane, 2;", "add.u32 $0, base, w;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+NF4_FILL_ASM_2, NF4_FILL_ASM_4, NF4_FILL_ASM_8, NF4_FILL_ASM_16, NF4_FILL_ASM_32 = (
+    tl.constexpr(_nf4_table_fill_asm(w)) for w in (2, 4, 8, 16, 32))
+
+
+def _nf4_dot_smem_asm() -> str:
+    """`NF4_DOT_ASM` with the look-up in the shared-memory pair table: $0 = $8 + $7 * (the word's
+    8 levels times x), $1 the code word, $2-$5 x's bf16 pairs, $6 this lane's table address. Per
+    code byte one `prmt` (the byte, zero-extended), one multiply-add (its entry's address) and
+    one `ld.shared`: 4 integer-pipe instructions per word where the `prmt` look-up takes 21."""
+    lines = [".reg .b32 t, q, p0, p1, p2, p3, a, c, u, v;", ".reg .f32 fa, fb, fr;"]
+    for i in range(4):
+        lines += [f"prmt.b32 t, $1, 0, 0x444{i};", "mad.lo.u32 q, t, 128, $6;", f"ld.shared.b32 p{i}, [q];"]
+    lines += ["mul.rn.bf16x2 a, p0, $2;", "fma.rn.bf16x2 a, p1, $3, a;",
+              "mul.rn.bf16x2 c, p2, $4;", "fma.rn.bf16x2 c, p3, $5, c;", "add.rn.bf16x2 a, a, c;",
+              "shl.b32 u, a, 16;", "and.b32 v, a, 0xFFFF0000;", "mov.b32 fa, u;", "mov.b32 fb, v;",
+              "add.f32 fa, fa, fb;", "mov.b32 fb, $7;", "mov.b32 fr, $8;", "fma.rn.f32 fr, fa, fb, fr;",
+              "mov.b32 $0, fr;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+NF4_DOT_SMEM_ASM = tl.constexpr(_nf4_dot_smem_asm())
+
+# Whether the NF4 decode GEMVs look their code bytes up in the shared-memory pair table
+# (`NF4_DOT_SMEM_ASM`) rather than by `prmt` in registers (MOELAB_NF4_SMEM=1; being measured), and
+# the register cap of gate_up's programs with it (None: the compiler's choice).
+NF4_SMEM_TABLE = os.environ.get("MOELAB_NF4_SMEM", "0") == "1"
+NF4_SMEM_MAXNREG = None
+
+
+def with_nf4_table(cfg: dict, flags: dict, gated: bool = False) -> dict:
+    """A decode GEMV's launch config plus NF4_SMEM (its warps) where the NF4 word path uses the
+    shared-memory table."""
+    if not (NF4_SMEM_TABLE and flags["NF4"] and flags["NF4_ASM"] and flags["ROW_ALIGNED"]) or "NF4_SMEM" in cfg:
+        return cfg
+    extra = {"maxnreg": NF4_SMEM_MAXNREG} if gated and NF4_SMEM_MAXNREG else {}
+    return {**cfg, "NF4_SMEM": cfg["num_warps"], **extra}
+
+
 @triton.jit
-def _nf4_lut(nf4_code_ptr, NF4_WORDS: tl.constexpr):
+def _nf4_lut(nf4_code_ptr, NF4_WORDS: tl.constexpr, NF4_SMEM: tl.constexpr = 0):
     """The 4 table words `NF4_DOT_ASM` takes in registers, loaded once per program from the
     code-book buffer (`_nf4_code`: one copy per lane after the 16 levels); zeros where the NF4
     word path is not taken. Each lane reads its own copy so that ptxas sees per-thread values:
     a value it can prove uniform lives in a uniform register, copied into a regular one before
     every `prmt` (one more instruction per look-up)."""
-    if NF4_WORDS:
+    if NF4_WORDS and NF4_SMEM:  # NF4_SMEM = the program's warps: the pair table in shared memory
+        tl.inline_asm_elementwise(NF4_TABLE_DECL, "=r,r", [tl.program_id(0)], dtype=tl.int32, is_pure=False, pack=1)
+        lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [tl.program_id(0)], dtype=tl.int32,
+                                         is_pure=False, pack=1)
+        warp = tl.inline_asm_elementwise("mov.u32 $0, %tid.x;\nshr.u32 $0, $0, 5;", "=r,r", [tl.program_id(0)],
+                                         dtype=tl.int32, is_pure=False, pack=1)
+        PER_WARP: tl.constexpr = 256 // NF4_SMEM
+        pairs = nf4_code_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + NF4_PAIRS_AT + warp * PER_WARP
+        e = pairs + lane % PER_WARP
+        if NF4_SMEM == 2:
+            addr = tl.inline_asm_elementwise(NF4_FILL_ASM_2, "=r,r,r,r,r",
+                                             [tl.load(e), tl.load(e + 32), tl.load(e + 64), tl.load(e + 96)],
+                                             dtype=tl.int32, is_pure=False, pack=1)
+        elif NF4_SMEM == 4:
+            addr = tl.inline_asm_elementwise(NF4_FILL_ASM_4, "=r,r,r", [tl.load(e), tl.load(e + 32)],
+                                             dtype=tl.int32, is_pure=False, pack=1)
+        elif NF4_SMEM == 8:
+            addr = tl.inline_asm_elementwise(NF4_FILL_ASM_8, "=r,r", [tl.load(e)], dtype=tl.int32, is_pure=False,
+                                             pack=1)
+        elif NF4_SMEM == 16:
+            addr = tl.inline_asm_elementwise(NF4_FILL_ASM_16, "=r,r", [tl.load(e)], dtype=tl.int32, is_pure=False,
+                                             pack=1)
+        else:
+            tl.static_assert(NF4_SMEM == 32, "NF4_SMEM is the program's warps: 2 to 32")
+            addr = tl.inline_asm_elementwise(NF4_FILL_ASM_32, "=r,r", [tl.load(e)], dtype=tl.int32, is_pure=False,
+                                             pack=1)
+        lut = (addr, 0, 0, 0)
+    elif NF4_WORDS:
         lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [tl.program_id(0)], dtype=tl.int32,
                                          is_pure=True, pack=1)
         tab = nf4_code_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + 16 + 4 * lane
@@ -496,7 +595,7 @@ def _block_gemm(x_ptr, w_ptr, out_ptr, pairs_ptr, route_w_ptr, absmax_ptr, absma
 @triton.jit
 def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, x_row_ptr, x_scale,
                expert, rows, row_ok, k0, k_dim, absmax_per_expert, scales_per_expert, lut,
-               DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr):
+               DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr, NF4_SMEM: tl.constexpr = 0):
     """The NF4 decode step on CUDA: acc [BLOCK_N, BLOCK_K // 64, 8] (float32, one entry per code
     word) plus W[expert, rows, k0:k0 + BLOCK_K] times x, word by word, each word's sum scaled by
     its block's absmax (and x_scale) inside `NF4_DOT_ASM`.
@@ -532,6 +631,11 @@ def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax
     am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
                      blk[:, None] + b[None, :], row_ok[:, None] & blk_ok[None, :], absmax_per_expert,
                      scales_per_expert, DOUBLE_QUANT)
+    if NF4_SMEM:  # the look-up in the shared-memory pair table (`NF4_DOT_SMEM_ASM`)
+        return tl.inline_asm_elementwise(NF4_DOT_SMEM_ASM, "=r,r,r,r,r,r,r,r,r",
+                                         [words, x0[None, :, :], x1[None, :, :], x2[None, :, :], x3[None, :, :],
+                                          lut[0], (am * x_scale)[:, :, None], acc],
+                                         dtype=tl.float32, is_pure=True, pack=1)
     return tl.inline_asm_elementwise(NF4_DOT_ASM, "=r,r,r,r,r,r,r,r,r,r,r,r",
                                      [words, x0[None, :, :], x1[None, :, :], x2[None, :, :], x3[None, :, :],
                                       lut[0], lut[1], lut[2], lut[3], (am * x_scale)[:, :, None], acc],
@@ -554,7 +658,7 @@ def _gemv_acc(BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NF4: tl.constexpr, W
 def _gemv_rows(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
                x_row_ptr, x_scale, expert, rows, row_ok, k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert,
                lut, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr,
-               NF4_ASM: tl.constexpr):
+               NF4_ASM: tl.constexpr, NF4_SMEM: tl.constexpr = 0):
     """acc + W[expert, rows, k0:k0 + BLOCK_K] * (x_scale * x[k0:k0 + BLOCK_K]) elementwise, in fp32, not yet
     summed (the caller sums the accumulator once at the end: one FMA per weight).
 
@@ -568,7 +672,7 @@ def _gemv_rows(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax
     if NF4 and NF4_ASM and ROW_ALIGNED:
         acc = _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, x_row_ptr, x_scale,
                           expert, rows, row_ok, k0, k_dim, absmax_per_expert, scales_per_expert, lut, DOUBLE_QUANT,
-                          BLOCK_K)
+                          BLOCK_K, NF4_SMEM)
     elif NF4:
         b = tl.arange(0, BLOCK_K // 64)
         j = tl.arange(0, 32)
@@ -631,7 +735,7 @@ def _gemv_gate_up_kernel(
     absmax_per_expert, scales_per_expert,
     NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, NF4_ASM: tl.constexpr,
     HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False, NF4_SMEM: tl.constexpr = 0,
 ):
     """Decode gate_up, one program per (pair, N-tile), no grouping: act[pair, n] =
     SiLU(gate) * up of the pair's token through its expert, with FMAs (no 16-row dot padding).
@@ -643,6 +747,8 @@ def _gemv_gate_up_kernel(
     up), so the shared expert's gate/up streams alongside the routed experts in one launch.
     NF4 experts take an NF4 shared expert (one expert, the same format), its absmax and
     scales from the shared_absmax* pointers."""
+    if NF4_SMEM:  # the table comes from a buffer no kernel writes: filled while the kernel before finishes
+        lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED, NF4_SMEM)
     wait_for_previous_kernel(USE_PDL)
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_out, BLOCK_N)
@@ -679,14 +785,15 @@ def _gemv_gate_up_kernel(
             am_offset = tl.where(shared, shared_absmax_offset_ptr, am_offset)
     acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
     acc_up = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
-    lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED)
+    if not NF4_SMEM:
+        lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED, NF4_SMEM)
     for k0 in tl.range(0, k_end, BLOCK_K, num_stages=PIPELINE):
         acc = _gemv_rows(acc, w_e, am, am_code, am_scale, am_offset, nf4_code_ptr,
                           x_row, 1.0, expert, gate_rows, row_ok, k0, k_dim, row_stride, absmax_per_expert,
-                          scales_per_expert, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
+                          scales_per_expert, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM, NF4_SMEM)
         acc_up = _gemv_rows(acc_up, w_e, am, am_code, am_scale, am_offset, nf4_code_ptr,
                              x_row, 1.0, expert, up_rows, row_ok, k0, k_dim, row_stride, absmax_per_expert,
-                             scales_per_expert, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
+                             scales_per_expert, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM, NF4_SMEM)
     let_next_kernel_start(USE_PDL)
     gate = _gemv_acc_sum(acc, NF4)
     out = gate * tl.sigmoid(gate) * _gemv_acc_sum(acc_up, NF4)
@@ -704,6 +811,7 @@ def _gemv_down_kernel(
     TOP_K: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     NF4_ASM: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PIPELINE: tl.constexpr, SHARED_BLOCK_K: tl.constexpr = 0, USE_PDL: tl.constexpr = False,
+    NF4_SMEM: tl.constexpr = 0,
 ):
     """Decode down with the top-k sum folded in, one program per (token, N-tile):
     out[t, n] = sum_k route_w[t, k] * (W_down[ids[t, k]] @ act[t * K + k])[n], FMAs in fp32 and
@@ -716,13 +824,16 @@ def _gemv_down_kernel(
     row shared_act_row + t * C on (the gate_up kernel's C chunks of token t, contiguous); in NF4
     with NF4 experts (its absmax from the shared_absmax* pointers), in K-steps of SHARED_BLOCK_K
     (0: BLOCK_K) values."""
+    if NF4_SMEM:  # the table comes from a buffer no kernel writes: filled while the kernel before finishes
+        lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED, NF4_SMEM)
     wait_for_previous_kernel(USE_PDL)
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_out, BLOCK_N)
     token = pid // n_tiles
     n = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < n_out
-    lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED)
+    if not NF4_SMEM:
+        lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED, NF4_SMEM)
     acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
     for k0 in tl.range(0, k_dim, BLOCK_K, num_stages=PIPELINE):
         for k in tl.static_range(TOP_K):  # the top-k experts' loads of one K-step are independent
@@ -735,7 +846,7 @@ def _gemv_down_kernel(
             acc = _gemv_rows(acc, w_ptr + expert.to(tl.int64) * stride_we, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
                               absmax_offset_ptr, nf4_code_ptr, act_ptr + pair * stride_am, route_w, expert, n, row_ok,
                               k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert,
-                              lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
+                              lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM, NF4_SMEM)
     total = _gemv_acc_sum(acc, NF4)
     if HAS_SHARED:
         gate = tl.sigmoid(tl.load(shared_gate_ptr + token.to(tl.int64) * stride_sg).to(tl.float32))
@@ -746,7 +857,7 @@ def _gemv_down_kernel(
             acc_s = _gemv_rows(acc_s, shared_w_ptr, shared_absmax_ptr, shared_absmax_code_ptr,
                                 shared_absmax_scale_ptr, shared_absmax_offset_ptr, nf4_code_ptr, shared_row, gate, 0,
                                 n, n_ok, k0, shared_k, stride_swn, 0, 0, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, SK,
-                                NF4_ASM)
+                                NF4_ASM, NF4_SMEM)
         total += _gemv_acc_sum(acc_s, NF4)
     let_next_kernel_start(USE_PDL)
     tl.store(out_ptr + token.to(tl.int64) * stride_om + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
@@ -829,12 +940,14 @@ def _shape(w) -> tuple[int, int, int]:
 
 @functools.lru_cache(maxsize=None)
 def _nf4_code(device: torch.device) -> torch.Tensor:
-    """float32 [144]: the NF4 code book, then 32 copies (one per lane) of the 4 register table
-    words of `NF4_DOT_ASM` (their bits), on `device` once (a host-to-device copy inside a CUDA graph capture would fail)."""
+    """float32 [400]: the NF4 code book, then 32 copies (one per lane) of the 4 register table
+    words of `NF4_DOT_ASM` and the 256 entries of `nf4_pair_table` (their bits; from word
+    NF4_PAIRS_AT), on `device` once (a host-to-device copy inside a CUDA graph capture would fail)."""
     from ..quant import NF4_CODE
 
     low, high = nf4_bf16_tables()
-    words = torch.tensor([low[0], low[2], high[0], high[2]] * 32, dtype=torch.int64).to(torch.int32)  # wraps: same bits
+    words = torch.tensor([low[0], low[2], high[0], high[2]] * 32 + nf4_pair_table(),
+                         dtype=torch.int64).to(torch.int32)  # wraps: same bits
     return torch.cat([NF4_CODE.to(torch.float32), words.view(torch.float32)]).to(device)
 
 
@@ -1075,6 +1188,7 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
                             gate_up)
     ptrs, strides, flags = _weight_args(gate_up, num_experts)
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "gate_up")
+    cfg = with_nf4_table(cfg, flags, gated=True)
     _gemv_gate_up_kernel[(rows * triton.cdiv(inter, cfg["BLOCK_N"]),)](
         hidden, ptrs[0], flat_ids, act, shared_w, *ptrs[1:], *shared_absmax,
         inter, hidden_dim, num_experts, top_k, num_pairs, shared_inter, max(chunks, 1),
@@ -1086,6 +1200,7 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
                                            shared=shared is not None), **(config or {})}, down)
     ptrs, strides, flags = _weight_args(down, num_experts)
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "down")
+    cfg = with_nf4_table(cfg, flags)
     _gemv_down_kernel[(num_tokens * triton.cdiv(hidden_dim, cfg["BLOCK_N"]),)](
         act, ptrs[0], flat_ids, route_w, out, shared_w, gate_logit, *ptrs[1:], *shared_absmax,
         hidden_dim, inter, num_experts, shared_inter, num_pairs, max(chunks, 1),

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .experts import _gemv_acc, _gemv_acc_sum, _gemv_rows, _is_nf4, _nf4_lut, _weight_args, _whole_nf4_blocks
+from .experts import _gemv_acc, _gemv_acc_sum, _gemv_rows, _is_nf4, _nf4_lut, _weight_args, _whole_nf4_blocks, with_nf4_table
 from .pdl import launch_args, let_next_kernel_start, wait_for_previous_kernel
 
 MAX_TOKENS = 4  # above this a GEMM reads W once for all tokens, and cuBLAS wins
@@ -29,9 +29,12 @@ def _linear_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, absmax_ptr, absmax_code
                         absmax_offset_ptr, nf4_code_ptr, n_out, k_dim, stride_xm, stride_wn, stride_om,
                         HAS_BIAS: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                         ROW_ALIGNED: tl.constexpr, NF4_ASM: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr, USE_PDL: tl.constexpr = False):
+                        BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr, USE_PDL: tl.constexpr = False,
+                        NF4_SMEM: tl.constexpr = 0):
     """out[t, n] = sum_k x[t, k] * W[n, k] (+ bias[n]), program (t, N-tile). W dense (the NF4
     pointers unused) or NF4 (one expert: expert index 0, no per-expert absmax strides)."""
+    if NF4_SMEM:  # the table comes from a buffer no kernel writes: filled while the kernel before finishes
+        lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED, NF4_SMEM)
     wait_for_previous_kernel(USE_PDL)
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_out, BLOCK_N)
@@ -40,11 +43,12 @@ def _linear_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, absmax_ptr, absmax_code
     n_ok = n < n_out
     x_row = x_ptr + token.to(tl.int64) * stride_xm
     acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
-    lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED)
+    if not NF4_SMEM:
+        lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED, NF4_SMEM)
     for k0 in tl.range(0, k_dim, BLOCK_K, num_stages=PIPELINE):
         acc = _gemv_rows(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
                          x_row, 1.0, 0, n, n_ok, k0, k_dim, stride_wn, 0, 0, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED,
-                         BLOCK_K, NF4_ASM)
+                         BLOCK_K, NF4_ASM, NF4_SMEM)
     let_next_kernel_start(USE_PDL)
     out = _gemv_acc_sum(acc, NF4)
     if HAS_BIAS:
@@ -98,6 +102,7 @@ def linear_gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
         return out
     cfg = _whole_nf4_blocks({**gemv_config(n_out, x.is_cuda, nf4), **(config or {})}, weight)
     ptrs, _, flags = _weight_args(weight if nf4 else weight[None], 1)  # one "expert"
+    cfg = with_nf4_table(cfg, flags)
     _linear_gemv_kernel[(num_tokens * triton.cdiv(n_out, cfg["BLOCK_N"]),)](
         x, ptrs[0], ptrs[0] if bias is None else bias, out, *ptrs[1:], n_out, shape[1], x.stride(0),
         0 if nf4 else weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, **flags, **cfg,
