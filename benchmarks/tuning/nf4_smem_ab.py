@@ -8,13 +8,21 @@ integer instructions per code word, and the NF4 kernels run at an IPC of ~0.5 pe
 the table: 266 instructions, ~84 integer (10.5 per word), 32 `ld.shared`; each program first fills
 its 32 KB table (2 instructions per entry and thread for 4 warps).
 
-1. one routed-experts layer at one token (`bench experts`' shape), package / table / table with
-   gate_up capped at 64 registers (95 without), alternating, outputs checked against the package's;
+1. one routed-experts layer at one token (`bench experts`' shape), with the table in no kernel, in
+   gate_up (capped at 64 registers: 95 without), in down, in both, and in both with gate_up at 16
+   rows a program, alternating, outputs checked against the prmt path's;
 2. the same layer with the NF4 shared expert folded in (the decode step's shape);
-3. the NF4 linear GEMV at q/k/v (6,144 x 2,048) and o_proj (2,048 x 2,048);
-4. the decode step at batch 1 (NF4, graph_fused_proj), package / table alternating, bf16 once.
+3. the NF4 linear GEMV at q/k/v (6,144 x 2,048) and o_proj (2,048 x 2,048), prmt / table (LINEAR=1);
+4. the decode step at batch 1 (NF4, graph_fused_proj), no table / the best set of 2. alternating,
+   bf16 once; the best set goes to $OUT/nf4_smem_best.txt (for MOELAB_NF4_SMEM in later commands).
 
     python benchmarks/tuning/nf4_smem_ab.py    # on the GPU machine; writes $OUT/nf4_smem_ab.json
+
+benchmarks/results/nf4_smem_ab_2026-12-06_h100.json (H100, an earlier version of this script, its
+variants "table" = all three kernels, "table_reg64" = the same with gate_up capped at 64 registers):
+layer at one token 18.8 us (prmt) / 19.3-19.9 (table) / 17.7 (capped); with the shared expert 33.7 /
+32.7 / 31.2; linears slower with the table (q/k/v 6.6 -> 8.0 us, o_proj 3.3 -> 3.7); decode step NF4
+571.4 / 572.0 -> 582.4 / 582.3 tokens/s (capped, linears included), bf16 443.8.
 """
 import json
 import os
@@ -33,11 +41,19 @@ torch.manual_seed(0)
 res = {"card": B.card_name(), "copy_gbs": B.copy_bandwidth_gbs(), "versions": B.versions(), "layer": [],
        "layer_shared": [], "linear": [], "decode": []}
 print(res["card"], f"copy {res['copy_gbs']:.0f} GB/s", flush=True)
-VARIANTS = {"package": (False, None), "table": (True, None), "table_reg64": (True, 64)}
+VARIANTS = {"none": (), "gate_up": ("gate_up",), "down": ("down",), "gate_up,down": ("gate_up", "down"),
+            "gate_up16,down": ("gate_up", "down")}
+ORIG_EK = EK.gemv_config
 
 
 def use(variant):
-    EK.NF4_SMEM_TABLE, EK.NF4_SMEM_MAXNREG = VARIANTS[variant]
+    EK.NF4_SMEM_KERNELS = frozenset(VARIANTS[variant])
+    EK.gemv_config = ORIG_EK
+    if variant == "gate_up16,down":  # gate_up at 16 rows a program: half the programs, half the table fills
+        def cfg(num_rows, n_out, gated, nf4, on_gpu, num_sms=132, shared=False):
+            c = ORIG_EK(num_rows, n_out, gated, nf4, on_gpu, num_sms, shared)
+            return {**c, "BLOCK_N": 16} if (gated and nf4 and on_gpu) else c
+        EK.gemv_config = cfg
 
 
 def save():
@@ -65,7 +81,7 @@ shared = [SharedExpert(q((1, 2 * 5632, 2048)), q((1, 2048, 5632)), torch.randn(1
                                                                               dtype=torch.bfloat16))
           for _ in range(2)]
 for key, extra in (("layer", lambda i: {}), ("layer_shared", lambda i: {"shared": shared[i % 2]})):
-    use("package")
+    use("none")
     _, _, ref = timed(lambda i: fused_experts_forward(x, *inputs[i], nf4, **extra(i)), 8)
     for rep in range(3):
         for variant in VARIANTS:
@@ -73,43 +89,44 @@ for key, extra in (("layer", lambda i: {}), ("layer_shared", lambda i: {"shared"
             us, err, _ = timed(lambda i: fused_experts_forward(x, *inputs[i], nf4, **extra(i)), 8, ref)
             res[key].append(dict(rep=rep, variant=variant, us=us, err=err))
             print(key, res[key][-1], flush=True)
-        use("package")
+        use("none")
         us, _, _ = timed(lambda i: fused_experts_forward(x, *inputs[i], experts), 8)
         res[key].append(dict(rep=rep, variant="bf16", us=us, err=None))
         print(key, res[key][-1], flush=True)
         save()
-use("package")
+use("none")
 del experts, nf4, shared
 torch.cuda.empty_cache()
 
-# ---- 3. the NF4 linear GEMV alone
-for name, n in (("qkv", 6144), ("o_proj", 2048)):
+# ---- 3. the NF4 linear GEMV alone (LINEAR=1)
+for name, n in (("qkv", 6144), ("o_proj", 2048)) if os.environ.get("LINEAR") == "1" else ():
     ws = [q((1, n, 2048)) for _ in range(12)]
     xl = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
-    _, _, ref = timed(lambda i: G.linear_gemv(xl, ws[i]), 12)
+    _, _, ref = timed(lambda i: G.linear_gemv(xl, ws[i], config={"NF4_SMEM": 0}), 12)
     for rep in range(2):
-        for variant in ("package", "table"):
-            use(variant)
-            us, err, _ = timed(lambda i: G.linear_gemv(xl, ws[i]), 12, ref)
+        for variant, over in (("prmt", {"NF4_SMEM": 0}), ("table", {"NF4_SMEM": 4})):
+            us, err, _ = timed(lambda i: G.linear_gemv(xl, ws[i], config=over), 12, ref)
             res["linear"].append(dict(shape=name, rep=rep, variant=variant, us=us, err=err))
             print("linear", res["linear"][-1], flush=True)
-    use("package")
     del ws
 save()
 
 # ---- 4. the decode step at batch 1, alternating
+shared_us = {v: [r["us"] for r in res["layer_shared"] if r["variant"] == v] for v in VARIANTS}
+shared_us = {v: sum(t) if all(isinstance(u, float) for u in t) else float("inf") for v, t in shared_us.items()}
+best = min((v for v in VARIANTS if v != "none"), key=shared_us.get)
+res["best"] = best
+open(os.path.join(OUT, "nf4_smem_best.txt"), "w").write(",".join(VARIANTS[best]))
+print("decode with", best, flush=True)
 build_models_once()
-best_reg = min(("table", "table_reg64"), key=lambda v: sum(
-    r["us"] for r in res["layer_shared"] if r["variant"] == v and isinstance(r["us"], float)) or 1e9)
-print("decode with", best_reg, flush=True)
-for quant, names in (("nf4", ["package", best_reg, "package", best_reg]), (None, ["package"])):
+for quant, names in (("nf4", ["none", best, "none", best]), (None, ["none"])):
     for name in names:
         use(name)
         try:
             r = B.bench_decode("qwen1.5-moe-a2.7b", batches=(1,), prompt_len=(16, 64), max_seq_len=2048,
                                modes=("graph_fused_proj",), quantize=quant, profile=False)
         finally:
-            use("package")
+            use("none")
         for row in r["results"]:
             res["decode"].append(dict(precision=quant or "bf16", variant=name, batch=row["batch"],
                                       tokens_per_s=row.get("tokens_per_s"), ms_per_step=row.get("ms_per_step"),

@@ -350,20 +350,24 @@ def _nf4_dot_smem_asm() -> str:
 
 NF4_DOT_SMEM_ASM = tl.constexpr(_nf4_dot_smem_asm())
 
-# Whether the NF4 decode GEMVs look their code bytes up in the shared-memory pair table
-# (`NF4_DOT_SMEM_ASM`) rather than by `prmt` in registers (MOELAB_NF4_SMEM=1; being measured), and
-# the register cap of gate_up's programs with it (None: the compiler's choice).
-NF4_SMEM_TABLE = os.environ.get("MOELAB_NF4_SMEM", "0") == "1"
-NF4_SMEM_MAXNREG = None
+# Which NF4 decode GEMVs look their code bytes up in the shared-memory pair table
+# (`NF4_DOT_SMEM_ASM`) rather than by `prmt` in registers: a set of "gate_up", "down", "linear"
+# (MOELAB_NF4_SMEM=gate_up,down,... or "none": comparisons). gate_up with the table is capped at
+# NF4_SMEM_MAXNREG registers a thread (95 uncapped; capped, twice the programs fit on an SM).
+NF4_SMEM_KERNELS = frozenset(k for k in os.environ.get("MOELAB_NF4_SMEM", "gate_up,down").split(",")
+                             if k not in ("", "none"))
+NF4_SMEM_MAXNREG = 64
 
 
-def with_nf4_table(cfg: dict, flags: dict, gated: bool = False) -> dict:
-    """A decode GEMV's launch config plus NF4_SMEM (its warps) where the NF4 word path uses the
-    shared-memory table."""
-    if not (NF4_SMEM_TABLE and flags["NF4"] and flags["NF4_ASM"] and flags["ROW_ALIGNED"]) or "NF4_SMEM" in cfg:
+def with_nf4_table(cfg: dict, flags: dict, kernel: str) -> dict:
+    """A decode GEMV's launch config plus NF4_SMEM (its warps) where this kernel's NF4 word path
+    uses the shared-memory table (kernel: "gate_up", "down" or "linear")."""
+    if kernel not in ("gate_up", "down", "linear"):
+        raise ValueError(f"kernel must be gate_up, down or linear, got {kernel!r}")
+    if kernel not in NF4_SMEM_KERNELS or not (flags["NF4"] and flags["NF4_ASM"] and flags["ROW_ALIGNED"]):
         return cfg
-    extra = {"maxnreg": NF4_SMEM_MAXNREG} if gated and NF4_SMEM_MAXNREG else {}
-    return {**cfg, "NF4_SMEM": cfg["num_warps"], **extra}
+    extra = {"maxnreg": NF4_SMEM_MAXNREG} if kernel == "gate_up" and NF4_SMEM_MAXNREG else {}
+    return {"NF4_SMEM": cfg["num_warps"], **extra, **cfg}
 
 
 @triton.jit
@@ -1188,7 +1192,7 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
                             gate_up)
     ptrs, strides, flags = _weight_args(gate_up, num_experts)
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "gate_up")
-    cfg = with_nf4_table(cfg, flags, gated=True)
+    cfg = with_nf4_table(cfg, flags, "gate_up")
     _gemv_gate_up_kernel[(rows * triton.cdiv(inter, cfg["BLOCK_N"]),)](
         hidden, ptrs[0], flat_ids, act, shared_w, *ptrs[1:], *shared_absmax,
         inter, hidden_dim, num_experts, top_k, num_pairs, shared_inter, max(chunks, 1),
@@ -1200,7 +1204,7 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
                                            shared=shared is not None), **(config or {})}, down)
     ptrs, strides, flags = _weight_args(down, num_experts)
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "down")
-    cfg = with_nf4_table(cfg, flags)
+    cfg = with_nf4_table(cfg, flags, "down")
     _gemv_down_kernel[(num_tokens * triton.cdiv(hidden_dim, cfg["BLOCK_N"]),)](
         act, ptrs[0], flat_ids, route_w, out, shared_w, gate_logit, *ptrs[1:], *shared_absmax,
         hidden_dim, inter, num_experts, shared_inter, num_pairs, max(chunks, 1),

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .experts import _gemv_acc, _gemv_acc_sum, _gemv_rows, _is_nf4, _nf4_lut, _weight_args, _whole_nf4_blocks, with_nf4_table
+from .experts import (_gemv_acc, _gemv_acc_sum, _gemv_rows, _is_nf4, _nf4_lut, _weight_args, _whole_nf4_blocks,
+                      with_nf4_table)
 from .pdl import launch_args, let_next_kernel_start, wait_for_previous_kernel
 
 MAX_TOKENS = 4  # above this a GEMM reads W once for all tokens, and cuBLAS wins
@@ -102,7 +103,7 @@ def linear_gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
         return out
     cfg = _whole_nf4_blocks({**gemv_config(n_out, x.is_cuda, nf4), **(config or {})}, weight)
     ptrs, _, flags = _weight_args(weight if nf4 else weight[None], 1)  # one "expert"
-    cfg = with_nf4_table(cfg, flags)
+    cfg = with_nf4_table(cfg, flags, "linear")
     _linear_gemv_kernel[(num_tokens * triton.cdiv(n_out, cfg["BLOCK_N"]),)](
         x, ptrs[0], ptrs[0] if bias is None else bias, out, *ptrs[1:], n_out, shape[1], x.stride(0),
         0 if nf4 else weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, **flags, **cfg,
