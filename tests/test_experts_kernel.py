@@ -896,3 +896,22 @@ def test_nf4_shared_memory_table_fill_and_lookup(num_warps):
             got = _run_lanes(lookup.replace("$0", "p3").replace(f"p{i}, [q]", f"$0, [q]"), 1,
                              lambda w, lane: {"$1": packed, "$6": base + 4 * lane}, shared, base)[0]
             assert got == [table[word[i]]] * 32
+
+
+def test_nf4_table_choice_per_kernel(monkeypatch):
+    """`with_nf4_table` adds NF4_SMEM (the program's warps) only for the kernels named in
+    NF4_SMEM_KERNELS and only on the NF4 word path (CUDA, rows of whole 64-blocks), caps gate_up's
+    registers, leaves a config that already says NF4_SMEM alone, and names a bad kernel."""
+    import moelab.kernels.experts as EK
+
+    words = dict(NF4=True, NF4_ASM=True, ROW_ALIGNED=True)
+    cfg = dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, PIPELINE=1)
+    monkeypatch.setattr(EK, "NF4_SMEM_KERNELS", frozenset({"gate_up", "down"}))
+    assert EK.with_nf4_table(cfg, words, "gate_up") == {**cfg, "NF4_SMEM": 4, "maxnreg": EK.NF4_SMEM_MAXNREG}
+    assert EK.with_nf4_table({**cfg, "num_warps": 32}, words, "down") == {**cfg, "num_warps": 32, "NF4_SMEM": 32}
+    assert EK.with_nf4_table(cfg, words, "linear") == cfg
+    assert EK.with_nf4_table(cfg, {**words, "ROW_ALIGNED": False}, "down") == cfg
+    assert EK.with_nf4_table(cfg, {**words, "NF4_ASM": False}, "down") == cfg
+    assert EK.with_nf4_table({**cfg, "NF4_SMEM": 0}, words, "down")["NF4_SMEM"] == 0
+    with pytest.raises(ValueError, match="gate_up, down or linear"):
+        EK.with_nf4_table(cfg, words, "up")

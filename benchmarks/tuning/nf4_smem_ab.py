@@ -14,7 +14,7 @@ its 32 KB table (2 instructions per entry and thread for 4 warps).
 2. the same layer with the NF4 shared expert folded in (the decode step's shape);
 3. the NF4 linear GEMV at q/k/v (6,144 x 2,048) and o_proj (2,048 x 2,048), prmt / table (LINEAR=1);
 4. the decode step at batch 1 (NF4, graph_fused_proj), no table / the best set of 2. alternating,
-   bf16 once; the best set goes to $OUT/nf4_smem_best.txt (for MOELAB_NF4_SMEM in later commands).
+   bf16 once with BF16=1; the best set goes to $OUT/nf4_smem_best.txt (for MOELAB_NF4_SMEM in later commands).
 
     python benchmarks/tuning/nf4_smem_ab.py    # on the GPU machine; writes $OUT/nf4_smem_ab.json
 
@@ -119,7 +119,7 @@ res["best"] = best
 open(os.path.join(OUT, "nf4_smem_best.txt"), "w").write(",".join(VARIANTS[best]))
 print("decode with", best, flush=True)
 build_models_once()
-for quant, names in (("nf4", ["none", best, "none", best]), (None, ["none"])):
+for quant, names in (("nf4", ["none", best, "none", best]),) + (((None, ["none"]),) if os.environ.get("BF16") else ()):
     for name in names:
         use(name)
         try:
