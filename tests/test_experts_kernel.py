@@ -722,6 +722,28 @@ def test_nf4_byte_permute_lookup_gives_the_exact_code_book():
         assert out[4:] == [levels[b & 15] for b in bytes4]     # low nibbles: odd values
 
 
+def test_nf4_bf16_level_lookup_of_the_grouped_kernel_regroups_even_and_odd_values():
+    """`NF4_LEVELS_BF16_ASM` (the grouped NF4 GEMM's dequantization, 4 packed code bytes in, the
+    table words substituted by their values) on every byte value in every position: $0-$1 hold
+    bf16(level) of the 4 high nibbles (the even values), $2-$3 of the 4 low nibbles (the odd
+    values), element 2i in a register's low half, bit for bit."""
+    from moelab.kernels.experts import _nf4_levels_bf16_asm, nf4_bf16_tables
+    from moelab.quant import NF4_CODE
+
+    low, high = nf4_bf16_tables()
+    asm = _nf4_levels_bf16_asm()
+    for reg, word in zip(("$17", "$13", "$9", "$5"), (high[2], high[0], low[2], low[0])):
+        asm = asm.replace(reg, f"0x{word:08X}")
+    bf16 = [v & 0xFFFF for v in NF4_CODE.to(torch.bfloat16).view(torch.int16).tolist()]
+    rng = random.Random(2)
+    for b in range(256):
+        bytes4 = [b, (b * 11 + 5) % 256, rng.randrange(256), 255 - b]
+        out = _run_ptx(asm, sum(v << 8 * i for i, v in enumerate(bytes4)), outputs=4)
+        even = [bf16[v >> 4] for v in bytes4]
+        odd = [bf16[v & 15] for v in bytes4]
+        assert out == [even[0] | even[1] << 16, even[2] | even[3] << 16, odd[0] | odd[1] << 16, odd[2] | odd[3] << 16]
+
+
 def test_nf4_bf16_pair_lookup_gives_the_bf16_code_book_in_x_order():
     """The look-up inside the NF4 decode GEMV's PTX (`_nf4_bf16_pair_lines`, the table written
     as immediates), run by the interpreter on code words covering every nibble in every

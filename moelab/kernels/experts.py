@@ -295,6 +295,24 @@ def _nf4_dot_asm() -> str:
 NF4_DOT_ASM = tl.constexpr(_nf4_dot_asm())
 
 
+def _nf4_levels_bf16_asm() -> str:
+    """PTX for the levels of 4 code bytes as bf16, 8 values, no memory access: $4 holds the bytes
+    (byte i: value 2i in its high nibble, 2i + 1 in its low one), $5, $9, $13, $17 the four table
+    words of `_nf4_lut` (each argument comes in 4 registers, one per packed element: the first is
+    used). The levels of the high nibbles (the even values) come out as bf16 pairs in $0-$1, of
+    the low nibbles (the odd values) in $2-$3, element 2i in the low half. The look-up is
+    `_nf4_bf16_pair_lines` (21 instructions per 8 levels), 4 `prmt` more regroup its (even, odd)
+    pairs into (even, even) and (odd, odd)."""
+    lines = [".reg .b32 m, m1, s, s1, ta, tb, l0, l1, h0, h1, p0, p1, p2, p3;"]
+    lines += _nf4_bf16_pair_lines("$4", ("p0", "p1", "p2", "p3"), ("$5", "$9", "$13", "$17"))
+    lines += ["prmt.b32 $0, p0, p1, 0x5410;", "prmt.b32 $1, p2, p3, 0x5410;",
+              "prmt.b32 $2, p0, p1, 0x7632;", "prmt.b32 $3, p2, p3, 0x7632;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+NF4_LEVELS_BF16_ASM = tl.constexpr(_nf4_levels_bf16_asm())
+
+
 def nf4_pair_table() -> list[int]:
     """The 256 bf16 level pairs a code byte decodes to, as 32-bit words: entry b holds the level of
     its high nibble (value 2i) in the low half and of its low nibble (value 2i + 1) in the high
@@ -462,31 +480,52 @@ def _nf4_dense_kernel(codes_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, 
 @triton.jit
 def _nf4_tiles(codes_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
                expert, rows, row_ok, k0, k_dim, absmax_per_expert, scales_per_expert,
-               DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr, NF4_ASM: tl.constexpr):
+               DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr, NF4_ASM: tl.constexpr):
     """W[expert, rows, k0 + 2j] and W[expert, rows, k0 + 2j + 1] for j < BLOCK_K / 2, dequantized
-    from NF4 into two fp32 [BLOCK_K / 2, BLOCK_N] tiles (K down, rows across: ready for x @ W^T).
-    codes_ptr points at this expert's codes; k_dim is even, so row r's values start at byte
-    r * k_dim / 2 and the bytes of one row are contiguous (wide loads)."""
+    from NF4 into two fp32 [BLOCK_K / 2, BLOCK_N] tiles (K down, rows across: ready for x @ W^T),
+    each value times its own block's absmax: rows that are not whole 64-blocks (a block may
+    straddle two rows). codes_ptr points at this expert's codes; k_dim is even, so row r's values
+    start at byte r * k_dim / 2 and the bytes of one row are contiguous (wide loads)."""
     j = tl.arange(0, BLOCK_K // 2)
     row_bytes = k_dim // 2
     # The mask in bytes, not values, so Triton sees runs of equal mask bits and loads wide vectors.
     mask = (k0 // 2 + j < row_bytes)[:, None] & row_ok[None, :]
     byte = tl.load(codes_ptr + rows[None, :].to(tl.int64) * row_bytes + (k0 // 2 + j)[:, None], mask=mask, other=0)
     even, odd = _nf4_levels(byte, nf4_code_ptr, NF4_ASM)
-    if ROW_ALIGNED:
-        # Each row is whole 64-blocks and BLOCK_K a multiple of 64: one absmax per row per 64 columns.
-        row_blk = (rows.to(tl.int64) * k_dim + k0) // 64
-        am = tl.zeros((BLOCK_K // 2, rows.shape[0]), dtype=tl.float32)
-        for b in tl.static_range(BLOCK_K // 64):
-            ok_b = row_ok & (k0 + 64 * b + 0 * rows < k_dim)  # a tensor compare: the interpreter needs one
-            am_b = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
-                               row_blk + b, ok_b, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
-            am = tl.where((j // 32 == b)[:, None], am_b[None, :], am)
-    else:
-        flat = rows[None, :].to(tl.int64) * k_dim + (k0 + 2 * j)[:, None]  # even, so flat + 1 shares its block
-        am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
-                         flat // 64, mask, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
+    flat = rows[None, :].to(tl.int64) * k_dim + (k0 + 2 * j)[:, None]  # even, so flat + 1 shares its block
+    am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
+                     flat // 64, mask, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
     return even * am, odd * am
+
+
+@triton.jit
+def _nf4_block_dot(acc, x_even, x_odd, codes_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
+                   nf4_code_ptr, lut, expert, rows, row_ok, kb, k_dim, absmax_per_expert, scales_per_expert,
+                   DOUBLE_QUANT: tl.constexpr, NF4_ASM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + x[:, kb:kb + 64] @ W[expert, rows, kb:kb + 64]^T for one 64-value NF4 block of every
+    row (rows of whole blocks), x given as its even and odd columns ([M, 32] each).
+
+    The codes become levels in x's dtype (bf16 on CUDA: `NF4_LEVELS_BF16_ASM`, about 3
+    instructions per value), the tensor cores multiply them by x, and each row's block absmax
+    scales the [M, N] product: one multiply per output instead of one per weight, since the
+    whole block shares it. Under the interpreter the levels come from the code book in memory."""
+    j = tl.arange(0, 32)
+    # [rows, 32 bytes]: each row's 32 bytes are contiguous (16-byte loads), transposed in registers.
+    byte = tl.trans(tl.load(codes_ptr + rows[:, None].to(tl.int64) * (k_dim // 2) + (kb // 2 + j)[None, :],
+                            mask=row_ok[:, None] & (kb // 2 + j < k_dim // 2)[None, :], other=0))
+    if NF4_ASM and x_even.dtype == tl.bfloat16:
+        even, odd = tl.inline_asm_elementwise(NF4_LEVELS_BF16_ASM, "=r,=r,=r,=r" + ",r" * 17,
+                                              [byte, lut[0], lut[1], lut[2], lut[3]],
+                                              dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        even, odd = _nf4_levels(byte, nf4_code_ptr, NF4_ASM)
+        even, odd = even.to(x_even.dtype), odd.to(x_even.dtype)
+    part = tl.dot(x_even, even, input_precision=DOT_PRECISION)
+    part = tl.dot(x_odd, odd, part, input_precision=DOT_PRECISION)
+    am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
+                     (rows.to(tl.int64) * k_dim + kb) // 64, row_ok & (kb + 0 * rows < k_dim), absmax_per_expert,
+                     scales_per_expert, DOUBLE_QUANT)  # a tensor compare: the interpreter needs one
+    return acc + part * am[None, :]
 
 
 @triton.jit
@@ -556,23 +595,38 @@ def _block_gemm(x_ptr, w_ptr, out_ptr, pairs_ptr, route_w_ptr, absmax_ptr, absma
     w_e = w_ptr + expert.to(tl.int64) * stride_we
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED)
     for k0 in range(0, k_end, BLOCK_K):
-        if NF4:
+        if NF4 and ROW_ALIGNED:  # whole 64-value blocks: one absmax per row and block, applied to the product
+            for b in tl.static_range(BLOCK_K // 64):
+                kb = k0 + 64 * b
+                cols = kb + 2 * tl.arange(0, 32)
+                x_mask = m_ok[:, None] & (cols < k_dim)[None, :]
+                x_even = tl.load(x_rows + cols[None, :] * stride_xk, mask=x_mask, other=0.0)
+                x_odd = tl.load(x_rows + (cols + 1)[None, :] * stride_xk, mask=x_mask, other=0.0)
+                acc = _nf4_block_dot(acc, x_even, x_odd, w_e, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
+                                     absmax_offset_ptr, nf4_code_ptr, lut, expert, n, n_ok, kb, k_dim,
+                                     absmax_per_expert, scales_per_expert, DOUBLE_QUANT, NF4_ASM, DOT_PRECISION)
+                if GATED:
+                    acc_up = _nf4_block_dot(acc_up, x_even, x_odd, w_e, absmax_ptr, absmax_code_ptr,
+                                            absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr, lut, expert,
+                                            n + n_out, n_ok, kb, k_dim, absmax_per_expert, scales_per_expert,
+                                            DOUBLE_QUANT, NF4_ASM, DOT_PRECISION)
+        elif NF4:
             cols = k0 + 2 * tl.arange(0, BLOCK_K // 2)
             x_mask = m_ok[:, None] & (cols < k_dim)[None, :]
             x_even = tl.load(x_rows + cols[None, :] * stride_xk, mask=x_mask, other=0.0)
             x_odd = tl.load(x_rows + (cols + 1)[None, :] * stride_xk, mask=x_mask, other=0.0)
             w_even, w_odd = _nf4_tiles(
                 w_e, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
-                expert, n, n_ok, k0, k_dim, absmax_per_expert, scales_per_expert,
-                DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
+                expert, n, n_ok, k0, k_dim, absmax_per_expert, scales_per_expert, DOUBLE_QUANT, BLOCK_K, NF4_ASM)
             acc = tl.dot(x_even, w_even.to(x_even.dtype), acc, input_precision=DOT_PRECISION)
             acc = tl.dot(x_odd, w_odd.to(x_odd.dtype), acc, input_precision=DOT_PRECISION)
             if GATED:
                 u_even, u_odd = _nf4_tiles(
                     w_e, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
-                    expert, n + n_out, n_ok, k0, k_dim, absmax_per_expert, scales_per_expert,
-                    DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM)
+                    expert, n + n_out, n_ok, k0, k_dim, absmax_per_expert, scales_per_expert, DOUBLE_QUANT,
+                    BLOCK_K, NF4_ASM)
                 acc_up = tl.dot(x_even, u_even.to(x_even.dtype), acc_up, input_precision=DOT_PRECISION)
                 acc_up = tl.dot(x_odd, u_odd.to(x_odd.dtype), acc_up, input_precision=DOT_PRECISION)
         else:
