@@ -30,7 +30,7 @@ from tuning_common import build_models_once, routed_layer_at_one_token
 OUT = os.environ.get("OUT", "/tmp")
 res = {"card": B.card_name(), "versions": B.versions(), "layer": [], "decode": []}
 experts, nf4, _, _ = routed_layer_at_one_token()
-dense = [dequantize_nf4(nf4.gate_up_proj), dequantize_nf4(nf4.down_proj)]
+dense = [dequantize_nf4(nf4.gate_up), dequantize_nf4(nf4.down)]
 ref_layer = type("L", (), dict(gate_up_proj=dense[0].to(torch.bfloat16), down_proj=dense[1].to(torch.bfloat16),
                                act_fn=torch.nn.SiLU()))()
 for mod in (NEW, OLD):
