@@ -18,7 +18,7 @@ with no host sync (so a CUDA graph can capture them):
 4. `_topk_sum_kernel`: the sum over the top-k rows of each token (deterministic: no atomics;
    PyTorch's sum under the interpreter).
 
-Long prefills add three refinements: from 1,024 pairs NF4 experts are dequantized once per
+Long prefills add three refinements: above 256 pairs NF4 experts are dequantized once per
 call into a dense copy (`nf4_to_dense`) that the dense kernels run; above 8,192 pairs the align
 step takes two passes over 256-pair chunks (`_align_count_kernel`, `_align_scatter_kernel`)
 instead of one scan per expert; and a block holding at most half its rows (an expert's last,
@@ -372,6 +372,11 @@ NF4_DOT_SMEM_ASM = tl.constexpr(_nf4_dot_smem_asm())
 # (`NF4_DOT_SMEM_ASM`) rather than by `prmt` in registers: a set of "gate_up", "down", "linear"
 # (MOELAB_NF4_SMEM=gate_up,down,... or "none": comparisons). gate_up with the table is capped at
 # NF4_SMEM_MAXNREG registers a thread (95 uncapped; capped, twice the programs fit on an SM).
+# On an H100 (benchmarks/results/nf4_smem_ab_2026-12-06_h100_run2.json, alternating): the routed
+# layer at one token 19.2 -> 17.8-18.1 us, with the shared expert folded in 33.6-34.2 -> 31.5 us,
+# the batch-1 decode step 572.1 -> 592.9 tokens/s; uncapped gate_up was slower than none (19.3-19.9
+# us) and the table made the linears slower (q/k/v 6.6 -> 8.0 us, o_proj 3.3 -> 3.7: _h100.json),
+# so they keep `prmt`.
 NF4_SMEM_KERNELS = frozenset(k for k in os.environ.get("MOELAB_NF4_SMEM", "gate_up,down").split(",")
                              if k not in ("", "none"))
 NF4_SMEM_MAXNREG = 64
@@ -1085,15 +1090,17 @@ def _grouped_gemm(x, w, out, pairs, counts, route_w, num_pairs, num_experts, x_r
 # the same experts come back too often.
 GEMV_MAX_PAIRS = 16
 GEMV_MAX_PAIRS_NF4 = 128
-# From this many pairs (256 tokens at top-4) NF4 experts are dequantized once per call into a
-# dense workspace (`nf4_to_dense`: a transient bf16 copy of the layer's experts, 1.04 GB on
-# Qwen1.5-MoE) and run through the dense grouped GEMMs: a prefill is compute-bound, and
-# dequantizing inside every tile cost more than the bytes it saves. On an H200 one layer at
-# 512 / 4,096 tokens went from 2,073 / 11,160 us to 983 / 1,389 us
-# (benchmarks/results/experts_nf4_prefill_2026-11-29_h200.json); 64 tokens (256 pairs) and fewer
-# keep dequantizing in registers. The crossover between 256 and 2,048 pairs is not measured:
-# 1,024 is a guess between them.
-NF4_DENSE_FROM_PAIRS = 1024
+# Above the decode configuration's pairs (DECODE_MAX_PAIRS: 64 tokens at top-4) NF4 experts are
+# dequantized once per call into a dense workspace (`nf4_to_dense`: a transient bf16 copy of the
+# layer's experts, 1.04 GB on Qwen1.5-MoE) and run through the dense grouped GEMMs: a prefill is
+# compute-bound, and dequantizing inside every tile cost more than the bytes it saves. On an H200 one
+# layer at 512 / 4,096 tokens went from 2,073 / 11,160 us to 983 / 1,389 us
+# (benchmarks/results/experts_nf4_prefill_2026-11-29_h200.json). On an H100
+# (nf4_grouped_ab_2026-12-06_h100.json) the grouped NF4 kernel with bf16 levels took 282 / 402 us at
+# 16 / 64 tokens (dequantize-first ~920 / 1,029) but 1,327 us at 128 tokens, where its prefill
+# configuration starts, against 1,031 dequantizing first: hence the threshold right above 256 pairs
+# (it was 1,024).
+NF4_DENSE_FROM_PAIRS = DECODE_MAX_PAIRS + 1
 
 
 def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool, num_sms: int = 132,
