@@ -24,7 +24,7 @@ layer at one token 18.8 us (prmt) / 19.3-19.9 (table) / 17.7 (capped); with the 
 32.7 / 31.2; linears slower with the table (q/k/v 6.6 -> 8.0 us, o_proj 3.3 -> 3.7); decode step NF4
 571.4 / 572.0 -> 582.4 / 582.3 tokens/s (capped, linears included), bf16 443.8.
 benchmarks/results/nf4_smem_ab_2026-12-06_h100_run2.json (this version, H100): layer at one token
-none 19.2, gate_up 18.2-18.5, down 18.2-18.5, both 17.8-18.1, both with 16-row gate_up programs
+none 18.8-19.2, gate_up 18.2-18.5, down 18.2-18.5, both 17.8-18.1, both with 16-row gate_up programs
 22.6-22.9 us (bf16 28.2-28.4); with the shared expert 33.6-34.2 / 31.7-32.6 / 32.5-33.2 / 31.5 /
 38.9-39.1; decode step NF4 none 544.1 / 572.1, both 583.7 / 592.9 tokens/s. The package takes both.
 """

@@ -373,7 +373,7 @@ NF4_DOT_SMEM_ASM = tl.constexpr(_nf4_dot_smem_asm())
 # (MOELAB_NF4_SMEM=gate_up,down,... or "none": comparisons). gate_up with the table is capped at
 # NF4_SMEM_MAXNREG registers a thread (95 uncapped; capped, twice the programs fit on an SM).
 # On an H100 (benchmarks/results/nf4_smem_ab_2026-12-06_h100_run2.json, alternating): the routed
-# layer at one token 19.2 -> 17.8-18.1 us, with the shared expert folded in 33.6-34.2 -> 31.5 us,
+# layer at one token 18.8-19.2 -> 17.8-18.1 us, with the shared expert folded in 33.6-34.2 -> 31.5 us,
 # the batch-1 decode step 572.1 -> 592.9 tokens/s; uncapped gate_up was slower than none (19.3-19.9
 # us) and the table made the linears slower (q/k/v 6.6 -> 8.0 us, o_proj 3.3 -> 3.7: _h100.json),
 # so they keep `prmt`.
