@@ -915,7 +915,7 @@ def test_nf4_shared_memory_table_fill_and_lookup(num_warps):
         out = _run_lanes(lookup, 1, lambda w, lane: {"$1": packed, "$6": base + 4 * lane}, shared, base)[0]
         assert out == [table[word[3]]] * 32
         for i in range(3):
-            got = _run_lanes(lookup.replace("$0", "p3").replace(f"p{i}, [q]", f"$0, [q]"), 1,
+            got = _run_lanes(lookup.replace("$0", "p3").replace(f"p{i}, [q]", "$0, [q]"), 1,
                              lambda w, lane: {"$1": packed, "$6": base + 4 * lane}, shared, base)[0]
             assert got == [table[word[i]]] * 32
 

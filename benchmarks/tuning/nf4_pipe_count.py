@@ -19,18 +19,11 @@ import collections
 import inspect
 import os
 import re
-import subprocess
-import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: compile, do not interpret
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
 import moelab.kernels.experts as experts  # noqa: E402
-
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+from sass_count import compile_sass  # noqa: E402
 INTEGER = {"PRMT", "LOP3", "SHF", "LEA", "IADD3", "ISETP", "SEL", "VIADD", "IABS", "BMSK", "SGXT", "FLO", "POPC",
            "BREV", "IMNMX", "VIMNMX"}
 FLOAT = {"IMAD", "FFMA", "FADD", "FMUL", "HFMA2", "HMUL2", "HADD2", "FSEL", "FSETP", "MOV", "CS2R"}
@@ -46,19 +39,8 @@ def loop_ops(smem: bool) -> tuple[list[str], int]:
              "absmax_scale_ptr": "*fp32", "absmax_offset_ptr": "*fp32", "nf4_code_ptr": "*fp32",
              "shared_absmax_code_ptr": "*fp32", "shared_absmax_scale_ptr": "*fp32",
              "shared_absmax_offset_ptr": "*fp32"}
-    names = list(inspect.signature(fn.fn).parameters)
-    signature = {n: "constexpr" if n in consts else types.get(n, "*u8" if n.endswith("_ptr") else "i32")
-                 for n in names}
-    aligned = [n for n in names if n.endswith("_ptr") or n in ("k_dim", "n_out", "stride_xm", "stride_we",
-                                                                "stride_wn", "stride_am", "stride_swn")]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}  # as the JIT specialises
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    types = {n: types.get(n, "*u8" if n.endswith("_ptr") else "i32") for n in inspect.signature(fn.fn).parameters}
+    sass, usage = compile_sass(fn, consts, types, num_warps=4)
     ins = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)]
     back = [(a, int(t, 16)) for a, t in re.findall(r"/\*([0-9a-f]{4})\*/\s+@!?P\d\s+BRA\s+0x([0-9a-f]+)", sass)]
     end, start = max(((int(a, 16), t) for a, t in back if t < int(a, 16)), key=lambda p: p[0] - p[1])

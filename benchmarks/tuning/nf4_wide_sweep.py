@@ -36,7 +36,7 @@ import moelab.kernels.experts as EK
 import moelab.kernels.gemv as G
 from moelab.kernels.experts import fused_experts_forward
 from moelab.quant import quantize_nf4
-from tuning_common import build_models_once, routed_layer_at_one_token
+from tuning_common import build_models_once, decode_step, routed_layer_at_one_token
 
 OUT = os.environ.get("OUT", "/tmp")
 torch.manual_seed(0)
@@ -172,13 +172,10 @@ for quant, names in (("nf4", ["package", "wide", "package", "wide"]), (None, ["p
     for name in names:
         patch(**variants[name])
         try:
-            r = B.bench_decode("qwen1.5-moe-a2.7b", batches=(1,), prompt_len=(16, 64), max_seq_len=2048,
-                               modes=("graph_fused_proj",), quantize=quant, profile=False)
+            rows = decode_step(name, quant)
         finally:
             EK.gemv_config, G.gemv_config = ORIG_EK, ORIG_G
-        for row in r["results"]:
-            res["decode"].append(dict(precision=quant or "bf16", variant=name, batch=row["batch"],
-                                      tokens_per_s=row.get("tokens_per_s"), ms_per_step=row.get("ms_per_step"),
-                                      error=row.get("error")))
-            print("decode", res["decode"][-1], flush=True)
+        for row in rows:
+            res["decode"].append(row)
+            print("decode", row, flush=True)
         save()

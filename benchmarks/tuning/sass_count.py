@@ -33,26 +33,32 @@ import moelab.kernels.experts as experts  # noqa: E402
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
 
 
-def sass_instructions(nf4: bool, block_k: int) -> int:
-    fn = experts._gemv_gate_up_kernel
-    consts = dict(NF4=nf4, DOUBLE_QUANT=nf4, ROW_ALIGNED=nf4, NF4_ASM=nf4, HAS_SHARED=False, BLOCK_N=8,
-                  BLOCK_K=block_k, PIPELINE=1)
-    ptrs = {"x_ptr": "*bf16", "act_ptr": "*bf16", "shared_w_ptr": "*bf16", "w_ptr": "*u8" if nf4 else "*bf16",
-            "ids_ptr": "*i32", "absmax_ptr": "*u8", "absmax_code_ptr": "*fp32", "absmax_scale_ptr": "*fp32",
-            "absmax_offset_ptr": "*fp32", "nf4_code_ptr": "*fp32"}
+def compile_sass(fn, consts: dict, types: dict, num_warps: int) -> tuple[str, str]:
+    """(SASS, cuobjdump's resource usage) of a moelab kernel compiled for sm_90: constexprs
+    `consts`, pointer types from `types` (other arguments i32), pointers and the usual sizes and
+    strides marked 16-divisible as the JIT specialises them."""
     names = list(inspect.signature(fn.fn).parameters)
-    signature = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
+    signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
     aligned = [n for n in names if n.endswith("_ptr") or n in ("k_dim", "n_out", "stride_xm", "stride_we",
                                                                 "stride_wn", "stride_am", "stride_swn")]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}  # as the JIT specialises
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=2, num_stages=1))
+                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=1))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    return sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]+\*/\s+\S", line))
+        run = lambda *a: subprocess.run([CUOBJDUMP, *a, f.name], capture_output=True, text=True, check=True).stdout  # noqa: E731
+        return run("-sass"), run("-res-usage")
 
+
+def sass_instructions(nf4: bool, block_k: int) -> int:
+    consts = dict(NF4=nf4, DOUBLE_QUANT=nf4, ROW_ALIGNED=nf4, NF4_ASM=nf4, HAS_SHARED=False, BLOCK_N=8,
+                  BLOCK_K=block_k, PIPELINE=1, NF4_SMEM=0)
+    types = {"x_ptr": "*bf16", "act_ptr": "*bf16", "shared_w_ptr": "*bf16", "w_ptr": "*u8" if nf4 else "*bf16",
+             "ids_ptr": "*i32", "absmax_ptr": "*u8", "absmax_code_ptr": "*fp32", "absmax_scale_ptr": "*fp32",
+             "absmax_offset_ptr": "*fp32", "nf4_code_ptr": "*fp32"}
+    sass, _ = compile_sass(experts._gemv_gate_up_kernel, consts, types, num_warps=2)
+    return sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]+\*/\s+\S", line))
 
 if __name__ == "__main__":
     values_per_thread = 16 * 256 // 64

@@ -40,3 +40,15 @@ def routed_layer_at_one_token(routings: int = 8, dtype=torch.bfloat16):
     inputs = [route(torch.randn(1, config.num_experts, device="cuda"), config.num_experts_per_tok)
               for _ in range(routings)]
     return experts, nf4, x, [(w.to(dtype), ids.to(torch.int64)) for w, ids in inputs]
+
+
+def decode_step(variant: str, quantize, batches=(1,)) -> list[dict]:
+    """One `bench_decode` run of Qwen1.5-MoE-A2.7B as the tuning scripts time it (prompts of 16-64
+    tokens, max_seq_len 2048, graph_fused_proj, no profile): its rows as dicts of precision,
+    variant, batch, tokens_per_s, ms_per_step and error. The caller puts its variant in force."""
+    import moelab.bench as B
+
+    r = B.bench_decode("qwen1.5-moe-a2.7b", batches=batches, prompt_len=(16, 64), max_seq_len=2048,
+                       modes=("graph_fused_proj",), quantize=quantize, profile=False)
+    return [dict(precision=quantize or "bf16", variant=variant, batch=row["batch"], tokens_per_s=row.get("tokens_per_s"),
+                 ms_per_step=row.get("ms_per_step"), error=row.get("error")) for row in r["results"]]

@@ -270,6 +270,17 @@ def _nf4_bf16_pair_lines(word: str, outs: tuple[str, str, str, str], table_regs=
     return lines
 
 
+def _word_products_lines(absmax: str, acc: str) -> list[str]:
+    """PTX lines that end a code word's dot: the 4 level pairs p0-p3 times x's bf16 pairs $2-$5, two
+    at a time in bf16 (`mul`/`fma.rn.bf16x2`), the 4 pairs added in bf16, the two halves in float32,
+    then $0 = acc + absmax * that sum."""
+    return ["mul.rn.bf16x2 a, p0, $2;", "fma.rn.bf16x2 a, p1, $3, a;",
+            "mul.rn.bf16x2 c, p2, $4;", "fma.rn.bf16x2 c, p3, $5, c;", "add.rn.bf16x2 a, a, c;",
+            "shl.b32 u, a, 16;", "and.b32 v, a, 0xFFFF0000;", "mov.b32 fa, u;", "mov.b32 fb, v;",
+            "add.f32 fa, fa, fb;", f"mov.b32 fb, {absmax};", f"mov.b32 fr, {acc};", "fma.rn.f32 fr, fa, fb, fr;",
+            "mov.b32 $0, fr;"]
+
+
 def _nf4_dot_asm() -> str:
     """PTX for one code word of an NF4 GEMV: $0 = $11 + $10 * (sum over the word's 8 values of
     level * x), float32, with $1 the code word, $2-$5 the 4 bf16 pairs of x it multiplies, $6-$9
@@ -284,11 +295,7 @@ def _nf4_dot_asm() -> str:
     lines = [".reg .b32 m, m1, s, s1, ta, tb, l0, l1, h0, h1, p0, p1, p2, p3, a, c, u, v;",
              ".reg .f32 fa, fb, fr;"]
     lines += _nf4_bf16_pair_lines("$1", ("p0", "p1", "p2", "p3"), ("$6", "$7", "$8", "$9"))
-    lines += ["mul.rn.bf16x2 a, p0, $2;", "fma.rn.bf16x2 a, p1, $3, a;",
-              "mul.rn.bf16x2 c, p2, $4;", "fma.rn.bf16x2 c, p3, $5, c;", "add.rn.bf16x2 a, a, c;",
-              "shl.b32 u, a, 16;", "and.b32 v, a, 0xFFFF0000;", "mov.b32 fa, u;", "mov.b32 fb, v;",
-              "add.f32 fa, fa, fb;", "mov.b32 fb, $10;", "mov.b32 fr, $11;", "fma.rn.f32 fr, fa, fb, fr;",
-              "mov.b32 $0, fr;"]
+    lines += _word_products_lines("$10", "$11")
     return "{\n" + "\n".join(lines) + "\n}"
 
 
@@ -335,7 +342,6 @@ def _nf4_table_fill_asm(num_warps: int) -> str:
     reaches every lane by one `shfl` and is stored by one `st.shared`: 2 E instructions per
     thread. Ends with the barrier that makes the table visible to the whole program."""
     per_warp = 256 // num_warps
-    regs = max(1, per_warp // 32)
     lines = [".reg .b32 w, base, lane, v;", "mov.u32 lane, %laneid;", "mov.u32 w, %tid.x;", "shr.u32 w, w, 5;",
              f"mul.lo.u32 w, w, {per_warp * 128};", "mov.u32 base, moelab_nf4_pairs;", "add.u32 base, base, w;",
              "shl.b32 w, lane, 2;", "add.u32 base, base, w;"]
@@ -358,11 +364,7 @@ def _nf4_dot_smem_asm() -> str:
     lines = [".reg .b32 t, q, p0, p1, p2, p3, a, c, u, v;", ".reg .f32 fa, fb, fr;"]
     for i in range(4):
         lines += [f"prmt.b32 t, $1, 0, 0x444{i};", "mad.lo.u32 q, t, 128, $6;", f"ld.shared.b32 p{i}, [q];"]
-    lines += ["mul.rn.bf16x2 a, p0, $2;", "fma.rn.bf16x2 a, p1, $3, a;",
-              "mul.rn.bf16x2 c, p2, $4;", "fma.rn.bf16x2 c, p3, $5, c;", "add.rn.bf16x2 a, a, c;",
-              "shl.b32 u, a, 16;", "and.b32 v, a, 0xFFFF0000;", "mov.b32 fa, u;", "mov.b32 fb, v;",
-              "add.f32 fa, fa, fb;", "mov.b32 fb, $7;", "mov.b32 fr, $8;", "fma.rn.f32 fr, fa, fb, fr;",
-              "mov.b32 $0, fr;"]
+    lines += _word_products_lines("$7", "$8")
     return "{\n" + "\n".join(lines) + "\n}"
 
 
