@@ -53,6 +53,10 @@ decoded once per row and broadcast over its 32 bytes. On CUDA, where a row is wh
 they go further (`_nf4_words`): 32-bit code words, each meeting its 8 values of x (read as bf16
 pairs) in one piece of PTX (`NF4_DOT_ASM`) that looks the levels up in bf16 and multiplies two
 at a time in bf16x2: about 5 instructions per value in the compiled loop against about 13.
+The experts' two decode GEMVs look each code byte up in a 256-entry table of bf16 level pairs
+in shared memory instead (`NF4_DOT_SMEM_ASM`, `NF4_SMEM_KERNELS`): 11 integer-pipe
+instructions per code word where the `prmt` look-up takes 27, the integer pipe retiring half
+as many a clock as the float pipe.
 One token's NF4 GEMV is not bound by its 4x fewer bytes: on an H100 the old path took one
 layer 31.4 us against bf16's 28.9, whatever the absmax format
 (benchmarks/results/probe_nf4_latency_2026-12-06_h100.json), the word path 22.1 against 29.0
@@ -401,7 +405,11 @@ def _nf4_lut(nf4_code_ptr, NF4_WORDS: tl.constexpr, NF4_SMEM: tl.constexpr = 0):
     code-book buffer (`_nf4_code`: one copy per lane after the 16 levels); zeros where the NF4
     word path is not taken. Each lane reads its own copy so that ptxas sees per-thread values:
     a value it can prove uniform lives in a uniform register, copied into a regular one before
-    every `prmt` (one more instruction per look-up)."""
+    every `prmt` (one more instruction per look-up).
+
+    With NF4_SMEM (the program's warps) instead: declares and fills the shared-memory pair table
+    of `NF4_DOT_SMEM_ASM` (each warp loads its 256 / NF4_SMEM entries of `nf4_pair_table`, one per
+    lane and register, for `_nf4_table_fill_asm`) and returns (this lane's table address, 0, 0, 0)."""
     if NF4_WORDS and NF4_SMEM:  # NF4_SMEM = the program's warps: the pair table in shared memory
         tl.inline_asm_elementwise(NF4_TABLE_DECL, "=r,r", [tl.program_id(0)], dtype=tl.int32, is_pure=False, pack=1)
         lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [tl.program_id(0)], dtype=tl.int32,
