@@ -937,3 +937,7 @@ def test_nf4_table_choice_per_kernel(monkeypatch):
     assert EK.with_nf4_table({**cfg, "NF4_SMEM": 0}, words, "down")["NF4_SMEM"] == 0
     with pytest.raises(ValueError, match="gate_up, down or linear"):
         EK.with_nf4_table(cfg, words, "up")
+    assert EK._nf4_smem_kernels("gate_up, down") == {"gate_up", "down"}
+    assert EK._nf4_smem_kernels("none") == EK._nf4_smem_kernels("") == frozenset()
+    with pytest.raises(ValueError, match="MOELAB_NF4_SMEM.*'gateup'"):
+        EK._nf4_smem_kernels("gateup")

@@ -383,8 +383,15 @@ NF4_DOT_SMEM_ASM = tl.constexpr(_nf4_dot_smem_asm())
 # the batch-1 decode step 572.1 -> 592.9 tokens/s; uncapped gate_up was slower than none (19.3-19.9
 # us) and the table made the linears slower (q/k/v 6.6 -> 8.0 us, o_proj 3.3 -> 3.7: _h100.json),
 # so they keep `prmt`.
-NF4_SMEM_KERNELS = frozenset(k for k in os.environ.get("MOELAB_NF4_SMEM", "gate_up,down").split(",")
-                             if k not in ("", "none"))
+def _nf4_smem_kernels(setting: str) -> frozenset:
+    """The kernels a MOELAB_NF4_SMEM value names ("none" or "": no kernel)."""
+    kernels = frozenset(k.strip() for k in setting.split(",") if k.strip() not in ("", "none"))
+    if not kernels <= {"gate_up", "down", "linear"}:
+        raise ValueError(f"MOELAB_NF4_SMEM names kernels among gate_up, down, linear (or none), got {setting!r}")
+    return kernels
+
+
+NF4_SMEM_KERNELS = _nf4_smem_kernels(os.environ.get("MOELAB_NF4_SMEM", "gate_up,down"))
 NF4_SMEM_MAXNREG = 64
 
 
