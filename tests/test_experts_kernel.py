@@ -937,6 +937,9 @@ def test_nf4_table_choice_per_kernel(monkeypatch):
     assert EK.with_nf4_table({**cfg, "NF4_SMEM": 0}, words, "down")["NF4_SMEM"] == 0
     with pytest.raises(ValueError, match="gate_up, down or linear"):
         EK.with_nf4_table(cfg, words, "up")
+    with pytest.raises(ValueError, match="2 to 32 warps.*has 1"):
+        EK.with_nf4_table({**cfg, "num_warps": 1}, words, "down")
+    assert EK.with_nf4_table({**cfg, "num_warps": 1, "NF4_SMEM": 0}, words, "down")["NF4_SMEM"] == 0
     assert EK._nf4_smem_kernels("gate_up, down") == {"gate_up", "down"}
     assert EK._nf4_smem_kernels("none") == EK._nf4_smem_kernels("") == frozenset()
     with pytest.raises(ValueError, match="MOELAB_NF4_SMEM.*'gateup'"):

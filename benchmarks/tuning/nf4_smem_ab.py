@@ -2,7 +2,7 @@
 `NF4_DOT_SMEM_ASM`, one `ld.shared` per byte from a 256-entry table of bf16 level pairs, one copy
 per lane) against the package's `prmt` look-up in registers, side by side on one machine.
 
-Why: compiled for sm_90, the package's gate_up K-step issues 346 instructions per thread, ~214 of
+Why: compiled for sm_90, the package's gate_up K-step issues 346 instructions per thread, 216 of
 them on the integer pipe (which retires half as many per clock as the float pipe): about 27
 integer instructions per code word, and the NF4 kernels run at an IPC of ~0.5 per scheduler. With
 the table: 266 instructions, ~84 integer (10.5 per word), 32 `ld.shared`; each program first fills

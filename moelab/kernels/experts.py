@@ -54,9 +54,10 @@ they go further (`_nf4_words`): 32-bit code words, each meeting its 8 values of 
 pairs) in one piece of PTX (`NF4_DOT_ASM`) that looks the levels up in bf16 and multiplies two
 at a time in bf16x2: about 5 instructions per value in the compiled loop against about 13.
 The experts' two decode GEMVs look each code byte up in a 256-entry table of bf16 level pairs
-in shared memory instead (`NF4_DOT_SMEM_ASM`, `NF4_SMEM_KERNELS`): 11 integer-pipe
-instructions per code word where the `prmt` look-up takes 27, the integer pipe retiring half
-as many a clock as the float pipe.
+in shared memory instead (`NF4_DOT_SMEM_ASM`, `NF4_SMEM_KERNELS`): compiled for sm_90, 11
+integer-pipe instructions per code word in gate_up's loop where the `prmt` look-up takes 27
+(benchmarks/tuning/nf4_pipe_count.py), the integer pipe retiring half as many a clock as the
+float pipe.
 One token's NF4 GEMV is not bound by its 4x fewer bytes: on an H100 the old path took one
 layer 31.4 us against bf16's 28.9, whatever the absmax format
 (benchmarks/results/probe_nf4_latency_2026-12-06_h100.json), the word path 22.1 against 29.0
@@ -356,8 +357,7 @@ def _nf4_table_fill_asm(num_warps: int) -> str:
     return "{\n" + "\n".join(lines) + "\n}"
 
 
-NF4_FILL_ASM_2, NF4_FILL_ASM_4, NF4_FILL_ASM_8, NF4_FILL_ASM_16, NF4_FILL_ASM_32 = (
-    tl.constexpr(_nf4_table_fill_asm(w)) for w in (2, 4, 8, 16, 32))
+NF4_FILL_ASM = tl.constexpr({w: _nf4_table_fill_asm(w) for w in (2, 4, 8, 16, 32)})  # by the program's warps
 
 
 def _nf4_dot_smem_asm() -> str:
@@ -374,15 +374,6 @@ def _nf4_dot_smem_asm() -> str:
 
 NF4_DOT_SMEM_ASM = tl.constexpr(_nf4_dot_smem_asm())
 
-# Which NF4 decode GEMVs look their code bytes up in the shared-memory pair table
-# (`NF4_DOT_SMEM_ASM`) rather than by `prmt` in registers: a set of "gate_up", "down", "linear"
-# (MOELAB_NF4_SMEM=gate_up,down,... or "none": comparisons). gate_up with the table is capped at
-# NF4_SMEM_MAXNREG registers a thread (95 uncapped; capped, twice the programs fit on an SM).
-# On an H100 (benchmarks/results/nf4_smem_ab_2026-12-06_h100_run2.json, alternating): the routed
-# layer at one token 18.8-19.2 -> 17.8-18.1 us, with the shared expert folded in 33.6-34.2 -> 31.5 us,
-# the batch-1 decode step 572.1 -> 592.9 tokens/s; uncapped gate_up was slower than none (19.3-19.9
-# us) and the table made the linears slower (q/k/v 6.6 -> 8.0 us, o_proj 3.3 -> 3.7: _h100.json),
-# so they keep `prmt`.
 def _nf4_smem_kernels(setting: str) -> frozenset:
     """The kernels a MOELAB_NF4_SMEM value names ("none" or "": no kernel)."""
     kernels = frozenset(k.strip() for k in setting.split(",") if k.strip() not in ("", "none"))
@@ -391,6 +382,15 @@ def _nf4_smem_kernels(setting: str) -> frozenset:
     return kernels
 
 
+# Which NF4 decode GEMVs look their code bytes up in the shared-memory pair table
+# (`NF4_DOT_SMEM_ASM`) rather than by `prmt` in registers: a set of "gate_up", "down", "linear"
+# (MOELAB_NF4_SMEM=gate_up,down,... or "none": comparisons). gate_up with the table is capped at
+# NF4_SMEM_MAXNREG registers a thread (95 uncapped: 5 of its 4-warp programs fit on an SM, 8 at 64).
+# On an H100 (benchmarks/results/nf4_smem_ab_2026-12-06_h100_run2.json, alternating): the routed
+# layer at one token 18.8-19.2 -> 17.8-18.1 us, with the shared expert folded in 33.6-34.2 -> 31.5 us,
+# the batch-1 decode step 572.1 -> 592.9 tokens/s; uncapped gate_up was slower than none (19.3-19.9
+# us) and the table made the linears slower (q/k/v 6.6 -> 8.0 us, o_proj 3.3 -> 3.7: _h100.json),
+# so they keep `prmt`.
 NF4_SMEM_KERNELS = _nf4_smem_kernels(os.environ.get("MOELAB_NF4_SMEM", "gate_up,down"))
 NF4_SMEM_MAXNREG = 64
 
@@ -402,6 +402,9 @@ def with_nf4_table(cfg: dict, flags: dict, kernel: str) -> dict:
         raise ValueError(f"kernel must be gate_up, down or linear, got {kernel!r}")
     if kernel not in NF4_SMEM_KERNELS or not (flags["NF4"] and flags["NF4_ASM"] and flags["ROW_ALIGNED"]):
         return cfg
+    if "NF4_SMEM" not in cfg and cfg["num_warps"] not in NF4_FILL_ASM.value:
+        raise ValueError(f"the NF4 table fills with 2 to 32 warps (a power of two), the {kernel} config has "
+                         f"{cfg['num_warps']}: pass NF4_SMEM=0 in its config, or leave {kernel} out of MOELAB_NF4_SMEM")
     extra = {"maxnreg": NF4_SMEM_MAXNREG} if kernel == "gate_up" and NF4_SMEM_MAXNREG else {}
     return {"NF4_SMEM": cfg["num_warps"], **extra, **cfg}
 
@@ -426,23 +429,16 @@ def _nf4_lut(nf4_code_ptr, NF4_WORDS: tl.constexpr, NF4_SMEM: tl.constexpr = 0):
         PER_WARP: tl.constexpr = 256 // NF4_SMEM
         pairs = nf4_code_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + NF4_PAIRS_AT + warp * PER_WARP
         e = pairs + lane % PER_WARP
-        if NF4_SMEM == 2:
-            addr = tl.inline_asm_elementwise(NF4_FILL_ASM_2, "=r,r,r,r,r",
+        FILL: tl.constexpr = NF4_FILL_ASM[NF4_SMEM]
+        if PER_WARP <= 32:  # one entry per lane
+            addr = tl.inline_asm_elementwise(FILL, "=r,r", [tl.load(e)], dtype=tl.int32, is_pure=False, pack=1)
+        elif PER_WARP == 64:
+            addr = tl.inline_asm_elementwise(FILL, "=r,r,r", [tl.load(e), tl.load(e + 32)], dtype=tl.int32,
+                                             is_pure=False, pack=1)
+        else:
+            addr = tl.inline_asm_elementwise(FILL, "=r,r,r,r,r",
                                              [tl.load(e), tl.load(e + 32), tl.load(e + 64), tl.load(e + 96)],
                                              dtype=tl.int32, is_pure=False, pack=1)
-        elif NF4_SMEM == 4:
-            addr = tl.inline_asm_elementwise(NF4_FILL_ASM_4, "=r,r,r", [tl.load(e), tl.load(e + 32)],
-                                             dtype=tl.int32, is_pure=False, pack=1)
-        elif NF4_SMEM == 8:
-            addr = tl.inline_asm_elementwise(NF4_FILL_ASM_8, "=r,r", [tl.load(e)], dtype=tl.int32, is_pure=False,
-                                             pack=1)
-        elif NF4_SMEM == 16:
-            addr = tl.inline_asm_elementwise(NF4_FILL_ASM_16, "=r,r", [tl.load(e)], dtype=tl.int32, is_pure=False,
-                                             pack=1)
-        else:
-            tl.static_assert(NF4_SMEM == 32, "NF4_SMEM is the program's warps: 2 to 32")
-            addr = tl.inline_asm_elementwise(NF4_FILL_ASM_32, "=r,r", [tl.load(e)], dtype=tl.int32, is_pure=False,
-                                             pack=1)
         lut = (addr, 0, 0, 0)
     elif NF4_WORDS:
         lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [tl.program_id(0)], dtype=tl.int32,
