@@ -668,6 +668,13 @@ def _block_gemm(x_ptr, w_ptr, out_ptr, pairs_ptr, route_w_ptr, absmax_ptr, absma
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(m < store_hi)[:, None] & n_ok[None, :])
 
 
+# x's 4 bf16 pairs of a code word as one 16-byte load (`ld.global.nc.v4`) in place of four 4-byte
+# ones: the K-loop's x loads per word 2 -> 0.5 (x rows must be 16-byte aligned: the launchers see to
+# it). Off until timed on a GPU: MOELAB_NF4_X_V4=1 turns it on (benchmarks/tuning/nf4_t1_sweep.py).
+NF4_X_V4 = tl.constexpr(os.environ.get("MOELAB_NF4_X_V4", "0") != "0")
+X_V4_ASM = tl.constexpr("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];")
+
+
 @triton.jit
 def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, x_row_ptr, x_scale,
                expert, rows, row_ok, k0, k_dim, absmax_per_expert, scales_per_expert, lut,
@@ -677,10 +684,12 @@ def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax
     its block's absmax (and x_scale) inside `NF4_DOT_ASM`.
 
     Word j of NF4 block b of a row holds the codes of values 64b + 8j .. 64b + 8j + 7; x is read
-    as bf16 pairs (32-bit words, so x must be 4-byte aligned: the launcher sees to it) and each
-    code word meets its 4 pairs in `NF4_DOT_ASM`. Rows are whole 64-blocks (k_dim % 64 == 0).
+    as bf16 pairs (32-bit words) and each code word meets its 4 pairs in `NF4_DOT_ASM`. Rows are
+    whole 64-blocks (k_dim % 64 == 0).
 
-    x comes as four [NB, 8] loads (pair 0, 1, 2, 3 of every word), which Triton places directly
+    With NF4_X_V4 each word's 4 pairs come in one 16-byte load (so x rows must be 16-byte aligned:
+    the launchers see to it), in the words' own layout. Otherwise x comes as four [NB, 8] loads
+    (pair 0, 1, 2, 3 of every word), which Triton places directly
     in the layout the words use as long as the tile has fewer elements than the program has
     threads (BLOCK_K // 8 < 32 * num_warps: `gemv_config` keeps to it). One [NB, 8, 4] load split
     in registers was laid out otherwise and cost a round trip through shared memory and a
@@ -699,10 +708,16 @@ def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax
     pair = k0 // 2 + 32 * b[:, None] + 4 * j[None, :]  # [NB, 8]: x's first bf16 pair of each word
     xw = x_row_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + pair
     x_ok = blk_ok[:, None]
-    x0 = tl.load(xw, mask=x_ok, other=0)
-    x1 = tl.load(xw + 1, mask=x_ok, other=0)
-    x2 = tl.load(xw + 2, mask=x_ok, other=0)
-    x3 = tl.load(xw + 3, mask=x_ok, other=0)
+    if NF4_X_V4:  # one 16-byte load per word; a block past k_dim reads x's first pairs (its absmax is 0)
+        xw = tl.where(x_ok, xw, x_row_ptr.to(tl.pointer_type(tl.int32), bitcast=True))
+        x0, x1, x2, x3 = tl.inline_asm_elementwise(X_V4_ASM, "=r,=r,=r,=r,l", [xw.to(tl.int64)],
+                                                   dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+                                                   is_pure=True, pack=1)
+    else:
+        x0 = tl.load(xw, mask=x_ok, other=0)
+        x1 = tl.load(xw + 1, mask=x_ok, other=0)
+        x2 = tl.load(xw + 2, mask=x_ok, other=0)
+        x3 = tl.load(xw + 3, mask=x_ok, other=0)
     blk = (rows.to(tl.int64) * k_dim + k0) // 64
     am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
                      blk[:, None] + b[None, :], row_ok[:, None] & blk_ok[None, :], absmax_per_expert,
@@ -1240,7 +1255,7 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
     num_pairs = num_tokens * top_k
     num_experts, _, hidden_dim = _shape(gate_up)
     hidden = hidden.contiguous()  # the kernels step along K with unit stride
-    if hidden.data_ptr() % 4:  # the NF4 kernels read x as 32-bit bf16 pairs
+    if hidden.data_ptr() % 16:  # the NF4 kernels read x 16 bytes at a time (`NF4_X_V4`)
         hidden = hidden.clone()
     flat_ids = ids.reshape(-1).contiguous()
     on_gpu = hidden.is_cuda

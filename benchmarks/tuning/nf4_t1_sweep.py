@@ -1,0 +1,126 @@
+"""The NF4 routed-experts layer at one token (issue 7's T=1 row) under other launch configs of its
+two decode kernels, the shared-memory table on: gate_up with prefetched K-steps (`PIPELINE` > 1:
+cp.async into shared memory while this step is multiplied), other K-steps, 16 rows on 8 warps (half
+the table fills), 8 rows on 8 warps, another register cap; down at one token with other rows,
+warps and K-steps. Each variant replaces the package's config of one kernel (the other keeps its
+own), all timed in CUDA graphs, alternating, outputs checked against the package's.
+
+Why: compiled for sm_90 the gate_up K-step is 259-266 instructions a thread, and with 704 programs
+in one wave every program runs its four 512-value K-steps as load-then-multiply, the loads of the
+next step not issued before this step's multiplies are done (PIPELINE 1, chosen when the `prmt`
+look-up made the multiplies twice as long).
+
+The x loads are a per-process choice (`MOELAB_NF4_X_V4`, read at import): run the script once with
+it on and once off; TAG names the output ($OUT/nf4_t1_sweep_<TAG>.json). GATE_UP / DOWN (comma
+lists) restrict the variants; SHARED=1 also times the best variants with the shared expert folded in.
+
+    MOELAB_NF4_X_V4=1 TAG=v4 python benchmarks/tuning/nf4_t1_sweep.py
+"""
+import json
+import os
+
+import torch
+
+import moelab.bench as B
+import moelab.kernels.experts as EK
+from moelab.kernels.experts import SharedExpert, fused_experts_forward
+from moelab.quant import quantize_nf4
+from tuning_common import routed_layer_at_one_token
+
+OUT, TAG = os.environ.get("OUT", "/tmp"), os.environ.get("TAG", "run")
+GATE_UP = {"base": {}, "p2": {"PIPELINE": 2}, "p2r80": {"PIPELINE": 2, "maxnreg": 80},
+           "k256p2": {"BLOCK_K": 256, "PIPELINE": 2}, "k256p3": {"BLOCK_K": 256, "PIPELINE": 3},
+           "k1024": {"BLOCK_K": 1024}, "r80": {"maxnreg": 80}, "n16w8": {"BLOCK_N": 16, "num_warps": 8},
+           "n16w8p2": {"BLOCK_N": 16, "num_warps": 8, "PIPELINE": 2}, "n8w8": {"num_warps": 8},
+           "n8w8p2": {"num_warps": 8, "PIPELINE": 2}}
+DOWN = {"base": {}, "n8w16": {"BLOCK_N": 8, "num_warps": 16}, "w16": {"num_warps": 16},
+        "k512p2": {"BLOCK_K": 512, "PIPELINE": 2, "SHARED_BLOCK_K": 512},
+        "k1024p2": {"BLOCK_K": 1024, "PIPELINE": 2, "SHARED_BLOCK_K": 1024}}
+for name, table in (("GATE_UP", GATE_UP), ("DOWN", DOWN)):
+    if os.environ.get(name):
+        keep = os.environ[name].split(",")
+        for key in list(table):
+            if key not in keep and key != "base":
+                del table[key]
+ORIG = EK.gemv_config
+res = {"card": B.card_name(), "versions": B.versions(), "x_v4": bool(EK.NF4_X_V4.value),
+       "smem_kernels": sorted(EK.NF4_SMEM_KERNELS), "gate_up": GATE_UP, "down": DOWN, "layer": [], "layer_shared": []}
+print(res["card"], "x_v4", res["x_v4"], flush=True)
+
+
+def use(gate_up: dict, down: dict):
+    """gemv_config with gate_up's NF4 config updated by `gate_up`, down's (one token) by `down`."""
+    def cfg(num_rows, n_out, gated, nf4, on_gpu, num_sms=132, shared=False):
+        c = ORIG(num_rows, n_out, gated, nf4, on_gpu, num_sms, shared)
+        if not (nf4 and on_gpu):
+            return c
+        return {**c, **gate_up} if gated else {**c, **down} if num_rows == 1 else c
+    EK.gemv_config = cfg
+
+
+def timed(fn, n, ref=None):
+    """(us, max relative error against ref, outputs) of fn(i) for i < n, in a CUDA graph."""
+    try:
+        with torch.no_grad():
+            outs = [fn(i).float() for i in range(n)]
+            us = B._time_graph(fn, n)
+    except Exception as e:  # noqa: BLE001  (a config the compiler or the launcher refuses)
+        torch.cuda.synchronize()
+        return repr(e)[:200], None, None
+    err = None if ref is None else max(((o - r).norm() / r.norm()).item() for o, r in zip(outs, ref))
+    return round(us, 2), err, outs
+
+
+def save():
+    json.dump(res, open(os.path.join(OUT, f"nf4_t1_sweep_{TAG}.json"), "w"), indent=1)
+
+
+torch.manual_seed(0)
+experts, nf4, x, inputs = routed_layer_at_one_token()
+q = lambda shape: quantize_nf4(torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 0.02,  # noqa: E731
+                               backend="torch")
+shared = [SharedExpert(q((1, 2 * 5632, 2048)), q((1, 2048, 5632)),
+                       torch.randn(1, 1, device="cuda", dtype=torch.bfloat16)) for _ in range(2)]
+layer = lambda extra: (lambda i: fused_experts_forward(x, *inputs[i], nf4, **extra(i)))  # noqa: E731
+no_shared, with_shared = (lambda i: {}), (lambda i: {"shared": shared[i % 2]})
+use({}, {})
+_, _, ref = timed(layer(no_shared), 8)
+_, _, ref_shared = timed(layer(with_shared), 8)
+variants = [("gate_up", k, v, {}) for k, v in GATE_UP.items()] + [("down", k, {}, v) for k, v in DOWN.items() if k != "base"]
+for rep in range(3):
+    for kernel, name, gu, dn in variants:
+        use(gu, dn)
+        us, err, _ = timed(layer(no_shared), 8, ref)
+        res["layer"].append(dict(rep=rep, kernel=kernel, variant=name, us=us, err=err))
+        print("layer", res["layer"][-1], flush=True)
+    use({}, {})
+    us, _, _ = timed(lambda i: fused_experts_forward(x, *inputs[i], experts), 8)
+    res["layer"].append(dict(rep=rep, kernel="bf16", variant="bf16", us=us, err=None))
+    print("layer", res["layer"][-1], flush=True)
+    save()
+
+
+def best(kernel):
+    rows = [r for r in res["layer"] if r["kernel"] == kernel and isinstance(r["us"], float) and r["err"] is not None
+            and r["err"] < 2e-2]
+    means = {}
+    for r in rows:
+        means.setdefault(r["variant"], []).append(r["us"])
+    return min(means, key=lambda v: sum(means[v]) / len(means[v])) if means else "base"
+
+
+res["best"] = {"gate_up": best("gate_up"), "down": best("down")}
+print("best", res["best"], flush=True)
+combos = {"base": ({}, {}), "best": (GATE_UP[res["best"]["gate_up"]], DOWN.get(res["best"]["down"], {}))}
+for rep in range(3):
+    for name, (gu, dn) in combos.items():
+        use(gu, dn)
+        us, err, _ = timed(layer(no_shared), 8, ref)
+        res["layer"].append(dict(rep=rep, kernel="both", variant=name, us=us, err=err))
+        print("layer", res["layer"][-1], flush=True)
+        if os.environ.get("SHARED") == "1":
+            us, err, _ = timed(layer(with_shared), 8, ref_shared)
+            res["layer_shared"].append(dict(rep=rep, variant=name, us=us, err=err))
+            print("layer_shared", res["layer_shared"][-1], flush=True)
+    save()
+use({}, {})
