@@ -1,8 +1,9 @@
 """The NF4 routed-experts layer at one token (issue 7's T=1 row) under other launch configs of its
 two decode kernels, the shared-memory table on: gate_up with prefetched K-steps (`PIPELINE` > 1:
 cp.async into shared memory while this step is multiplied), other K-steps, 16 rows on 8 warps (half
-the table fills), 8 rows on 8 warps, another register cap; down at one token with other rows,
-warps and K-steps. Each variant replaces the package's config of one kernel (the other keeps its
+the table fills), 8 rows on 8 warps, another register cap, L2 prefetches (`PREFETCH`: 1 each
+program's own rows for all its K-steps, 2 a slice of the down weights of its pair's expert for the
+next kernel, 3 both; bf16 too); down at one token with other rows, warps and K-steps. Each variant replaces the package's config of one kernel (the other keeps its
 own), all timed in CUDA graphs, alternating, outputs checked against the package's.
 
 Why: compiled for sm_90 the gate_up K-step is 259-266 instructions a thread, and with 704 programs
@@ -32,7 +33,9 @@ GATE_UP = {"base": {}, "p2": {"PIPELINE": 2}, "p2r80": {"PIPELINE": 2, "maxnreg"
            "k256p2": {"BLOCK_K": 256, "PIPELINE": 2}, "k256p3": {"BLOCK_K": 256, "PIPELINE": 3},
            "k1024": {"BLOCK_K": 1024}, "r80": {"maxnreg": 80}, "n16w8": {"BLOCK_N": 16, "num_warps": 8},
            "n16w8p2": {"BLOCK_N": 16, "num_warps": 8, "PIPELINE": 2}, "n8w8": {"num_warps": 8},
-           "n8w8p2": {"num_warps": 8, "PIPELINE": 2}}
+           "n8w8p2": {"num_warps": 8, "PIPELINE": 2}, "pf1": {"PREFETCH": 1}, "pf2": {"PREFETCH": 2},
+           "pf3": {"PREFETCH": 3}, "pf3p2": {"PREFETCH": 3, "PIPELINE": 2},
+           "pf2n16w8": {"PREFETCH": 2, "BLOCK_N": 16, "num_warps": 8}}
 DOWN = {"base": {}, "n8w16": {"BLOCK_N": 8, "num_warps": 16}, "w16": {"num_warps": 16},
         "k512p2": {"BLOCK_K": 512, "PIPELINE": 2, "SHARED_BLOCK_K": 512},
         "k1024p2": {"BLOCK_K": 1024, "PIPELINE": 2, "SHARED_BLOCK_K": 1024}}
@@ -48,10 +51,13 @@ res = {"card": B.card_name(), "versions": B.versions(), "x_v4": bool(EK.NF4_X_V4
 print(res["card"], "x_v4", res["x_v4"], flush=True)
 
 
-def use(gate_up: dict, down: dict):
-    """gemv_config with gate_up's NF4 config updated by `gate_up`, down's (one token) by `down`."""
+def use(gate_up: dict, down: dict, dense_gate_up: dict | None = None):
+    """gemv_config with gate_up's NF4 config updated by `gate_up`, down's (one token) by `down`,
+    bf16 gate_up's by `dense_gate_up`."""
     def cfg(num_rows, n_out, gated, nf4, on_gpu, num_sms=132, shared=False):
         c = ORIG(num_rows, n_out, gated, nf4, on_gpu, num_sms, shared)
+        if not nf4 and gated and dense_gate_up:
+            return {**c, **dense_gate_up}
         if not (nf4 and on_gpu):
             return c
         return {**c, **gate_up} if gated else {**c, **down} if num_rows == 1 else c
@@ -86,6 +92,7 @@ no_shared, with_shared = (lambda i: {}), (lambda i: {"shared": shared[i % 2]})
 use({}, {})
 _, _, ref = timed(layer(no_shared), 8)
 _, _, ref_shared = timed(layer(with_shared), 8)
+ref_bf16 = None
 variants = [("gate_up", k, v, {}) for k, v in GATE_UP.items()] + [("down", k, {}, v) for k, v in DOWN.items() if k != "base"]
 for rep in range(3):
     for kernel, name, gu, dn in variants:
@@ -93,10 +100,12 @@ for rep in range(3):
         us, err, _ = timed(layer(no_shared), 8, ref)
         res["layer"].append(dict(rep=rep, kernel=kernel, variant=name, us=us, err=err))
         print("layer", res["layer"][-1], flush=True)
-    use({}, {})
-    us, _, _ = timed(lambda i: fused_experts_forward(x, *inputs[i], experts), 8)
-    res["layer"].append(dict(rep=rep, kernel="bf16", variant="bf16", us=us, err=None))
-    print("layer", res["layer"][-1], flush=True)
+    for name, dense in (("bf16", None), ("bf16_pf2", {"PREFETCH": 2}), ("bf16_pf3", {"PREFETCH": 3})):
+        use({}, {}, dense)
+        us, err, outs = timed(lambda i: fused_experts_forward(x, *inputs[i], experts), 8, ref_bf16)
+        ref_bf16 = ref_bf16 or outs
+        res["layer"].append(dict(rep=rep, kernel="bf16", variant=name, us=us, err=err))
+        print("layer", res["layer"][-1], flush=True)
     save()
 
 

@@ -733,6 +733,30 @@ def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax
                                      dtype=tl.float32, is_pure=True, pack=1)
 
 
+# One thread of the program asks L2 for $2 bytes from $1 (`cp.async.bulk.prefetch.L2`, sm_90: one
+# instruction, the copy engine fetches them while the program goes on); 0 bytes: nothing.
+PREFETCH_L2_ASM = tl.constexpr("""{
+.reg .pred p, q;
+.reg .b32 t;
+mov.u32 t, %tid.x;
+setp.eq.u32 p, t, 0;
+setp.ne.u32 q, $2, 0;
+and.pred p, p, q;
+@p cp.async.bulk.prefetch.L2.global [$1], $2;
+mov.u32 $0, 0;
+}""")
+
+
+@triton.jit
+def _prefetch_l2(base, start, end, live):
+    """Prefetch bytes [start, end) after the byte pointer `base` (16-byte aligned) into L2, from one
+    thread, widened to 16-byte bounds (within the allocation's 512-byte granules); nothing unless live."""
+    lo = start // 16 * 16
+    size = tl.where(live & (end > start), (end + 15) // 16 * 16 - lo, 0)
+    tl.inline_asm_elementwise(PREFETCH_L2_ASM, "=r,l,r", [(base + lo).to(tl.int64), size.to(tl.int32)],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit
 def _gemv_acc(BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NF4: tl.constexpr, WORDS: tl.constexpr):
     """A zero accumulator shaped like `_gemv_rows`' tiles."""
@@ -827,6 +851,8 @@ def _gemv_gate_up_kernel(
     NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, NF4_ASM: tl.constexpr,
     HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr,
     USE_PDL: tl.constexpr = False, NF4_SMEM: tl.constexpr = 0,
+    down_ptr=0, down_absmax_ptr=0, shared_down_ptr=0, shared_down_absmax_ptr=0, down_expert_bytes=0,
+    down_absmax_bytes=0, shared_down_bytes=0, shared_down_absmax_bytes=0, PREFETCH: tl.constexpr = 0,
 ):
     """Decode gate_up, one program per (pair, N-tile), no grouping: act[pair, n] =
     SiLU(gate) * up of the pair's token through its expert, with FMAs (no 16-row dot padding).
@@ -874,6 +900,42 @@ def _gemv_gate_up_kernel(
             am_code = tl.where(shared, shared_absmax_code_ptr, am_code)
             am_scale = tl.where(shared, shared_absmax_scale_ptr, am_scale)
             am_offset = tl.where(shared, shared_absmax_offset_ptr, am_offset)
+    if PREFETCH:  # into L2, while this program waits on its first loads (`_prefetch_l2`)
+        tile = pid % n_tiles
+        first = tile * BLOCK_N  # the program's first gate row (of its chunk)
+        rows_left = n_out
+        slices, index, d_bytes, d_absmax = n_tiles, tile, down_expert_bytes, down_absmax_bytes
+        d_ptr = down_ptr.to(tl.pointer_type(tl.int8), bitcast=True) + expert.to(tl.int64) * down_expert_bytes
+        da_ptr = down_absmax_ptr.to(tl.pointer_type(tl.int8), bitcast=True) + expert.to(tl.int64) * down_absmax_bytes
+        gate0, up0 = first, first + n_out
+        if HAS_SHARED:
+            rows_left = tl.where(shared, shared_rows - c * n_out, rows_left)
+            gate0 = tl.where(shared, first + c * n_out, gate0)
+            up0 = tl.where(shared, gate0 + shared_rows, up0)
+            slices = tl.where(shared, shared_chunks * n_tiles, slices)
+            index = tl.where(shared, c * n_tiles + tile, index)
+            d_bytes = tl.where(shared, shared_down_bytes, d_bytes)
+            d_absmax = tl.where(shared, shared_down_absmax_bytes, d_absmax)
+            d_ptr = tl.where(shared, shared_down_ptr.to(tl.pointer_type(tl.int8), bitcast=True), d_ptr)
+            da_ptr = tl.where(shared, shared_down_absmax_ptr.to(tl.pointer_type(tl.int8), bitcast=True), da_ptr)
+        live = k_end > 0
+        if PREFETCH & 1:  # this program's gate and up rows over all K-steps (and their absmax)
+            n_rows = tl.minimum(BLOCK_N, rows_left - first).to(tl.int64)
+            row_bytes = k_dim // 2 if NF4 else row_stride * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
+            w_bytes = w_e.to(tl.pointer_type(tl.int8), bitcast=True)
+            ab: tl.constexpr = am.dtype.element_ty.primitive_bitwidth // 8  # absmax: u8 double-quantised, else float32
+            a_bytes = am.to(tl.pointer_type(tl.int8), bitcast=True) + expert.to(tl.int64) * absmax_per_expert * ab
+            for r0 in tl.static_range(2):
+                r = gate0 if r0 == 0 else up0
+                _prefetch_l2(w_bytes, r * row_bytes, (r + n_rows) * row_bytes, live)
+                if NF4:  # one absmax per 64 values
+                    _prefetch_l2(a_bytes, r * (k_dim // 64) * ab, (r + n_rows) * (k_dim // 64) * ab, live)
+        if PREFETCH & 2:  # slice `index` of `slices` of the down weights (and absmax) the next kernel reads
+            part = tl.cdiv(d_bytes, slices)
+            _prefetch_l2(d_ptr, index * part, tl.minimum((index + 1) * part, d_bytes), live)
+            if NF4:
+                part = tl.cdiv(d_absmax, slices)
+                _prefetch_l2(da_ptr, index * part, tl.minimum((index + 1) * part, d_absmax), live)
     acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
     acc_up = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
     if not NF4_SMEM:
@@ -1246,6 +1308,27 @@ def nf4_shared_expert(hidden: torch.Tensor, gate_up, down, gate_logit: torch.Ten
     return _gemv_forward(hidden, torch.sigmoid(gate_logit.reshape(-1)), ids, gate_up, down, _shape(down)[2], None)
 
 
+def _down_prefetch_args(down, shared) -> dict:
+    """The gate_up kernel's arguments for prefetching the down weights into L2 (PREFETCH & 2): the
+    routed experts' down and the shared expert's, their codes (or bf16 values) and absmax, as
+    pointers and bytes per expert."""
+    def parts(w):
+        if _is_nf4(w):
+            return w.codes, w.absmax, w.codes.stride(0) * w.codes.element_size(), w.absmax.stride(0) * w.absmax.element_size()
+        return w, w, w.stride(0) * w.element_size(), 0
+    d, da, d_bytes, da_bytes = parts(down)
+    args = dict(down_ptr=d, down_absmax_ptr=da, down_expert_bytes=d_bytes, down_absmax_bytes=da_bytes)
+    if shared is not None:
+        s = shared.down
+        if _is_nf4(s):
+            args.update(shared_down_ptr=s.codes, shared_down_absmax_ptr=s.absmax,
+                        shared_down_bytes=s.codes.numel() * s.codes.element_size(),
+                        shared_down_absmax_bytes=s.absmax.numel() * s.absmax.element_size())
+        else:
+            args.update(shared_down_ptr=s, shared_down_absmax_ptr=s, shared_down_bytes=s.numel() * s.element_size())
+    return args
+
+
 def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: SharedExpert | None = None):
     """Decode: gate_up per (pair, N-tile) into act [S, I], then down per (token, N-tile) with
     the top-k sum folded in. No grouping step, no host sync. With `shared`, the shared
@@ -1282,11 +1365,14 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
     ptrs, strides, flags = _weight_args(gate_up, num_experts)
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "gate_up")
     cfg = with_nf4_table(cfg, flags, "gate_up")
+    if not on_gpu:
+        cfg.pop("PREFETCH", None)  # inline PTX: CUDA only
+    prefetch = _down_prefetch_args(down, shared) if cfg.get("PREFETCH") else {}
     _gemv_gate_up_kernel[(rows * triton.cdiv(inter, cfg["BLOCK_N"]),)](
         hidden, ptrs[0], flat_ids, act, shared_w, *ptrs[1:], *shared_absmax,
         inter, hidden_dim, num_experts, top_k, num_pairs, shared_inter, max(chunks, 1),
         hidden.stride(0), strides[0], strides[1], act.stride(0), shared_stride,
-        strides[3], strides[4], HAS_SHARED=shared is not None, **flags, **cfg,
+        strides[3], strides[4], HAS_SHARED=shared is not None, **flags, **cfg, **prefetch,
         **launch_args(hidden, late=True))  # down's programs would squat beside this kernel's
 
     cfg = _whole_nf4_blocks({**gemv_config(num_tokens, hidden_dim, False, _is_nf4(down), on_gpu, sms,
