@@ -83,6 +83,7 @@ import triton
 import triton.language as tl
 
 from .pdl import launch_args, let_next_kernel_start, wait_for_previous_kernel
+from .prefetch import prefetch_l2
 
 
 @triton.jit
@@ -733,30 +734,6 @@ def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax
                                      dtype=tl.float32, is_pure=True, pack=1)
 
 
-# One thread of the program asks L2 for $2 bytes from $1 (`cp.async.bulk.prefetch.L2`, sm_90: one
-# instruction, the copy engine fetches them while the program goes on); 0 bytes: nothing.
-PREFETCH_L2_ASM = tl.constexpr("""{
-.reg .pred p, q;
-.reg .b32 t;
-mov.u32 t, %tid.x;
-setp.eq.u32 p, t, 0;
-setp.ne.u32 q, $2, 0;
-and.pred p, p, q;
-@p cp.async.bulk.prefetch.L2.global [$1], $2;
-mov.u32 $0, 0;
-}""")
-
-
-@triton.jit
-def _prefetch_l2(base, start, end, live):
-    """Prefetch bytes [start, end) after the byte pointer `base` (16-byte aligned) into L2, from one
-    thread, widened to 16-byte bounds (within the allocation's 512-byte granules); nothing unless live."""
-    lo = start // 16 * 16
-    size = tl.where(live & (end > start), (end + 15) // 16 * 16 - lo, 0)
-    tl.inline_asm_elementwise(PREFETCH_L2_ASM, "=r,l,r", [(base + lo).to(tl.int64), size.to(tl.int32)],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.jit
 def _gemv_acc(BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NF4: tl.constexpr, WORDS: tl.constexpr):
     """A zero accumulator shaped like `_gemv_rows`' tiles."""
@@ -900,7 +877,7 @@ def _gemv_gate_up_kernel(
             am_code = tl.where(shared, shared_absmax_code_ptr, am_code)
             am_scale = tl.where(shared, shared_absmax_scale_ptr, am_scale)
             am_offset = tl.where(shared, shared_absmax_offset_ptr, am_offset)
-    if PREFETCH:  # into L2, while this program waits on its first loads (`_prefetch_l2`)
+    if PREFETCH:  # into L2, while this program waits on its first loads (`moelab.kernels.prefetch.prefetch_l2`)
         tile = pid % n_tiles
         first = tile * BLOCK_N  # the program's first gate row (of its chunk)
         rows_left = n_out
@@ -927,15 +904,15 @@ def _gemv_gate_up_kernel(
             a_bytes = am.to(tl.pointer_type(tl.int8), bitcast=True) + expert.to(tl.int64) * absmax_per_expert * ab
             for r0 in tl.static_range(2):
                 r = gate0 if r0 == 0 else up0
-                _prefetch_l2(w_bytes, r * row_bytes, (r + n_rows) * row_bytes, live)
+                prefetch_l2(w_bytes, r * row_bytes, (r + n_rows) * row_bytes, live)
                 if NF4:  # one absmax per 64 values
-                    _prefetch_l2(a_bytes, r * (k_dim // 64) * ab, (r + n_rows) * (k_dim // 64) * ab, live)
+                    prefetch_l2(a_bytes, r * (k_dim // 64) * ab, (r + n_rows) * (k_dim // 64) * ab, live)
         if PREFETCH & 2:  # slice `index` of `slices` of the down weights (and absmax) the next kernel reads
             part = tl.cdiv(d_bytes, slices)
-            _prefetch_l2(d_ptr, index * part, tl.minimum((index + 1) * part, d_bytes), live)
+            prefetch_l2(d_ptr, index * part, tl.minimum((index + 1) * part, d_bytes), live)
             if NF4:
                 part = tl.cdiv(d_absmax, slices)
-                _prefetch_l2(da_ptr, index * part, tl.minimum((index + 1) * part, d_absmax), live)
+                prefetch_l2(da_ptr, index * part, tl.minimum((index + 1) * part, d_absmax), live)
     acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
     acc_up = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
     if not NF4_SMEM:
