@@ -1354,6 +1354,7 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
 
     cfg = _whole_nf4_blocks({**gemv_config(num_tokens, hidden_dim, False, _is_nf4(down), on_gpu, sms,
                                            shared=shared is not None), **(config or {})}, down)
+    cfg.pop("PREFETCH", None)  # gate_up's (down reads what it prefetched)
     ptrs, strides, flags = _weight_args(down, num_experts)
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "down")
     cfg = with_nf4_table(cfg, flags, "down")

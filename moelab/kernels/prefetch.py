@@ -67,20 +67,28 @@ def storage_tensors(weight) -> list[torch.Tensor]:
     return [weight]
 
 
+def chunk_spans(spans: list[tuple[int, int]], chunk_bytes: int = CHUNK_BYTES) -> list[tuple[int, int]]:
+    """(address, bytes) spans (16-byte aligned addresses) cut into (address, size) chunks of at most
+    chunk_bytes, sizes rounded up to 16 bytes: one bulk prefetch each."""
+    if chunk_bytes <= 0 or chunk_bytes % 16:
+        raise ValueError(f"chunk_bytes must be a positive multiple of 16, got {chunk_bytes}")
+    rows = []
+    for address, nbytes in spans:
+        if address % 16:
+            raise ValueError(f"L2 prefetch needs 16-byte aligned addresses, got {address:#x}")
+        nbytes = (nbytes + 15) // 16 * 16
+        rows += [(address + at, min(chunk_bytes, nbytes - at)) for at in range(0, nbytes, chunk_bytes)]
+    return rows
+
+
 class L2Prefetch:
     """A fixed set of byte ranges (whole tensors) to fetch into L2 with one launch."""
 
     def __init__(self, tensors: list[torch.Tensor], chunk_bytes: int = CHUNK_BYTES):
-        if chunk_bytes <= 0 or chunk_bytes % 16:
-            raise ValueError(f"chunk_bytes must be a positive multiple of 16, got {chunk_bytes}")
-        rows = []
         for t in tensors:
             if not t.is_cuda:
                 raise ValueError(f"L2 prefetch is for CUDA tensors, got one on {t.device}")
-            if t.data_ptr() % 16:
-                raise ValueError(f"L2 prefetch needs 16-byte aligned tensors, got address {t.data_ptr():#x}")
-            nbytes = (t.numel() * t.element_size() + 15) // 16 * 16
-            rows += [(t.data_ptr() + at, min(chunk_bytes, nbytes - at)) for at in range(0, nbytes, chunk_bytes)]
+        rows = chunk_spans([(t.data_ptr(), t.numel() * t.element_size()) for t in tensors], chunk_bytes)
         self.nbytes = sum(size for _, size in rows)
         self.device = tensors[0].device if tensors else None
         self.chunks = torch.tensor(rows, dtype=torch.int64, device=self.device) if rows else None
