@@ -6,7 +6,7 @@ kernel asks for its own rows and the down weights of its pair, `PREFETCH=3` in i
 NF4 (the target of issue 8's NF4/bf16 ratio) and bf16 (where the prefetches must not hurt). The
 variants' configs apply to gate_up at one token only (the batch-1 step), $OUT/l2_prefetch_ab.json.
 
-    python benchmarks/tuning/l2_prefetch_ab.py     # NF4=0 / BF16=0 leave a precision out
+    python benchmarks/tuning/l2_prefetch_ab.py     # NF4=0 / BF16=0 leave a precision out, REPS=1 one round
 """
 import json
 import os
@@ -36,7 +36,7 @@ def use(variant):
 
 build_models_once()
 for quant in [q for q, on in (("nf4", os.environ.get("NF4", "1")), (None, os.environ.get("BF16", "1"))) if on == "1"]:
-    for rep in range(2):
+    for rep in range(int(os.environ.get("REPS", "2"))):
         for variant in VARIANTS:
             use(variant)
             try:

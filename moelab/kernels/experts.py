@@ -1170,6 +1170,14 @@ GEMV_MAX_PAIRS_NF4 = 128
 NF4_DENSE_FROM_PAIRS = DECODE_MAX_PAIRS + 1
 
 
+# The decode gate_up kernel's L2 prefetches (`_gemv_gate_up_kernel`'s PREFETCH: 1 its own rows for
+# all K-steps, 2 the down weights of its pair's expert for the next kernel, 3 both), bf16 and NF4.
+# Off (0) until timed on a GPU: MOELAB_GATE_UP_PREFETCH=3 (benchmarks/tuning/nf4_t1_sweep.py).
+GATE_UP_PREFETCH = int(os.environ.get("MOELAB_GATE_UP_PREFETCH", "0"))
+if GATE_UP_PREFETCH not in (0, 1, 2, 3):
+    raise ValueError(f"MOELAB_GATE_UP_PREFETCH must be 0, 1, 2 or 3, got {GATE_UP_PREFETCH}")
+
+
 def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool, num_sms: int = 132,
                 shared: bool = False) -> dict:
     """N-tile, K-step, warps and pipeline depth of one ungrouped decode kernel (`num_rows`: its
@@ -1197,6 +1205,12 @@ def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool,
     all slower). Under the interpreter: one wide program per row."""
     if not on_gpu:
         return dict(BLOCK_N=min(64, triton.next_power_of_2(n_out)), BLOCK_K=128, num_warps=4, PIPELINE=1)
+    extra = {"PREFETCH": GATE_UP_PREFETCH} if gated and GATE_UP_PREFETCH else {}
+    return {**_gemv_launch_config(num_rows, gated, nf4, shared), **extra}
+
+
+def _gemv_launch_config(num_rows: int, gated: bool, nf4: bool, shared: bool) -> dict:
+    """`gemv_config`'s CUDA launch configs."""
     if nf4:  # the NF4 word path, from H100 sweeps (sweep_nf4_gemv_2026-12-06_h100, sweep_nf4_wide_2026-12-06_h100)
         if gated:
             return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, PIPELINE=1)
