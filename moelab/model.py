@@ -43,7 +43,7 @@ FUSED_MAX_TOKENS = 1
 
 # On CUDA, steps of the fused projections (decode at batch 1) can start each layer by asking L2
 # for the weights its later kernels read, o_proj and the shared expert, where they fit in
-# L2_PREFETCH_MAX_BYTES (an NF4 layer's 19.4 MB do; bf16's shared expert does not):
+# L2_PREFETCH_MAX_BYTES (an NF4 layer's 20 MB do; bf16's shared expert does not):
 # `moelab.kernels.prefetch`. Off unless MOELAB_L2_PREFETCH=1 (until timed on a GPU).
 L2_PREFETCH = os.environ.get("MOELAB_L2_PREFETCH", "0") == "1"
 L2_PREFETCH_MAX_BYTES = 24 << 20

@@ -7,7 +7,7 @@ idle. Hopper's copy engine can fetch a byte range into L2 on its own (`cp.async.
 one instruction from one thread), so a kernel at the start of a layer can ask for the weights
 that kernels later in the layer will read, and those then find them in L2 (a few hundred cycles
 away instead of HBM's latency). An H100 has 50 MB of L2: a layer's NF4 o_proj and shared expert
-(19.4 MB) fit, its bf16 ones (77 MB) do not.
+(20 MB with their absmax) fit, its bf16 ones (78 MB) do not.
 
 `L2Prefetch(tensors)` cuts the tensors' bytes into chunks once (a device table: nothing moves at
 run time, so a CUDA graph can hold the launch), `prefetch()` launches one program per SM that
