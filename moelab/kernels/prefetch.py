@@ -2,8 +2,8 @@
 
 Built in notebooks/08_cuda_graphs_and_decode_attention. At batch 1 an NF4 decode step is a chain
 of small kernels that each wait on HBM latency (the norms, RoPE, attention and the router move
-almost nothing; the NF4 GEMVs stream at a third of the copy bandwidth): most of the step, HBM is
-idle. Hopper's copy engine can fetch a byte range into L2 on its own (`cp.async.bulk.prefetch.L2`,
+almost nothing; the NF4 GEMVs stream at a fifth to two fifths of the copy bandwidth): for much
+of the step HBM is idle. Hopper's copy engine can fetch a byte range into L2 on its own (`cp.async.bulk.prefetch.L2`,
 one instruction from one thread), so a kernel at the start of a layer can ask for the weights
 that kernels later in the layer will read, and those then find them in L2 (a few hundred cycles
 away instead of HBM's latency). An H100 has 50 MB of L2: a layer's NF4 o_proj and shared expert
