@@ -14,7 +14,7 @@ import os
 import moelab.bench as B
 import moelab.kernels.experts as EK
 import moelab.model as MM
-from tuning_common import build_models_once, decode_step
+from tuning_common import build_models_once, decode_step_with
 
 OUT = os.environ.get("OUT", "/tmp")
 GATE_UP_PREFETCH = int(os.environ.get("GATE_UP_PREFETCH", "3"))
@@ -38,12 +38,7 @@ build_models_once()
 for quant in [q for q, on in (("nf4", os.environ.get("NF4", "1")), (None, os.environ.get("BF16", "1"))) if on == "1"]:
     for rep in range(int(os.environ.get("REPS", "2"))):
         for variant in VARIANTS:
-            use(variant)
-            try:
-                rows = decode_step(variant, quant)
-            finally:
-                use("none")
-            for row in rows:
+            for row in decode_step_with(use, variant, quant):
                 res["decode"].append({**row, "rep": rep})
                 print("decode", res["decode"][-1], flush=True)
             json.dump(res, open(os.path.join(OUT, "l2_prefetch_ab.json"), "w"), indent=1)

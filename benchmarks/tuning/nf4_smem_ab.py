@@ -42,7 +42,7 @@ import moelab.kernels.experts as EK
 import moelab.kernels.gemv as G
 from moelab.kernels.experts import SharedExpert, fused_experts_forward
 from moelab.quant import quantize_nf4
-from tuning_common import build_models_once, decode_step, routed_layer_at_one_token
+from tuning_common import build_models_once, decode_step_with, routed_layer_at_one_token
 
 OUT = os.environ.get("OUT", "/tmp")
 torch.manual_seed(0)
@@ -130,12 +130,7 @@ print("decode with", best, flush=True)
 build_models_once()
 for quant, names in (("nf4", ["none", best, "none", best]),) + (((None, ["none"]),) if os.environ.get("BF16") else ()):
     for name in names:
-        use(name)
-        try:
-            rows = decode_step(name, quant)
-        finally:
-            use("none")
-        for row in rows:
+        for row in decode_step_with(use, name, quant):
             res["decode"].append(row)
             print("decode", row, flush=True)
         save()

@@ -52,3 +52,12 @@ def decode_step(variant: str, quantize, batches=(1,)) -> list[dict]:
                        modes=("graph_fused_proj",), quantize=quantize, profile=False)
     return [dict(precision=quantize or "bf16", variant=variant, batch=row["batch"], tokens_per_s=row.get("tokens_per_s"),
                  ms_per_step=row.get("ms_per_step"), error=row.get("error")) for row in r["results"]]
+
+
+def decode_step_with(use, variant: str, quantize, reset: str = "none") -> list[dict]:
+    """`decode_step` with `use(variant)` in force, then `use(reset)` whatever happens."""
+    use(variant)
+    try:
+        return decode_step(variant, quantize)
+    finally:
+        use(reset)
