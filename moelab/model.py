@@ -505,7 +505,7 @@ class MoeForward:
     def _layer_prefetch(self, index):
         """Layer `index`'s `L2Prefetch` of o_proj and the shared expert (those of them that fit in
         L2_PREFETCH_MAX_BYTES, in that order), built once and again if a weight moved."""
-        from .kernels.prefetch import L2Prefetch, storage_tensors
+        from .kernels.prefetch import L2Prefetch
         from .quant import linear4bit_nf4
 
         layer = self.layers[index]
@@ -517,7 +517,7 @@ class MoeForward:
             weights += [shared[0], shared[1]]
         tensors, total = [], 0
         for w in weights:
-            parts = storage_tensors(w)
+            parts = [w.codes, w.absmax] if isinstance(w, NF4Tensor) else [w]  # what its kernels read
             size = sum(t.numel() * t.element_size() for t in parts)
             if total + size <= L2_PREFETCH_MAX_BYTES:
                 tensors, total = tensors + parts, total + size

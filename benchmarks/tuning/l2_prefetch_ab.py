@@ -30,7 +30,7 @@ def use(variant):
 
     def cfg(num_rows, n_out, gated, nf4, on_gpu, num_sms=132, shared=False):
         c = ORIG(num_rows, n_out, gated, nf4, on_gpu, num_sms, shared)
-        return {**c, "PREFETCH": gate_up} if gated and on_gpu and gate_up else c
+        return {**c, "PREFETCH": gate_up} if gated and on_gpu else c  # 0 too: "none" means none
     EK.gemv_config = cfg
 
 

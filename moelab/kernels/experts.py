@@ -83,7 +83,7 @@ import triton
 import triton.language as tl
 
 from .pdl import launch_args, let_next_kernel_start, wait_for_previous_kernel
-from .prefetch import prefetch_l2
+from .prefetch import prefetch_l2, prefetch_l2_share
 
 
 @triton.jit
@@ -840,7 +840,13 @@ def _gemv_gate_up_kernel(
     c * n_out + n and up rows shared_rows + c * n_out + n of `shared_w` ([2 Is, H], gate then
     up), so the shared expert's gate/up streams alongside the routed experts in one launch.
     NF4 experts take an NF4 shared expert (one expert, the same format), its absmax and
-    scales from the shared_absmax* pointers."""
+    scales from the shared_absmax* pointers.
+
+    PREFETCH (bits) asks L2 for bytes before the first K-step (`moelab.kernels.prefetch`): 1 this
+    program's gate and up rows, all K-steps; 2 its share of the down weights the next kernel reads
+    for its pair's expert (down_ptr / down_absmax_ptr, that many bytes per expert) or for the shared
+    expert (shared_down_*). The down_* arguments are read only with PREFETCH & 2 set
+    (`_down_prefetch_args`); hints only: the results do not change."""
     if NF4_SMEM:  # the table comes from a buffer no kernel writes: filled while the kernel before finishes
         lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED, NF4_SMEM)
     wait_for_previous_kernel(USE_PDL)
@@ -900,19 +906,19 @@ def _gemv_gate_up_kernel(
             n_rows = tl.minimum(BLOCK_N, rows_left - first).to(tl.int64)
             row_bytes = k_dim // 2 if NF4 else row_stride * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
             w_bytes = w_e.to(tl.pointer_type(tl.int8), bitcast=True)
-            ab: tl.constexpr = am.dtype.element_ty.primitive_bitwidth // 8  # absmax: u8 double-quantised, else float32
-            a_bytes = am.to(tl.pointer_type(tl.int8), bitcast=True) + expert.to(tl.int64) * absmax_per_expert * ab
-            for r0 in tl.static_range(2):
-                r = gate0 if r0 == 0 else up0
-                prefetch_l2(w_bytes, r * row_bytes, (r + n_rows) * row_bytes, live)
-                if NF4:  # one absmax per 64 values
-                    prefetch_l2(a_bytes, r * (k_dim // 64) * ab, (r + n_rows) * (k_dim // 64) * ab, live)
-        if PREFETCH & 2:  # slice `index` of `slices` of the down weights (and absmax) the next kernel reads
-            part = tl.cdiv(d_bytes, slices)
-            prefetch_l2(d_ptr, index * part, tl.minimum((index + 1) * part, d_bytes), live)
+            # one absmax per 64 values: u8 double-quantised, else float32
+            absmax_size: tl.constexpr = am.dtype.element_ty.primitive_bitwidth // 8
+            row_absmax = (k_dim // 64) * absmax_size
+            a_bytes = am.to(tl.pointer_type(tl.int8), bitcast=True) + expert.to(tl.int64) * absmax_per_expert * absmax_size
+            for gate_or_up in tl.static_range(2):
+                first_row = gate0 if gate_or_up == 0 else up0
+                prefetch_l2(w_bytes, first_row * row_bytes, (first_row + n_rows) * row_bytes, live)
+                if NF4:
+                    prefetch_l2(a_bytes, first_row * row_absmax, (first_row + n_rows) * row_absmax, live)
+        if PREFETCH & 2:  # share `index` of `slices` of the down weights (and absmax) the next kernel reads
+            prefetch_l2_share(d_ptr, d_bytes, index, slices, live)
             if NF4:
-                part = tl.cdiv(d_absmax, slices)
-                prefetch_l2(da_ptr, index * part, tl.minimum((index + 1) * part, d_absmax), live)
+                prefetch_l2_share(da_ptr, d_absmax, index, slices, live)
     acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
     acc_up = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
     if not NF4_SMEM:
@@ -1171,8 +1177,9 @@ NF4_DENSE_FROM_PAIRS = DECODE_MAX_PAIRS + 1
 
 
 # The decode gate_up kernel's L2 prefetches (`_gemv_gate_up_kernel`'s PREFETCH: 1 its own rows for
-# all K-steps, 2 the down weights of its pair's expert for the next kernel, 3 both), bf16 and NF4.
-# Off (0) until timed on a GPU: MOELAB_GATE_UP_PREFETCH=3 (benchmarks/tuning/nf4_t1_sweep.py).
+# all K-steps, 2 the down weights of its pair's expert for the next kernel, 3 both), bf16 and NF4,
+# added by `_gemv_forward` on CUDA where the config does not set PREFETCH. Off (0) until timed on a
+# GPU: MOELAB_GATE_UP_PREFETCH=3 (benchmarks/tuning/nf4_t1_sweep.py).
 GATE_UP_PREFETCH = int(os.environ.get("MOELAB_GATE_UP_PREFETCH", "0"))
 if GATE_UP_PREFETCH not in (0, 1, 2, 3):
     raise ValueError(f"MOELAB_GATE_UP_PREFETCH must be 0, 1, 2 or 3, got {GATE_UP_PREFETCH}")
@@ -1205,12 +1212,6 @@ def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool,
     all slower). Under the interpreter: one wide program per row."""
     if not on_gpu:
         return dict(BLOCK_N=min(64, triton.next_power_of_2(n_out)), BLOCK_K=128, num_warps=4, PIPELINE=1)
-    extra = {"PREFETCH": GATE_UP_PREFETCH} if gated and GATE_UP_PREFETCH else {}
-    return {**_gemv_launch_config(num_rows, gated, nf4, shared), **extra}
-
-
-def _gemv_launch_config(num_rows: int, gated: bool, nf4: bool, shared: bool) -> dict:
-    """`gemv_config`'s CUDA launch configs."""
     if nf4:  # the NF4 word path, from H100 sweeps (sweep_nf4_gemv_2026-12-06_h100, sweep_nf4_wide_2026-12-06_h100)
         if gated:
             return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, PIPELINE=1)
@@ -1356,7 +1357,9 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
     ptrs, strides, flags = _weight_args(gate_up, num_experts)
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "gate_up")
     cfg = with_nf4_table(cfg, flags, "gate_up")
-    if not on_gpu:
+    if on_gpu and GATE_UP_PREFETCH:
+        cfg.setdefault("PREFETCH", GATE_UP_PREFETCH)
+    elif not on_gpu:
         cfg.pop("PREFETCH", None)  # inline PTX: CUDA only
     prefetch = _down_prefetch_args(down, shared) if cfg.get("PREFETCH") else {}
     _gemv_gate_up_kernel[(rows * triton.cdiv(inter, cfg["BLOCK_N"]),)](

@@ -33,7 +33,7 @@ and.pred p, p, q;
 mov.u32 $0, 0;
 }""")
 
-CHUNK_BYTES = 1 << 17  # 128 KB a prefetch instruction: a 19 MB layer is ~150 chunks over the SMs
+CHUNK_BYTES = 1 << 17  # 128 KB a prefetch instruction: an NF4 layer's 20 MB are ~150 chunks over the SMs
 
 
 @triton.jit
@@ -44,6 +44,14 @@ def prefetch_l2(base, start, end, live):
     size = tl.where(live & (end > start), (end + 15) // 16 * 16 - lo, 0)
     tl.inline_asm_elementwise(PREFETCH_L2_ASM, "=r,l,r", [(base + lo).to(tl.int64), size.to(tl.int32)],
                               dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_l2_share(base, nbytes, index, shares, live):
+    """Prefetch share `index` of `shares` equal shares of the nbytes after `base` (see `prefetch_l2`):
+    the programs of a launch splitting one range between them."""
+    share = tl.cdiv(nbytes, shares)
+    prefetch_l2(base, index * share, tl.minimum((index + 1) * share, nbytes), live)
 
 
 @triton.jit
@@ -58,13 +66,6 @@ def _prefetch_kernel(chunks_ptr, num_chunks, USE_PDL: tl.constexpr = False):
                                   pack=1)
     if USE_PDL:  # finish only after the kernel before: the kernel after waits on this one
         tl.extra.cuda.gdc_wait()
-
-
-def storage_tensors(weight) -> list[torch.Tensor]:
-    """The tensors a weight's kernels read: an NF4 weight's codes and absmax, else the tensor."""
-    if hasattr(weight, "codes") and hasattr(weight, "absmax"):
-        return [weight.codes, weight.absmax]
-    return [weight]
 
 
 def chunk_spans(spans: list[tuple[int, int]], chunk_bytes: int = CHUNK_BYTES) -> list[tuple[int, int]]:
@@ -90,14 +91,13 @@ class L2Prefetch:
                 raise ValueError(f"L2 prefetch is for CUDA tensors, got one on {t.device}")
         rows = chunk_spans([(t.data_ptr(), t.numel() * t.element_size()) for t in tensors], chunk_bytes)
         self.nbytes = sum(size for _, size in rows)
-        self.device = tensors[0].device if tensors else None
-        self.chunks = torch.tensor(rows, dtype=torch.int64, device=self.device) if rows else None
+        device = tensors[0].device if tensors else None
+        self.chunks = torch.tensor(rows, dtype=torch.int64, device=device) if rows else None
+        self.programs = min(len(rows), torch.cuda.get_device_properties(device).multi_processor_count) if rows else 0
         self._keep = tensors  # the addresses stay valid as long as this object lives
 
     def prefetch(self) -> None:
         """Launch the prefetches (no wait, no host sync: safe inside a CUDA graph)."""
-        if self.chunks is None:
-            return
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        num = self.chunks.shape[0]
-        _prefetch_kernel[(min(num, sms),)](self.chunks, num, num_warps=1, **launch_args(self.chunks))
+        if self.chunks is not None:  # one program per SM at most
+            _prefetch_kernel[(self.programs,)](self.chunks, self.chunks.shape[0], num_warps=1,
+                                               **launch_args(self.chunks))
