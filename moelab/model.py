@@ -18,7 +18,6 @@ host sync inside it (with `check=False`), which is what lets a CUDA graph captur
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -40,13 +39,6 @@ DENSE_MAX_TOKENS = 64
 # projections="auto" runs the fused projections (moelab.fuse) on CUDA up to this many tokens per
 # step: benchmarks/results/decode_proj_2026-11-29_h200.json (graph_fused_proj vs graph_fused).
 FUSED_MAX_TOKENS = 1
-
-# On CUDA, steps of the fused projections (decode at batch 1) can start each layer by asking L2
-# for the weights its later kernels read, o_proj and the shared expert, where they fit in
-# L2_PREFETCH_MAX_BYTES (an NF4 layer's 20 MB do; bf16's shared expert does not):
-# `moelab.kernels.prefetch`. Off unless MOELAB_L2_PREFETCH=1 (until timed on a GPU).
-L2_PREFETCH = os.environ.get("MOELAB_L2_PREFETCH", "0") == "1"
-L2_PREFETCH_MAX_BYTES = 24 << 20
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -492,40 +484,12 @@ class MoeForward:
         rope = (cos, sin) if self._rope_kernel(cache) else rope_tables(cos, sin)
         fused = self.norm == "kernel" or (self.norm == "auto" and hidden.is_cuda)
         delta = None  # each block's output, added to the residual stream by the next norm
-        prefetch = L2_PREFETCH and hidden.is_cuda and self._fuse(hidden.shape[0])
         for index, layer in enumerate(self.layers):
-            if prefetch:
-                self._layer_prefetch(index).prefetch()
             hidden, x = self._add_norm(hidden, delta, layer.input_layernorm, fused)
             delta = self._attention(index, layer.self_attn, x, cache, slots, positions, rope, attend)
             hidden, x = self._add_norm(hidden, delta, layer.post_attention_layernorm, fused)
             delta = self._moe(index, x, layer.mlp)
         return self._add_norm(hidden, delta, inner.norm, fused)[1]
-
-    def _layer_prefetch(self, index):
-        """Layer `index`'s `L2Prefetch` of o_proj and the shared expert (those of them that fit in
-        L2_PREFETCH_MAX_BYTES, in that order), built once and again if a weight moved."""
-        from .kernels.prefetch import L2Prefetch
-        from .quant import linear4bit_nf4
-
-        layer = self.layers[index]
-        o_proj = layer.self_attn.o_proj
-        weights = [linear4bit_nf4(o_proj) or o_proj.weight]
-        fused = self._fused_moe_input(index)
-        shared = _foldable_shared(layer.mlp, fused, nf4_ok=True) if fused is not None else None
-        if shared is not None:
-            weights += [shared[0], shared[1]]
-        tensors, total = [], 0
-        for w in weights:
-            parts = [w.codes, w.absmax] if isinstance(w, NF4Tensor) else [w]  # what its kernels read
-            size = sum(t.numel() * t.element_size() for t in parts)
-            if total + size <= L2_PREFETCH_MAX_BYTES:
-                tensors, total = tensors + parts, total + size
-        key = tuple(t.data_ptr() for t in tensors)
-        cache = self.__dict__.setdefault("_prefetch", {})
-        if index not in cache or cache[index][0] != key:
-            cache[index] = (key, L2Prefetch(tensors))
-        return cache[index][1]
 
     def _rope_kernel(self, cache) -> bool:
         """Whether RoPE and the cache write run as moelab's Triton kernel (see `rope`)."""

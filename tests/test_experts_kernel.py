@@ -623,32 +623,6 @@ def test_gpu_nf4_decode_kernels_match_the_reference_and_skip_bad_ids(tokens, top
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["bf16", "nf4"])
-@pytest.mark.parametrize("tokens", [1, 3])
-def test_gpu_l2_prefetch_changes_no_bit(precision, tokens):
-    """gate_up's L2 prefetches (its own rows, the down weights; with the shared expert folded in)
-    are hints: the outputs are bit-identical with and without them."""
-    from moelab.kernels.experts import SharedExpert
-
-    experts = experts_module(QWEN["num_experts"], QWEN["hidden"], QWEN["inter"], torch.bfloat16, "cuda", seed=tokens)
-    layer = NF4Experts.from_experts(experts) if precision == "nf4" else experts
-    x = torch.randn(tokens, QWEN["hidden"], device="cuda").bfloat16()
-    weights, ids = routed(tokens, QWEN["num_experts"], QWEN["top_k"], tokens, torch.bfloat16, "cuda")
-    gate_up = torch.randn(1, 2 * 5632, QWEN["hidden"], device="cuda", dtype=torch.bfloat16) * 0.02
-    down = torch.randn(1, QWEN["hidden"], 5632, device="cuda", dtype=torch.bfloat16) * 0.02
-    if precision == "nf4":
-        gate_up, down = quantize_nf4(gate_up, backend="torch"), quantize_nf4(down, backend="torch")
-    else:
-        gate_up, down = gate_up[0], down[0]
-    shared = SharedExpert(gate_up, down, torch.randn(tokens, 1, device="cuda", dtype=torch.bfloat16))
-    for extra in ({}, {"shared": shared}):
-        plain = fused_experts_forward(x, weights, ids, layer, **extra)
-        for prefetch in (1, 2, 3):
-            got = fused_experts_forward(x, weights, ids, layer, config={"PREFETCH": prefetch}, **extra)
-            assert torch.equal(got, plain), f"PREFETCH={prefetch}, shared={bool(extra)}"
-
-
-@pytest.mark.gpu
 def test_gpu_captured_in_a_cuda_graph_and_bad_ids_add_nothing():
     experts = experts_module(QWEN["num_experts"], QWEN["hidden"], QWEN["inter"], torch.bfloat16, "cuda")
     x = torch.randn(8, QWEN["hidden"], device="cuda").bfloat16()
@@ -970,22 +944,3 @@ def test_nf4_table_choice_per_kernel(monkeypatch):
     assert EK._nf4_smem_kernels("none") == EK._nf4_smem_kernels("") == frozenset()
     with pytest.raises(ValueError, match="MOELAB_NF4_SMEM.*'gateup'"):
         EK._nf4_smem_kernels("gateup")
-
-
-def test_l2_prefetch_chunks_cover_each_byte_once_and_bad_input_is_refused():
-    from moelab.kernels.prefetch import chunk_spans
-
-    rng = random.Random(5)
-    spans = [(16 * rng.randrange(1, 1 << 20), rng.randrange(1, 5000)) for _ in range(6)] + [(4096, 16)]
-    for chunk in (16, 48, 1024):
-        rows = chunk_spans(spans, chunk)
-        assert all(a % 16 == 0 and 0 < n <= chunk and n % 16 == 0 for a, n in rows)
-        covered = [(a, a + n) for a, n in rows]
-        for address, nbytes in spans:  # every byte of every span, rounded up to 16, exactly once
-            inside = sorted((lo, hi) for lo, hi in covered if address <= lo < address + nbytes)
-            assert inside[0][0] == address and inside[-1][1] == address + (nbytes + 15) // 16 * 16
-            assert all(a[1] == b[0] for a, b in zip(inside, inside[1:]))
-    with pytest.raises(ValueError, match="multiple of 16"):
-        chunk_spans(spans, 40)
-    with pytest.raises(ValueError, match="aligned"):
-        chunk_spans([(8, 64)], 64)

@@ -13,8 +13,7 @@ so a loop made mostly of integer instructions issues at most one every two clock
 2026-12-06 (triton 3.6): per code word, prmt 43.2 instructions (27.0 integer, 12.4 float or IMAD,
 3 LDG), 56 registers; table 33.2 (11.0 integer, 15.1 float or IMAD of which 6.1 IMAD, 4 LDS, 3
 LDG), 95 registers. The table variant's fill adds 2 x 64 shfl / st.shared per thread and program
-at 4 warps. With MOELAB_NF4_X_V4=1 (x's 4 pairs of a word in one 16-byte load; same day, same
-triton): table 32.4 per word (259 a K-step), 1.5 LDG.
+at 4 warps.
 """
 import collections
 import inspect

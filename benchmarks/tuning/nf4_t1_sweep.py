@@ -1,21 +1,23 @@
 """The NF4 routed-experts layer at one token (issue 7's T=1 row) under other launch configs of its
 two decode kernels, the shared-memory table on: gate_up with prefetched K-steps (`PIPELINE` > 1:
 cp.async into shared memory while this step is multiplied), other K-steps, 16 rows on 8 warps (half
-the table fills), 8 rows on 8 warps, another register cap, L2 prefetches (`PREFETCH`: 1 each
-program's own rows for all its K-steps, 2 a slice of the down weights of its pair's expert for the
-next kernel, 3 both; bf16 too); down at one token with other rows, warps and K-steps. Each variant replaces the package's config of one kernel (the other keeps its
-own), all timed in CUDA graphs, alternating, outputs checked against the package's.
+the table fills), 8 rows on 8 warps, another register cap; down at one token with other rows, warps
+and K-steps. Each variant replaces the package's config of one kernel (the other keeps its own), all
+timed in CUDA graphs, alternating, outputs checked against the package's; bf16 beside them.
 
-Why: compiled for sm_90 the gate_up K-step is 259-266 instructions a thread, and with 704 programs
+Why: compiled for sm_90 the gate_up K-step is about 266 instructions a thread, and with 704 programs
 in one wave every program runs its four 512-value K-steps as load-then-multiply, the loads of the
 next step not issued before this step's multiplies are done (PIPELINE 1, chosen when the `prmt`
 look-up made the multiplies twice as long).
 
-The x loads are a per-process choice (`MOELAB_NF4_X_V4`, read at import): run the script once with
-it on and once off; TAG names the output ($OUT/nf4_t1_sweep_<TAG>.json). GATE_UP / DOWN (comma
-lists) restrict the variants; SHARED=1 also times the best variants with the shared expert folded in.
+Measured (H100, 2026-12-06, benchmarks/results/nf4_t1_sweep_2026-12-06_h100.json): nothing beats the
+package's configs by more than the spread between rounds. The same session timed three more leads
+with this script and `l2_prefetch_ab.py` (L2 prefetches from gate_up and per layer, x in one 16-byte
+load per code word): none gained, and their code left the package; it is in commit dbafd5e.
+GATE_UP / DOWN (comma lists) restrict the variants; SHARED=1 also times the best variants with the
+shared expert folded in. Writes $OUT/nf4_t1_sweep_<TAG>.json.
 
-    MOELAB_NF4_X_V4=1 TAG=v4 python benchmarks/tuning/nf4_t1_sweep.py
+    TAG=run SHARED=1 python benchmarks/tuning/nf4_t1_sweep.py
 """
 import json
 import os
@@ -33,9 +35,7 @@ GATE_UP = {"base": {}, "p2": {"PIPELINE": 2}, "p2r80": {"PIPELINE": 2, "maxnreg"
            "k256p2": {"BLOCK_K": 256, "PIPELINE": 2}, "k256p3": {"BLOCK_K": 256, "PIPELINE": 3},
            "k1024": {"BLOCK_K": 1024}, "r80": {"maxnreg": 80}, "n16w8": {"BLOCK_N": 16, "num_warps": 8},
            "n16w8p2": {"BLOCK_N": 16, "num_warps": 8, "PIPELINE": 2}, "n8w8": {"num_warps": 8},
-           "n8w8p2": {"num_warps": 8, "PIPELINE": 2}, "pf1": {"PREFETCH": 1}, "pf2": {"PREFETCH": 2},
-           "pf3": {"PREFETCH": 3}, "pf3p2": {"PREFETCH": 3, "PIPELINE": 2},
-           "pf2n16w8": {"PREFETCH": 2, "BLOCK_N": 16, "num_warps": 8}}
+           "n8w8p2": {"num_warps": 8, "PIPELINE": 2}}
 DOWN = {"base": {}, "n8w16": {"BLOCK_N": 8, "num_warps": 16}, "w16": {"num_warps": 16},
         "k512p2": {"BLOCK_K": 512, "PIPELINE": 2, "SHARED_BLOCK_K": 512},
         "k1024p2": {"BLOCK_K": 1024, "PIPELINE": 2, "SHARED_BLOCK_K": 1024}}
@@ -46,18 +46,15 @@ for name, table in (("GATE_UP", GATE_UP), ("DOWN", DOWN)):
             if key not in keep and key != "base":
                 del table[key]
 ORIG = EK.gemv_config
-res = {"card": B.card_name(), "versions": B.versions(), "x_v4": bool(EK.NF4_X_V4.value),
+res = {"card": B.card_name(), "versions": B.versions(),
        "smem_kernels": sorted(EK.NF4_SMEM_KERNELS), "gate_up": GATE_UP, "down": DOWN, "layer": [], "layer_shared": []}
-print(res["card"], "x_v4", res["x_v4"], flush=True)
+print(res["card"], flush=True)
 
 
-def use(gate_up: dict, down: dict, dense_gate_up: dict | None = None):
-    """gemv_config with gate_up's NF4 config updated by `gate_up`, down's (one token) by `down`,
-    bf16 gate_up's by `dense_gate_up`."""
+def use(gate_up: dict, down: dict):
+    """gemv_config with gate_up's NF4 config updated by `gate_up`, down's (one token) by `down`."""
     def cfg(num_rows, n_out, gated, nf4, on_gpu, num_sms=132, shared=False):
         c = ORIG(num_rows, n_out, gated, nf4, on_gpu, num_sms, shared)
-        if not nf4 and gated and dense_gate_up:
-            return {**c, **dense_gate_up}
         if not (nf4 and on_gpu):
             return c
         return {**c, **gate_up} if gated else {**c, **down} if num_rows == 1 else c
@@ -100,18 +97,19 @@ for rep in range(3):
         us, err, _ = timed(layer(no_shared), 8, ref)
         res["layer"].append(dict(rep=rep, kernel=kernel, variant=name, us=us, err=err))
         print("layer", res["layer"][-1], flush=True)
-    for name, dense in (("bf16", None), ("bf16_pf2", {"PREFETCH": 2}), ("bf16_pf3", {"PREFETCH": 3})):
-        use({}, {}, dense)
-        us, err, outs = timed(lambda i: fused_experts_forward(x, *inputs[i], experts), 8, ref_bf16)
-        ref_bf16 = ref_bf16 or outs
-        res["layer"].append(dict(rep=rep, kernel="bf16", variant=name, us=us, err=err))
-        print("layer", res["layer"][-1], flush=True)
+    use({}, {})
+    us, err, outs = timed(lambda i: fused_experts_forward(x, *inputs[i], experts), 8, ref_bf16)
+    ref_bf16 = ref_bf16 or outs
+    res["layer"].append(dict(rep=rep, kernel="bf16", variant="bf16", us=us, err=err))
+    print("layer", res["layer"][-1], flush=True)
     save()
 
 
 def best(kernel):
-    rows = [r for r in res["layer"] if r["kernel"] == kernel and isinstance(r["us"], float) and r["err"] is not None
-            and r["err"] < 2e-2]
+    """The variant of `kernel` with the lowest mean time; "base" (both kernels at the package's
+    configs, timed in the gate_up rows) competes for down too."""
+    rows = [r for r in res["layer"] if (r["kernel"] == kernel or r["variant"] == "base") and isinstance(r["us"], float)
+            and r["err"] is not None and r["err"] < 2e-2]
     means = {}
     for r in rows:
         means.setdefault(r["variant"], []).append(r["us"])

@@ -83,7 +83,6 @@ import triton
 import triton.language as tl
 
 from .pdl import launch_args, let_next_kernel_start, wait_for_previous_kernel
-from .prefetch import prefetch_l2, prefetch_l2_share
 
 
 @triton.jit
@@ -669,13 +668,6 @@ def _block_gemm(x_ptr, w_ptr, out_ptr, pairs_ptr, route_w_ptr, absmax_ptr, absma
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(m < store_hi)[:, None] & n_ok[None, :])
 
 
-# x's 4 bf16 pairs of a code word as one 16-byte load (`ld.global.nc.v4`) in place of four 4-byte
-# ones: the K-loop's x loads per word 2 -> 0.5 (x rows must be 16-byte aligned: the launchers see to
-# it). Off until timed on a GPU: MOELAB_NF4_X_V4=1 turns it on (benchmarks/tuning/nf4_t1_sweep.py).
-NF4_X_V4 = tl.constexpr(os.environ.get("MOELAB_NF4_X_V4", "0") != "0")
-X_V4_ASM = tl.constexpr("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];")
-
-
 @triton.jit
 def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, x_row_ptr, x_scale,
                expert, rows, row_ok, k0, k_dim, absmax_per_expert, scales_per_expert, lut,
@@ -685,12 +677,10 @@ def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax
     its block's absmax (and x_scale) inside `NF4_DOT_ASM`.
 
     Word j of NF4 block b of a row holds the codes of values 64b + 8j .. 64b + 8j + 7; x is read
-    as bf16 pairs (32-bit words) and each code word meets its 4 pairs in `NF4_DOT_ASM`. Rows are
-    whole 64-blocks (k_dim % 64 == 0).
+    as bf16 pairs (32-bit words, so x must be 4-byte aligned: the launcher sees to it) and each
+    code word meets its 4 pairs in `NF4_DOT_ASM`. Rows are whole 64-blocks (k_dim % 64 == 0).
 
-    With NF4_X_V4 each word's 4 pairs come in one 16-byte load (so x rows must be 16-byte aligned:
-    the launchers see to it), in the words' own layout. Otherwise x comes as four [NB, 8] loads
-    (pair 0, 1, 2, 3 of every word), which Triton places directly
+    x comes as four [NB, 8] loads (pair 0, 1, 2, 3 of every word), which Triton places directly
     in the layout the words use as long as the tile has fewer elements than the program has
     threads (BLOCK_K // 8 < 32 * num_warps: `gemv_config` keeps to it). One [NB, 8, 4] load split
     in registers was laid out otherwise and cost a round trip through shared memory and a
@@ -709,16 +699,10 @@ def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax
     pair = k0 // 2 + 32 * b[:, None] + 4 * j[None, :]  # [NB, 8]: x's first bf16 pair of each word
     xw = x_row_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + pair
     x_ok = blk_ok[:, None]
-    if NF4_X_V4:  # one 16-byte load per word; a block past k_dim reads x's first pairs (its absmax is 0)
-        xw = tl.where(x_ok, xw, x_row_ptr.to(tl.pointer_type(tl.int32), bitcast=True))
-        x0, x1, x2, x3 = tl.inline_asm_elementwise(X_V4_ASM, "=r,=r,=r,=r,l", [xw.to(tl.int64)],
-                                                   dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
-                                                   is_pure=True, pack=1)
-    else:
-        x0 = tl.load(xw, mask=x_ok, other=0)
-        x1 = tl.load(xw + 1, mask=x_ok, other=0)
-        x2 = tl.load(xw + 2, mask=x_ok, other=0)
-        x3 = tl.load(xw + 3, mask=x_ok, other=0)
+    x0 = tl.load(xw, mask=x_ok, other=0)
+    x1 = tl.load(xw + 1, mask=x_ok, other=0)
+    x2 = tl.load(xw + 2, mask=x_ok, other=0)
+    x3 = tl.load(xw + 3, mask=x_ok, other=0)
     blk = (rows.to(tl.int64) * k_dim + k0) // 64
     am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
                      blk[:, None] + b[None, :], row_ok[:, None] & blk_ok[None, :], absmax_per_expert,
@@ -828,8 +812,6 @@ def _gemv_gate_up_kernel(
     NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, NF4_ASM: tl.constexpr,
     HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr,
     USE_PDL: tl.constexpr = False, NF4_SMEM: tl.constexpr = 0,
-    down_ptr=0, down_absmax_ptr=0, shared_down_ptr=0, shared_down_absmax_ptr=0, down_expert_bytes=0,
-    down_absmax_bytes=0, shared_down_bytes=0, shared_down_absmax_bytes=0, PREFETCH: tl.constexpr = 0,
 ):
     """Decode gate_up, one program per (pair, N-tile), no grouping: act[pair, n] =
     SiLU(gate) * up of the pair's token through its expert, with FMAs (no 16-row dot padding).
@@ -840,13 +822,7 @@ def _gemv_gate_up_kernel(
     c * n_out + n and up rows shared_rows + c * n_out + n of `shared_w` ([2 Is, H], gate then
     up), so the shared expert's gate/up streams alongside the routed experts in one launch.
     NF4 experts take an NF4 shared expert (one expert, the same format), its absmax and
-    scales from the shared_absmax* pointers.
-
-    PREFETCH (bits) asks L2 for bytes before the first K-step (`moelab.kernels.prefetch`): 1 this
-    program's gate and up rows, all K-steps; 2 its share of the down weights the next kernel reads
-    for its pair's expert (down_ptr / down_absmax_ptr, that many bytes per expert) or for the shared
-    expert (shared_down_*). The down_* arguments are read only with PREFETCH & 2 set
-    (`_down_prefetch_args`); hints only: the results do not change."""
+    scales from the shared_absmax* pointers."""
     if NF4_SMEM:  # the table comes from a buffer no kernel writes: filled while the kernel before finishes
         lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED, NF4_SMEM)
     wait_for_previous_kernel(USE_PDL)
@@ -883,42 +859,6 @@ def _gemv_gate_up_kernel(
             am_code = tl.where(shared, shared_absmax_code_ptr, am_code)
             am_scale = tl.where(shared, shared_absmax_scale_ptr, am_scale)
             am_offset = tl.where(shared, shared_absmax_offset_ptr, am_offset)
-    if PREFETCH:  # into L2, while this program waits on its first loads (`moelab.kernels.prefetch.prefetch_l2`)
-        tile = pid % n_tiles
-        first = tile * BLOCK_N  # the program's first gate row (of its chunk)
-        rows_left = n_out
-        slices, index, d_bytes, d_absmax = n_tiles, tile, down_expert_bytes, down_absmax_bytes
-        d_ptr = down_ptr.to(tl.pointer_type(tl.int8), bitcast=True) + expert.to(tl.int64) * down_expert_bytes
-        da_ptr = down_absmax_ptr.to(tl.pointer_type(tl.int8), bitcast=True) + expert.to(tl.int64) * down_absmax_bytes
-        gate0, up0 = first, first + n_out
-        if HAS_SHARED:
-            rows_left = tl.where(shared, shared_rows - c * n_out, rows_left)
-            gate0 = tl.where(shared, first + c * n_out, gate0)
-            up0 = tl.where(shared, gate0 + shared_rows, up0)
-            slices = tl.where(shared, shared_chunks * n_tiles, slices)
-            index = tl.where(shared, c * n_tiles + tile, index)
-            d_bytes = tl.where(shared, shared_down_bytes, d_bytes)
-            d_absmax = tl.where(shared, shared_down_absmax_bytes, d_absmax)
-            d_ptr = tl.where(shared, shared_down_ptr.to(tl.pointer_type(tl.int8), bitcast=True), d_ptr)
-            da_ptr = tl.where(shared, shared_down_absmax_ptr.to(tl.pointer_type(tl.int8), bitcast=True), da_ptr)
-        live = k_end > 0
-        if PREFETCH & 1:  # this program's gate and up rows over all K-steps (and their absmax)
-            n_rows = tl.minimum(BLOCK_N, rows_left - first).to(tl.int64)
-            row_bytes = k_dim // 2 if NF4 else row_stride * (w_ptr.dtype.element_ty.primitive_bitwidth // 8)
-            w_bytes = w_e.to(tl.pointer_type(tl.int8), bitcast=True)
-            # one absmax per 64 values: u8 double-quantised, else float32
-            absmax_size: tl.constexpr = am.dtype.element_ty.primitive_bitwidth // 8
-            row_absmax = (k_dim // 64) * absmax_size
-            a_bytes = am.to(tl.pointer_type(tl.int8), bitcast=True) + expert.to(tl.int64) * absmax_per_expert * absmax_size
-            for gate_or_up in tl.static_range(2):
-                first_row = gate0 if gate_or_up == 0 else up0
-                prefetch_l2(w_bytes, first_row * row_bytes, (first_row + n_rows) * row_bytes, live)
-                if NF4:
-                    prefetch_l2(a_bytes, first_row * row_absmax, (first_row + n_rows) * row_absmax, live)
-        if PREFETCH & 2:  # share `index` of `slices` of the down weights (and absmax) the next kernel reads
-            prefetch_l2_share(d_ptr, d_bytes, index, slices, live)
-            if NF4:
-                prefetch_l2_share(da_ptr, d_absmax, index, slices, live)
     acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
     acc_up = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
     if not NF4_SMEM:
@@ -1176,15 +1116,6 @@ GEMV_MAX_PAIRS_NF4 = 128
 NF4_DENSE_FROM_PAIRS = DECODE_MAX_PAIRS + 1
 
 
-# The decode gate_up kernel's L2 prefetches (`_gemv_gate_up_kernel`'s PREFETCH: 1 its own rows for
-# all K-steps, 2 the down weights of its pair's expert for the next kernel, 3 both), bf16 and NF4,
-# added by `_gemv_forward` on CUDA where the config does not set PREFETCH. Off (0) until timed on a
-# GPU: MOELAB_GATE_UP_PREFETCH=3 (benchmarks/tuning/nf4_t1_sweep.py).
-GATE_UP_PREFETCH = int(os.environ.get("MOELAB_GATE_UP_PREFETCH", "0"))
-if GATE_UP_PREFETCH not in (0, 1, 2, 3):
-    raise ValueError(f"MOELAB_GATE_UP_PREFETCH must be 0, 1, 2 or 3, got {GATE_UP_PREFETCH}")
-
-
 def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool, num_sms: int = 132,
                 shared: bool = False) -> dict:
     """N-tile, K-step, warps and pipeline depth of one ungrouped decode kernel (`num_rows`: its
@@ -1300,27 +1231,6 @@ def nf4_shared_expert(hidden: torch.Tensor, gate_up, down, gate_logit: torch.Ten
     return _gemv_forward(hidden, torch.sigmoid(gate_logit.reshape(-1)), ids, gate_up, down, _shape(down)[2], None)
 
 
-def _down_prefetch_args(down, shared) -> dict:
-    """The gate_up kernel's arguments for prefetching the down weights into L2 (PREFETCH & 2): the
-    routed experts' down and the shared expert's, their codes (or bf16 values) and absmax, as
-    pointers and bytes per expert."""
-    def parts(w):
-        if _is_nf4(w):
-            return w.codes, w.absmax, w.codes.stride(0) * w.codes.element_size(), w.absmax.stride(0) * w.absmax.element_size()
-        return w, w, w.stride(0) * w.element_size(), 0
-    d, da, d_bytes, da_bytes = parts(down)
-    args = dict(down_ptr=d, down_absmax_ptr=da, down_expert_bytes=d_bytes, down_absmax_bytes=da_bytes)
-    if shared is not None:
-        s = shared.down
-        if _is_nf4(s):
-            args.update(shared_down_ptr=s.codes, shared_down_absmax_ptr=s.absmax,
-                        shared_down_bytes=s.codes.numel() * s.codes.element_size(),
-                        shared_down_absmax_bytes=s.absmax.numel() * s.absmax.element_size())
-        else:
-            args.update(shared_down_ptr=s, shared_down_absmax_ptr=s, shared_down_bytes=s.numel() * s.element_size())
-    return args
-
-
 def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: SharedExpert | None = None):
     """Decode: gate_up per (pair, N-tile) into act [S, I], then down per (token, N-tile) with
     the top-k sum folded in. No grouping step, no host sync. With `shared`, the shared
@@ -1330,7 +1240,7 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
     num_pairs = num_tokens * top_k
     num_experts, _, hidden_dim = _shape(gate_up)
     hidden = hidden.contiguous()  # the kernels step along K with unit stride
-    if hidden.data_ptr() % 16:  # the NF4 kernels read x 16 bytes at a time (`NF4_X_V4`)
+    if hidden.data_ptr() % 4:  # the NF4 kernels read x as 32-bit bf16 pairs
         hidden = hidden.clone()
     flat_ids = ids.reshape(-1).contiguous()
     on_gpu = hidden.is_cuda
@@ -1357,21 +1267,15 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
     ptrs, strides, flags = _weight_args(gate_up, num_experts)
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "gate_up")
     cfg = with_nf4_table(cfg, flags, "gate_up")
-    if on_gpu and GATE_UP_PREFETCH:
-        cfg.setdefault("PREFETCH", GATE_UP_PREFETCH)
-    elif not on_gpu:
-        cfg.pop("PREFETCH", None)  # inline PTX: CUDA only
-    prefetch = _down_prefetch_args(down, shared) if cfg.get("PREFETCH") else {}
     _gemv_gate_up_kernel[(rows * triton.cdiv(inter, cfg["BLOCK_N"]),)](
         hidden, ptrs[0], flat_ids, act, shared_w, *ptrs[1:], *shared_absmax,
         inter, hidden_dim, num_experts, top_k, num_pairs, shared_inter, max(chunks, 1),
         hidden.stride(0), strides[0], strides[1], act.stride(0), shared_stride,
-        strides[3], strides[4], HAS_SHARED=shared is not None, **flags, **cfg, **prefetch,
+        strides[3], strides[4], HAS_SHARED=shared is not None, **flags, **cfg,
         **launch_args(hidden, late=True))  # down's programs would squat beside this kernel's
 
     cfg = _whole_nf4_blocks({**gemv_config(num_tokens, hidden_dim, False, _is_nf4(down), on_gpu, sms,
                                            shared=shared is not None), **(config or {})}, down)
-    cfg.pop("PREFETCH", None)  # gate_up's (down reads what it prefetched)
     ptrs, strides, flags = _weight_args(down, num_experts)
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "down")
     cfg = with_nf4_table(cfg, flags, "down")

@@ -95,7 +95,7 @@ def linear_gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
     if bias is not None and (bias.shape != (shape[0],) or bias.stride(0) != 1):
         raise ValueError(f"bias must be a contiguous [{shape[0]}], got shape {tuple(bias.shape)}")
     x = x.contiguous()
-    if nf4 and x.data_ptr() % 16:  # the NF4 path reads x 16 bytes at a time (`NF4_X_V4`)
+    if nf4 and x.data_ptr() % 4:  # the NF4 path reads x as 32-bit bf16 pairs
         x = x.clone()
     num_tokens, n_out = x.shape[0], shape[0]
     out = torch.empty(num_tokens, n_out, dtype=x.dtype, device=x.device)
