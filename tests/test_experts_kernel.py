@@ -367,7 +367,7 @@ def test_configs_keep_enough_programs_at_decode_and_tiles_in_registers():
 
 
 def test_gemv_configs_stream_whole_blocks_with_bounded_accumulators():
-    """Decode GEMV: 8 rows per program (16 for NF4 down at one token), NF4 K-steps of whole
+    """Decode GEMV: 8 rows per program (16 for NF4 at one token), NF4 K-steps of whole
     64-value blocks, an fp32 accumulator of at most 4,096 values per weight matrix (NF4 words:
     one per 8 values), prefetching (PIPELINE > 1) for bf16 only; NF4's x tile (BLOCK_K // 8
     pairs of each word slot) smaller than the program's threads, so it loads in the words'
@@ -376,7 +376,8 @@ def test_gemv_configs_stream_whole_blocks_with_bounded_accumulators():
         for nf4 in (False, True):
             for shared in (False, True):
                 cfg = gemv_config(rows, n_out, gated, nf4, on_gpu=True, num_sms=132, shared=shared)
-                assert cfg["BLOCK_N"] == (16 if nf4 and rows == 1 and not gated else 8)
+                one_token = rows == 1 if not gated else rows <= 8  # down: tokens; gate_up: pairs + shared rows
+                assert cfg["BLOCK_N"] == (16 if nf4 and one_token else 8)
                 assert cfg["BLOCK_K"] % 64 == 0 and cfg.get("SHARED_BLOCK_K", 64) % 64 == 0
                 assert cfg["BLOCK_N"] * cfg["BLOCK_K"] // (8 if nf4 else 1) <= 4096
                 assert cfg["PIPELINE"] == (1 if nf4 else 3)

@@ -1140,12 +1140,16 @@ def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool,
     program per SM), each of its rows in 2,048-value steps (1,408 of the routed experts' in one,
     the shared expert's 5,632 in three): the layer at one token 20.7 -> 19.0 us, the batch-1 decode
     step +2.6 % (benchmarks/results/sweep_nf4_wide_2026-12-06_h100.json; wider gate_up programs were
-    all slower). Under the interpreter: one wide program per row."""
+    all slower). NF4 gate_up at one token (up to 8 rows: 4 pairs and the shared expert's 4) then
+    went to 16 rows per program on 8 warps, half the programs and so half the fills of the
+    shared-memory table: the layer at one token 17.8 -> 17.0 us, with the shared expert 31.3 -> 30.3
+    (benchmarks/results/nf4_t1_sweep_2026-12-06_h100.json, nf4_t1_sweep_n16w8_2026-12-06_h100.log).
+    Under the interpreter: one wide program per row."""
     if not on_gpu:
         return dict(BLOCK_N=min(64, triton.next_power_of_2(n_out)), BLOCK_K=128, num_warps=4, PIPELINE=1)
     if nf4:  # the NF4 word path, from H100 sweeps (sweep_nf4_gemv_2026-12-06_h100, sweep_nf4_wide_2026-12-06_h100)
-        if gated:
-            return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, PIPELINE=1)
+        if gated:  # one token (its pairs and its shared expert's rows): 16 rows a program on 8 warps
+            return dict(BLOCK_N=16 if num_rows <= 8 else 8, BLOCK_K=512, num_warps=8 if num_rows <= 8 else 4, PIPELINE=1)
         if num_rows == 1:  # one token: one program per SM, long K-steps (the whole routed row)
             cfg = dict(BLOCK_N=16, BLOCK_K=2048, num_warps=32, PIPELINE=1)
             return {**cfg, "SHARED_BLOCK_K": 2048} if shared else cfg
