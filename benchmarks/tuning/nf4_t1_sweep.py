@@ -1,7 +1,7 @@
 """The NF4 routed-experts layer at one token (issue 7's T=1 row) under other launch configs of its
 two decode kernels, the shared-memory table on: gate_up with prefetched K-steps (`PIPELINE` > 1:
 cp.async into shared memory while this step is multiplied), other K-steps, 16 rows on 8 warps (half
-the table fills), 8 rows on 8 warps, another register cap; down at one token with other rows, warps
+the table fills), 8 rows on 8 or 4 warps, another register cap; down at one token with other rows, warps
 and K-steps. Each variant replaces the package's config of one kernel (the other keeps its own), all
 timed in CUDA graphs, alternating, outputs checked against the package's; bf16 beside them.
 
@@ -10,10 +10,13 @@ in one wave every program runs its four 512-value K-steps as load-then-multiply,
 next step not issued before this step's multiplies are done (PIPELINE 1, chosen when the `prmt`
 look-up made the multiplies twice as long).
 
-Measured (H100, 2026-12-06, benchmarks/results/nf4_t1_sweep_2026-12-06_h100.json): nothing beats the
-package's configs by more than the spread between rounds. The same session timed three more leads
-with this script and `l2_prefetch_ab.py` (L2 prefetches from gate_up and per layer, x in one 16-byte
-load per code word): none gained, and their code left the package; it is in commit dbafd5e.
+Measured (H100, 2026-12-06, benchmarks/results/nf4_t1_sweep_2026-12-06_h100.json): gate_up at 16 rows
+on 8 warps beat the package's 8 rows on 4 (17.8 -> 17.0 us, with the shared expert 31.3 -> 30.3:
+nf4_t1_sweep_n16w8_2026-12-06_h100.log) and is the package's config since; pipelined K-steps were the
+slowest (25-30 us). The same session timed three more leads with this script and `l2_prefetch_ab.py`
+(L2 prefetches from gate_up and per layer, x in one 16-byte load per code word): none gained, and
+their code left the package; it is in commit dbafd5e. The "base" variant is the package's config
+at the time of the run.
 GATE_UP / DOWN (comma lists) restrict the variants; SHARED=1 also times the best variants with the
 shared expert folded in. Writes $OUT/nf4_t1_sweep_<TAG>.json.
 
@@ -34,8 +37,8 @@ OUT, TAG = os.environ.get("OUT", "/tmp"), os.environ.get("TAG", "run")
 GATE_UP = {"base": {}, "p2": {"PIPELINE": 2}, "p2r80": {"PIPELINE": 2, "maxnreg": 80},
            "k256p2": {"BLOCK_K": 256, "PIPELINE": 2}, "k256p3": {"BLOCK_K": 256, "PIPELINE": 3},
            "k1024": {"BLOCK_K": 1024}, "r80": {"maxnreg": 80}, "n16w8": {"BLOCK_N": 16, "num_warps": 8},
-           "n16w8p2": {"BLOCK_N": 16, "num_warps": 8, "PIPELINE": 2}, "n8w8": {"num_warps": 8},
-           "n8w8p2": {"num_warps": 8, "PIPELINE": 2}}
+           "n16w8p2": {"BLOCK_N": 16, "num_warps": 8, "PIPELINE": 2}, "n8w4": {"BLOCK_N": 8, "num_warps": 4},
+           "n8w8": {"BLOCK_N": 8, "num_warps": 8}, "n8w8p2": {"BLOCK_N": 8, "num_warps": 8, "PIPELINE": 2}}
 DOWN = {"base": {}, "n8w16": {"BLOCK_N": 8, "num_warps": 16}, "w16": {"num_warps": 16},
         "k512p2": {"BLOCK_K": 512, "PIPELINE": 2, "SHARED_BLOCK_K": 512},
         "k1024p2": {"BLOCK_K": 1024, "PIPELINE": 2, "SHARED_BLOCK_K": 1024}}
