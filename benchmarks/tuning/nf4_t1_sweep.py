@@ -1,24 +1,25 @@
-"""The NF4 routed-experts layer at one token (issue 7's T=1 row) under other launch configs of its
-two decode kernels, the shared-memory table on: gate_up with prefetched K-steps (`PIPELINE` > 1:
+"""The NF4 routed-experts layer at one token (issue 7's T=1 row) under other launch configs of its two
+decode kernels, the shared-memory table on: gate_up with prefetched K-steps (`PIPELINE` > 1:
 cp.async into shared memory while this step is multiplied), other K-steps, 16 rows on 8 warps (half
-the table fills), 8 rows on 8 or 4 warps, another register cap; down at one token with other rows, warps
-and K-steps. Each variant replaces the package's config of one kernel (the other keeps its own), all
-timed in CUDA graphs, alternating, outputs checked against the package's; bf16 beside them.
+the table fills), 8 rows on 8 or 4 warps, other register caps (48: 5 of the one-token 8-warp
+programs on an SM instead of 4); down at one token with other rows, warps and K-steps. Each variant
+replaces the package's config of one kernel (the other keeps its own), all timed in CUDA graphs,
+alternating, outputs checked against the package's; bf16 beside them.
 
 Why: compiled for sm_90 the gate_up K-step is about 266 instructions a thread, and with 704 programs
 in one wave every program runs its four 512-value K-steps as load-then-multiply, the loads of the
 next step not issued before this step's multiplies are done (PIPELINE 1, chosen when the `prmt`
 look-up made the multiplies twice as long).
 
-Measured (H100, 2026-12-06, benchmarks/results/nf4_t1_sweep_2026-12-06_h100.json): gate_up at 16 rows
-on 8 warps beat the package's 8 rows on 4 (17.8 -> 17.0 us, with the shared expert 31.3 -> 30.3:
-nf4_t1_sweep_n16w8_2026-12-06_h100.log) and is the package's config since; pipelined K-steps were the
-slowest (25-30 us). The same session timed three more leads with this script and `l2_prefetch_ab.py`
-(L2 prefetches from gate_up and per layer, x in one 16-byte load per code word): none gained, and
-their code left the package; it is in commit dbafd5e. The "base" variant is the package's config
-at the time of the run.
-GATE_UP / DOWN (comma lists) restrict the variants; SHARED=1 also times the best variants with the
-shared expert folded in. Writes $OUT/nf4_t1_sweep_<TAG>.json.
+Measured (H100, 2026-12-06, benchmarks/results/nf4_t1_sweep_2026-12-06_h100.json): gate_up at 16
+rows on 8 warps beat the package's 8 rows on 4 (17.8 -> 17.0 us, with the shared expert 31.3 ->
+30.3: nf4_t1_sweep_n16w8_2026-12-06_h100.log) and is the package's config since; pipelined K-steps
+were the slowest (25-30 us). The same session timed three more leads with this script and
+`l2_prefetch_ab.py` (L2 prefetches from gate_up and per layer, x in one 16-byte load per code word):
+none gained, and their code left the package; it is in commit dbafd5e. The "base" variant is the
+package's config at the time of the run. GATE_UP / DOWN (comma lists) restrict the variants;
+SHARED=1 also times the best variants with the shared expert folded in, SHARED=all every variant.
+Writes $OUT/nf4_t1_sweep_<TAG>.json.
 
     TAG=run SHARED=1 python benchmarks/tuning/nf4_t1_sweep.py
 """
@@ -38,7 +39,8 @@ GATE_UP = {"base": {}, "p2": {"PIPELINE": 2}, "p2r80": {"PIPELINE": 2, "maxnreg"
            "k256p2": {"BLOCK_K": 256, "PIPELINE": 2}, "k256p3": {"BLOCK_K": 256, "PIPELINE": 3},
            "k1024": {"BLOCK_K": 1024}, "r80": {"maxnreg": 80}, "n16w8": {"BLOCK_N": 16, "num_warps": 8},
            "n16w8p2": {"BLOCK_N": 16, "num_warps": 8, "PIPELINE": 2}, "n8w4": {"BLOCK_N": 8, "num_warps": 4},
-           "n8w8": {"BLOCK_N": 8, "num_warps": 8}, "n8w8p2": {"BLOCK_N": 8, "num_warps": 8, "PIPELINE": 2}}
+           "n8w8": {"BLOCK_N": 8, "num_warps": 8}, "n8w8p2": {"BLOCK_N": 8, "num_warps": 8, "PIPELINE": 2},
+           "r48": {"maxnreg": 48}}
 DOWN = {"base": {}, "n8w16": {"BLOCK_N": 8, "num_warps": 16}, "w16": {"num_warps": 16},
         "k512p2": {"BLOCK_K": 512, "PIPELINE": 2, "SHARED_BLOCK_K": 512},
         "k1024p2": {"BLOCK_K": 1024, "PIPELINE": 2, "SHARED_BLOCK_K": 1024}}
@@ -100,6 +102,10 @@ for rep in range(3):
         us, err, _ = timed(layer(no_shared), 8, ref)
         res["layer"].append(dict(rep=rep, kernel=kernel, variant=name, us=us, err=err))
         print("layer", res["layer"][-1], flush=True)
+        if os.environ.get("SHARED") == "all":  # every variant with the shared expert too (the decode step's shape)
+            us, err, _ = timed(layer(with_shared), 8, ref_shared)
+            res["layer_shared"].append(dict(rep=rep, kernel=kernel, variant=name, us=us, err=err))
+            print("layer_shared", res["layer_shared"][-1], flush=True)
     use({}, {})
     us, err, outs = timed(lambda i: fused_experts_forward(x, *inputs[i], experts), 8, ref_bf16)
     ref_bf16 = ref_bf16 or outs
@@ -128,7 +134,7 @@ for rep in range(3):
         us, err, _ = timed(layer(no_shared), 8, ref)
         res["layer"].append(dict(rep=rep, kernel="both", variant=name, us=us, err=err))
         print("layer", res["layer"][-1], flush=True)
-        if os.environ.get("SHARED") == "1":
+        if os.environ.get("SHARED") in ("1", "all"):
             us, err, _ = timed(layer(with_shared), 8, ref_shared)
             res["layer_shared"].append(dict(rep=rep, variant=name, us=us, err=err))
             print("layer_shared", res["layer_shared"][-1], flush=True)
