@@ -376,7 +376,7 @@ def test_gemv_configs_stream_whole_blocks_with_bounded_accumulators():
         for nf4 in (False, True):
             for shared in (False, True):
                 cfg = gemv_config(rows, n_out, gated, nf4, on_gpu=True, num_sms=132, shared=shared)
-                one_token = rows == 1 if not gated else rows <= 8  # down: tokens; gate_up: pairs + shared rows
+                one_token = rows <= 8 if gated else rows == 1  # gate_up: pairs + shared rows; down: tokens
                 assert cfg["BLOCK_N"] == (16 if nf4 and one_token else 8)
                 assert cfg["BLOCK_K"] % 64 == 0 and cfg.get("SHARED_BLOCK_K", 64) % 64 == 0
                 assert cfg["BLOCK_N"] * cfg["BLOCK_K"] // (8 if nf4 else 1) <= 4096

@@ -17,10 +17,9 @@ import os
 
 import moelab.bench as B
 import moelab.kernels.experts as EK
-from tuning_common import build_models_once, decode_step_with
+from tuning_common import build_models_once, decode_step_with, nf4_gemv_config_with
 
 OUT = os.environ.get("OUT", "/tmp")
-ORIG = EK.gemv_config
 
 
 CONFIGS = {"n8w4": {"BLOCK_N": 8, "num_warps": 4}, "n16w8": {"BLOCK_N": 16, "num_warps": 8},
@@ -29,13 +28,8 @@ VARIANTS = os.environ.get("VARIANTS", "n8w4,package").split(",")
 
 
 def use(variant):
-    """gemv_config with NF4 gate_up at one token (up to 8 rows) under CONFIGS[variant]."""
-    EK.gemv_config = ORIG
-    if CONFIGS[variant]:
-        def cfg(num_rows, n_out, gated, nf4, on_gpu, num_sms=132, shared=False):
-            c = ORIG(num_rows, n_out, gated, nf4, on_gpu, num_sms, shared)
-            return {**c, **CONFIGS[variant]} if (gated and nf4 and on_gpu and num_rows <= 8) else c
-        EK.gemv_config = cfg
+    """gemv_config with NF4 gate_up at one token under CONFIGS[variant]."""
+    EK.gemv_config = nf4_gemv_config_with(CONFIGS[variant], max_rows=EK.NF4_GATE_UP_ONE_TOKEN_ROWS)
 
 
 build_models_once()

@@ -42,7 +42,7 @@ import moelab.kernels.experts as EK
 import moelab.kernels.gemv as G
 from moelab.kernels.experts import SharedExpert, fused_experts_forward
 from moelab.quant import quantize_nf4
-from tuning_common import build_models_once, decode_step_with, routed_layer_at_one_token
+from tuning_common import build_models_once, decode_step_with, nf4_gemv_config_with, routed_layer_at_one_token
 
 OUT = os.environ.get("OUT", "/tmp")
 torch.manual_seed(0)
@@ -52,17 +52,11 @@ print(res["card"], f"copy {res['copy_gbs']:.0f} GB/s", flush=True)
 VARIANTS = {"none": (), "gate_up": ("gate_up",), "down": ("down",), "gate_up,down": ("gate_up", "down"),
             "gate_up16,down": ("gate_up", "down"), "gate_up16w8,down": ("gate_up", "down")}
 GATE_UP_CONFIG = {"gate_up16,down": {"BLOCK_N": 16}, "gate_up16w8,down": {"BLOCK_N": 16, "num_warps": 8}}
-ORIG_EK = EK.gemv_config
 
 
 def use(variant):
     EK.NF4_SMEM_KERNELS = frozenset(VARIANTS[variant])
-    EK.gemv_config = ORIG_EK
-    if variant in GATE_UP_CONFIG:  # gate_up at 16 rows a program: half the programs, half the table fills
-        def cfg(num_rows, n_out, gated, nf4, on_gpu, num_sms=132, shared=False):
-            c = ORIG_EK(num_rows, n_out, gated, nf4, on_gpu, num_sms, shared)
-            return {**c, **GATE_UP_CONFIG[variant]} if (gated and nf4 and on_gpu) else c
-        EK.gemv_config = cfg
+    EK.gemv_config = nf4_gemv_config_with(GATE_UP_CONFIG.get(variant))  # 16 rows a program: half the table fills
 
 
 def save():

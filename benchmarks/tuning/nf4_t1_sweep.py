@@ -6,8 +6,8 @@ programs on an SM instead of 4); down at one token with other rows, warps and K-
 replaces the package's config of one kernel (the other keeps its own), all timed in CUDA graphs,
 alternating, outputs checked against the package's; bf16 beside them.
 
-Why: compiled for sm_90 the gate_up K-step is about 266 instructions a thread, and with 704 programs
-in one wave every program runs its four 512-value K-steps as load-then-multiply, the loads of the
+Why: compiled for sm_90 the gate_up K-step is about 266 instructions a thread, and with 704 8-row
+programs in one wave (the config before this sweep) every program runs its four 512-value K-steps as load-then-multiply, the loads of the
 next step not issued before this step's multiplies are done (PIPELINE 1, chosen when the `prmt`
 look-up made the multiplies twice as long).
 
@@ -32,7 +32,7 @@ import moelab.bench as B
 import moelab.kernels.experts as EK
 from moelab.kernels.experts import SharedExpert, fused_experts_forward
 from moelab.quant import quantize_nf4
-from tuning_common import routed_layer_at_one_token
+from tuning_common import nf4_gemv_config_with, routed_layer_at_one_token
 
 OUT, TAG = os.environ.get("OUT", "/tmp"), os.environ.get("TAG", "run")
 GATE_UP = {"base": {}, "p2": {"PIPELINE": 2}, "p2r80": {"PIPELINE": 2, "maxnreg": 80},
@@ -50,7 +50,6 @@ for name, table in (("GATE_UP", GATE_UP), ("DOWN", DOWN)):
         for key in list(table):
             if key not in keep and key != "base":
                 del table[key]
-ORIG = EK.gemv_config
 res = {"card": B.card_name(), "versions": B.versions(),
        "smem_kernels": sorted(EK.NF4_SMEM_KERNELS), "gate_up": GATE_UP, "down": DOWN, "layer": [], "layer_shared": []}
 print(res["card"], flush=True)
@@ -58,12 +57,7 @@ print(res["card"], flush=True)
 
 def use(gate_up: dict, down: dict):
     """gemv_config with gate_up's NF4 config updated by `gate_up`, down's (one token) by `down`."""
-    def cfg(num_rows, n_out, gated, nf4, on_gpu, num_sms=132, shared=False):
-        c = ORIG(num_rows, n_out, gated, nf4, on_gpu, num_sms, shared)
-        if not (nf4 and on_gpu):
-            return c
-        return {**c, **gate_up} if gated else {**c, **down} if num_rows == 1 else c
-    EK.gemv_config = cfg
+    EK.gemv_config = nf4_gemv_config_with(gate_up, down)
 
 
 def timed(fn, n, ref=None):

@@ -2,10 +2,28 @@
 puts this folder on the path)."""
 import torch
 
+import moelab.kernels.experts as EK
 import moelab.models as M
 from moelab.models import preset_config
 from moelab.quant import NF4Experts
 from moelab.routing import route
+
+
+PACKAGE_GEMV_CONFIG = EK.gemv_config  # the experts' decode configs as the package has them
+
+
+def nf4_gemv_config_with(gate_up: dict | None = None, down: dict | None = None, max_rows: int | None = None):
+    """The package's `gemv_config` with its NF4 CUDA configs updated: gate_up's by `gate_up` (only up to
+    `max_rows` rows when given), down's at one token by `down`. An A/B sets
+    `moelab.kernels.experts.gemv_config` to it, and back to PACKAGE_GEMV_CONFIG after."""
+    def cfg(num_rows, n_out, gated, nf4, on_gpu, num_sms=132, shared=False):
+        c = PACKAGE_GEMV_CONFIG(num_rows, n_out, gated, nf4, on_gpu, num_sms, shared)
+        if not (nf4 and on_gpu):
+            return c
+        if gated:
+            return {**c, **(gate_up or {})} if max_rows is None or num_rows <= max_rows else c
+        return {**c, **(down or {})} if num_rows == 1 else c
+    return cfg
 
 
 def build_models_once():

@@ -1116,12 +1116,17 @@ GEMV_MAX_PAIRS_NF4 = 128
 NF4_DENSE_FROM_PAIRS = DECODE_MAX_PAIRS + 1
 
 
+# The gate_up rows of one Qwen1.5-MoE token: its 4 (token, expert) pairs and the shared expert's 4
+# (5,632 = 4 x 1,408 intermediate rows, `SharedExpert`). Up to this many, NF4 gate_up takes 16-row programs.
+NF4_GATE_UP_ONE_TOKEN_ROWS = 8
+
+
 def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool, num_sms: int = 132,
                 shared: bool = False) -> dict:
     """N-tile, K-step, warps and pipeline depth of one ungrouped decode kernel (`num_rows`: its
     pairs for gate_up, its tokens for down).
 
-    Each program streams BLOCK_N weight rows (8, except NF4 down at one token: 16; gate_up takes
+    Each program streams BLOCK_N weight rows (8, except NF4 at one token: 16; gate_up takes
     BLOCK_N gate and BLOCK_N up rows, down BLOCK_N rows of each of the top-k experts) in K-steps of
     BLOCK_K values, one FMA per weight into a [BLOCK_N, BLOCK_K] fp32 accumulator summed once at
     the end. A GEMV has no reuse to hide memory latency behind, so what sets its speed is how many bytes are in flight: PIPELINE > 1 has Triton prefetch the
@@ -1140,7 +1145,7 @@ def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool,
     program per SM), each of its rows in 2,048-value steps (1,408 of the routed experts' in one,
     the shared expert's 5,632 in three): the layer at one token 20.7 -> 19.0 us, the batch-1 decode
     step +2.6 % (benchmarks/results/sweep_nf4_wide_2026-12-06_h100.json; wider gate_up programs were
-    all slower). NF4 gate_up at one token (up to 8 rows: 4 pairs and the shared expert's 4) then
+    all slower). NF4 gate_up at one token (NF4_GATE_UP_ONE_TOKEN_ROWS) then
     went to 16 rows per program on 8 warps, half the programs and so half the fills of the
     shared-memory table: the layer at one token 17.8 -> 17.0 us, with the shared expert 31.3 -> 30.3
     (benchmarks/results/nf4_t1_sweep_2026-12-06_h100.json, nf4_t1_sweep_n16w8_2026-12-06_h100.log).
@@ -1148,8 +1153,10 @@ def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool,
     if not on_gpu:
         return dict(BLOCK_N=min(64, triton.next_power_of_2(n_out)), BLOCK_K=128, num_warps=4, PIPELINE=1)
     if nf4:  # the NF4 word path, from H100 sweeps (sweep_nf4_gemv_2026-12-06_h100, sweep_nf4_wide_2026-12-06_h100)
-        if gated:  # one token (its pairs and its shared expert's rows): 16 rows a program on 8 warps
-            return dict(BLOCK_N=16 if num_rows <= 8 else 8, BLOCK_K=512, num_warps=8 if num_rows <= 8 else 4, PIPELINE=1)
+        if gated:
+            if num_rows <= NF4_GATE_UP_ONE_TOKEN_ROWS:  # 16 rows a program on 8 warps: half the table fills
+                return dict(BLOCK_N=16, BLOCK_K=512, num_warps=8, PIPELINE=1)
+            return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, PIPELINE=1)
         if num_rows == 1:  # one token: one program per SM, long K-steps (the whole routed row)
             cfg = dict(BLOCK_N=16, BLOCK_K=2048, num_warps=32, PIPELINE=1)
             return {**cfg, "SHARED_BLOCK_K": 2048} if shared else cfg
