@@ -81,6 +81,24 @@ def test_kernel_random_lengths_agree_with_sdpa_and_ignore_the_tail():
     assert torch.equal(decode_attention(q, k2, v2, slots, lens, scale=0.3, num_splits=2, block_n=16), out)
 
 
+def test_split_merge_in_the_last_split_matches_the_merge_kernel(monkeypatch):
+    """The last split program merges (one launch) exactly as the second kernel does, leaves its
+    counters at zero for the next call, and gives the same outputs when called again."""
+    import moelab.kernels.attention as A
+
+    q, k, v, slots, lens = make_case(5, 8, 2, 16, 90, 6, [90, 1, 33, 64, 17], seed=21)
+    ref = reference(q, k, v, slots, lens)
+    outs = {}
+    for merge in (False, True):
+        monkeypatch.setattr(A, "MERGE_IN_LAST_SPLIT", merge)
+        outs[merge] = [decode_attention(q, k, v, slots, lens, num_splits=s, block_n=16) for s in (2, 3, 6, 6)]
+    counters = A._split_counters[q.device]
+    assert counters.dtype == torch.int32 and not counters.any()  # each merge reset its counter
+    for two_kernels, one_kernel in zip(outs[False], outs[True]):
+        assert torch.equal(one_kernel, two_kernels)
+        torch.testing.assert_close(one_kernel.double(), ref, rtol=0, atol=2e-6)
+
+
 def test_zero_length_gives_zeros_and_lengths_clamp_to_the_cache():
     q, k, v, slots, lens = make_case(3, 2, 2, 16, 20, 3, [0, 25, 20], seed=5)
     ref = reference(q, k, v, slots, torch.tensor([0, 20, 20]))

@@ -1,0 +1,75 @@
+"""The decode step at batch 1 (NF4; PRECISIONS=bf16,nf4 for both) under launch-config variants,
+alternating in one process, three rounds (the step-level check of a layer-level sweep):
+
+- "package": the package's configs as they are;
+- "r48": the experts' one-token gate_up (16 rows, 8 warps) capped at 48 registers instead of 64
+  (5 programs an SM instead of 4; nf4_t1_sweep.py GATE_UP=r48 times the layer);
+- "lin": the NF4 linears (q/k/v, o_proj) at the configs that won `nf4_linear_sweep.py`'s run
+  (LIN_FILE, default $OUT/nf4_linear_sweep_<LIN_TAG>.json: lowest mean time with outputs within 2e-2);
+- "r40": that gate_up capped at 40 (6 programs an SM: the 704 programs in one wave; compiled for
+  sm_90 it spills 56 bytes a thread);
+- "merge2": decode attention's split-K partials merged by a second kernel, as before
+  `moelab.kernels.attention.MERGE_IN_LAST_SPLIT` (the last split program merges them);
+- "r48+lin": both (any variants joined by "+").
+
+VARIANTS (a comma list) picks them; default "package,r48,lin,r48+lin". Writes $OUT/nf4_step_ab.json.
+
+    LIN_TAG=run python benchmarks/tuning/nf4_step_ab.py
+"""
+import json
+import os
+
+import moelab.bench as B
+import moelab.kernels.attention as A
+import moelab.kernels.experts as EK
+import moelab.kernels.gemv as G
+from tuning_common import build_models_once, decode_step_with, nf4_gemv_config_with
+
+OUT = os.environ.get("OUT", "/tmp")
+VARIANTS = os.environ.get("VARIANTS", "package,r48,lin,r48+lin").split(",")
+PACKAGE_LINEAR_CONFIG = G.gemv_config
+
+
+def best_linears(path):
+    """{n_out: config} of the winning q/k/v (6,144 rows) and o_proj (2,048) variants of a sweep file."""
+    sweep = json.load(open(path))
+    best = {}
+    for kind, n_out in (("qkv", 6144), ("o", 2048)):
+        means = {}
+        for r in sweep["rows"]:
+            if r["kind"] == kind and r["us"] is not None and r["err"] is not None and r["err"] < 2e-2:
+                means.setdefault(r["variant"], []).append(r["us"])
+        name = min(means, key=lambda v: sum(means[v]) / len(means[v]))
+        best[n_out] = (name, sweep[kind][name])
+    return best
+
+
+LIN_FILE = os.environ.get("LIN_FILE") or os.path.join(OUT, f"nf4_linear_sweep_{os.environ.get('LIN_TAG', 'run')}.json")
+LINEARS = best_linears(LIN_FILE) if any("lin" in v.split("+") for v in VARIANTS) else {}
+print("linears", LINEARS, flush=True)
+
+
+def linear_config(n_out, on_gpu, nf4=False):
+    cfg = PACKAGE_LINEAR_CONFIG(n_out, on_gpu, nf4)
+    if nf4 and on_gpu and n_out in LINEARS and LINEARS[n_out][1]:
+        return {**cfg, **LINEARS[n_out][1]}
+    return cfg
+
+
+def use(variant):
+    parts = variant.split("+")
+    cap = 48 if "r48" in parts else 40 if "r40" in parts else None
+    EK.gemv_config = nf4_gemv_config_with({"maxnreg": cap} if cap else {}, max_rows=EK.NF4_GATE_UP_ONE_TOKEN_ROWS)
+    G.gemv_config = linear_config if "lin" in parts else PACKAGE_LINEAR_CONFIG
+    A.MERGE_IN_LAST_SPLIT = "merge2" not in parts
+
+
+build_models_once()
+res = {"card": B.card_name(), "versions": B.versions(), "linears": {str(k): v for k, v in LINEARS.items()},
+       "decode": []}
+for precision, rep in [(p, r) for p in os.environ.get("PRECISIONS", "nf4").split(",") for r in range(3)]:
+    for variant in VARIANTS:
+        for row in decode_step_with(use, variant, None if precision == "bf16" else precision, reset="package"):
+            res["decode"].append({**row, "rep": rep})
+            print("decode", res["decode"][-1], flush=True)
+        json.dump(res, open(os.path.join(OUT, "nf4_step_ab.json"), "w"), indent=1)
