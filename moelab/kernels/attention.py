@@ -36,18 +36,18 @@ _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the GPU's nat
 
 # Whether the last split program merges the partials (one launch) or a second kernel does (two).
 MERGE_IN_LAST_SPLIT = True
-_split_counters: dict = {}  # device -> int32 counters, zero between launches (each merge resets its own)
+_split_counters: dict = {}  # device -> int32 counter buffers, zero between launches (each merge resets its own)
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """n zeroed int32 split counters on `device`, one buffer per device kept for good: its address
-    stays fixed (a captured CUDA graph holds it) and the kernels leave it zeroed. Calls on
-    concurrent streams would share it: the decode step runs its layers on one stream."""
-    buf = _split_counters.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _split_counters[device] = buf
-    return buf
+    """At least n zeroed int32 split counters on `device`. Buffers are kept for good, the
+    outgrown ones too: a captured CUDA graph holds their addresses, and the kernels leave
+    them zeroed. Calls on concurrent streams would share them: a decode step runs its layers
+    on one stream."""
+    buffers = _split_counters.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < n:
+        buffers.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 @triton.jit

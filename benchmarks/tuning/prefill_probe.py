@@ -1,0 +1,56 @@
+"""Where a served request's prefill goes, bf16 against NF4: one prompt per length bucket of the
+serving workload (16-64 tokens: buckets 16, 32, 48, 64) replayed from the Engine's prefill
+graphs (`moelab.graphs.PrefillGraphs`), median ms of 10 replays, and the kernels of one replay
+at 16 and 64 tokens (torch profiler, top 12).
+
+Why: served one request at a time (benchmarks/results/serve_c1_2026-12-06_h100_run10.json), a
+request takes 117.4 ms in NF4 (4,096 tokens / 545.0 tokens/s over 64 requests) of which 63
+decode steps at the ITL p50 of 1.67 ms are 105.2, leaving ~12 ms for its prefill and first
+token, against ~6.4 ms in bf16 (146.9 - 63 x 2.23): NF4 is ahead in decode and behind in prefill.
+
+    PRECISIONS=bf16,nf4 python benchmarks/tuning/prefill_probe.py   # writes $OUT/prefill_probe.json
+"""
+import json
+import os
+import statistics
+
+import torch
+
+import moelab.bench as B
+from moelab.engine import Engine
+from moelab.kernels.experts import fused_experts_forward
+from moelab.models import load
+
+OUT = os.environ.get("OUT", "/tmp")
+res = {"card": B.card_name(), "versions": B.versions(), "rows": [], "profiles": {}}
+for precision in os.environ.get("PRECISIONS", "bf16,nf4").split(","):
+    model, _ = load("qwen1.5-moe-a2.7b", device="cuda", random_weights=True,
+                    **({"quantize": "nf4"} if precision == "nf4" else {}))
+    engine = Engine(model, num_slots=1, max_seq_len=2048, experts_fn=fused_experts_forward)
+    graphs, slot = engine.prefill_graphs, 0
+    gen = torch.Generator().manual_seed(0)
+    for n in (16, 32, 48, 64):
+        prompt = torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist()
+        for _ in range(3):
+            graphs.prefill(prompt, slot)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(10):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graphs.prefill(prompt, slot)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        res["rows"].append(dict(precision=precision, tokens=n, ms=round(statistics.median(times), 3)))
+        print(res["rows"][-1], flush=True)
+        if n in (16, 64):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                graphs.prefill(prompt, slot)
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70)
+            res["profiles"][f"{precision}_{n}"] = table
+            print(table, flush=True)
+    json.dump(res, open(os.path.join(OUT, "prefill_probe.json"), "w"), indent=1)
+    del engine, graphs, model
+    torch.cuda.empty_cache()
