@@ -244,6 +244,32 @@ def test_gpu_kernel_replays_in_a_cuda_graph_with_new_lengths():
 
 
 @pytest.mark.gpu
+def test_gpu_merge_in_the_last_split_equals_the_merge_kernel_replay_after_replay(monkeypatch):
+    """The last split to count itself in sees every other split's partial: over 200 graph replays
+    (new lengths each time) it agrees with the two-kernel merge to a bf16 rounding (the two
+    kernels' warps may sum the splits in another order) and with the float64 reference."""
+    import moelab.kernels.attention as A
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v, slots, lens = make_case(2, 16, 16, 128, 2048, 3, [2048, 700], dtype=torch.bfloat16, device="cuda")
+    outs, graphs = {}, {}
+    for merge in (False, True):
+        monkeypatch.setattr(A, "MERGE_IN_LAST_SPLIT", merge)
+        decode_attention(q, k, v, slots, lens, num_splits=8)  # compile outside the capture
+        torch.cuda.synchronize()
+        graphs[merge] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[merge]):
+            outs[merge] = decode_attention(q, k, v, slots, lens, num_splits=8)
+    for _ in range(200):
+        lens.copy_(torch.randint(1, 2049, (2,), generator=g))
+        graphs[False].replay()
+        graphs[True].replay()
+        torch.testing.assert_close(outs[True].float(), outs[False].float(), rtol=8e-3, atol=1e-3)
+        torch.testing.assert_close(outs[True].double().cpu(), reference(q, k, v, slots, lens), rtol=1e-2, atol=1e-2)
+    assert not A._split_counters[q.device][-1].any()
+
+
+@pytest.mark.gpu
 def test_gpu_moe_forward_kernel_matches_sdpa_bf16():
     model, _ = moelab.load("tiny", device="cuda", dtype=torch.bfloat16)
     prompts = [[1, 2, 3], list(range(30, 90)), [7] * 20]

@@ -2,12 +2,14 @@
 alternating in one process, three rounds (the step-level check of a layer-level sweep):
 
 - "package": the package's configs as they are;
-- "r48": the experts' one-token gate_up (16 rows, 8 warps) capped at 48 registers instead of 64
-  (5 programs an SM instead of 4; nf4_t1_sweep.py GATE_UP=r48 times the layer);
+- a gate_up variant (GATE_UP below): the experts' one-token gate_up (16 rows, 8 warps, 64 registers,
+  512-value K-steps: 4 programs an SM, so the decode step's 704 programs with the shared expert take
+  two waves) with another register cap or shape: "r48" (5 an SM), "r40" (6, the most the 33 KB of
+  shared memory a program takes allows: one wave; spills 56 bytes a thread compiled for sm_90),
+  "k256r40" (that with 256-value K-steps: no spills), "n16w4k256" / "n16w4r80" (4-warp programs,
+  6 an SM: one wave); nf4_t1_sweep.py times them at the layer;
 - "lin": the NF4 linears (q/k/v, o_proj) at the configs that won `nf4_linear_sweep.py`'s run
   (LIN_FILE, default $OUT/nf4_linear_sweep_<LIN_TAG>.json: lowest mean time with outputs within 2e-2);
-- "r40": that gate_up capped at 40 (6 programs an SM: the 704 programs in one wave; compiled for
-  sm_90 it spills 56 bytes a thread);
 - "merge2": decode attention's split-K partials merged by a second kernel, as before
   `moelab.kernels.attention.MERGE_IN_LAST_SPLIT` (the last split program merges them);
 - "r48+lin": both (any variants joined by "+").
@@ -28,6 +30,8 @@ from tuning_common import build_models_once, decode_step_with, nf4_gemv_config_w
 OUT = os.environ.get("OUT", "/tmp")
 VARIANTS = os.environ.get("VARIANTS", "package,r48,lin,r48+lin").split(",")
 PACKAGE_LINEAR_CONFIG = G.gemv_config
+GATE_UP = {"r48": {"maxnreg": 48}, "r40": {"maxnreg": 40}, "k256r40": {"BLOCK_K": 256, "maxnreg": 40},
+           "n16w4k256": {"num_warps": 4, "BLOCK_K": 256}, "n16w4r80": {"num_warps": 4, "maxnreg": 80}}
 
 
 def best_linears(path):
@@ -58,8 +62,8 @@ def linear_config(n_out, on_gpu, nf4=False):
 
 def use(variant):
     parts = variant.split("+")
-    cap = 48 if "r48" in parts else 40 if "r40" in parts else None
-    EK.gemv_config = nf4_gemv_config_with({"maxnreg": cap} if cap else {}, max_rows=EK.NF4_GATE_UP_ONE_TOKEN_ROWS)
+    gate_up = next((GATE_UP[p] for p in parts if p in GATE_UP), {})
+    EK.gemv_config = nf4_gemv_config_with(gate_up, max_rows=EK.NF4_GATE_UP_ONE_TOKEN_ROWS)
     G.gemv_config = linear_config if "lin" in parts else PACKAGE_LINEAR_CONFIG
     A.MERGE_IN_LAST_SPLIT = "merge2" not in parts
 

@@ -2,7 +2,10 @@
 decode kernels, the shared-memory table on: gate_up with prefetched K-steps (`PIPELINE` > 1:
 cp.async into shared memory while this step is multiplied), other K-steps, 16 rows on 8 warps (half
 the table fills), 8 rows on 8 or 4 warps, other register caps (48: 5 of the one-token 8-warp
-programs on an SM instead of 4); down at one token with other rows, warps and K-steps. Each variant
+programs on an SM instead of 4; 40: 6, the most the 33 KB of shared memory a program takes
+allows, so the decode step's 704 gate_up programs run in one wave where 64 registers take two:
+compiled for sm_90, 40 registers spill 56 bytes a thread at 512-value K-steps and none at 256;
+or 4-warp programs: 6 an SM at 64 registers with 256-value steps, at 80 with 512), down at one token with other rows, warps and K-steps. Each variant
 replaces the package's config of one kernel (the other keeps its own), all timed in CUDA graphs,
 alternating, outputs checked against the package's; bf16 beside them.
 
@@ -40,7 +43,8 @@ GATE_UP = {"base": {}, "p2": {"PIPELINE": 2}, "p2r80": {"PIPELINE": 2, "maxnreg"
            "k1024": {"BLOCK_K": 1024}, "r80": {"maxnreg": 80}, "n16w8": {"BLOCK_N": 16, "num_warps": 8},
            "n16w8p2": {"BLOCK_N": 16, "num_warps": 8, "PIPELINE": 2}, "n8w4": {"BLOCK_N": 8, "num_warps": 4},
            "n8w8": {"BLOCK_N": 8, "num_warps": 8}, "n8w8p2": {"BLOCK_N": 8, "num_warps": 8, "PIPELINE": 2},
-           "r48": {"maxnreg": 48}, "r40": {"maxnreg": 40}}
+           "r48": {"maxnreg": 48}, "r40": {"maxnreg": 40}, "k256r40": {"BLOCK_K": 256, "maxnreg": 40},
+           "n16w4k256": {"num_warps": 4, "BLOCK_K": 256}, "n16w4r80": {"num_warps": 4, "maxnreg": 80}}
 DOWN = {"base": {}, "n8w16": {"BLOCK_N": 8, "num_warps": 16}, "w16": {"num_warps": 16},
         "k512p2": {"BLOCK_K": 512, "PIPELINE": 2, "SHARED_BLOCK_K": 512},
         "k1024p2": {"BLOCK_K": 1024, "PIPELINE": 2, "SHARED_BLOCK_K": 1024}}
