@@ -81,24 +81,6 @@ def test_kernel_random_lengths_agree_with_sdpa_and_ignore_the_tail():
     assert torch.equal(decode_attention(q, k2, v2, slots, lens, scale=0.3, num_splits=2, block_n=16), out)
 
 
-def test_split_merge_in_the_last_split_matches_the_merge_kernel(monkeypatch):
-    """The last split program merges (one launch) exactly as the second kernel does, leaves its
-    counters at zero for the next call, and gives the same outputs when called again."""
-    import moelab.kernels.attention as A
-
-    q, k, v, slots, lens = make_case(5, 8, 2, 16, 90, 6, [90, 1, 33, 64, 17], seed=21)
-    ref = reference(q, k, v, slots, lens)
-    outs = {}
-    for merge in (False, True):
-        monkeypatch.setattr(A, "MERGE_IN_LAST_SPLIT", merge)
-        outs[merge] = [decode_attention(q, k, v, slots, lens, num_splits=s, block_n=16) for s in (2, 3, 6, 6)]
-    counters = A._split_counters[q.device][-1]
-    assert counters.dtype == torch.int32 and not counters.any()  # each merge reset its counter
-    for two_kernels, one_kernel in zip(outs[False], outs[True]):
-        assert torch.equal(one_kernel, two_kernels)
-        torch.testing.assert_close(one_kernel.double(), ref, rtol=0, atol=2e-6)
-
-
 def test_zero_length_gives_zeros_and_lengths_clamp_to_the_cache():
     q, k, v, slots, lens = make_case(3, 2, 2, 16, 20, 3, [0, 25, 20], seed=5)
     ref = reference(q, k, v, slots, torch.tensor([0, 20, 20]))
@@ -241,32 +223,6 @@ def test_gpu_kernel_replays_in_a_cuda_graph_with_new_lengths():
         lens.copy_(torch.tensor(new))
         graph.replay()
         torch.testing.assert_close(out.double().cpu(), reference(q, k, v, slots, lens), rtol=1e-2, atol=1e-2)
-
-
-@pytest.mark.gpu
-def test_gpu_merge_in_the_last_split_equals_the_merge_kernel_replay_after_replay(monkeypatch):
-    """The last split to count itself in sees every other split's partial: over 200 graph replays
-    (new lengths each time) it agrees with the two-kernel merge to a bf16 rounding (the two
-    kernels' warps may sum the splits in another order) and with the float64 reference."""
-    import moelab.kernels.attention as A
-
-    g = torch.Generator().manual_seed(3)
-    q, k, v, slots, lens = make_case(2, 16, 16, 128, 2048, 3, [2048, 700], dtype=torch.bfloat16, device="cuda")
-    outs, graphs = {}, {}
-    for merge in (False, True):
-        monkeypatch.setattr(A, "MERGE_IN_LAST_SPLIT", merge)
-        decode_attention(q, k, v, slots, lens, num_splits=8)  # compile outside the capture
-        torch.cuda.synchronize()
-        graphs[merge] = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graphs[merge]):
-            outs[merge] = decode_attention(q, k, v, slots, lens, num_splits=8)
-    for _ in range(200):
-        lens.copy_(torch.randint(1, 2049, (2,), generator=g))
-        graphs[False].replay()
-        graphs[True].replay()
-        torch.testing.assert_close(outs[True].float(), outs[False].float(), rtol=8e-3, atol=1e-3)
-        torch.testing.assert_close(outs[True].double().cpu(), reference(q, k, v, slots, lens), rtol=1e-2, atol=1e-2)
-    assert not A._split_counters[q.device][-1].any()
 
 
 @pytest.mark.gpu

@@ -383,7 +383,11 @@ def test_gemv_configs_stream_whole_blocks_with_bounded_accumulators():
                 assert cfg["PIPELINE"] == (1 if nf4 else 3)
                 if nf4:
                     assert max(cfg["BLOCK_K"], cfg.get("SHARED_BLOCK_K", 0)) // 8 < 32 * cfg["num_warps"] <= 1024
-    # NF4 at one token with the shared expert folded in: one 16-row program per SM, 2,048-value steps
+    # NF4 gate_up at one token: 8 warps, 512-value steps; with the shared expert's 4 chunks (704
+    # programs) 4 warps and 256-value steps, so that 6 programs share an SM (one wave)
+    assert [gemv_config(8, 1408, True, True, on_gpu=True, shared=shared)[key] for shared in (False, True)
+            for key in ("BLOCK_N", "BLOCK_K", "num_warps")] == [16, 512, 8, 16, 256, 4]
+    # NF4 down at one token with the shared expert folded in: one 16-row program per SM, 2,048-value steps
     cfg = gemv_config(1, 2048, False, True, on_gpu=True, shared=True)
     assert (cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SHARED_BLOCK_K"], cfg["num_warps"]) == (16, 2048, 2048, 32)
     assert gemv_config(4, 96, True, False, on_gpu=False)["PIPELINE"] == 1
@@ -923,14 +927,18 @@ def test_nf4_shared_memory_table_fill_and_lookup(num_warps):
 
 def test_nf4_table_choice_per_kernel(monkeypatch):
     """`with_nf4_table` adds NF4_SMEM (the program's warps) only for the kernels named in
-    NF4_SMEM_KERNELS and only on the NF4 word path (CUDA, rows of whole 64-blocks), caps gate_up's
-    registers, leaves a config that already says NF4_SMEM alone, and names a bad kernel."""
+    NF4_SMEM_KERNELS (all three by default) and only on the NF4 word path (CUDA, rows of whole
+    64-blocks), caps gate_up's and the linears' registers where it adds the table, leaves a config
+    that already says NF4_SMEM alone (0: no table, no cap), and names a bad kernel."""
     import moelab.kernels.experts as EK
 
     words = dict(NF4=True, NF4_ASM=True, ROW_ALIGNED=True)
     cfg = dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, PIPELINE=1)
+    monkeypatch.setattr(EK, "NF4_SMEM_KERNELS", frozenset({"gate_up", "down", "linear"}))  # the default
+    assert EK.with_nf4_table(cfg, words, "linear") == {**cfg, "NF4_SMEM": 4, "maxnreg": 48}
+    assert EK.with_nf4_table({**cfg, "NF4_SMEM": 0}, words, "linear") == {**cfg, "NF4_SMEM": 0}  # no cap either
     monkeypatch.setattr(EK, "NF4_SMEM_KERNELS", frozenset({"gate_up", "down"}))
-    assert EK.with_nf4_table(cfg, words, "gate_up") == {**cfg, "NF4_SMEM": 4, "maxnreg": EK.NF4_SMEM_MAXNREG}
+    assert EK.with_nf4_table(cfg, words, "gate_up") == {**cfg, "NF4_SMEM": 4, "maxnreg": 64}
     assert EK.with_nf4_table({**cfg, "num_warps": 32}, words, "down") == {**cfg, "num_warps": 32, "NF4_SMEM": 32}
     assert EK.with_nf4_table(cfg, words, "linear") == cfg
     assert EK.with_nf4_table(cfg, {**words, "ROW_ALIGNED": False}, "down") == cfg

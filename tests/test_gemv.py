@@ -25,6 +25,29 @@ def test_matches_f_linear_float32(tokens, n_out, k_dim, bias):
     torch.testing.assert_close(got, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
 
 
+def test_configs_per_shape():
+    """At one token the NF4 q/k/v (thousands of rows) runs 16-row programs on 8 warps with the
+    shared-memory table, o_proj (2,048 rows) one 16-row program per SM on 32 warps over whole
+    2,048-value rows with `prmt` (NF4_SMEM=0); 2-4 tokens keep 8 rows on 4 warps, `prmt`; bf16
+    and the interpreter are unchanged."""
+    from moelab.kernels.experts import with_nf4_table
+    from moelab.kernels.gemv import gemv_config
+
+    words = dict(NF4=True, NF4_ASM=True, ROW_ALIGNED=True)
+    qkv, o = gemv_config(6144, True, nf4=True), gemv_config(2048, True, nf4=True)
+    assert (qkv["BLOCK_N"], qkv["BLOCK_K"], qkv["num_warps"]) == (16, 512, 8)
+    assert with_nf4_table(qkv, words, "linear") == {**qkv, "NF4_SMEM": 8, "maxnreg": 48}
+    assert (o["BLOCK_N"], o["BLOCK_K"], o["num_warps"], o["NF4_SMEM"]) == (16, 2048, 32, 0)
+    assert with_nf4_table(o, words, "linear") == o
+    for n_out in (6144, 2048):
+        few = gemv_config(n_out, True, nf4=True, num_tokens=3)
+        assert (few["BLOCK_N"], few["BLOCK_K"], few["num_warps"], few["NF4_SMEM"]) == (8, 512, 4, 0)
+        assert gemv_config(n_out, True, num_tokens=3) == gemv_config(n_out, True)  # bf16: one config
+        for cfg in (gemv_config(n_out, True, nf4=True), few):
+            assert cfg["BLOCK_K"] % 64 == 0 and cfg["BLOCK_K"] // 8 < 32 * cfg["num_warps"] <= 1024
+    assert gemv_config(6144, False, nf4=True) == gemv_config(6144, False)  # the interpreter's one config
+
+
 @interpreter
 def test_float16_rounds_once_and_bad_input_is_named():
     gen = torch.Generator().manual_seed(1)

@@ -10,8 +10,11 @@ alternating in one process, three rounds (the step-level check of a layer-level 
   6 an SM: one wave); nf4_t1_sweep.py times them at the layer;
 - "lin": the NF4 linears (q/k/v, o_proj) at the configs that won `nf4_linear_sweep.py`'s run
   (LIN_FILE, default $OUT/nf4_linear_sweep_<LIN_TAG>.json: lowest mean time with outputs within 2e-2);
-- "merge2": decode attention's split-K partials merged by a second kernel, as before
-  `moelab.kernels.attention.MERGE_IN_LAST_SPLIT` (the last split program merges them);
+- "merge2": decode attention's split-K partials merged by a second kernel (the package's way) where
+  commit b8f474d's kernel had the last split program merge them (the package at that commit);
+- "prev": the configs before 2026-12-06's ninth session, which made "n16w4k256" (with the shared
+  expert) and "lin" the package's: gate_up at one token 16 rows on 8 warps in 512-value steps
+  whatever the shared expert, the NF4 linears 8 rows on 4 warps with `prmt`;
 - "r48+lin": both (any variants joined by "+").
 
 VARIANTS (a comma list) picks them; default "package,r48,lin,r48+lin". Writes $OUT/nf4_step_ab.json.
@@ -22,7 +25,7 @@ import json
 import os
 
 import moelab.bench as B
-import moelab.kernels.attention as A
+import moelab.kernels.attention as A  # MERGE_IN_LAST_SPLIT: only at commit b8f474d
 import moelab.kernels.experts as EK
 import moelab.kernels.gemv as G
 from tuning_common import build_models_once, decode_step_with, nf4_gemv_config_with
@@ -53,11 +56,18 @@ LINEARS = best_linears(LIN_FILE) if any("lin" in v.split("+") for v in VARIANTS)
 print("linears", LINEARS, flush=True)
 
 
-def linear_config(n_out, on_gpu, nf4=False):
-    cfg = PACKAGE_LINEAR_CONFIG(n_out, on_gpu, nf4)
+def linear_config(n_out, on_gpu, nf4=False, num_tokens=1):
+    cfg = PACKAGE_LINEAR_CONFIG(n_out, on_gpu, nf4, num_tokens)
     if nf4 and on_gpu and n_out in LINEARS and LINEARS[n_out][1]:
         return {**cfg, **LINEARS[n_out][1]}
     return cfg
+
+
+def prev_linear_config(n_out, on_gpu, nf4=False, num_tokens=1):
+    """The NF4 linears' config before 2026-12-06's ninth session: 8 rows, 4 warps, `prmt`."""
+    if nf4 and on_gpu:
+        return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, PIPELINE=1, NF4_SMEM=0)
+    return PACKAGE_LINEAR_CONFIG(n_out, on_gpu, nf4, num_tokens)
 
 
 def use(variant):
@@ -65,7 +75,11 @@ def use(variant):
     gate_up = next((GATE_UP[p] for p in parts if p in GATE_UP), {})
     EK.gemv_config = nf4_gemv_config_with(gate_up, max_rows=EK.NF4_GATE_UP_ONE_TOKEN_ROWS)
     G.gemv_config = linear_config if "lin" in parts else PACKAGE_LINEAR_CONFIG
-    A.MERGE_IN_LAST_SPLIT = "merge2" not in parts
+    if "prev" in parts:  # the ninth session's baseline: its gate_up and linears
+        EK.gemv_config = nf4_gemv_config_with({"num_warps": 8, "BLOCK_K": 512}, max_rows=EK.NF4_GATE_UP_ONE_TOKEN_ROWS)
+        G.gemv_config = prev_linear_config
+    if hasattr(A, "MERGE_IN_LAST_SPLIT"):
+        A.MERGE_IN_LAST_SPLIT = "merge2" not in parts
 
 
 build_models_once()

@@ -16,14 +16,9 @@ replay it while the lengths change.
 
 Split-K (flash-decoding): when B * kv_heads programs are too few to fill the GPU and the
 sequences are long, NUM_SPLITS programs share one sequence's keys (each takes an equal,
-BLOCK_N-aligned share of its actual length) and write a partial (max, sum, accumulator).
-The last of them to finish merges the partials (`MERGE_IN_LAST_SPLIT`): each program counts
-itself in on a per-(sequence, KV head) counter with one atomic add after its stores, and the
-one that reads NUM_SPLITS - 1 back reads every partial (from L2, past its own L1) and writes
-the output, then sets the counter back to 0 for the next launch (or graph replay). That
-saves the second, merging kernel a decode step at batch 1 launched per layer. With
-MERGE_IN_LAST_SPLIT off the merge runs as that second kernel (`_merge_splits_kernel`, the
-comparison); with NUM_SPLITS = 1 the first kernel writes the output itself.
+BLOCK_N-aligned share of its actual length) and write a partial (max, sum, accumulator);
+a second small kernel merges the partials. With NUM_SPLITS = 1 the first kernel writes
+the output itself.
 """
 
 import torch
@@ -33,38 +28,6 @@ import triton.language as tl
 from .pdl import launch_args, let_next_kernel_start, wait_for_previous_kernel
 
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)); exp2 is the GPU's native one
-
-# Whether the last split program merges the partials (one launch) or a second kernel does (two).
-MERGE_IN_LAST_SPLIT = True
-_split_counters: dict = {}  # device -> int32 counter buffers, zero between launches (each merge resets its own)
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least n zeroed int32 split counters on `device`. Buffers are kept for good, the
-    outgrown ones too: a captured CUDA graph holds their addresses, and the kernels leave
-    them zeroed. Calls on concurrent streams would share them: a decode step runs its layers
-    on one stream."""
-    buffers = _split_counters.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < n:
-        buffers.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
-    return buffers[-1]
-
-
-@triton.jit
-def _merge_partials(part_acc_ptr, part_ml_ptr, rows, ok, BLOCK_D: tl.constexpr, CACHE: tl.constexpr):
-    """The merged output [G, BLOCK_D] of the partials at rows [G, S] (ok: which exist): each
-    split's accumulator weighted by exp2(its max - the overall max), over the weighted sums.
-    CACHE: the loads' cache modifier (".cg": from L2, for partials other programs just wrote)."""
-    d = tl.arange(0, BLOCK_D)
-    m = tl.load(part_ml_ptr + rows * 2, mask=ok, other=float("-inf"), cache_modifier=CACHE)
-    l = tl.load(part_ml_ptr + rows * 2 + 1, mask=ok, other=0.0, cache_modifier=CACHE)
-    acc = tl.load(part_acc_ptr + rows[:, :, None] * BLOCK_D + d[None, None, :], mask=ok[:, :, None], other=0.0,
-                  cache_modifier=CACHE)
-    m_all = tl.max(m, axis=1)
-    m_all = tl.where(m_all > float("-inf"), m_all, 0.0)  # no keys at all: weights stay 0
-    w = tl.exp2(m - m_all[:, None])                       # empty splits: exp2(-inf) = 0
-    total = tl.sum(w * l, axis=1)
-    return tl.sum(w[:, :, None] * acc, axis=1) / tl.where(total > 0, total, 1.0)[:, None]
 
 
 @triton.jit
@@ -119,7 +82,7 @@ def _scan_keys_single(q, k_base, v_base, start, end, stride_kn, stride_vn, d, d_
 @triton.jit
 def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, slots_ptr, lengths_ptr,
-    out_ptr, part_acc_ptr, part_ml_ptr, counts_ptr,
+    out_ptr, part_acc_ptr, part_ml_ptr,
     max_seq_len, qk_scale,
     stride_qb, stride_qh,
     stride_ks, stride_kh, stride_kn,
@@ -127,7 +90,6 @@ def _decode_attention_kernel(
     stride_ob, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False,
-    MERGE: tl.constexpr = False, BLOCK_S: tl.constexpr = 1,
 ):
     wait_for_previous_kernel(USE_PDL)
     b = tl.program_id(0)
@@ -172,21 +134,10 @@ def _decode_attention_kernel(
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
     else:
         # Partials laid out [B, heads, NUM_SPLITS, ...]; an empty split leaves m = -inf, l = 0.
-        first = (b.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS  # [G]: split 0's row
-        row = first + split
+        row = (b.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split  # [G]
         tl.store(part_acc_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None])
         tl.store(part_ml_ptr + row * 2, m, mask=g_ok)
         tl.store(part_ml_ptr + row * 2 + 1, l, mask=g_ok)
-        if MERGE:  # the last split of (b, kv_head) to get here merges them all
-            tl.debug_barrier()  # every thread's stores are issued before the count (the add releases them)
-            counter = counts_ptr + b * tl.num_programs(1) + kv_head
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
-                s = tl.arange(0, BLOCK_S)
-                ok = g_ok[:, None] & (s < NUM_SPLITS)[None, :]
-                out = _merge_partials(part_acc_ptr, part_ml_ptr, first[:, None] + s[None, :], ok, BLOCK_D, ".cg")
-                o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :]
-                tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
-                tl.store(counter, 0)  # ready for the next launch
 
 
 @triton.jit
@@ -201,11 +152,19 @@ def _merge_splits_kernel(
     head = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    rows = (b.to(tl.int64) * num_heads + head) * NUM_SPLITS + s[None, :]  # [1, S]
-    out = _merge_partials(part_acc_ptr, part_ml_ptr, rows, s[None, :] < NUM_SPLITS, BLOCK_D, "")
+    s_ok = s < NUM_SPLITS
+    row = (b.to(tl.int64) * num_heads + head) * NUM_SPLITS + s
+    m = tl.load(part_ml_ptr + row * 2, mask=s_ok, other=float("-inf"))
+    l = tl.load(part_ml_ptr + row * 2 + 1, mask=s_ok, other=0.0)
+    acc = tl.load(part_acc_ptr + row[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None], other=0.0)
+    m_all = tl.max(m, axis=0)
+    m_all = tl.where(m_all > float("-inf"), m_all, 0.0)  # no keys at all: weights stay 0
+    w = tl.exp2(m - m_all)                                # empty splits: exp2(-inf) = 0
+    total = tl.sum(w * l, axis=0)
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(total > 0, total, 1.0)
     let_next_kernel_start(USE_PDL)
-    o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + head * stride_oh + d[None, :]
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=d[None, :] < HEAD_DIM)
+    o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + head * stride_oh + d
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 def num_sm() -> int:
@@ -293,16 +252,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_splits = choose_splits(batch, kv_heads, max_seq_len, num_sm() if on_gpu else None)
     block_d = triton.next_power_of_2(head_dim)
     scale = head_dim ** -0.5 if scale is None else scale
-    merge = num_splits > 1 and MERGE_IN_LAST_SPLIT
     if num_splits > 1:
         part_acc = torch.empty(batch * heads * num_splits, block_d, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(batch * heads * num_splits, 2, dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out  # unused: the kernel writes `out` directly
-    counts = _counters(q.device, batch * kv_heads) if merge else out
     _decode_attention_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, slots, lengths,
-        out, part_acc, part_ml, counts,
+        out, part_acc, part_ml,
         max_seq_len, scale * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -310,10 +267,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
         BLOCK_G=triton.next_power_of_2(group), BLOCK_N=block_n, BLOCK_D=block_d,
-        MERGE=merge, BLOCK_S=triton.next_power_of_2(num_splits),
         num_warps=num_warps, **launch_args(q),
     )
-    if num_splits > 1 and not merge:
+    if num_splits > 1:
         _merge_splits_kernel[(batch, heads)](
             part_acc, part_ml, out, heads, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),

@@ -384,15 +384,17 @@ def _nf4_smem_kernels(setting: str) -> frozenset:
 
 # Which NF4 decode GEMVs look their code bytes up in the shared-memory pair table
 # (`NF4_DOT_SMEM_ASM`) rather than by `prmt` in registers: a set of "gate_up", "down", "linear"
-# (MOELAB_NF4_SMEM=gate_up,down,... or "none": comparisons). gate_up with the table is capped at
-# NF4_SMEM_MAXNREG registers a thread (95 uncapped: 5 of its 4-warp programs fit on an SM, 8 at 64).
-# On an H100 (benchmarks/results/nf4_smem_ab_2026-12-06_h100_run2.json, alternating): the routed
-# layer at one token 18.8-19.2 -> 17.8-18.1 us, with the shared expert folded in 33.6-34.2 -> 31.5 us,
-# the batch-1 decode step 572.1 -> 592.9 tokens/s; uncapped gate_up was slower than none (19.3-19.9
-# us) and the table made the linears slower (q/k/v 6.6 -> 8.0 us, o_proj 3.3 -> 3.7: _h100.json),
-# so they keep `prmt`.
-NF4_SMEM_KERNELS = _nf4_smem_kernels(os.environ.get("MOELAB_NF4_SMEM", "gate_up,down"))
-NF4_SMEM_MAXNREG = 64
+# (MOELAB_NF4_SMEM=gate_up,down,... or "none": comparisons); a launch config that says NF4_SMEM=0
+# keeps `prmt` (a shape where the table was slower). With the table, gate_up and the linears are
+# capped at NF4_SMEM_MAXNREG registers a thread (gate_up uncapped takes 95: 5 of its 4-warp programs
+# fit on an SM, 8 at 64). On an H100 (benchmarks/results/nf4_smem_ab_2026-12-06_h100_run2.json,
+# alternating): the routed layer at one token 18.8-19.2 -> 17.8-18.1 us, with the shared expert
+# folded in 33.6-34.2 -> 31.5 us, the batch-1 decode step 572.1 -> 592.9 tokens/s; uncapped gate_up
+# was slower than none (19.3-19.9 us). At their configs then (8 rows on 4 warps) the table made the
+# linears slower (q/k/v 6.6 -> 8.0 us, o_proj 3.3 -> 3.7: _h100.json); at one token q/k/v now runs
+# 16-row programs on 8 warps with it, capped at 48 (`moelab.kernels.gemv.gemv_config`).
+NF4_SMEM_KERNELS = _nf4_smem_kernels(os.environ.get("MOELAB_NF4_SMEM", "gate_up,down,linear"))
+NF4_SMEM_MAXNREG = {"gate_up": 64, "linear": 48}
 
 
 def with_nf4_table(cfg: dict, flags: dict, kernel: str) -> dict:
@@ -402,11 +404,13 @@ def with_nf4_table(cfg: dict, flags: dict, kernel: str) -> dict:
         raise ValueError(f"kernel must be gate_up, down or linear, got {kernel!r}")
     if kernel not in NF4_SMEM_KERNELS or not (flags["NF4"] and flags["NF4_ASM"] and flags["ROW_ALIGNED"]):
         return cfg
+    if cfg.get("NF4_SMEM") == 0:  # this config keeps the `prmt` look-up
+        return cfg
     if "NF4_SMEM" not in cfg and cfg["num_warps"] not in NF4_FILL_ASM.value:
         raise ValueError(f"the NF4 table fills with 2 to 32 warps (a power of two), the {kernel} config has "
                          f"{cfg['num_warps']}: pass NF4_SMEM=0 in its config, or leave {kernel} out of MOELAB_NF4_SMEM")
-    extra = {"maxnreg": NF4_SMEM_MAXNREG} if kernel == "gate_up" and NF4_SMEM_MAXNREG else {}
-    return {"NF4_SMEM": cfg["num_warps"], **extra, **cfg}
+    cap = NF4_SMEM_MAXNREG.get(kernel)
+    return {"NF4_SMEM": cfg["num_warps"], **({"maxnreg": cap} if cap else {}), **cfg}
 
 
 @triton.jit
@@ -1149,12 +1153,20 @@ def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool,
     went to 16 rows per program on 8 warps, half the programs and so half the fills of the
     shared-memory table: the layer at one token 17.8 -> 17.0 us, with the shared expert 31.3 -> 30.3
     (benchmarks/results/nf4_t1_sweep_2026-12-06_h100.json, nf4_t1_sweep_n16w8_2026-12-06_h100.log).
-    Under the interpreter: one wide program per row."""
+    With the shared expert (`shared`: its 4 chunks double the programs to 704, two waves at 4 an
+    SM) those 16 rows run on 4 warps in 256-value steps (6 programs an SM, as many as the 33 KB of
+    shared memory each takes allows: one wave): the layer 30.2 -> 29.6 us, the batch-1 decode step
+    596 -> 605 tokens/s, where the 8-warp programs capped at 48 or 40 registers (5 or 6 an SM) were
+    slower (34.9, 37.4-38.1 us; benchmarks/results/nf4_t1_sweep_waves_2026-12-06_h100.json,
+    nf4_step_ab_2026-12-06_h100.json); without the shared expert the 4-warp shape is slower (20.8
+    against 16.5-17.1 us). Under the interpreter: one wide program per row."""
     if not on_gpu:
         return dict(BLOCK_N=min(64, triton.next_power_of_2(n_out)), BLOCK_K=128, num_warps=4, PIPELINE=1)
     if nf4:  # the NF4 word path, from H100 sweeps (sweep_nf4_gemv_2026-12-06_h100, sweep_nf4_wide_2026-12-06_h100)
         if gated:
-            if num_rows <= NF4_GATE_UP_ONE_TOKEN_ROWS:  # 16 rows a program on 8 warps: half the table fills
+            if num_rows <= NF4_GATE_UP_ONE_TOKEN_ROWS:  # 16 rows a program: half the table fills
+                if shared:  # 4 warps, 256-value steps: the 704 programs fit 6 an SM, one wave
+                    return dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, PIPELINE=1)
                 return dict(BLOCK_N=16, BLOCK_K=512, num_warps=8, PIPELINE=1)
             return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, PIPELINE=1)
         if num_rows == 1:  # one token: one program per SM, long K-steps (the whole routed row)
@@ -1273,8 +1285,8 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
             return ptrs[0], 0, ptrs[1:5]
         return w, w.stride(0), routed[1:5]
 
-    cfg = _whole_nf4_blocks({**gemv_config(rows, inter, True, _is_nf4(gate_up), on_gpu, sms), **(config or {})},
-                            gate_up)
+    cfg = _whole_nf4_blocks({**gemv_config(rows, inter, True, _is_nf4(gate_up), on_gpu, sms,
+                                           shared=shared is not None), **(config or {})}, gate_up)
     ptrs, strides, flags = _weight_args(gate_up, num_experts)
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "gate_up")
     cfg = with_nf4_table(cfg, flags, "gate_up")

@@ -57,20 +57,33 @@ def _linear_gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, absmax_ptr, absmax_code
     tl.store(out_ptr + token.to(tl.int64) * stride_om + n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-def gemv_config(n_out: int, on_gpu: bool, nf4: bool = False) -> dict:
+def gemv_config(n_out: int, on_gpu: bool, nf4: bool = False, num_tokens: int = 1) -> dict:
     """8 rows per program, 4 warps, 3 stages on the GPU; 256-value K-steps for thousands of
     rows, 512 for fewer (fewer programs: each keeps more bytes in flight). From an H200 sweep
     at one token, H = 2048 (benchmarks/results/sweep_decode_2026-11-29_h200.json): q/k/v (6,144
     rows, bias) 8.4 us against cuBLAS's 9.6, o_proj (2,048) 4.5 against 6.2, router + shared
-    gate (61) 2.5 against 4.5 (two kernels). NF4: the word path in 512-value steps, 4 warps, no
-    prefetching (the experts' down kernel at several tokens); the 8 warps that its one-token
-    down takes made the NF4 linears slower in H100 decode profiles (72 calls 408 us a step with
-    8 warps, 348 with 4: benchmarks/results/decode_nf4_2026-12-06_h100_run1.json and _run2).
+    gate (61) 2.5 against 4.5 (two kernels).
+
+    NF4 takes the experts' word path (`moelab.kernels.experts._nf4_words`), no prefetching. At
+    one token, from an H100 sweep of the decode step's two NF4 linears
+    (benchmarks/results/nf4_linear_sweep_2026-12-06_h100.json): thousands of rows (q/k/v) in
+    16-row programs on 8 warps, 512-value steps, the code bytes looked up in the shared-memory
+    pair table (capped at 48 registers: `with_nf4_table`), 6.9 -> 6.2 us; fewer rows (o_proj) as
+    the experts' down at one token, one 16-row program per SM on 32 warps taking a whole
+    2,048-value row in one step, with `prmt` (NF4_SMEM=0: the table was slower there, 3.75 us),
+    4.6 -> 3.5 us. The batch-1 NF4 decode step: 596 -> 612 tokens/s
+    (nf4_step_ab_2026-12-06_h100.json). At 2-4 tokens: 8 rows, 512-value steps, 4 warps,
+    `prmt` (8 warps made those linears slower in H100 decode profiles: 72 calls 408 us a step
+    with 8 warps, 348 with 4, decode_nf4_2026-12-06_h100_run1.json and _run2).
     Under the interpreter one wide program per 64 rows."""
     if not on_gpu:
         return dict(BLOCK_N=min(64, triton.next_power_of_2(n_out)), BLOCK_K=128, num_warps=4, PIPELINE=1)
     if nf4:
-        return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, PIPELINE=1)
+        if num_tokens > 1:
+            return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, PIPELINE=1, NF4_SMEM=0)
+        if n_out >= 4096:
+            return dict(BLOCK_N=16, BLOCK_K=512, num_warps=8, PIPELINE=1)
+        return dict(BLOCK_N=16, BLOCK_K=2048, num_warps=32, PIPELINE=1, NF4_SMEM=0)
     return dict(BLOCK_N=8, BLOCK_K=256 if n_out >= 4096 else 512, num_warps=4, PIPELINE=3)
 
 
@@ -101,7 +114,7 @@ def linear_gemv(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
     out = torch.empty(num_tokens, n_out, dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return out
-    cfg = _whole_nf4_blocks({**gemv_config(n_out, x.is_cuda, nf4), **(config or {})}, weight)
+    cfg = _whole_nf4_blocks({**gemv_config(n_out, x.is_cuda, nf4, num_tokens), **(config or {})}, weight)
     ptrs, _, flags = _weight_args(weight if nf4 else weight[None], 1)  # one "expert"
     cfg = with_nf4_table(cfg, flags, "linear")
     _linear_gemv_kernel[(num_tokens * triton.cdiv(n_out, cfg["BLOCK_N"]),)](
