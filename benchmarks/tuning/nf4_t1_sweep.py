@@ -19,7 +19,10 @@ rows on 8 warps beat the package's 8 rows on 4 (17.8 -> 17.0 us, with the shared
 30.3: nf4_t1_sweep_n16w8_2026-12-06_h100.log) and is the package's config since; pipelined K-steps
 were the slowest (25-30 us). The same session timed three more leads with this script and
 `l2_prefetch_ab.py` (L2 prefetches from gate_up and per layer, x in one 16-byte load per code word):
-none gained, and their code left the package; it is in commit dbafd5e. The "base" variant is the
+none gained, and their code left the package; it is in commit dbafd5e. The ninth session timed the
+register caps and 4-warp shapes with the shared expert (SHARED=all GATE_UP=r48,r40,k256r40,n16w4k256,
+n16w4r80, nf4_t1_sweep_waves_2026-12-06_h100.json): only n16w4k256 gained, with the shared expert
+(30.2 -> 29.6 us; routed alone 20.8 against 16.9), and is the package's config there. The "base" variant is the
 package's config at the time of the run. GATE_UP / DOWN (comma lists) restrict the variants;
 SHARED=1 also times the best variants with the shared expert folded in, SHARED=all every variant.
 Writes $OUT/nf4_t1_sweep_<TAG>.json.
