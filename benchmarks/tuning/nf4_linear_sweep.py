@@ -22,6 +22,7 @@ import torch
 import moelab.bench as B
 from moelab.kernels.gemv import linear_gemv
 from moelab.quant import quantize_nf4
+from tuning_common import keep_variants
 
 OUT, TAG = os.environ.get("OUT", "/tmp"), os.environ.get("TAG", "run")
 LAYERS, O_COPIES, H = 24, 72, 2048  # o_proj: 72 copies (151 MB), so that none stays in the 50 MB L2
@@ -41,12 +42,7 @@ O = {"package": None,
      "n8w16k2048t": {"BLOCK_N": 8, "num_warps": 16, "BLOCK_K": 2048, "NF4_SMEM": 16},
      "n4w4": {"BLOCK_N": 4, "num_warps": 4},
      "n8w8k1024": {"BLOCK_N": 8, "num_warps": 8, "BLOCK_K": 1024}}
-for name, table in (("QKV", QKV), ("O", O)):
-    if os.environ.get(name):
-        keep = os.environ[name].split(",")
-        for key in list(table):
-            if key not in keep and key != "package":
-                del table[key]
+keep_variants({"QKV": QKV, "O": O}, "package")
 
 torch.manual_seed(0)
 q = lambda rows: quantize_nf4(torch.randn(1, rows, H, device="cuda", dtype=torch.bfloat16) * 0.02,  # noqa: E731

@@ -38,7 +38,7 @@ import moelab.bench as B
 import moelab.kernels.experts as EK
 from moelab.kernels.experts import SharedExpert, fused_experts_forward
 from moelab.quant import quantize_nf4
-from tuning_common import nf4_gemv_config_with, routed_layer_at_one_token
+from tuning_common import keep_variants, nf4_gemv_config_with, routed_layer_at_one_token
 
 OUT, TAG = os.environ.get("OUT", "/tmp"), os.environ.get("TAG", "run")
 GATE_UP = {"base": {}, "p2": {"PIPELINE": 2}, "p2r80": {"PIPELINE": 2, "maxnreg": 80},
@@ -51,12 +51,7 @@ GATE_UP = {"base": {}, "p2": {"PIPELINE": 2}, "p2r80": {"PIPELINE": 2, "maxnreg"
 DOWN = {"base": {}, "n8w16": {"BLOCK_N": 8, "num_warps": 16}, "w16": {"num_warps": 16},
         "k512p2": {"BLOCK_K": 512, "PIPELINE": 2, "SHARED_BLOCK_K": 512},
         "k1024p2": {"BLOCK_K": 1024, "PIPELINE": 2, "SHARED_BLOCK_K": 1024}}
-for name, table in (("GATE_UP", GATE_UP), ("DOWN", DOWN)):
-    if os.environ.get(name):
-        keep = os.environ[name].split(",")
-        for key in list(table):
-            if key not in keep and key != "base":
-                del table[key]
+keep_variants({"GATE_UP": GATE_UP, "DOWN": DOWN}, "base")
 res = {"card": B.card_name(), "versions": B.versions(),
        "smem_kernels": sorted(EK.NF4_SMEM_KERNELS), "gate_up": GATE_UP, "down": DOWN, "layer": [], "layer_shared": []}
 print(res["card"], flush=True)

@@ -1,5 +1,7 @@
 """Pieces the GPU tuning scripts share (imported from beside them: `python benchmarks/tuning/<script>.py`
 puts this folder on the path)."""
+import os
+
 import torch
 
 import moelab.kernels.experts as EK
@@ -24,6 +26,17 @@ def nf4_gemv_config_with(gate_up: dict | None = None, down: dict | None = None, 
             return {**c, **(gate_up or {})} if max_rows is None or num_rows <= max_rows else c
         return {**c, **(down or {})} if num_rows == 1 else c
     return cfg
+
+
+def keep_variants(tables: dict, baseline: str) -> None:
+    """Restrict each {ENV_NAME: {variant: config}} table, in place, to the variants its environment
+    variable lists (a comma list; unset: all), always keeping `baseline`."""
+    for name, table in tables.items():
+        if os.environ.get(name):
+            keep = os.environ[name].split(",")
+            for key in list(table):
+                if key not in keep and key != baseline:
+                    del table[key]
 
 
 def build_models_once():
