@@ -1,40 +1,40 @@
 """The decode step at batch 1 (NF4; PRECISIONS=bf16,nf4 for both) under launch-config variants,
-alternating in one process, three rounds (the step-level check of a layer-level sweep):
+alternating in one process, three rounds (the step-level check of a layer-level sweep). A variant is
+"package" (the package's configs as they are) or names joined by "+", at most one of each kind:
 
-- "package": the package's configs as they are;
-- a gate_up variant (GATE_UP below): the experts' one-token gate_up (16 rows, 8 warps, 64 registers,
-  512-value K-steps: 4 programs an SM, so the decode step's 704 programs with the shared expert take
-  two waves) with another register cap or shape: "r48" (5 an SM), "r40" (6, the most the 33 KB of
-  shared memory a program takes allows: one wave; spills 56 bytes a thread compiled for sm_90),
-  "k256r40" (that with 256-value K-steps: no spills), "n16w4k256" / "n16w4r80" (4-warp programs,
-  6 an SM: one wave); nf4_t1_sweep.py times them at the layer;
-- "lin": the NF4 linears (q/k/v, o_proj) at the configs that won `nf4_linear_sweep.py`'s run
-  (LIN_FILE, default $OUT/nf4_linear_sweep_<LIN_TAG>.json: lowest mean time with outputs within 2e-2);
-- "merge2": decode attention's split-K partials merged by a second kernel (the package's way) where
-  commit b8f474d's kernel had the last split program merge them (the package at that commit);
-- "prev": the configs before 2026-12-06's ninth session, which made "n16w4k256" (with the shared
-  expert) and "lin" the package's: gate_up at one token 16 rows on 8 warps in 512-value steps
-  whatever the shared expert, the NF4 linears 8 rows on 4 warps with `prmt`;
-- "r48+lin": both (any variants joined by "+").
+- a gate_up shape (`tuning_common.ONE_TOKEN_GATE_UP`) for the experts' one-token gate_up: "n8w4" (8 rows on 4 warps,
+  the config before 2026-12-06's eighth session), "n16w8" (16 rows on 8 warps, 512-value K-steps,
+  64 registers: the eighth session's; with the shared expert its 704 programs fit 4 an SM, two
+  waves), "r48" / "r40" (that capped at 48 / 40 registers: 5 / 6 an SM; 6 is the most the 33 KB of
+  shared memory a program takes allows; compiled for sm_90, 40 spills 56 bytes a thread),
+  "k256r40" (40 registers with 256-value K-steps: no spills), "n16w4k256" / "n16w4r80" (4-warp
+  programs, 6 an SM), each also with the shared expert; nf4_t1_sweep.py times them at the layer;
+- a config of the NF4 linears (q/k/v, o_proj): "lin" (the winners of `nf4_linear_sweep.py`'s run:
+  LIN_FILE, default $OUT/nf4_linear_sweep_<LIN_TAG>.json, lowest mean time with outputs within 2e-2)
+  or "lin8w4" (8 rows on 4 warps with `prmt`, the config before the ninth session).
 
-VARIANTS (a comma list) picks them; default "package,r48,lin,r48+lin". Writes $OUT/nf4_step_ab.json.
+"n16w8+lin8w4" is the package as the ninth session found it. Measured (H100): the eighth session's
+n8w4 / n16w8 step A/B, benchmarks/results/n16w8_decode_ab_2026-12-06_h100.json (594.1-595.6 against
+602.3-604.3 tokens/s); the ninth session's, nf4_step_ab_2026-12-06_h100.json (run at commit b8f474d,
+whose decode attention merged its split-K partials in the last split program; its "merge2" variant
+was the merge kernel, as the package is again; 596.3 against 598.9 tokens/s, so it was reverted).
 
-    LIN_TAG=run python benchmarks/tuning/nf4_step_ab.py
+VARIANTS (a comma list) picks them; default "package,n16w8+lin8w4". Writes $OUT/nf4_step_ab.json.
+
+    LIN_TAG=run VARIANTS=package,lin python benchmarks/tuning/nf4_step_ab.py
 """
 import json
 import os
 
 import moelab.bench as B
-import moelab.kernels.attention as A  # MERGE_IN_LAST_SPLIT: only at commit b8f474d
 import moelab.kernels.experts as EK
 import moelab.kernels.gemv as G
-from tuning_common import build_models_once, decode_step_with, nf4_gemv_config_with
+from tuning_common import ONE_TOKEN_GATE_UP, build_models_once, decode_step_with, nf4_gemv_config_with
 
 OUT = os.environ.get("OUT", "/tmp")
-VARIANTS = os.environ.get("VARIANTS", "package,r48,lin,r48+lin").split(",")
+VARIANTS = os.environ.get("VARIANTS", "package,n16w8+lin8w4").split(",")
 PACKAGE_LINEAR_CONFIG = G.gemv_config
-GATE_UP = {"r48": {"maxnreg": 48}, "r40": {"maxnreg": 40}, "k256r40": {"BLOCK_K": 256, "maxnreg": 40},
-           "n16w4k256": {"num_warps": 4, "BLOCK_K": 256}, "n16w4r80": {"num_warps": 4, "maxnreg": 80}}
+GATE_UP = ONE_TOKEN_GATE_UP
 
 
 def best_linears(path):
@@ -63,23 +63,24 @@ def linear_config(n_out, on_gpu, nf4=False, num_tokens=1):
     return cfg
 
 
-def prev_linear_config(n_out, on_gpu, nf4=False, num_tokens=1):
+def lin8w4_config(n_out, on_gpu, nf4=False, num_tokens=1):
     """The NF4 linears' config before 2026-12-06's ninth session: 8 rows, 4 warps, `prmt`."""
     if nf4 and on_gpu:
         return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, PIPELINE=1, NF4_SMEM=0)
     return PACKAGE_LINEAR_CONFIG(n_out, on_gpu, nf4, num_tokens)
 
 
+LINEAR = {"lin": linear_config, "lin8w4": lin8w4_config}
+
+
 def use(variant):
     parts = variant.split("+")
+    unknown = [p for p in parts if p not in GATE_UP and p not in LINEAR and p != "package"]
+    if unknown:
+        raise ValueError(f"unknown variant part(s) {unknown}: known {sorted(GATE_UP) + sorted(LINEAR)} and package")
     gate_up = next((GATE_UP[p] for p in parts if p in GATE_UP), {})
     EK.gemv_config = nf4_gemv_config_with(gate_up, max_rows=EK.NF4_GATE_UP_ONE_TOKEN_ROWS)
-    G.gemv_config = linear_config if "lin" in parts else PACKAGE_LINEAR_CONFIG
-    if "prev" in parts:  # the ninth session's baseline: its gate_up and linears
-        EK.gemv_config = nf4_gemv_config_with({"num_warps": 8, "BLOCK_K": 512}, max_rows=EK.NF4_GATE_UP_ONE_TOKEN_ROWS)
-        G.gemv_config = prev_linear_config
-    if hasattr(A, "MERGE_IN_LAST_SPLIT"):
-        A.MERGE_IN_LAST_SPLIT = "merge2" not in parts
+    G.gemv_config = next((LINEAR[p] for p in parts if p in LINEAR), PACKAGE_LINEAR_CONFIG)
 
 
 build_models_once()

@@ -23,7 +23,8 @@ none gained, and their code left the package; it is in commit dbafd5e. The ninth
 register caps and 4-warp shapes with the shared expert (SHARED=all GATE_UP=r48,r40,k256r40,n16w4k256,
 n16w4r80, nf4_t1_sweep_waves_2026-12-06_h100.json): only n16w4k256 gained, with the shared expert
 (30.2 -> 29.6 us; routed alone 20.8 against 16.9), and is the package's config there. The "base" variant is the
-package's config at the time of the run. GATE_UP / DOWN (comma lists) restrict the variants;
+package's config at the time of the run; the variants from `tuning_common.ONE_TOKEN_GATE_UP` are whole
+launch shapes, the others change the package's config at the time of the run. GATE_UP / DOWN (comma lists) restrict the variants;
 SHARED=1 also times the best variants with the shared expert folded in, SHARED=all every variant.
 Writes $OUT/nf4_t1_sweep_<TAG>.json.
 
@@ -38,7 +39,7 @@ import moelab.bench as B
 import moelab.kernels.experts as EK
 from moelab.kernels.experts import SharedExpert, fused_experts_forward
 from moelab.quant import quantize_nf4
-from tuning_common import keep_variants, nf4_gemv_config_with, routed_layer_at_one_token
+from tuning_common import ONE_TOKEN_GATE_UP, keep_variants, nf4_gemv_config_with, routed_layer_at_one_token
 
 OUT, TAG = os.environ.get("OUT", "/tmp"), os.environ.get("TAG", "run")
 GATE_UP = {"base": {}, "p2": {"PIPELINE": 2}, "p2r80": {"PIPELINE": 2, "maxnreg": 80},
@@ -46,8 +47,7 @@ GATE_UP = {"base": {}, "p2": {"PIPELINE": 2}, "p2r80": {"PIPELINE": 2, "maxnreg"
            "k1024": {"BLOCK_K": 1024}, "r80": {"maxnreg": 80}, "n16w8": {"BLOCK_N": 16, "num_warps": 8},
            "n16w8p2": {"BLOCK_N": 16, "num_warps": 8, "PIPELINE": 2}, "n8w4": {"BLOCK_N": 8, "num_warps": 4},
            "n8w8": {"BLOCK_N": 8, "num_warps": 8}, "n8w8p2": {"BLOCK_N": 8, "num_warps": 8, "PIPELINE": 2},
-           "r48": {"maxnreg": 48}, "r40": {"maxnreg": 40}, "k256r40": {"BLOCK_K": 256, "maxnreg": 40},
-           "n16w4k256": {"num_warps": 4, "BLOCK_K": 256}, "n16w4r80": {"num_warps": 4, "maxnreg": 80}}
+           **{k: v for k, v in ONE_TOKEN_GATE_UP.items() if k not in ("n8w4", "n16w8")}}
 DOWN = {"base": {}, "n8w16": {"BLOCK_N": 8, "num_warps": 16}, "w16": {"num_warps": 16},
         "k512p2": {"BLOCK_K": 512, "PIPELINE": 2, "SHARED_BLOCK_K": 512},
         "k1024p2": {"BLOCK_K": 1024, "PIPELINE": 2, "SHARED_BLOCK_K": 1024}}

@@ -13,6 +13,16 @@ from moelab.routing import route
 
 PACKAGE_GEMV_CONFIG = EK.gemv_config  # the experts' decode configs as the package has them
 
+# Whole launch shapes of the experts' one-token NF4 gate_up (not relative to the package's config,
+# which changes): 16 rows on 8 warps in 512-value K-steps at 64 registers (the eighth session's, 4
+# programs an SM), capped at 48 / 40 (5 / 6 an SM), 40 in 256-value steps, and 4-warp programs.
+EIGHT_WARPS = {"BLOCK_N": 16, "num_warps": 8, "BLOCK_K": 512}
+ONE_TOKEN_GATE_UP = {"n8w4": {"BLOCK_N": 8, "num_warps": 4, "BLOCK_K": 512, "maxnreg": 64},
+                     "n16w8": {**EIGHT_WARPS, "maxnreg": 64}, "r48": {**EIGHT_WARPS, "maxnreg": 48},
+                     "r40": {**EIGHT_WARPS, "maxnreg": 40}, "k256r40": {**EIGHT_WARPS, "BLOCK_K": 256, "maxnreg": 40},
+                     "n16w4k256": {"BLOCK_N": 16, "num_warps": 4, "BLOCK_K": 256, "maxnreg": 64},
+                     "n16w4r80": {"BLOCK_N": 16, "num_warps": 4, "BLOCK_K": 512, "maxnreg": 80}}
+
 
 def nf4_gemv_config_with(gate_up: dict | None = None, down: dict | None = None, max_rows: int | None = None):
     """The package's `gemv_config` with its NF4 CUDA configs updated: gate_up's by `gate_up` (only up to

@@ -1154,8 +1154,8 @@ def gemv_config(num_rows: int, n_out: int, gated: bool, nf4: bool, on_gpu: bool,
     shared-memory table: the layer at one token 17.8 -> 17.0 us, with the shared expert 31.3 -> 30.3
     (benchmarks/results/nf4_t1_sweep_2026-12-06_h100.json, nf4_t1_sweep_n16w8_2026-12-06_h100.log).
     With the shared expert (`shared`: its 4 chunks double the programs to 704, two waves at 4 an
-    SM) those 16 rows run on 4 warps in 256-value steps (6 programs an SM, as many as the 33 KB of
-    shared memory each takes allows: one wave): the layer 30.2 -> 29.6 us, the batch-1 decode step
+    SM) those 16 rows run on 4 warps in 256-value steps (compiled for sm_90, 64 registers and 33 KB
+    of shared memory a program: 6 an SM, one wave): the layer 30.2 -> 29.6 us, the batch-1 decode step
     596 -> 605 tokens/s, where the 8-warp programs capped at 48 or 40 registers (5 or 6 an SM) were
     slower (34.9, 37.4-38.1 us; benchmarks/results/nf4_t1_sweep_waves_2026-12-06_h100.json,
     nf4_step_ab_2026-12-06_h100.json); without the shared expert the 4-warp shape is slower (20.8
