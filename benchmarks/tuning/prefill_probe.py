@@ -8,7 +8,10 @@ request takes 117.4 ms in NF4 (4,096 tokens / 545.0 tokens/s over 64 requests) o
 decode steps at the ITL p50 of 1.67 ms are 105.2, leaving ~12 ms for its prefill and first
 token, against ~6.4 ms in bf16 (146.9 - 63 x 2.23): NF4 is ahead in decode and behind in prefill.
 
-    PRECISIONS=bf16,nf4 python benchmarks/tuning/prefill_probe.py   # writes $OUT/prefill_probe.json
+"nf4_bnb" is NF4 with its prefill linears through bitsandbytes as before 2026-12-06's tenth
+session (`moelab.kernels.nf4_gemm.MAX_TOKENS = 0`: dequantize into bf16, then cuBLAS).
+
+    PRECISIONS=bf16,nf4,nf4_bnb python benchmarks/tuning/prefill_probe.py   # writes $OUT/prefill_probe.json
 """
 import json
 import os
@@ -17,15 +20,18 @@ import statistics
 import torch
 
 import moelab.bench as B
+import moelab.kernels.nf4_gemm as NG
 from moelab.engine import Engine
 from moelab.kernels.experts import fused_experts_forward
 from moelab.models import load
 
 OUT = os.environ.get("OUT", "/tmp")
 res = {"card": B.card_name(), "versions": B.versions(), "rows": [], "profiles": {}}
-for precision in os.environ.get("PRECISIONS", "bf16,nf4").split(","):
+PACKAGE_MAX_TOKENS = NG.MAX_TOKENS
+for precision in os.environ.get("PRECISIONS", "bf16,nf4,nf4_bnb").split(","):
+    NG.MAX_TOKENS = 0 if precision == "nf4_bnb" else PACKAGE_MAX_TOKENS
     model, _ = load("qwen1.5-moe-a2.7b", device="cuda", random_weights=True,
-                    **({"quantize": "nf4"} if precision == "nf4" else {}))
+                    **({"quantize": "nf4"} if precision.startswith("nf4") else {}))
     engine = Engine(model, num_slots=1, max_seq_len=2048, experts_fn=fused_experts_forward)
     graphs, slot = engine.prefill_graphs, 0
     gen = torch.Generator().manual_seed(0)
