@@ -68,4 +68,4 @@ for shape, (rows, cols, has_bias) in SHAPES.items():
                 row = dict(shape=shape, tokens=tokens, system=name, us=None, err=None, error=repr(e)[:200])
             res["rows"].append(row)
             print(row, flush=True)
-json.dump(res, open(os.path.join(OUT, "nf4_prefill_linear_sweep.json"), "w"), indent=1)
+        json.dump(res, open(os.path.join(OUT, "nf4_prefill_linear_sweep.json"), "w"), indent=1)  # so far
