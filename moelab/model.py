@@ -186,48 +186,32 @@ def _foldable_shared(mlp, fused, nf4_ok: bool):
 def _linear(module, x: torch.Tensor) -> torch.Tensor:
     """module(x) for a plain nn.Linear as one `F.linear`, skipping nn.Module's call machinery
     (a few microseconds a call, which add up in a small model's step); a bitsandbytes NF4
-    Linear4bit on CUDA through moelab's kernels on its own storage (`_nf4_linear`); anything
-    else through its own forward."""
+    Linear4bit on CUDA, for a few tokens, through moelab's GEMV kernel on its own storage
+    (`moelab.kernels.gemv`: the experts' NF4 decode path, in place of bitsandbytes'
+    gemm_4bit); anything else through its own forward."""
     if type(module) is nn.Linear:
         return F.linear(x, module.weight, module.bias)
-    if x.is_cuda and type(module).__name__ == "Linear4bit" and x.dim() == 2:
+    if x.is_cuda and type(module).__name__ == "Linear4bit":
+        from .kernels.gemv import MAX_TOKENS, linear_gemv
         from .quant import linear4bit_nf4
 
-        nf4 = linear4bit_nf4(module)
-        if nf4 is not None and (module.bias is None or module.bias.dtype == x.dtype):
-            out = _nf4_linear(x, nf4, module.bias)
-            if out is not None:
-                return out
+        nf4 = linear4bit_nf4(module) if x.shape[0] <= MAX_TOKENS and x.dim() == 2 else None
+        if nf4 is not None and nf4.dtype == x.dtype and (module.bias is None or module.bias.dtype == x.dtype):
+            return linear_gemv(x, nf4, module.bias)
     return module(x)
-
-
-def _nf4_linear(x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """x @ W^T (+ bias) for an NF4 weight [1, N, K] on CUDA in one moelab kernel that reads the
-    codes once: a few tokens through the GEMV (`moelab.kernels.gemv`: the experts' NF4 decode
-    path), a prompt of up to `moelab.kernels.nf4_gemm.MAX_TOKENS` through the NF4 GEMM (its
-    dequantization in registers, in place of bitsandbytes' dequantized bf16 copy and a cuBLAS
-    GEMM on it). None where neither applies (longer prompts, another dtype, rows of partial
-    64-blocks): the caller dequantizes."""
-    from .kernels import gemv, nf4_gemm
-
-    if not x.is_cuda or weight.dtype != x.dtype:
-        return None
-    if x.shape[0] <= gemv.MAX_TOKENS:
-        return gemv.linear_gemv(x, weight, bias)
-    if x.shape[0] <= nf4_gemm.MAX_TOKENS and weight.shape[2] % 64 == 0:
-        return nf4_gemm.linear_nf4_gemm(x, weight, bias)
-    return None
 
 
 def _project(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight^T (+ bias) for the fused projections: on CUDA, for a few tokens, moelab's
     GEMV kernel (`moelab.kernels.gemv`: it streams W faster than cuBLAS's GEMM tiles at one
     token, in one launch), else F.linear. weight may be a jointly quantized NF4 weight
-    [1, N, K] (`moelab.quant.JointNF4`): on CUDA moelab's NF4 kernels (`_nf4_linear`), elsewhere
-    dequantized first."""
+    [1, N, K] (`moelab.quant.JointNF4`): elsewhere than that GEMV it is dequantized first."""
     if isinstance(weight, NF4Tensor):
-        out = _nf4_linear(x, weight, bias)
-        return F.linear(x, dequantize_nf4(weight)[0].to(x.dtype), bias) if out is None else out
+        from .kernels.gemv import MAX_TOKENS, linear_gemv
+
+        if x.is_cuda and x.shape[0] <= MAX_TOKENS and weight.dtype == x.dtype:
+            return linear_gemv(x, weight, bias)
+        return F.linear(x, dequantize_nf4(weight)[0].to(x.dtype), bias)
     if x.is_cuda and weight.dtype == x.dtype and weight.stride(1) == 1:
         from .kernels.gemv import MAX_TOKENS, linear_gemv
         if x.shape[0] <= MAX_TOKENS:

@@ -8,10 +8,16 @@ request takes 117.4 ms in NF4 (4,096 tokens / 545.0 tokens/s over 64 requests) o
 decode steps at the ITL p50 of 1.67 ms are 105.2, leaving ~12 ms for its prefill and first
 token, against ~6.4 ms in bf16 (146.9 - 63 x 2.23): NF4 is ahead in decode and behind in prefill.
 
-"nf4_bnb" is NF4 with its prefill linears through bitsandbytes as before 2026-12-06's tenth
-session (`moelab.kernels.nf4_gemm.MAX_TOKENS = 0`: dequantize into bf16, then cuBLAS).
+Measured on an H100 (benchmarks/results/prefill_probe_2026-12-06_h100.json, 2026-12-06's tenth
+session; its "nf4_bnb" rows are NF4 as the package runs it, its "nf4" rows NF4 with the dense
+linears through the in-register NF4 GEMM of benchmarks/tuning/nf4_prefill_linear_sweep.py, slower
+and dropped): buckets 16/32/48/64 bf16 5.4/6.1/6.2/6.6 ms, NF4 9.5/13.9/10.6/11.5 ms. In NF4 the
+routed experts take about half of it: at 16 tokens (64 pairs) their decode GEMVs 4.5 ms against
+bf16's grouped GEMM 2.3 ms; at 64 tokens the grouped NF4 GEMM 6.2 ms against bf16's 3.5 ms; at 32
+tokens (128 pairs, still the GEMV path: GEMV_MAX_PAIRS_NF4) the prefill is slower than at 48.
+bitsandbytes' dequantize kernels and its gemm_4bit take most of the rest (2.4 ms at 16 tokens).
 
-    PRECISIONS=bf16,nf4,nf4_bnb python benchmarks/tuning/prefill_probe.py   # writes $OUT/prefill_probe.json
+    PRECISIONS=bf16,nf4 python benchmarks/tuning/prefill_probe.py   # writes $OUT/prefill_probe.json
 """
 import json
 import os
@@ -20,18 +26,15 @@ import statistics
 import torch
 
 import moelab.bench as B
-import moelab.kernels.nf4_gemm as NG
 from moelab.engine import Engine
 from moelab.kernels.experts import fused_experts_forward
 from moelab.models import load
 
 OUT = os.environ.get("OUT", "/tmp")
 res = {"card": B.card_name(), "versions": B.versions(), "rows": [], "profiles": {}}
-PACKAGE_MAX_TOKENS = NG.MAX_TOKENS
-for precision in os.environ.get("PRECISIONS", "bf16,nf4,nf4_bnb").split(","):
-    NG.MAX_TOKENS = 0 if precision == "nf4_bnb" else PACKAGE_MAX_TOKENS
+for precision in os.environ.get("PRECISIONS", "bf16,nf4").split(","):
     model, _ = load("qwen1.5-moe-a2.7b", device="cuda", random_weights=True,
-                    **({"quantize": "nf4"} if precision.startswith("nf4") else {}))
+                    **({"quantize": "nf4"} if precision == "nf4" else {}))
     engine = Engine(model, num_slots=1, max_seq_len=2048, experts_fn=fused_experts_forward)
     graphs, slot = engine.prefill_graphs, 0
     gen = torch.Generator().manual_seed(0)
