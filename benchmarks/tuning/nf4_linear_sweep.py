@@ -22,7 +22,7 @@ import torch
 import moelab.bench as B
 from moelab.kernels.gemv import linear_gemv
 from moelab.quant import quantize_nf4
-from tuning_common import keep_variants
+from tuning_common import keep_variants, timed_row
 
 OUT, TAG = os.environ.get("OUT", "/tmp"), os.environ.get("TAG", "run")
 LAYERS, O_COPIES, H = 24, 72, 2048  # o_proj: 72 copies (151 MB), so that none stays in the 50 MB L2
@@ -70,15 +70,12 @@ refs = {kind: stacked(kind, None) for kind in ("qkv", "o")}
 for rep in range(3):
     for kind, table in (("qkv", QKV), ("o", O)):
         for name, cfg in table.items():
-            try:
-                with torch.no_grad():
-                    out = stacked(kind, cfg)
-                    us = B._time_graph(lambda i, cfg=cfg, kind=kind: run(kind, cfg), 1) / len(out)
-                err = ((out - refs[kind]).norm() / refs[kind].norm()).item()
-                row = dict(rep=rep, kind=kind, variant=name, us=round(us, 3), err=err)
-            except Exception as e:  # noqa: BLE001  (a config the compiler or the launcher refuses)
-                torch.cuda.synchronize()
-                row = dict(rep=rep, kind=kind, variant=name, us=None, err=None, error=repr(e)[:200])
+            def measure(kind=kind, cfg=cfg):
+                out = stacked(kind, cfg)
+                us = B._time_graph(lambda i: run(kind, cfg), 1) / len(out)
+                return round(us, 3), ((out - refs[kind]).norm() / refs[kind].norm()).item()
+
+            row = timed_row(measure, rep=rep, kind=kind, variant=name)
             res["rows"].append(row)
             print(row, flush=True)
     json.dump(res, open(os.path.join(OUT, f"nf4_linear_sweep_{TAG}.json"), "w"), indent=1)

@@ -40,7 +40,7 @@ import triton.language as tl
 import moelab.bench as B
 from moelab.kernels.experts import _nf4_block_dot, _nf4_lut, _weight_args
 from moelab.quant import dequantize_nf4, linear4bit_nf4, linear_to_nf4
-from tuning_common import keep_variants
+from tuning_common import keep_variants, timed_row
 
 
 @triton.jit
@@ -158,15 +158,11 @@ for shape, (rows, cols, has_bias) in SHAPES.items():
         for name, cfg in GEMM.items():
             systems[name] = lambda i, cfg=cfg: linear_nf4_gemm(x, views[i], linears[i].bias, config=cfg)
         for name, fn in systems.items():
-            try:
-                with torch.no_grad():
-                    out = fn(0)
-                    err = float((out.double() - exact).norm() / exact.norm())
-                    us = B._time_graph(fn, copies)
-                row = dict(shape=shape, tokens=tokens, system=name, us=round(us, 2), err=err)
-            except Exception as e:  # noqa: BLE001  (a config the compiler or the launcher refuses)
-                torch.cuda.synchronize()
-                row = dict(shape=shape, tokens=tokens, system=name, us=None, err=None, error=repr(e)[:200])
+            def measure(fn=fn):
+                err = float((fn(0).double() - exact).norm() / exact.norm())
+                return round(B._time_graph(fn, copies), 2), err
+
+            row = timed_row(measure, shape=shape, tokens=tokens, system=name)
             res["rows"].append(row)
             print(row, flush=True)
         json.dump(res, open(os.path.join(OUT, "nf4_prefill_linear_sweep.json"), "w"), indent=1)  # so far

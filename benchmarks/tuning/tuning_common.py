@@ -49,6 +49,18 @@ def keep_variants(tables: dict, baseline: str) -> None:
                     del table[key]
 
 
+def timed_row(measure, **keys) -> dict:
+    """keys with the us and err that measure() returns; a config the compiler or the launcher
+    refuses gives us and err None and the error instead."""
+    try:
+        with torch.no_grad():
+            us, err = measure()
+        return dict(keys, us=us, err=err)
+    except Exception as e:  # noqa: BLE001
+        torch.cuda.synchronize()
+        return dict(keys, us=None, err=None, error=repr(e)[:200])
+
+
 def build_models_once():
     """Make `moelab.models.load` build each (model, quantization) once and keep only the latest:
     `bench_decode` loads the model on every call, and a script alternating variants calls it often."""
