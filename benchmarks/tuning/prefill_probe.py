@@ -21,7 +21,6 @@ bitsandbytes' dequantize kernels and its gemm_4bit take most of the rest (2.4 ms
 """
 import json
 import os
-import statistics
 
 import torch
 
@@ -29,6 +28,7 @@ import moelab.bench as B
 from moelab.engine import Engine
 from moelab.kernels.experts import fused_experts_forward
 from moelab.models import load
+from tuning_common import prefill_replay_ms
 
 OUT = os.environ.get("OUT", "/tmp")
 res = {"card": B.card_name(), "versions": B.versions(), "rows": [], "profiles": {}}
@@ -40,18 +40,7 @@ for precision in os.environ.get("PRECISIONS", "bf16,nf4").split(","):
     gen = torch.Generator().manual_seed(0)
     for n in (16, 32, 48, 64):
         prompt = torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist()
-        for _ in range(3):
-            graphs.prefill(prompt, slot)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(10):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graphs.prefill(prompt, slot)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        res["rows"].append(dict(precision=precision, tokens=n, ms=round(statistics.median(times), 3)))
+        res["rows"].append(dict(precision=precision, tokens=n, ms=round(prefill_replay_ms(graphs, prompt, slot), 3)))
         print(res["rows"][-1], flush=True)
         if n in (16, 64):
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
