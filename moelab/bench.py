@@ -78,17 +78,23 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 20) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
     dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
+    return 2 * src.numel() * src.element_size() / median_seconds(lambda: dst.copy_(src), repeats) / 1e9
+
+
+def median_seconds(fn, repeats: int = 10, warmup: int = 3) -> float:
+    """Median seconds of one fn() on the GPU (CUDA events around each call, timed alone), after
+    `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        dst.copy_(src)
+        fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return 2 * src.numel() * src.element_size() / statistics.median(times) / 1e9
+    return statistics.median(times)
 
 
 def floor_us(nbytes: int, bandwidth_gbs: float) -> float:
@@ -648,17 +654,7 @@ def bench_prefill(model_name: str = "qwen1.5-moe-a2.7b", lengths=(64, 512, 2048,
 
         graphs = PrefillGraphs(fwd, cache, buckets=(n,))
         for mode, step in (("eager", run), ("graph", lambda: graphs.prefill(prompt, slot))):
-            for _ in range(2):
-                step()
-            times = []
-            for _ in range(repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            sec = statistics.median(times)
+            sec = median_seconds(step, repeats, warmup=2)
             flops = prefill_flops(model.config, n)
             rows.append({"prompt_len": n, "mode": mode, "ms": round(sec * 1e3, 3), "tokens_per_s": round(n / sec, 1),
                          "tflops": round(flops / sec / 1e12, 1),
@@ -1452,17 +1448,7 @@ def matmul_tflops(n: int = 8192, dtype=torch.bfloat16, repeats: int = 10) -> flo
     """The card's measured dense matmul rate (torch.mm, n x n x n) in TFLOP/s."""
     a = torch.randn(n, n, device="cuda", dtype=dtype)
     b = torch.randn(n, n, device="cuda", dtype=dtype)
-    for _ in range(3):
-        torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.mm(a, b)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * n ** 3 / statistics.median(times) / 1e12
+    return 2 * n ** 3 / median_seconds(lambda: torch.mm(a, b), repeats) / 1e12
 
 
 def _timed(fn, n_inputs: int, capturable: bool = True) -> tuple[float, str]:

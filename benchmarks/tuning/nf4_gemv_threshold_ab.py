@@ -1,7 +1,7 @@
 """NF4 experts: up to how many (token, expert) pairs the decode GEMVs run instead of the grouped
 NF4 GEMM (`moelab.kernels.experts.GEMV_MAX_PAIRS_NF4`, 128: 32 tokens at top-4), timed in what it
 decides: prefills of 16 and 32 tokens (replayed from the Engine's prefill graphs,
-`tuning_common.prefill_replay_ms`)
+`moelab.bench.median_seconds`)
 and the decode step at batch 16 and 32 (`bench_decode`), thresholds alternating, ROUNDS rounds.
 
 Why: in benchmarks/results/prefill_probe_2026-12-06_h100.json an NF4 prefill of 32 tokens (128
@@ -20,7 +20,7 @@ import moelab.kernels.experts as EK
 import moelab.models as M
 from moelab.engine import Engine
 from moelab.kernels.experts import fused_experts_forward
-from tuning_common import build_models_once, decode_step, prefill_replay_ms
+from tuning_common import build_models_once, decode_step
 
 OUT = os.environ.get("OUT", "/tmp")
 THRESHOLDS = [int(t) for t in os.environ.get("THRESHOLDS", "128,64").split(",")]
@@ -35,7 +35,7 @@ def prefill_ms(n: int) -> float:
     model, _ = M.load("qwen1.5-moe-a2.7b", device="cuda", random_weights=True, quantize="nf4")
     engine = Engine(model, num_slots=1, max_seq_len=2048, experts_fn=fused_experts_forward)
     prompt = torch.randint(0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-    return prefill_replay_ms(engine.prefill_graphs, prompt)
+    return B.median_seconds(lambda: engine.prefill_graphs.prefill(prompt, 0)) * 1e3
 
 
 for rep in range(ROUNDS):

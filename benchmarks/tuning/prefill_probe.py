@@ -28,7 +28,6 @@ import moelab.bench as B
 from moelab.engine import Engine
 from moelab.kernels.experts import fused_experts_forward
 from moelab.models import load
-from tuning_common import prefill_replay_ms
 
 OUT = os.environ.get("OUT", "/tmp")
 res = {"card": B.card_name(), "versions": B.versions(), "rows": [], "profiles": {}}
@@ -40,7 +39,8 @@ for precision in os.environ.get("PRECISIONS", "bf16,nf4").split(","):
     gen = torch.Generator().manual_seed(0)
     for n in (16, 32, 48, 64):
         prompt = torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist()
-        res["rows"].append(dict(precision=precision, tokens=n, ms=round(prefill_replay_ms(graphs, prompt, slot), 3)))
+        ms = B.median_seconds(lambda: graphs.prefill(prompt, slot)) * 1e3  # its bucket captured at the first call
+        res["rows"].append(dict(precision=precision, tokens=n, ms=round(ms, 3)))
         print(res["rows"][-1], flush=True)
         if n in (16, 64):
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -1,7 +1,6 @@
 """Pieces the GPU tuning scripts share (imported from beside them: `python benchmarks/tuning/<script>.py`
 puts this folder on the path)."""
 import os
-import statistics
 
 import torch
 
@@ -60,23 +59,6 @@ def timed_row(measure, **keys) -> dict:
     except Exception as e:  # noqa: BLE001
         torch.cuda.synchronize()
         return dict(keys, us=None, err=None, error=repr(e)[:200])
-
-
-def prefill_replay_ms(graphs, prompt, slot: int = 0, replays: int = 10) -> float:
-    """Median ms of one prompt's prefill replayed from `graphs` (a `moelab.graphs.PrefillGraphs`:
-    its bucket captured at the first of 3 warm-up calls), each replay timed alone."""
-    for _ in range(3):
-        graphs.prefill(prompt, slot)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graphs.prefill(prompt, slot)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def build_models_once():
