@@ -40,6 +40,12 @@ DENSE_MAX_TOKENS = 64
 # step: benchmarks/results/decode_proj_2026-11-29_h200.json (graph_fused_proj vs graph_fused).
 FUSED_MAX_TOKENS = 1
 
+# From this many tokens (a prefill) a bitsandbytes NF4 Linear4bit on CUDA runs as moelab's one
+# dequantize kernel (`moelab.kernels.experts.nf4_to_dense`: codes and double-quantized absmax
+# decoded in one pass) into a bf16 weight that cuBLAS reads while it is still in L2, in place of
+# bitsandbytes' own (its absmax, then the weight, then a cast: three kernels, or its gemm_4bit).
+NF4_DEQUANT_MIN_TOKENS = 16
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm as transformers computes it: normalise in float32, scale in the input dtype.
@@ -186,18 +192,24 @@ def _foldable_shared(mlp, fused, nf4_ok: bool):
 def _linear(module, x: torch.Tensor) -> torch.Tensor:
     """module(x) for a plain nn.Linear as one `F.linear`, skipping nn.Module's call machinery
     (a few microseconds a call, which add up in a small model's step); a bitsandbytes NF4
-    Linear4bit on CUDA, for a few tokens, through moelab's GEMV kernel on its own storage
-    (`moelab.kernels.gemv`: the experts' NF4 decode path, in place of bitsandbytes'
-    gemm_4bit); anything else through its own forward."""
+    Linear4bit on CUDA through moelab's kernels on its own storage: for a few tokens the
+    GEMV (`moelab.kernels.gemv`: the experts' NF4 decode path, in place of bitsandbytes'
+    gemm_4bit), from NF4_DEQUANT_MIN_TOKENS tokens one dequantize kernel then cuBLAS (see
+    there); anything else (and NF4 at 5-15 tokens) through its own forward."""
     if type(module) is nn.Linear:
         return F.linear(x, module.weight, module.bias)
-    if x.is_cuda and type(module).__name__ == "Linear4bit":
+    if x.is_cuda and type(module).__name__ == "Linear4bit" and x.dim() == 2:
         from .kernels.gemv import MAX_TOKENS, linear_gemv
         from .quant import linear4bit_nf4
 
-        nf4 = linear4bit_nf4(module) if x.shape[0] <= MAX_TOKENS and x.dim() == 2 else None
+        tokens = x.shape[0]
+        nf4 = linear4bit_nf4(module) if tokens <= MAX_TOKENS or tokens >= NF4_DEQUANT_MIN_TOKENS else None
         if nf4 is not None and nf4.dtype == x.dtype and (module.bias is None or module.bias.dtype == x.dtype):
-            return linear_gemv(x, nf4, module.bias)
+            if tokens <= MAX_TOKENS:
+                return linear_gemv(x, nf4, module.bias)
+            from .kernels.experts import nf4_to_dense
+
+            return F.linear(x, nf4_to_dense(nf4)[0], module.bias)
     return module(x)
 
 

@@ -25,7 +25,7 @@ instead of one scan per expert; and a block holding at most half its rows (an ex
 partial block) runs at half the rows (`HALF_TAIL`), so its padding costs half the tensor-core
 work.
 
-Decode at the fewest tokens (bf16 up to 16 pairs, NF4 up to 128: GEMV_MAX_PAIRS*) skips
+Decode at the fewest tokens (bf16 up to 16 pairs, NF4 up to 64: GEMV_MAX_PAIRS*) skips
 grouping: two launches instead of four. There the layer's shared expert (`SharedExpert`,
 notebooks/08 section 7; dense, or NF4 beside NF4 experts) can ride along: its gate/up as C more
 rows per token in the first launch, its down behind its sigmoid gate in the second's sum. `_gemv_gate_up_kernel` runs one program per (pair,
@@ -1104,9 +1104,13 @@ def _grouped_gemm(x, w, out, pairs, counts, route_w, num_pairs, num_experts, x_r
 # bf16 at top-4, GEMV 27 us vs grouped 42 us at 1 token, equal at 4 tokens (84 vs 82 us), grouped
 # ahead from 8 (130 vs 145 us); NF4, GEMV ahead up to 32 tokens (842 vs 1158 us), grouped ahead at
 # 64 (1399 vs 1657 us): reading an expert once per pair beats dequantizing into tl.dot tiles until
-# the same experts come back too often.
+# the same experts come back too often. NF4 was 128 pairs until timed in whole steps on an H100
+# (benchmarks/results/nf4_gemv_threshold_ab_2026-12-06_h100.json, threshold 128 / 64 / 32): a
+# 32-token NF4 prefill (128 pairs) took 13.7 ms on the GEMVs and 9.4 on the grouped GEMM, the batch-32
+# decode step the same either way (23.2 / 23.1 ms), the batch-16 one (64 pairs) 14.7 on the GEMVs and
+# 17.5 grouped: 64.
 GEMV_MAX_PAIRS = 16
-GEMV_MAX_PAIRS_NF4 = 128
+GEMV_MAX_PAIRS_NF4 = 64
 # Above the decode configuration's pairs (DECODE_MAX_PAIRS: 64 tokens at top-4) NF4 experts are
 # dequantized once per call into a dense workspace (`nf4_to_dense`: a transient bf16 copy of the
 # layer's experts, 1.04 GB on Qwen1.5-MoE) and run through the dense grouped GEMMs: a prefill is
