@@ -1,7 +1,7 @@
 """The grouped NF4 GEMM's configuration between GEMV_MAX_PAIRS_NF4 and DECODE_MAX_PAIRS pairs
 (17-64 tokens at top-4: short prefills, and decode steps of 17-64 sequences), timed where it runs:
-whole NF4 prefills of 32, 48 and 64 tokens replayed from the Engine's prefill graphs and the
-decode step at batch 32 and 64. Each variant overrides `moelab.kernels.experts.kernel_config`'s
+whole NF4 prefills of 32, 48 and 64 tokens replayed from the Engine's prefill graphs
+(`tuning_common.nf4_prefill`) and the decode step at batch 32 and 64. Each variant overrides `moelab.kernels.experts.kernel_config`'s
 choice for NF4 in that range only; variants alternate, ROUNDS rounds; each prefill's last-token
 logits are compared with the package's.
 
@@ -16,14 +16,9 @@ ms of a 64-token NF4 prefill against bf16's 3.5.
 import json
 import os
 
-import torch
-
 import moelab.bench as B
 import moelab.kernels.experts as EK
-import moelab.models as M
-from moelab.engine import Engine
-from moelab.kernels.experts import fused_experts_forward
-from tuning_common import build_models_once, decode_step
+from tuning_common import build_models_once, decode_step, nf4_prefill
 
 OUT = os.environ.get("OUT", "/tmp")
 ALL = {
@@ -56,23 +51,13 @@ def use(overrides: dict):
     EK.kernel_config = kernel_config
 
 
-def prefill(n: int):
-    model, _ = M.load("qwen1.5-moe-a2.7b", device="cuda", random_weights=True, quantize="nf4")
-    engine = Engine(model, num_slots=1, max_seq_len=2048, experts_fn=fused_experts_forward)
-    prompt = torch.randint(0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-    ms = B.median_seconds(lambda: engine.prefill_graphs.prefill(prompt, 0)) * 1e3
-    logits = engine.prefill_graphs.prefill(prompt, 0).float().clone()
-    ref = first_logits.setdefault(n, logits)
-    return ms, float((logits - ref).norm() / ref.norm())
-
-
 for rep in range(ROUNDS):
     for variant in VARIANTS:
         use(ALL[variant])
         try:
             for n in PREFILLS:
                 try:
-                    ms, rel = prefill(n)
+                    ms, rel = nf4_prefill(n, first_logits)
                     row = dict(rep=rep, variant=variant, what=f"prefill {n}", ms=round(ms, 3), logits_rel_diff=rel)
                 except Exception as e:  # a config that does not compile or fit: recorded, not fatal
                     row = dict(rep=rep, variant=variant, what=f"prefill {n}", ms=None, error=repr(e)[:200])

@@ -77,6 +77,26 @@ def build_models_once():
     M.load = load
 
 
+def nf4_prefill(n: int, first_logits: dict | None = None) -> tuple[float, float | None]:
+    """An n-token NF4 prefill of Qwen1.5-MoE-A2.7B (random weights, prompt seeded by n) replayed
+    from a fresh Engine's prefill graph, so the kernel choices in force now are the ones captured:
+    (median ms, relative L2 difference of its last-token logits from those of the first call for
+    this n, kept in `first_logits`; None without it)."""
+    import moelab.bench as B
+    from moelab.engine import Engine
+    from moelab.kernels.experts import fused_experts_forward
+
+    model, _ = M.load("qwen1.5-moe-a2.7b", device="cuda", random_weights=True, quantize="nf4")
+    engine = Engine(model, num_slots=1, max_seq_len=2048, experts_fn=fused_experts_forward)
+    prompt = torch.randint(0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    ms = B.median_seconds(lambda: engine.prefill_graphs.prefill(prompt, 0)) * 1e3
+    if first_logits is None:
+        return ms, None
+    logits = engine.prefill_graphs.prefill(prompt, 0).float().clone()
+    ref = first_logits.setdefault(n, logits)
+    return ms, float((logits - ref).norm() / ref.norm())
+
+
 def routed_layer_at_one_token(routings: int = 8, dtype=torch.bfloat16):
     """One routed-experts layer of Qwen1.5-MoE-A2.7B on CUDA as `bench experts` builds it (random
     bf16 weights, N(0, 0.02)) and its NF4 copy, one token x and `routings` random routings:
