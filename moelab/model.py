@@ -195,38 +195,47 @@ def _foldable_shared(mlp, fused, nf4_ok: bool):
 def _linear(module, x: torch.Tensor) -> torch.Tensor:
     """module(x) for a plain nn.Linear as one `F.linear`, skipping nn.Module's call machinery
     (a few microseconds a call, which add up in a small model's step); a bitsandbytes NF4
-    Linear4bit on CUDA through moelab's kernels on its own storage: for a few tokens the
-    GEMV (`moelab.kernels.gemv`: the experts' NF4 decode path, in place of bitsandbytes'
-    gemm_4bit), from NF4_DEQUANT_MIN_TOKENS tokens one dequantize kernel then cuBLAS (see
-    there); anything else (and NF4 at 5-15 tokens) through its own forward."""
+    Linear4bit on CUDA through moelab's kernels on its own storage (`moelab.quant.linear4bit_nf4`):
+    for a few tokens the GEMV (`moelab.kernels.gemv`: the experts' NF4 decode path, in place of
+    bitsandbytes' gemm_4bit), from NF4_DEQUANT_MIN_TOKENS tokens `_dequantized` then cuBLAS; anything
+    else (and NF4 at 5-15 tokens) through its own forward."""
     if type(module) is nn.Linear:
         return F.linear(x, module.weight, module.bias)
     if x.is_cuda and type(module).__name__ == "Linear4bit" and x.dim() == 2:
         from .kernels.gemv import MAX_TOKENS, linear_gemv
         from .quant import linear4bit_nf4
 
-        tokens = x.shape[0]
-        nf4 = linear4bit_nf4(module) if tokens <= MAX_TOKENS or tokens >= NF4_DEQUANT_MIN_TOKENS else None
+        nf4 = linear4bit_nf4(module)
         if nf4 is not None and nf4.dtype == x.dtype and (module.bias is None or module.bias.dtype == x.dtype):
-            if tokens <= MAX_TOKENS:
+            if x.shape[0] <= MAX_TOKENS:
                 return linear_gemv(x, nf4, module.bias)
-            from .kernels.experts import nf4_to_dense
-
-            return F.linear(x, nf4_to_dense(nf4)[0], module.bias)
+            if x.shape[0] >= NF4_DEQUANT_MIN_TOKENS:
+                return F.linear(x, _dequantized(nf4, x), module.bias)
     return module(x)
+
+
+def _dequantized(weight: NF4Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A one-expert NF4 weight [1, N, K] as a dense [N, K] in x's dtype, for a GEMM over many
+    tokens: on CUDA moelab's one dequantize kernel (`moelab.kernels.experts.nf4_to_dense`, see
+    NF4_DEQUANT_MIN_TOKENS), elsewhere PyTorch's `dequantize_nf4` (the interpreter would be slow)."""
+    if x.is_cuda:
+        from .kernels.experts import nf4_to_dense
+
+        return nf4_to_dense(weight)[0].to(x.dtype)
+    return dequantize_nf4(weight)[0].to(x.dtype)
 
 
 def _project(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight^T (+ bias) for the fused projections: on CUDA, for a few tokens, moelab's
     GEMV kernel (`moelab.kernels.gemv`: it streams W faster than cuBLAS's GEMM tiles at one
     token, in one launch), else F.linear. weight may be a jointly quantized NF4 weight
-    [1, N, K] (`moelab.quant.JointNF4`): elsewhere than that GEMV it is dequantized first."""
+    [1, N, K] (`moelab.quant.JointNF4`): elsewhere than that GEMV it is dequantized first (`_dequantized`)."""
     if isinstance(weight, NF4Tensor):
         from .kernels.gemv import MAX_TOKENS, linear_gemv
 
         if x.is_cuda and x.shape[0] <= MAX_TOKENS and weight.dtype == x.dtype:
             return linear_gemv(x, weight, bias)
-        return F.linear(x, dequantize_nf4(weight)[0].to(x.dtype), bias)
+        return F.linear(x, _dequantized(weight, x), bias)
     if x.is_cuda and weight.dtype == x.dtype and weight.stride(1) == 1:
         from .kernels.gemv import MAX_TOKENS, linear_gemv
         if x.shape[0] <= MAX_TOKENS:

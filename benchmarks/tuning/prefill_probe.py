@@ -16,6 +16,10 @@ routed experts take about half of it: at 16 tokens (64 pairs) their decode GEMVs
 bf16's grouped GEMM 2.3 ms; at 64 tokens the grouped NF4 GEMM 6.2 ms against bf16's 3.5 ms; at 32
 tokens (128 pairs, still the GEMV path: GEMV_MAX_PAIRS_NF4) the prefill is slower than at 48.
 bitsandbytes' dequantize kernels and its gemm_4bit take most of the rest (2.4 ms at 16 tokens).
+Since the eleventh session the package runs neither of those: GEMV_MAX_PAIRS_NF4 is 64 (the 32-token
+prefill on the grouped GEMM) and a prefill's NF4 linears are dequantized by moelab's own kernel
+(moelab.model.NF4_DEQUANT_MIN_TOKENS; nf4_gemv_threshold_ab_2026-12-06_h100.json and
+nf4_prefill_dequant_ab_2026-12-06_h100.json). PRECISIONS takes bf16 and nf4 (the package as it is).
 
     PRECISIONS=bf16,nf4 python benchmarks/tuning/prefill_probe.py   # writes $OUT/prefill_probe.json
 """
@@ -32,6 +36,8 @@ from moelab.models import load
 OUT = os.environ.get("OUT", "/tmp")
 res = {"card": B.card_name(), "versions": B.versions(), "rows": [], "profiles": {}}
 for precision in os.environ.get("PRECISIONS", "bf16,nf4").split(","):
+    if precision not in ("bf16", "nf4"):
+        raise SystemExit(f"PRECISIONS takes bf16 and nf4, got {precision!r}")
     model, _ = load("qwen1.5-moe-a2.7b", device="cuda", random_weights=True,
                     **({"quantize": "nf4"} if precision == "nf4" else {}))
     engine = Engine(model, num_slots=1, max_seq_len=2048, experts_fn=fused_experts_forward)
