@@ -30,6 +30,8 @@ ALL = {
     "m64": dict(BLOCK_M=64, num_warps=8, num_stages=3),
     "m16_n32_k128": dict(BLOCK_N=32, BLOCK_K=128),
     "m16_s3": dict(num_stages=3),
+    "m16_s2": dict(num_stages=2),
+    "m16_s4": dict(num_stages=4),
 }
 VARIANTS = os.environ.get("VARIANTS", ",".join(ALL)).split(",")
 ROUNDS = int(os.environ.get("ROUNDS", "1"))

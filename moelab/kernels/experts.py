@@ -969,8 +969,9 @@ def kernel_config(num_pairs: int, n_out: int, num_experts: int, gated: bool, nf4
     if num_pairs <= DECODE_MAX_PAIRS:
         blocks = min(num_experts, num_pairs)
         block_n = next((bn for bn in (64, 32) if blocks * triton.cdiv(n_out, bn) >= 4 * num_sms), 16)
-        if nf4:  # 4x fewer bytes per tile: deeper pipelines keep as many bytes in flight
-            return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128 if block_n <= 32 else 64, num_warps=4, num_stages=6)
+        if nf4:  # two stages: on an H100 at 65-256 pairs 1-2 % faster than the six this had (every round of
+            # three, logits unchanged; benchmarks/results/nf4_prefill_grouped_stages_2026-12-07_h100.json)
+            return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128 if block_n <= 32 else 64, num_warps=4, num_stages=2)
         return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=128, num_warps=4, num_stages=4)
     # 64-row blocks: an expert's last block is half empty on average, so with tens of pairs per
     # expert larger blocks compute mostly padding. Gate + up at BLOCK_N = 128 is a 64 x 256 tile.
