@@ -4,10 +4,9 @@ Issue 6 asks moelab continuous with 8 slots for 3x the tokens/s of transformers'
 on the CPU. This probe times moelab's batch-8 decode step (`MoeForward.decode`, 8 slots filled
 with 40-token prompts, median of STEPS steps) and profiles STEPS more with torch.profiler, summing
 the self time of the products (`aten::mm`, `bmm`, `addmm`, and the CPU flash attention) and of
-every other op. Those products are the work itself: transformers runs the same ones (the same
-weights, the same batch), so if every other op of moelab's step cost nothing, the step would
-take at least the products' time, and moelab's lead over any system that runs them would be at
-most that system's step divided by it.
+every other op. Those products are the step's arithmetic: if every other op cost nothing, the
+step would still take the products' time, so step_ms / products_ms bounds what trimming moelab's
+other ops (Python, views, small kernels) can buy.
 
 Part of the products is the dense expert path's (`moelab.model.DENSE_MAX_TOKENS`): every expert
 on every token, 4x the routed FLOPs at top-4 of 16, yet at batch 8 about 15 of the 16 experts

@@ -11,6 +11,12 @@ routing (one expert per pair at one token); in a prefill the pairs of one expert
 that expert's weights again. In prefill_probe_2026-12-06_h100.json the grouped NF4 GEMM takes 6.2
 ms of a 64-token NF4 prefill against bf16's 3.5.
 
+Measured on an H100 (2026-12-07): the lead does not hold. 32-row blocks made the prefills 20-24 %
+slower, 64-row blocks 74-88 %, wider tiles 9-12 % (nf4_prefill_grouped_sweep_2026-12-07_h100.json);
+fewer pipeline stages (2 or 3 against the 6 the package had) were 1-2 % faster in every round of
+three (VARIANTS=package,m16_s3,m16_s4,m16_s2 ROUNDS=3: nf4_prefill_grouped_stages_2026-12-07_h100.json),
+and the package now runs 2 ("package" in both files is the package as it was then).
+
     VARIANTS=package,m32,m64 ROUNDS=1 python benchmarks/tuning/nf4_prefill_grouped_sweep.py
 """
 import json
