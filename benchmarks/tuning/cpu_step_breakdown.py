@@ -9,9 +9,11 @@ step would still take the products' time, so step_ms / products_ms bounds what t
 other ops (Python, views, small kernels) can buy.
 
 Part of the products is the dense expert path's (`moelab.model.DENSE_MAX_TOKENS`): every expert
-on every token, 4x the routed FLOPs at top-4 of 16, yet at batch 8 about 15 of the 16 experts
-are touched, so a grouped path reads the same weights and pays a Python loop and ~6 ops per expert
-instead (measured slower: model.py's comment on DENSE_MAX_TOKENS).
+on every token, 4x the routed FLOPs at top-4 of 16. The probe also records how many of the 16
+experts one step's 8 tokens touch per layer (`experts_touched_per_layer`, from the routing ids of
+one step) and the products' rate (`products_gflops`, the profiler's FLOP count of mm / bmm / addmm
+over their time): a grouped path would read every touched expert's weights all the same, and pay
+a Python loop of ~6 ops an expert (slower at these sizes: model.py's comment on DENSE_MAX_TOKENS).
 
     python benchmarks/tuning/cpu_step_breakdown.py   # writes $OUT/cpu_step_breakdown.json (default /tmp)
 """
@@ -25,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import moelab
 import moelab.bench as B
+import moelab.model as model_module
 from moelab.model import MoeForward
 
 OUT = os.environ.get("OUT", "/tmp")
@@ -58,11 +61,22 @@ for _ in range(STEPS):
     times.append(time.perf_counter() - start)
 step_ms = sorted(times)[len(times) // 2] * 1e3
 
-with profile(activities=[ProfilerActivity.CPU]) as prof:
+with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
     for _ in range(STEPS):
         step()
-ops = {e.key: (e.self_cpu_time_total / STEPS / 1e3, e.count / STEPS) for e in prof.key_averages()}
+events = prof.key_averages()
+ops = {e.key: (e.self_cpu_time_total / STEPS / 1e3, e.count / STEPS) for e in events}
 products_ms = sum(ops[k][0] for k in PRODUCTS if k in ops)
+gemm = [e for e in events if e.key in PRODUCTS[:3]]
+products_gflops = sum(e.flops for e in gemm) / (sum(e.self_cpu_time_total for e in gemm) / 1e6) / 1e9
+
+touched = []  # distinct experts of each layer's routing in one step
+route = model_module.route
+model_module.route = lambda *a, **kw: (lambda out: touched.append(out[1].unique().numel()) or out)(route(*a, **kw))
+try:
+    step()
+finally:
+    model_module.route = route
 profiled_ms = sum(ms for ms, _ in ops.values())
 res = {
     "benchmark": "cpu_step_breakdown", "card": "cpu", "versions": B.versions(),
@@ -72,6 +86,9 @@ res = {
     "profiled_step_ms": round(profiled_ms, 3),
     "products_ms": round(products_ms, 3),
     "products": {k: {"ms": round(ops[k][0], 3), "calls": ops[k][1]} for k in PRODUCTS if k in ops},
+    "products_gflops": round(products_gflops, 1),
+    "experts_touched_per_layer": touched,
+    "num_experts": model.config.num_experts,
     "ops_per_step": round(sum(c for _, c in ops.values())),
     "note": "ms per decode step of 8 slots; products_ms: self time of the matrix products and attention "
             "under the profiler (which adds per-op overhead to the rest, not to them); step_ms unprofiled",
