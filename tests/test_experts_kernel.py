@@ -628,6 +628,47 @@ def test_gpu_nf4_decode_kernels_match_the_reference_and_skip_bad_ids(tokens, top
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernels", [("down",), ("gate_up",), ("gate_up", "down")])
+@pytest.mark.parametrize("with_shared", [True, False])
+def test_gpu_nf4_one_token_x_in_shared_memory(kernels, with_shared, monkeypatch):
+    """The one-token NF4 decode kernels with x staged in shared memory (NF4_XSMEM_KERNELS; down then
+    streams every expert and every chunk of the shared expert in one K-step): the layer, NF4 shared
+    expert folded in or not and one id out of range, within 1e-2 of dequantize-then-matmul, and
+    within 1e-2 of the same kernels reading x from global memory."""
+    from moelab.kernels.experts import SharedExpert, shared_expert_torch
+
+    experts = experts_module(QWEN["num_experts"], QWEN["hidden"], QWEN["inter"], torch.bfloat16, "cuda", seed=11)
+    layer = NF4Experts.from_experts(experts)
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q = lambda *shape: quantize_nf4(torch.randn(*shape, device="cuda", generator=gen).bfloat16() * 0.02)  # noqa: E731
+    shared = SharedExpert(q(1, 2 * 5632, QWEN["hidden"]), q(1, QWEN["hidden"], 5632),
+                          torch.randn(1, 1, device="cuda").bfloat16()) if with_shared else None
+    x = torch.randn(1, QWEN["hidden"], device="cuda").bfloat16()
+    weights, ids = routed(1, QWEN["num_experts"], QWEN["top_k"], 3, torch.bfloat16, "cuda")
+    bad = ids.clone()
+    bad[0, 1] = -1
+    kept = weights.clone()
+    kept[0, 1] = 0
+    ref = types.SimpleNamespace(gate_up_proj=dequantize_nf4(layer.gate_up).float(),
+                                down_proj=dequantize_nf4(layer.down).float(), act_fn=torch.nn.SiLU(),
+                                num_experts=QWEN["num_experts"])
+    expected = moelab.model.experts_torch(x.float(), kept.float(), ids, ref)
+    if with_shared:
+        expected += shared_expert_torch(x.float(), SharedExpert(dequantize_nf4(shared.gate_up)[0].float(),
+                                                                dequantize_nf4(shared.down)[0].float(),
+                                                                shared.gate_logit.float()))
+    extra = {"shared": shared} if with_shared else {}
+    monkeypatch.setattr(experts_kernels, "NF4_XSMEM_KERNELS", frozenset())
+    from_global = fused_experts_forward(x, weights, bad, layer, **extra).float()
+    monkeypatch.setattr(experts_kernels, "NF4_XSMEM_KERNELS", frozenset(kernels))
+    got = fused_experts_forward(x, weights, bad, layer, **extra).float()
+    err = float((got - expected).norm() / expected.norm())
+    assert err < 1e-2, f"relative error {err:.2e} against the reference ({kernels}, shared {with_shared})"
+    diff = float((got - from_global).norm() / from_global.norm())
+    assert diff < 1e-2, f"relative difference {diff:.2e} from x in global memory ({kernels}, shared {with_shared})"
+
+
+@pytest.mark.gpu
 def test_gpu_captured_in_a_cuda_graph_and_bad_ids_add_nothing():
     experts = experts_module(QWEN["num_experts"], QWEN["hidden"], QWEN["inter"], torch.bfloat16, "cuda")
     x = torch.randn(8, QWEN["hidden"], device="cuda").bfloat16()
