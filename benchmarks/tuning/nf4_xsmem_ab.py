@@ -12,8 +12,9 @@ in flight. With x in shared memory (read at its use by one 16-byte `ld.shared`) 
 the shared expert's four chunks as item axes of two tiles, compiled for sm_90 every code word of
 the layer's down is loaded before the first product (64 registers, 32 warps).
 
-Variants: "package"; "down" (x in shared memory, one K-step for every item); "down_n8w16" (that with
-8 rows on 16 warps, two programs an SM); "gate_up" (x in shared memory for gate_up only); "both".
+Variants: "package"; "down" (x in shared memory, one K-step for every item); "gate_up" (x in shared
+memory for gate_up only); "gate_up_k512" (that in 512-value K-steps: compiled for sm_90 with x out of
+the registers, 64 registers and no spills); "both".
 VARIANTS (a comma list) picks them, STEP_VARIANTS those of the decode step (default package, down, both).
 Writes $OUT/nf4_xsmem_ab.json.
 
@@ -28,25 +29,25 @@ import moelab.bench as B
 import moelab.kernels.experts as EK
 from moelab.kernels.experts import SharedExpert, fused_experts_forward
 from moelab.quant import quantize_nf4
-from tuning_common import (PACKAGE_GEMV_CONFIG, build_models_once, decode_step_with, nf4_gemv_config_with,
+from tuning_common import (build_models_once, decode_step_with, nf4_gemv_config_with,
                            routed_layer_at_one_token)
 
 OUT = os.environ.get("OUT", "/tmp")
 PACKAGE_XSMEM = EK.NF4_XSMEM_KERNELS
-VARIANTS = {"package": (PACKAGE_XSMEM, {}), "down": ({"down"}, {}),
-            "down_n8w16": ({"down"}, {"BLOCK_N": 8, "num_warps": 16}), "gate_up": ({"gate_up"}, {}),
-            "both": ({"gate_up", "down"}, {})}
+VARIANTS = {"package": (PACKAGE_XSMEM, {}, {}), "down": ({"down"}, {}, {}), "gate_up": ({"gate_up"}, {}, {}),
+            "gate_up_k512": ({"gate_up"}, {"BLOCK_K": 512}, {}), "both": ({"gate_up", "down"}, {}, {})}
 if os.environ.get("VARIANTS"):
     VARIANTS = {k: v for k, v in VARIANTS.items() if k in os.environ["VARIANTS"].split(",") or k == "package"}
 res = {"card": B.card_name(), "versions": B.versions(), "variants": {k: sorted(v[0]) for k, v in VARIANTS.items()},
-       "down_configs": {k: v[1] for k, v in VARIANTS.items()}, "layer": [], "step": []}
+       "gate_up_configs": {k: v[1] for k, v in VARIANTS.items()}, "down_configs": {k: v[2] for k, v in VARIANTS.items()},
+       "layer": [], "step": []}
 print(res["card"], flush=True)
 
 
 def use(name: str) -> None:
-    kernels, down = VARIANTS[name]
+    kernels, gate_up, down = VARIANTS[name]
     EK.NF4_XSMEM_KERNELS = frozenset(kernels)
-    EK.gemv_config = nf4_gemv_config_with(None, down) if down else PACKAGE_GEMV_CONFIG
+    EK.gemv_config = nf4_gemv_config_with(gate_up, down, max_rows=EK.NF4_GATE_UP_ONE_TOKEN_ROWS)
 
 
 def save() -> None:
