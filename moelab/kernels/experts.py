@@ -1475,7 +1475,8 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
     ptrs, strides, flags = _weight_args(down, num_experts)
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "down")
     cfg = with_nf4_table(cfg, flags, "down")
-    if shared is None or shared_inter == chunks * inter:  # the shared expert as whole chunks of act rows
+    pow2 = lambda v: v & (v - 1) == 0  # noqa: E731  (the X_SMEM path's item tiles)
+    if pow2(top_k) and pow2(chunks) and (shared is None or shared_inter == chunks * inter):  # whole chunks of act rows
         cfg = {**cfg, "X_SMEM": _x_smem_words("down", cfg, flags, num_tokens, rows * inter // 2),
                "SHARED_CHUNKS": chunks}
     _gemv_down_kernel[(num_tokens * triton.cdiv(hidden_dim, cfg["BLOCK_N"]),)](
