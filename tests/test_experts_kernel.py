@@ -628,13 +628,14 @@ def test_gpu_nf4_decode_kernels_match_the_reference_and_skip_bad_ids(tokens, top
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernels", [("down",), ("gate_up",), ("gate_up", "down")])
+@pytest.mark.parametrize("kernels", [("down",), ("gate_up",), ("gate_up", "down"), ("gate_up", "down", "items")])
 @pytest.mark.parametrize("with_shared", [True, False])
 def test_gpu_nf4_one_token_x_in_shared_memory(kernels, with_shared, monkeypatch):
     """The one-token NF4 decode kernels with x staged in shared memory (NF4_XSMEM_KERNELS; down then
-    streams every expert and every chunk of the shared expert in one K-step): the layer, NF4 shared
-    expert folded in or not and one id out of range, within 1e-2 of dequantize-then-matmul, and
-    within 1e-2 of the same kernels reading x from global memory."""
+    streams every expert and every chunk of the shared expert in one K-step; "items": gate_up as one
+    program per N-tile over every pair and chunk): the layer, NF4 shared expert folded
+    in or not and one id out of range, within 1e-2 of dequantize-then-matmul, and within 1e-2 of
+    the same kernels reading x from global memory."""
     from moelab.kernels.experts import SharedExpert, shared_expert_torch
 
     experts = experts_module(QWEN["num_experts"], QWEN["hidden"], QWEN["inter"], torch.bfloat16, "cuda", seed=11)

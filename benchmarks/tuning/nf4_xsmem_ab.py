@@ -14,8 +14,10 @@ the layer's down is loaded before the first product (64 registers, 32 warps).
 
 Variants: "package"; "down" (x in shared memory, one K-step for every item); "gate_up" (x in shared
 memory for gate_up only); "gate_up_k512" (that in 512-value K-steps: compiled for sm_90 with x out of
-the registers, 64 registers and no spills); "both".
-VARIANTS (a comma list) picks them, STEP_VARIANTS those of the decode step (default package, down, both).
+the registers, 64 registers and no spills); "both"; "items" (both, and gate_up as one 32-warp program
+per 8-row N-tile over every pair and shared chunk, all their words of the 2,048-value row loaded
+before the first product: 176 programs where the package's launches 704).
+VARIANTS (a comma list) picks them, STEP_VARIANTS those of the decode step (default package, down, items).
 Writes $OUT/nf4_xsmem_ab.json.
 
     python benchmarks/tuning/nf4_xsmem_ab.py
@@ -35,7 +37,8 @@ from tuning_common import (build_models_once, decode_step_with, nf4_gemv_config_
 OUT = os.environ.get("OUT", "/tmp")
 PACKAGE_XSMEM = EK.NF4_XSMEM_KERNELS
 VARIANTS = {"package": (PACKAGE_XSMEM, {}, {}), "down": ({"down"}, {}, {}), "gate_up": ({"gate_up"}, {}, {}),
-            "gate_up_k512": ({"gate_up"}, {"BLOCK_K": 512}, {}), "both": ({"gate_up", "down"}, {}, {})}
+            "gate_up_k512": ({"gate_up"}, {"BLOCK_K": 512}, {}), "both": ({"gate_up", "down"}, {}, {}),
+            "items": ({"gate_up", "down", "items"}, {}, {})}
 if os.environ.get("VARIANTS"):
     VARIANTS = {k: v for k, v in VARIANTS.items() if k in os.environ["VARIANTS"].split(",") or k == "package"}
 res = {"card": B.card_name(), "versions": B.versions(), "variants": {k: sorted(v[0]) for k, v in VARIANTS.items()},
@@ -90,7 +93,7 @@ use("package")
 build_models_once()
 res["step"] += decode_step_with(lambda v: None, "bf16", None)
 print(res["step"][-1], flush=True)
-STEP = [v for v in os.environ.get("STEP_VARIANTS", "package,down,both").split(",") if v in VARIANTS]
+STEP = [v for v in os.environ.get("STEP_VARIANTS", "package,down,items").split(",") if v in VARIANTS]
 for rep in range(3):
     for name in STEP:
         for row in decode_step_with(use, name, "nf4", reset="package"):

@@ -421,8 +421,11 @@ NF4_SMEM_MAXNREG = {"gate_up": 64, "linear": 48}
 # Which experts' NF4 decode GEMVs at one token stage x in shared memory (`_stage_x`, `NF4_DOT_SMEM_X_ASM`;
 # with the table only): "gate_up", "down" (MOELAB_NF4_XSMEM, a comma list, or "none"). Down then
 # streams every expert's rows and the shared expert's chunks in one K-step (`SHARED_CHUNKS`).
-NF4_XSMEM_KERNELS = frozenset(k for k in os.environ.get("MOELAB_NF4_XSMEM", "none").split(",")
+NF4_XSMEM_KERNELS = frozenset(k.strip() for k in os.environ.get("MOELAB_NF4_XSMEM", "none").split(",")
                               if k.strip() not in ("", "none"))
+# "items" in NF4_XSMEM_KERNELS (with "gate_up"): the one-token gate_up as one program per N-tile over
+# every pair and shared chunk (`_gate_up_one_token_items`), in this launch shape.
+NF4_GATE_UP_ITEMS_CONFIG = dict(BLOCK_N=8, BLOCK_K=2048, num_warps=32, PIPELINE=1, ITEM_TILES=1)
 
 
 def with_nf4_table(cfg: dict, flags: dict, kernel: str) -> dict:
@@ -858,6 +861,64 @@ def _gemv_acc_sum(acc, NF4: tl.constexpr):
 
 
 @triton.jit
+def _gate_up_one_token_items(w_ptr, ids_ptr, act_ptr, shared_w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
+                             absmax_offset_ptr, shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr,
+                             shared_absmax_offset_ptr, lut, xs, n_out, k_dim, num_experts, shared_rows, stride_am,
+                             stride_we, absmax_per_expert, scales_per_expert, DOUBLE_QUANT: tl.constexpr,
+                             HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             ROUTED_ITEMS: tl.constexpr, SHARED_CHUNKS: tl.constexpr, USE_PDL: tl.constexpr):
+    """`_gemv_gate_up_kernel` for one token as one program per N-tile: the gate and up rows n of
+    each of the token's ROUTED_ITEMS pairs and of the shared expert's SHARED_CHUNKS chunks (chunk
+    c: its rows c * n_out + n) as four item tiles, all loaded before any is multiplied, x (the
+    hidden row) from shared memory at xs; act rows 0 .. ROUTED_ITEMS - 1, then the chunks."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < n_out
+    k = tl.arange(0, ROUTED_ITEMS)
+    expert = tl.load(ids_ptr + k).to(tl.int32)
+    valid = (expert >= 0) & (expert < num_experts)
+    expert = tl.where(valid, expert, 0)
+    words = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + expert.to(tl.int64) * (stride_we // 4)
+    am, am_scale, am_offset = (absmax_ptr + expert * absmax_per_expert, absmax_scale_ptr + expert * scales_per_expert,
+                               absmax_offset_ptr + expert)
+    one, row_len = 1.0 + 0.0 * k, k_dim + 0 * k
+    gate = tl.zeros((ROUTED_ITEMS, BLOCK_N), dtype=tl.float32)
+    up = tl.zeros((ROUTED_ITEMS, BLOCK_N), dtype=tl.float32)
+    if HAS_SHARED:
+        c = tl.arange(0, SHARED_CHUNKS)
+        s_words = shared_w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + 0 * c
+        s_one, s_len, s_ok = 1.0 + 0.0 * c, k_dim + 0 * c, c >= 0
+        s_gate = tl.zeros((SHARED_CHUNKS, BLOCK_N), dtype=tl.float32)
+        s_up = tl.zeros((SHARED_CHUNKS, BLOCK_N), dtype=tl.float32)
+    for k0 in tl.range(0, k_dim, BLOCK_K):
+        g_w, g_am = _nf4_items_load(words, am, absmax_code_ptr, am_scale, am_offset, one, valid, row_len, 0 * k,
+                                    n, n_ok, k0, k_dim, DOUBLE_QUANT, BLOCK_K)
+        u_w, u_am = _nf4_items_load(words, am, absmax_code_ptr, am_scale, am_offset, one, valid, row_len,
+                                    (n_out * k_dim).to(tl.int64) + 0 * k, n, n_ok, k0, k_dim, DOUBLE_QUANT, BLOCK_K)
+        if HAS_SHARED:
+            sg_w, sg_am = _nf4_items_load(s_words, shared_absmax_ptr + 0 * c, shared_absmax_code_ptr,
+                                          shared_absmax_scale_ptr + 0 * c, shared_absmax_offset_ptr + 0 * c, s_one,
+                                          s_ok, s_len, (c * n_out).to(tl.int64) * k_dim, n, n_ok, k0, k_dim,
+                                          DOUBLE_QUANT, BLOCK_K)
+            su_w, su_am = _nf4_items_load(s_words, shared_absmax_ptr + 0 * c, shared_absmax_code_ptr,
+                                          shared_absmax_scale_ptr + 0 * c, shared_absmax_offset_ptr + 0 * c, s_one,
+                                          s_ok, s_len, (shared_rows + c * n_out).to(tl.int64) * k_dim, n, n_ok, k0,
+                                          k_dim, DOUBLE_QUANT, BLOCK_K)
+        gate += _nf4_items_dot(g_w, g_am, lut, xs, 0 * k, k0, BLOCK_K)
+        up += _nf4_items_dot(u_w, u_am, lut, xs, 0 * k, k0, BLOCK_K)
+        if HAS_SHARED:
+            s_gate += _nf4_items_dot(sg_w, sg_am, lut, xs, 0 * c, k0, BLOCK_K)
+            s_up += _nf4_items_dot(su_w, su_am, lut, xs, 0 * c, k0, BLOCK_K)
+    let_next_kernel_start(USE_PDL)
+    act = gate * tl.sigmoid(gate) * up
+    tl.store(act_ptr + k.to(tl.int64)[:, None] * stride_am + n[None, :], act.to(act_ptr.dtype.element_ty),
+             mask=n_ok[None, :])
+    if HAS_SHARED:
+        s_act = s_gate * tl.sigmoid(s_gate) * s_up
+        tl.store(act_ptr + (ROUTED_ITEMS + c).to(tl.int64)[:, None] * stride_am + n[None, :],
+                 s_act.to(act_ptr.dtype.element_ty), mask=n_ok[None, :])
+
+
+@triton.jit
 def _gemv_gate_up_kernel(
     x_ptr, w_ptr, ids_ptr, act_ptr, shared_w_ptr,
     absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
@@ -868,6 +929,7 @@ def _gemv_gate_up_kernel(
     NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, NF4_ASM: tl.constexpr,
     HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr,
     USE_PDL: tl.constexpr = False, NF4_SMEM: tl.constexpr = 0, X_SMEM: tl.constexpr = 0,
+    ROUTED_ITEMS: tl.constexpr = 0, SHARED_CHUNKS: tl.constexpr = 0,
 ):
     """Decode gate_up, one program per (pair, N-tile), no grouping: act[pair, n] =
     SiLU(gate) * up of the pair's token through its expert, with FMAs (no 16-row dot padding).
@@ -881,13 +943,22 @@ def _gemv_gate_up_kernel(
     scales from the shared_absmax* pointers.
 
     X_SMEM (one token, NF4 words with the table): x, the token's hidden row, staged in shared
-    memory once per program (`_stage_x`, X_SMEM words)."""
+    memory once per program (`_stage_x`, X_SMEM words). ROUTED_ITEMS (one token, with X_SMEM):
+    one program per N-tile instead, over all ROUTED_ITEMS pairs and the shared expert's
+    SHARED_CHUNKS chunks as item tiles (`_gate_up_one_token_items`)."""
     if NF4_SMEM:  # the table comes from a buffer no kernel writes: filled while the kernel before finishes
         lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED, NF4_SMEM)
     wait_for_previous_kernel(USE_PDL)
     xs = 0
     if X_SMEM:
         xs = _stage_x(x_ptr, k_dim // 2, X_SMEM)
+    if ROUTED_ITEMS:
+        _gate_up_one_token_items(w_ptr, ids_ptr, act_ptr, shared_w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
+                                 absmax_offset_ptr, shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr,
+                                 shared_absmax_offset_ptr, lut, xs, n_out, k_dim, num_experts, shared_rows, stride_am,
+                                 stride_we, absmax_per_expert, scales_per_expert, DOUBLE_QUANT, HAS_SHARED, BLOCK_N,
+                                 BLOCK_K, ROUTED_ITEMS, SHARED_CHUNKS, USE_PDL)
+        return
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_out, BLOCK_N)
     pair = pid // n_tiles
@@ -968,8 +1039,8 @@ def _nf4_items_load(w_items, am_items, am_code_ptr, am_scale_items, am_offset_it
 
 @triton.jit
 def _nf4_items_dot(words, am, lut, xs, x_pair0, k0, BLOCK_K: tl.constexpr):
-    """The [BLOCK_N] fp32 sum over items, blocks and words of `_nf4_items_load`'s K-step times x,
-    read from the shared-memory x at xs (item i's x starts at pair x_pair0[i])."""
+    """The [I, BLOCK_N] fp32 sums over blocks and words of `_nf4_items_load`'s K-step times x, read
+    from the shared-memory x at xs (item i's x starts at pair x_pair0[i])."""
     NB: tl.constexpr = BLOCK_K // 64
     b = tl.arange(0, NB)
     j = tl.arange(0, 8)
@@ -977,7 +1048,7 @@ def _nf4_items_dot(words, am, lut, xs, x_pair0, k0, BLOCK_K: tl.constexpr):
     dots = tl.inline_asm_elementwise(NF4_DOT_SMEM_X_ASM, "=r,r,r,r,r,r",
                                      [words, lut[0], (xs + 4 * pair)[:, None, :, :], am[:, :, :, None], 0.0],
                                      dtype=tl.float32, is_pure=True, pack=1)
-    return tl.sum(tl.sum(tl.sum(dots, axis=3), axis=2), axis=0)
+    return tl.sum(tl.sum(dots, axis=3), axis=2)
 
 
 @triton.jit
@@ -1013,9 +1084,9 @@ def _down_one_token_x_smem(act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared
                                             shared_absmax_scale_ptr + 0 * c, shared_absmax_offset_ptr + 0 * c,
                                             gate + 0.0 * c, c >= 0, shared_k + 0 * c, c * k_dim, n, n_ok, k0, k_dim,
                                             DOUBLE_QUANT, BLOCK_K)
-        total += _nf4_items_dot(words, am, lut, xs, k * (stride_am // 2), k0, BLOCK_K)
+        total += tl.sum(_nf4_items_dot(words, am, lut, xs, k * (stride_am // 2), k0, BLOCK_K), axis=0)
         if HAS_SHARED:
-            total += _nf4_items_dot(s_words, s_am, lut, xs, (TOP_K + c) * (stride_am // 2), k0, BLOCK_K)
+            total += tl.sum(_nf4_items_dot(s_words, s_am, lut, xs, (TOP_K + c) * (stride_am // 2), k0, BLOCK_K), axis=0)
     return total
 
 
@@ -1459,11 +1530,19 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
 
     cfg = _whole_nf4_blocks({**gemv_config(rows, inter, True, _is_nf4(gate_up), on_gpu, sms,
                                            shared=shared is not None), **(config or {})}, gate_up)
+    if {"gate_up", "items"} <= NF4_XSMEM_KERNELS and num_tokens == 1 and on_gpu and _is_nf4(gate_up):
+        cfg = {**cfg, **NF4_GATE_UP_ITEMS_CONFIG}
     ptrs, strides, flags = _weight_args(gate_up, num_experts)
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "gate_up")
     cfg = with_nf4_table(cfg, flags, "gate_up")
     cfg = {**cfg, "X_SMEM": _x_smem_words("gate_up", cfg, flags, num_tokens, hidden_dim // 2)}
-    _gemv_gate_up_kernel[(rows * triton.cdiv(inter, cfg["BLOCK_N"]),)](
+    pow2 = lambda v: v & (v - 1) == 0  # noqa: E731  (the X_SMEM paths' item tiles)
+    items = cfg.pop("ITEM_TILES", 0) and cfg["X_SMEM"] and pow2(top_k) and pow2(chunks) and (
+        shared is None or shared_inter == chunks * inter)
+    if items:  # one program per N-tile over every pair and shared chunk
+        cfg = {**cfg, "ROUTED_ITEMS": top_k, "SHARED_CHUNKS": chunks}
+    grid = triton.cdiv(inter, cfg["BLOCK_N"]) * (1 if items else rows)
+    _gemv_gate_up_kernel[(grid,)](
         hidden, ptrs[0], flat_ids, act, shared_w, *ptrs[1:], *shared_absmax,
         inter, hidden_dim, num_experts, top_k, num_pairs, shared_inter, max(chunks, 1),
         hidden.stride(0), strides[0], strides[1], act.stride(0), shared_stride,
@@ -1475,7 +1554,6 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
     ptrs, strides, flags = _weight_args(down, num_experts)
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "down")
     cfg = with_nf4_table(cfg, flags, "down")
-    pow2 = lambda v: v & (v - 1) == 0  # noqa: E731  (the X_SMEM path's item tiles)
     if pow2(top_k) and pow2(chunks) and (shared is None or shared_inter == chunks * inter):  # whole chunks of act rows
         cfg = {**cfg, "X_SMEM": _x_smem_words("down", cfg, flags, num_tokens, rows * inter // 2),
                "SHARED_CHUNKS": chunks}
