@@ -17,7 +17,7 @@ memory for gate_up only); "gate_up_k512" (that in 512-value K-steps: compiled fo
 the registers, 64 registers and no spills); "both"; "items" (both, and gate_up as one 32-warp program
 per 8-row N-tile over every pair and shared chunk, all their words of the 2,048-value row loaded
 before the first product: 176 programs where the package's launches 704).
-VARIANTS (a comma list) picks them, STEP_VARIANTS those of the decode step (default package, down, items).
+VARIANTS (a comma list) picks them, STEP_VARIANTS those of the decode step (default package, down, items), STEP_REPS its rounds (3).
 Writes $OUT/nf4_xsmem_ab.json.
 
     python benchmarks/tuning/nf4_xsmem_ab.py
@@ -94,7 +94,7 @@ build_models_once()
 res["step"] += decode_step_with(lambda v: None, "bf16", None)
 print(res["step"][-1], flush=True)
 STEP = [v for v in os.environ.get("STEP_VARIANTS", "package,down,items").split(",") if v in VARIANTS]
-for rep in range(3):
+for rep in range(int(os.environ.get("STEP_REPS", "3"))):
     for name in STEP:
         for row in decode_step_with(use, name, "nf4", reset="package"):
             res["step"].append(dict(row, rep=rep))
