@@ -376,12 +376,12 @@ NF4_DOT_SMEM_ASM = tl.constexpr(_nf4_dot_smem_asm())
 
 
 def _nf4_dot_smem_x_asm() -> str:
-    """`NF4_DOT_SMEM_ASM` with x in shared memory too (`_stage_x`): $0 = $5 + $4 * (the word's 8
-    levels times x), $1 the code word, $2 this lane's table address, $3 the shared-memory address
-    of the word's 4 bf16 pairs of x, read by one 16-byte `ld.shared` here, at the word's use, so
-    x holds no registers across the K-step and the code words' loads can run further ahead."""
+    """`NF4_DOT_SMEM_ASM` that loads its own x: $0 = $5 + $4 * (the word's 8 levels times x), $1 the
+    code word, $2 this lane's table address, $3 the global address of the word's 4 bf16 pairs of x,
+    read here, at the word's use, by one 16-byte load (x is the kernel before's output, read-only
+    here: the non-coherent path). So x holds no registers while the code words' loads are in flight."""
     lines = [".reg .b32 t, q, p0, p1, p2, p3, a, c, u, v, x0, x1, x2, x3;", ".reg .f32 fa, fb, fr;",
-             "ld.shared.v4.b32 {x0, x1, x2, x3}, [$3];"]
+             "ld.global.nc.v4.b32 {x0, x1, x2, x3}, [$3];"]
     for i in range(4):
         lines += [f"prmt.b32 t, $1, 0, 0x444{i};", "mad.lo.u32 q, t, 128, $2;", f"ld.shared.b32 p{i}, [q];"]
     lines += _word_products_lines("$4", "$5", ("x0", "x1", "x2", "x3"))
@@ -389,13 +389,6 @@ def _nf4_dot_smem_x_asm() -> str:
 
 
 NF4_DOT_SMEM_X_ASM = tl.constexpr(_nf4_dot_smem_x_asm())
-# x staged in shared memory (`_stage_x`): the array, by its size in 32-bit words; one word's store;
-# the barrier after the stores, which returns the array's address (the dot's operand: so nothing
-# reads the array before the barrier).
-NF4_X_DECL = tl.constexpr({w: f".shared .align 16 .b32 moelab_x[{w}];\nmov.u32 $0, 0;" for w in (1024, 2048, 4096, 8192)})
-NF4_X_STORE = tl.constexpr("{\n.reg .b32 a;\nmov.u32 a, moelab_x;\nmad.lo.u32 a, $2, 4, a;\n"
-                           "st.shared.b32 [a], $1;\nmov.u32 $0, 0;\n}")
-NF4_X_BARRIER = tl.constexpr("bar.sync 0;\nmov.u32 $0, moelab_x;")
 
 def _nf4_smem_kernels(setting: str) -> frozenset:
     """The kernels a MOELAB_NF4_SMEM value names ("none" or "": no kernel)."""
@@ -418,14 +411,14 @@ def _nf4_smem_kernels(setting: str) -> frozenset:
 # 16-row programs on 8 warps with it, capped at 48 (`moelab.kernels.gemv.gemv_config`).
 NF4_SMEM_KERNELS = _nf4_smem_kernels(os.environ.get("MOELAB_NF4_SMEM", "gate_up,down,linear"))
 NF4_SMEM_MAXNREG = {"gate_up": 64, "linear": 48}
-# Which experts' NF4 decode GEMVs at one token stage x in shared memory (`_stage_x`, `NF4_DOT_SMEM_X_ASM`;
-# with the table only): "gate_up", "down" (MOELAB_NF4_XSMEM, a comma list, or "none"). Down then
-# streams every expert's rows and the shared expert's chunks in one K-step (`SHARED_CHUNKS`).
-NF4_XSMEM_KERNELS = frozenset(k.strip() for k in os.environ.get("MOELAB_NF4_XSMEM", "none").split(",")
+# Which of the experts' NF4 decode kernels run one token as item tiles (MOELAB_NF4_ITEMS, a comma list of
+# "gate_up", "down", or "none"; with the table only): down streams the top-k experts' rows and the shared
+# expert's chunks (`_down_one_token_items`), gate_up is one program per N-tile over every pair and chunk
+# (`_gate_up_one_token_items`, in NF4_GATE_UP_ITEMS_CONFIG's launch shape); each loads every item's code
+# words of a K-step before the first product, x read by the product itself (`NF4_DOT_SMEM_X_ASM`).
+NF4_ITEMS_KERNELS = frozenset(k.strip() for k in os.environ.get("MOELAB_NF4_ITEMS", "none").split(",")
                               if k.strip() not in ("", "none"))
-# "items" in NF4_XSMEM_KERNELS (with "gate_up"): the one-token gate_up as one program per N-tile over
-# every pair and shared chunk (`_gate_up_one_token_items`), in this launch shape.
-NF4_GATE_UP_ITEMS_CONFIG = dict(BLOCK_N=8, BLOCK_K=2048, num_warps=32, PIPELINE=1, ITEM_TILES=1)
+NF4_GATE_UP_ITEMS_CONFIG = dict(BLOCK_N=8, BLOCK_K=2048, num_warps=32, PIPELINE=1)
 
 
 def with_nf4_table(cfg: dict, flags: dict, kernel: str) -> dict:
@@ -442,20 +435,6 @@ def with_nf4_table(cfg: dict, flags: dict, kernel: str) -> dict:
                          f"{cfg['num_warps']}: pass NF4_SMEM=0 in its config, or leave {kernel} out of MOELAB_NF4_SMEM")
     cap = NF4_SMEM_MAXNREG.get(kernel)
     return {"NF4_SMEM": cfg["num_warps"], **({"maxnreg": cap} if cap else {}), **cfg}
-
-
-@triton.jit
-def _stage_x(x_ptr, n_words, X_SMEM: tl.constexpr):
-    """Copy n_words 32-bit words (bf16 pairs) from x_ptr into the program's shared-memory array of
-    X_SMEM words (`NF4_X_DECL`; the rest zeros), wait for every thread's stores, and return the
-    array's shared-memory address: the x operand of `NF4_DOT_SMEM_X_ASM` is this address plus 4
-    bytes a pair. Call after `wait_for_previous_kernel` (x is the kernel before's output)."""
-    tl.inline_asm_elementwise(NF4_X_DECL[X_SMEM], "=r,r", [tl.program_id(0)], dtype=tl.int32, is_pure=False, pack=1)
-    i = tl.arange(0, X_SMEM)
-    v = tl.load(x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + i, mask=i < n_words, other=0)
-    tl.inline_asm_elementwise(NF4_X_STORE, "=r,r,r", [v, i], dtype=tl.int32, is_pure=False, pack=1)
-    return tl.inline_asm_elementwise(NF4_X_BARRIER, "=r,r", [tl.program_id(0)], dtype=tl.int32, is_pure=False,
-                                     pack=1)
 
 
 @triton.jit
@@ -719,13 +698,11 @@ def _block_gemm(x_ptr, w_ptr, out_ptr, pairs_ptr, route_w_ptr, absmax_ptr, absma
 
 @triton.jit
 def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, x_row_ptr, x_scale,
-               expert, rows, row_ok, k0, k_end, k_dim, absmax_per_expert, scales_per_expert, lut, xs,
-               DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr, NF4_SMEM: tl.constexpr = 0,
-               X_SMEM: tl.constexpr = 0):
+               expert, rows, row_ok, k0, k_dim, absmax_per_expert, scales_per_expert, lut,
+               DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr, NF4_SMEM: tl.constexpr = 0):
     """The NF4 decode step on CUDA: acc [BLOCK_N, BLOCK_K // 64, 8] (float32, one entry per code
-    word) plus W[expert, rows, k0:min(k0 + BLOCK_K, k_end)] times x, word by word, each word's sum
-    scaled by its block's absmax (and x_scale) inside `NF4_DOT_ASM`. Rows are k_dim values long.
-    X_SMEM: x is read from shared memory, pair p of this x row at address xs + 4 p (`_stage_x`).
+    word) plus W[expert, rows, k0:k0 + BLOCK_K] times x, word by word, each word's sum scaled by
+    its block's absmax (and x_scale) inside `NF4_DOT_ASM`.
 
     Word j of NF4 block b of a row holds the codes of values 64b + 8j .. 64b + 8j + 7; x is read
     as bf16 pairs (32-bit words, so x must be 4-byte aligned: the launcher sees to it) and each
@@ -742,20 +719,12 @@ def _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax
     NB: tl.constexpr = BLOCK_K // 64
     b = tl.arange(0, NB)
     j = tl.arange(0, 8)
-    blk_ok = k0 + 64 * b < k_end
+    blk_ok = k0 + 64 * b < k_dim
     row_words = tl.multiple_of(rows.to(tl.int64) * (k_dim // 8) + k0 // 8, 8)  # rows start on 32-byte boundaries
     word_off = row_words[:, None, None] + (8 * b[:, None] + j[None, :])[None, :, :]
     words = tl.load(w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + word_off,
                     mask=row_ok[:, None, None] & blk_ok[None, :, None], other=0)
     pair = k0 // 2 + 32 * b[:, None] + 4 * j[None, :]  # [NB, 8]: x's first bf16 pair of each word
-    if X_SMEM:  # x from shared memory inside the dot (masked blocks: absmax 0, so they add nothing)
-        blk = (rows.to(tl.int64) * k_dim + k0) // 64
-        am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
-                         blk[:, None] + b[None, :], row_ok[:, None] & blk_ok[None, :], absmax_per_expert,
-                         scales_per_expert, DOUBLE_QUANT)
-        return tl.inline_asm_elementwise(NF4_DOT_SMEM_X_ASM, "=r,r,r,r,r,r",
-                                         [words, lut[0], (xs + 4 * pair)[None, :, :], (am * x_scale)[:, :, None], acc],
-                                         dtype=tl.float32, is_pure=True, pack=1)
     xw = x_row_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + pair
     x_ok = blk_ok[:, None]
     x0 = tl.load(xw, mask=x_ok, other=0)
@@ -793,7 +762,7 @@ def _gemv_acc(BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NF4: tl.constexpr, W
 def _gemv_rows(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
                x_row_ptr, x_scale, expert, rows, row_ok, k0, k_dim, stride_wn, absmax_per_expert, scales_per_expert,
                lut, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr,
-               NF4_ASM: tl.constexpr, NF4_SMEM: tl.constexpr = 0, xs=0, X_SMEM: tl.constexpr = 0):
+               NF4_ASM: tl.constexpr, NF4_SMEM: tl.constexpr = 0):
     """acc + W[expert, rows, k0:k0 + BLOCK_K] * (x_scale * x[k0:k0 + BLOCK_K]) elementwise, in fp32, not yet
     summed (the caller sums the accumulator once at the end: one FMA per weight).
 
@@ -806,8 +775,8 @@ def _gemv_rows(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax
     of 32-bit code words, each multiplied by its 8 values of x in one piece of PTX."""
     if NF4 and NF4_ASM and ROW_ALIGNED:
         acc = _nf4_words(acc, w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, x_row_ptr, x_scale,
-                          expert, rows, row_ok, k0, k_dim, k_dim, absmax_per_expert, scales_per_expert, lut, xs,
-                          DOUBLE_QUANT, BLOCK_K, NF4_SMEM, X_SMEM)
+                          expert, rows, row_ok, k0, k_dim, absmax_per_expert, scales_per_expert, lut, DOUBLE_QUANT,
+                          BLOCK_K, NF4_SMEM)
     elif NF4:
         b = tl.arange(0, BLOCK_K // 64)
         j = tl.arange(0, 32)
@@ -861,16 +830,57 @@ def _gemv_acc_sum(acc, NF4: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_one_token_items(w_ptr, ids_ptr, act_ptr, shared_w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
-                             absmax_offset_ptr, shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr,
-                             shared_absmax_offset_ptr, lut, xs, n_out, k_dim, num_experts, shared_rows, stride_am,
-                             stride_we, absmax_per_expert, scales_per_expert, DOUBLE_QUANT: tl.constexpr,
-                             HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             ROUTED_ITEMS: tl.constexpr, SHARED_CHUNKS: tl.constexpr, USE_PDL: tl.constexpr):
+def _nf4_items_load(w_items, am_items, am_code_ptr, am_scale_items, am_offset_items, scale, item_ok, row_len, col0,
+                    n, n_ok, k0, k_end, DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K-step of NF4 GEMV items ([I] tensors: each item's code words at w_items (32-bit, rows n
+    of row_len values from flat value col0), its absmax codes, scales and offset, its x scale,
+    whether it counts): (code words [I, BLOCK_N, NB, 8], absmax times scale [I, BLOCK_N, NB]). The
+    item axis is part of the tile, so one load brings every item's words of the step."""
+    NB: tl.constexpr = BLOCK_K // 64
+    b = tl.arange(0, NB)
+    j = tl.arange(0, 8)
+    blk_ok = k0 + 64 * b < k_end
+    ok = (item_ok[:, None, None] & n_ok[None, :, None]) & blk_ok[None, None, :]  # [I, BLOCK_N, NB]
+    first = n.to(tl.int64)[None, :] * row_len[:, None] + (col0 + k0)[:, None]  # [I, BLOCK_N]: first value of the step
+    word = tl.multiple_of(first // 8, [8, 8])[:, :, None, None] + (8 * b[:, None] + j[None, :])[None, None, :, :]
+    words = tl.load(w_items[:, None, None, None] + word, mask=ok[:, :, :, None], other=0)
+    blk = first[:, :, None] // 64 + b[None, None, :]
+    q = tl.load(am_items[:, None, None] + blk, mask=ok, other=0)
+    if DOUBLE_QUANT:
+        am = (tl.load(am_code_ptr + q.to(tl.int32), mask=ok, other=0.0)
+              * tl.load(am_scale_items[:, None, None] + blk // 256, mask=ok, other=0.0)
+              + tl.load(am_offset_items)[:, None, None])
+    else:
+        am = q.to(tl.float32)
+    return words, tl.where(ok, am, 0.0) * scale[:, None, None]
+
+
+@triton.jit
+def _nf4_items_dot(words, am, lut, x_items, k0, BLOCK_K: tl.constexpr):
+    """The [I, BLOCK_N] fp32 sums over blocks and words of `_nf4_items_load`'s K-step times x (item
+    i's x row at x_items[i], 32-bit bf16 pairs), each word's x loaded by the product itself."""
+    NB: tl.constexpr = BLOCK_K // 64
+    b = tl.arange(0, NB)
+    j = tl.arange(0, 8)
+    pair = k0 // 2 + 32 * b[:, None] + 4 * j[None, :]  # [NB, 8]: x's first bf16 pair of each word
+    dots = tl.inline_asm_elementwise(NF4_DOT_SMEM_X_ASM, "=r,r,r,l,r,r",
+                                     [words, lut[0], x_items[:, None, None, None] + pair[None, None, :, :],
+                                      am[:, :, :, None], 0.0], dtype=tl.float32, is_pure=True, pack=1)
+    return tl.sum(tl.sum(dots, axis=3), axis=2)
+
+
+@triton.jit
+def _gate_up_one_token_items(x_ptr, w_ptr, ids_ptr, act_ptr, shared_w_ptr, absmax_ptr, absmax_code_ptr,
+                             absmax_scale_ptr, absmax_offset_ptr, shared_absmax_ptr, shared_absmax_code_ptr,
+                             shared_absmax_scale_ptr, shared_absmax_offset_ptr, lut, n_out, k_dim, num_experts,
+                             shared_rows, stride_am, stride_we, absmax_per_expert, scales_per_expert,
+                             DOUBLE_QUANT: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, ROUTED_ITEMS: tl.constexpr, SHARED_CHUNKS: tl.constexpr,
+                             USE_PDL: tl.constexpr):
     """`_gemv_gate_up_kernel` for one token as one program per N-tile: the gate and up rows n of
     each of the token's ROUTED_ITEMS pairs and of the shared expert's SHARED_CHUNKS chunks (chunk
-    c: its rows c * n_out + n) as four item tiles, all loaded before any is multiplied, x (the
-    hidden row) from shared memory at xs; act rows 0 .. ROUTED_ITEMS - 1, then the chunks."""
+    c: its rows c * n_out + n) as four item tiles, all loaded before any is multiplied; act rows
+    0 .. ROUTED_ITEMS - 1, then the chunks."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < n_out
     k = tl.arange(0, ROUTED_ITEMS)
@@ -880,20 +890,22 @@ def _gate_up_one_token_items(w_ptr, ids_ptr, act_ptr, shared_w_ptr, absmax_ptr, 
     words = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + expert.to(tl.int64) * (stride_we // 4)
     am, am_scale, am_offset = (absmax_ptr + expert * absmax_per_expert, absmax_scale_ptr + expert * scales_per_expert,
                                absmax_offset_ptr + expert)
+    x_items = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + 0 * k  # the one token's hidden row
     one, row_len = 1.0 + 0.0 * k, k_dim + 0 * k
     gate = tl.zeros((ROUTED_ITEMS, BLOCK_N), dtype=tl.float32)
     up = tl.zeros((ROUTED_ITEMS, BLOCK_N), dtype=tl.float32)
     if HAS_SHARED:
         c = tl.arange(0, SHARED_CHUNKS)
         s_words = shared_w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + 0 * c
+        s_x = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + 0 * c
         s_one, s_len, s_ok = 1.0 + 0.0 * c, k_dim + 0 * c, c >= 0
         s_gate = tl.zeros((SHARED_CHUNKS, BLOCK_N), dtype=tl.float32)
         s_up = tl.zeros((SHARED_CHUNKS, BLOCK_N), dtype=tl.float32)
     for k0 in tl.range(0, k_dim, BLOCK_K):
-        g_w, g_am = _nf4_items_load(words, am, absmax_code_ptr, am_scale, am_offset, one, valid, row_len, 0 * k,
-                                    n, n_ok, k0, k_dim, DOUBLE_QUANT, BLOCK_K)
+        g_w, g_am = _nf4_items_load(words, am, absmax_code_ptr, am_scale, am_offset, one, valid, row_len,
+                                    0 * k.to(tl.int64), n, n_ok, k0, k_dim, DOUBLE_QUANT, BLOCK_K)
         u_w, u_am = _nf4_items_load(words, am, absmax_code_ptr, am_scale, am_offset, one, valid, row_len,
-                                    (n_out * k_dim).to(tl.int64) + 0 * k, n, n_ok, k0, k_dim, DOUBLE_QUANT, BLOCK_K)
+                                    n_out * k_dim + 0 * k.to(tl.int64), n, n_ok, k0, k_dim, DOUBLE_QUANT, BLOCK_K)
         if HAS_SHARED:
             sg_w, sg_am = _nf4_items_load(s_words, shared_absmax_ptr + 0 * c, shared_absmax_code_ptr,
                                           shared_absmax_scale_ptr + 0 * c, shared_absmax_offset_ptr + 0 * c, s_one,
@@ -903,11 +915,11 @@ def _gate_up_one_token_items(w_ptr, ids_ptr, act_ptr, shared_w_ptr, absmax_ptr, 
                                           shared_absmax_scale_ptr + 0 * c, shared_absmax_offset_ptr + 0 * c, s_one,
                                           s_ok, s_len, (shared_rows + c * n_out).to(tl.int64) * k_dim, n, n_ok, k0,
                                           k_dim, DOUBLE_QUANT, BLOCK_K)
-        gate += _nf4_items_dot(g_w, g_am, lut, xs, 0 * k, k0, BLOCK_K)
-        up += _nf4_items_dot(u_w, u_am, lut, xs, 0 * k, k0, BLOCK_K)
+        gate += _nf4_items_dot(g_w, g_am, lut, x_items, k0, BLOCK_K)
+        up += _nf4_items_dot(u_w, u_am, lut, x_items, k0, BLOCK_K)
         if HAS_SHARED:
-            s_gate += _nf4_items_dot(sg_w, sg_am, lut, xs, 0 * c, k0, BLOCK_K)
-            s_up += _nf4_items_dot(su_w, su_am, lut, xs, 0 * c, k0, BLOCK_K)
+            s_gate += _nf4_items_dot(sg_w, sg_am, lut, s_x, k0, BLOCK_K)
+            s_up += _nf4_items_dot(su_w, su_am, lut, s_x, k0, BLOCK_K)
     let_next_kernel_start(USE_PDL)
     act = gate * tl.sigmoid(gate) * up
     tl.store(act_ptr + k.to(tl.int64)[:, None] * stride_am + n[None, :], act.to(act_ptr.dtype.element_ty),
@@ -916,6 +928,46 @@ def _gate_up_one_token_items(w_ptr, ids_ptr, act_ptr, shared_w_ptr, absmax_ptr, 
         s_act = s_gate * tl.sigmoid(s_gate) * s_up
         tl.store(act_ptr + (ROUTED_ITEMS + c).to(tl.int64)[:, None] * stride_am + n[None, :],
                  s_act.to(act_ptr.dtype.element_ty), mask=n_ok[None, :])
+
+
+@triton.jit
+def _down_one_token_items(act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_w_ptr, shared_gate_ptr,
+                          absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
+                          shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr, shared_absmax_offset_ptr,
+                          lut, n, n_ok, k_dim, num_experts, shared_k, stride_am, stride_we,
+                          absmax_per_expert, scales_per_expert, TOP_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                          HAS_SHARED: tl.constexpr, SHARED_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    """`_gemv_down_kernel`'s fp32 sum for token 0 as item tiles: per K-step the top-k experts' rows
+    and the shared expert's chunks (chunk c: its values c * k_dim ..., behind its sigmoid gate, x
+    from act row TOP_K + c), both tiles loaded before either is multiplied, so all of the step's
+    code words are in flight at once."""
+    k = tl.arange(0, TOP_K)
+    expert = tl.load(ids_ptr + k).to(tl.int32)
+    valid = (expert >= 0) & (expert < num_experts)
+    expert = tl.where(valid, expert, 0)
+    route_w = tl.load(route_w_ptr + k).to(out_ptr.dtype.element_ty).to(tl.float32)
+    words = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + expert.to(tl.int64) * (stride_we // 4)
+    act = act_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in tl.range(0, k_dim, BLOCK_K):
+        r_w, r_am = _nf4_items_load(words, absmax_ptr + expert * absmax_per_expert, absmax_code_ptr,
+                                    absmax_scale_ptr + expert * scales_per_expert, absmax_offset_ptr + expert,
+                                    route_w, valid, k_dim + 0 * k, 0 * k.to(tl.int64), n, n_ok, k0, k_dim,
+                                    DOUBLE_QUANT, BLOCK_K)
+        if HAS_SHARED:
+            c = tl.arange(0, SHARED_CHUNKS)
+            gate = tl.sigmoid(tl.load(shared_gate_ptr).to(tl.float32))
+            s_w, s_am = _nf4_items_load(shared_w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + 0 * c,
+                                        shared_absmax_ptr + 0 * c, shared_absmax_code_ptr,
+                                        shared_absmax_scale_ptr + 0 * c, shared_absmax_offset_ptr + 0 * c,
+                                        gate + 0.0 * c, c >= 0, shared_k + 0 * c, (c * k_dim).to(tl.int64), n, n_ok,
+                                        k0, k_dim, DOUBLE_QUANT, BLOCK_K)
+        total += tl.sum(_nf4_items_dot(r_w, r_am, lut, act + k * (stride_am // 2), k0, BLOCK_K), axis=0)
+        if HAS_SHARED:
+            # chunk c's x: its k_dim values of the shared expert's act, act row TOP_K + c
+            total += tl.sum(_nf4_items_dot(s_w, s_am, lut, act + (TOP_K + c) * (stride_am // 2), k0, BLOCK_K), axis=0)
+    return total
 
 
 @triton.jit
@@ -928,8 +980,8 @@ def _gemv_gate_up_kernel(
     absmax_per_expert, scales_per_expert,
     NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, NF4_ASM: tl.constexpr,
     HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr,
-    USE_PDL: tl.constexpr = False, NF4_SMEM: tl.constexpr = 0, X_SMEM: tl.constexpr = 0,
-    ROUTED_ITEMS: tl.constexpr = 0, SHARED_CHUNKS: tl.constexpr = 0,
+    USE_PDL: tl.constexpr = False, NF4_SMEM: tl.constexpr = 0, ROUTED_ITEMS: tl.constexpr = 0,
+    SHARED_CHUNKS: tl.constexpr = 0,
 ):
     """Decode gate_up, one program per (pair, N-tile), no grouping: act[pair, n] =
     SiLU(gate) * up of the pair's token through its expert, with FMAs (no 16-row dot padding).
@@ -942,22 +994,18 @@ def _gemv_gate_up_kernel(
     NF4 experts take an NF4 shared expert (one expert, the same format), its absmax and
     scales from the shared_absmax* pointers.
 
-    X_SMEM (one token, NF4 words with the table): x, the token's hidden row, staged in shared
-    memory once per program (`_stage_x`, X_SMEM words). ROUTED_ITEMS (one token, with X_SMEM):
-    one program per N-tile instead, over all ROUTED_ITEMS pairs and the shared expert's
-    SHARED_CHUNKS chunks as item tiles (`_gate_up_one_token_items`)."""
+    ROUTED_ITEMS (one token, NF4 words with the table: NF4_ITEMS_KERNELS): one program per N-tile
+    instead, over the ROUTED_ITEMS pairs and the shared expert's SHARED_CHUNKS chunks
+    (`_gate_up_one_token_items`)."""
     if NF4_SMEM:  # the table comes from a buffer no kernel writes: filled while the kernel before finishes
         lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED, NF4_SMEM)
     wait_for_previous_kernel(USE_PDL)
-    xs = 0
-    if X_SMEM:
-        xs = _stage_x(x_ptr, k_dim // 2, X_SMEM)
     if ROUTED_ITEMS:
-        _gate_up_one_token_items(w_ptr, ids_ptr, act_ptr, shared_w_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
-                                 absmax_offset_ptr, shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr,
-                                 shared_absmax_offset_ptr, lut, xs, n_out, k_dim, num_experts, shared_rows, stride_am,
-                                 stride_we, absmax_per_expert, scales_per_expert, DOUBLE_QUANT, HAS_SHARED, BLOCK_N,
-                                 BLOCK_K, ROUTED_ITEMS, SHARED_CHUNKS, USE_PDL)
+        _gate_up_one_token_items(x_ptr, w_ptr, ids_ptr, act_ptr, shared_w_ptr, absmax_ptr, absmax_code_ptr,
+                                 absmax_scale_ptr, absmax_offset_ptr, shared_absmax_ptr, shared_absmax_code_ptr,
+                                 shared_absmax_scale_ptr, shared_absmax_offset_ptr, lut, n_out, k_dim, num_experts,
+                                 shared_rows, stride_am, stride_we, absmax_per_expert, scales_per_expert,
+                                 DOUBLE_QUANT, HAS_SHARED, BLOCK_N, BLOCK_K, ROUTED_ITEMS, SHARED_CHUNKS, USE_PDL)
         return
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_out, BLOCK_N)
@@ -999,95 +1047,14 @@ def _gemv_gate_up_kernel(
     for k0 in tl.range(0, k_end, BLOCK_K, num_stages=PIPELINE):
         acc = _gemv_rows(acc, w_e, am, am_code, am_scale, am_offset, nf4_code_ptr,
                           x_row, 1.0, expert, gate_rows, row_ok, k0, k_dim, row_stride, absmax_per_expert,
-                          scales_per_expert, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM, NF4_SMEM,
-                          xs, X_SMEM)
+                          scales_per_expert, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM, NF4_SMEM)
         acc_up = _gemv_rows(acc_up, w_e, am, am_code, am_scale, am_offset, nf4_code_ptr,
                              x_row, 1.0, expert, up_rows, row_ok, k0, k_dim, row_stride, absmax_per_expert,
-                             scales_per_expert, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM, NF4_SMEM,
-                             xs, X_SMEM)
+                             scales_per_expert, lut, NF4, DOUBLE_QUANT, ROW_ALIGNED, BLOCK_K, NF4_ASM, NF4_SMEM)
     let_next_kernel_start(USE_PDL)
     gate = _gemv_acc_sum(acc, NF4)
     out = gate * tl.sigmoid(gate) * _gemv_acc_sum(acc_up, NF4)
     tl.store(act_ptr + pair.to(tl.int64) * stride_am + n, out.to(act_ptr.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
-def _nf4_items_load(w_items, am_items, am_code_ptr, am_scale_items, am_offset_items, scale, item_ok, row_len, col0,
-                    n, n_ok, k0, k_end, DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One K-step of NF4 GEMV items ([I] tensors: each item's code words at w_items (32-bit, rows of
-    row_len values from column col0), its absmax codes, scales and offset, its x scale, whether it
-    counts): (code words [I, BLOCK_N, NB, 8], absmax times scale [I, BLOCK_N, NB]). The item axis
-    is part of the tile, so one load brings every item's words of the step."""
-    NB: tl.constexpr = BLOCK_K // 64
-    b = tl.arange(0, NB)
-    j = tl.arange(0, 8)
-    blk_ok = k0 + 64 * b < k_end
-    ok = (item_ok[:, None, None] & n_ok[None, :, None]) & blk_ok[None, None, :]  # [I, BLOCK_N, NB]
-    first = n.to(tl.int64)[None, :] * row_len[:, None] + (col0 + k0)[:, None]  # [I, BLOCK_N]: first value of the step
-    word = tl.multiple_of(first // 8, [8, 8])[:, :, None, None] + (8 * b[:, None] + j[None, :])[None, None, :, :]
-    words = tl.load(w_items[:, None, None, None] + word, mask=ok[:, :, :, None], other=0)
-    blk = first[:, :, None] // 64 + b[None, None, :]
-    q = tl.load(am_items[:, None, None] + blk, mask=ok, other=0)
-    if DOUBLE_QUANT:
-        am = (tl.load(am_code_ptr + q.to(tl.int32), mask=ok, other=0.0)
-              * tl.load(am_scale_items[:, None, None] + blk // 256, mask=ok, other=0.0)
-              + tl.load(am_offset_items)[:, None, None])
-    else:
-        am = q.to(tl.float32)
-    return words, tl.where(ok, am, 0.0) * scale[:, None, None]
-
-
-@triton.jit
-def _nf4_items_dot(words, am, lut, xs, x_pair0, k0, BLOCK_K: tl.constexpr):
-    """The [I, BLOCK_N] fp32 sums over blocks and words of `_nf4_items_load`'s K-step times x, read
-    from the shared-memory x at xs (item i's x starts at pair x_pair0[i])."""
-    NB: tl.constexpr = BLOCK_K // 64
-    b = tl.arange(0, NB)
-    j = tl.arange(0, 8)
-    pair = (x_pair0 + k0 // 2)[:, None, None] + (32 * b[:, None] + 4 * j[None, :])[None, :, :]  # [I, NB, 8]
-    dots = tl.inline_asm_elementwise(NF4_DOT_SMEM_X_ASM, "=r,r,r,r,r,r",
-                                     [words, lut[0], (xs + 4 * pair)[:, None, :, :], am[:, :, :, None], 0.0],
-                                     dtype=tl.float32, is_pure=True, pack=1)
-    return tl.sum(tl.sum(dots, axis=3), axis=2)
-
-
-@triton.jit
-def _down_one_token_x_smem(act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_w_ptr, shared_gate_ptr,
-                           absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
-                           shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr, shared_absmax_offset_ptr,
-                           lut, n, n_ok, k_dim, num_experts, shared_k, stride_am, stride_we,
-                           absmax_per_expert, scales_per_expert, TOP_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                           HAS_SHARED: tl.constexpr, SHARED_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, X_SMEM: tl.constexpr):
-    """`_gemv_down_kernel`'s fp32 sum for token 0 with x in shared memory (its X_SMEM path): act rows
-    0 .. TOP_K + SHARED_CHUNKS - 1 staged (the top-k pairs', then the shared expert's chunks), then
-    per K-step the top-k experts' rows and the shared expert's chunks (chunk c: its values
-    c * k_dim ..., behind its sigmoid gate) loaded as two tiles of items, both before either is
-    multiplied, so all of the step's code words are in flight at once."""
-    xs = _stage_x(act_ptr, (TOP_K + SHARED_CHUNKS) * stride_am // 2, X_SMEM)
-    k = tl.arange(0, TOP_K)
-    expert = tl.load(ids_ptr + k).to(tl.int32)
-    valid = (expert >= 0) & (expert < num_experts)
-    expert = tl.where(valid, expert, 0)
-    route_w = tl.load(route_w_ptr + k).to(out_ptr.dtype.element_ty).to(tl.float32)
-    routed_words = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + expert.to(tl.int64) * (stride_we // 4)
-    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in tl.range(0, k_dim, BLOCK_K):
-        words, am = _nf4_items_load(routed_words, absmax_ptr + expert * absmax_per_expert, absmax_code_ptr,
-                                    absmax_scale_ptr + expert * scales_per_expert, absmax_offset_ptr + expert,
-                                    route_w, valid, k_dim + 0 * k, 0 * k, n, n_ok, k0, k_dim, DOUBLE_QUANT, BLOCK_K)
-        if HAS_SHARED:
-            c = tl.arange(0, SHARED_CHUNKS)
-            gate = tl.sigmoid(tl.load(shared_gate_ptr).to(tl.float32))
-            s_words, s_am = _nf4_items_load(shared_w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + 0 * c,
-                                            shared_absmax_ptr + 0 * c, shared_absmax_code_ptr,
-                                            shared_absmax_scale_ptr + 0 * c, shared_absmax_offset_ptr + 0 * c,
-                                            gate + 0.0 * c, c >= 0, shared_k + 0 * c, c * k_dim, n, n_ok, k0, k_dim,
-                                            DOUBLE_QUANT, BLOCK_K)
-        total += tl.sum(_nf4_items_dot(words, am, lut, xs, k * (stride_am // 2), k0, BLOCK_K), axis=0)
-        if HAS_SHARED:
-            total += tl.sum(_nf4_items_dot(s_words, s_am, lut, xs, (TOP_K + c) * (stride_am // 2), k0, BLOCK_K), axis=0)
-    return total
 
 
 @triton.jit
@@ -1101,7 +1068,7 @@ def _gemv_down_kernel(
     TOP_K: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     NF4_ASM: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PIPELINE: tl.constexpr, SHARED_BLOCK_K: tl.constexpr = 0, USE_PDL: tl.constexpr = False,
-    NF4_SMEM: tl.constexpr = 0, X_SMEM: tl.constexpr = 0, SHARED_CHUNKS: tl.constexpr = 0,
+    NF4_SMEM: tl.constexpr = 0, ITEMS: tl.constexpr = 0, SHARED_CHUNKS: tl.constexpr = 0,
 ):
     """Decode down with the top-k sum folded in, one program per (token, N-tile):
     out[t, n] = sum_k route_w[t, k] * (W_down[ids[t, k]] @ act[t * K + k])[n], FMAs in fp32 and
@@ -1115,12 +1082,10 @@ def _gemv_down_kernel(
     with NF4 experts (its absmax from the shared_absmax* pointers), in K-steps of SHARED_BLOCK_K
     (0: BLOCK_K) values.
 
-    X_SMEM (one token, NF4 words with the table): the token's act rows (its top-k pairs', then
-    the shared expert's SHARED_CHUNKS chunks of k_dim values, shared_k = SHARED_CHUNKS * k_dim,
-    act rows contiguous) staged in shared memory, and each K-step streams every expert's rows and
-    every chunk of the shared expert's: one round of loads in flight instead of one per K-step
-    of the shared expert after the routed experts' (x, read at its use from shared memory, holds
-    no registers)."""
+    ITEMS (one token, NF4 words with the table: NF4_ITEMS_KERNELS; shared_k = SHARED_CHUNKS *
+    k_dim): every expert's rows and every chunk of the shared expert's in each K-step
+    (`_down_one_token_items`), one round of loads in flight instead of one per K-step of the
+    shared expert after the routed experts'."""
     if NF4_SMEM:  # the table comes from a buffer no kernel writes: filled while the kernel before finishes
         lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED, NF4_SMEM)
     wait_for_previous_kernel(USE_PDL)
@@ -1131,13 +1096,13 @@ def _gemv_down_kernel(
     n_ok = n < n_out
     if not NF4_SMEM:
         lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED, NF4_SMEM)
-    if X_SMEM:
-        total = _down_one_token_x_smem(act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_w_ptr, shared_gate_ptr,
-                                       absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
-                                       shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr,
-                                       shared_absmax_offset_ptr, lut, n, n_ok, k_dim, num_experts, shared_k,
-                                       stride_am, stride_we, absmax_per_expert, scales_per_expert, TOP_K,
-                                       DOUBLE_QUANT, HAS_SHARED, SHARED_CHUNKS, BLOCK_N, BLOCK_K, X_SMEM)
+    if ITEMS:
+        total = _down_one_token_items(act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_w_ptr, shared_gate_ptr,
+                                      absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
+                                      shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr,
+                                      shared_absmax_offset_ptr, lut, n, n_ok, k_dim, num_experts, shared_k, stride_am,
+                                      stride_we, absmax_per_expert, scales_per_expert, TOP_K, DOUBLE_QUANT,
+                                      HAS_SHARED, SHARED_CHUNKS, BLOCK_N, BLOCK_K)
         let_next_kernel_start(USE_PDL)
         tl.store(out_ptr + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
         return
@@ -1486,15 +1451,12 @@ def nf4_shared_expert(hidden: torch.Tensor, gate_up, down, gate_logit: torch.Ten
     return _gemv_forward(hidden, torch.sigmoid(gate_logit.reshape(-1)), ids, gate_up, down, _shape(down)[2], None)
 
 
-def _x_smem_words(kernel: str, cfg: dict, flags: dict, num_tokens: int, words: int) -> int:
-    """X_SMEM for one decode GEMV launch: the shared-memory words its x is staged in (`_stage_x`: the
-    x of `words` 32-bit words, rounded up to a declared size), or 0 where it reads x from global
-    memory (a kernel not in NF4_XSMEM_KERNELS, more than one token, no shared-memory table)."""
-    if (kernel not in NF4_XSMEM_KERNELS or num_tokens != 1 or not cfg.get("NF4_SMEM")
-            or not (flags["NF4"] and flags["NF4_ASM"] and flags["ROW_ALIGNED"])):
-        return 0
-    size = triton.next_power_of_2(words)
-    return size if size in NF4_X_DECL.value else 0
+def _items_path(kernel: str, flags: dict, num_tokens: int, top_k: int, chunks: int, whole_chunks: bool) -> bool:
+    """Whether this one-token NF4 decode launch runs as item tiles (NF4_ITEMS_KERNELS): one token on the
+    NF4 word path, top-k and the shared expert's chunks powers of two (tile axes), its rows whole chunks."""
+    pow2 = lambda v: v & (v - 1) == 0  # noqa: E731
+    return (kernel in NF4_ITEMS_KERNELS and num_tokens == 1 and flags["NF4"] and flags["NF4_ASM"]
+            and flags["ROW_ALIGNED"] and pow2(top_k) and pow2(chunks) and whole_chunks)
 
 
 def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: SharedExpert | None = None):
@@ -1530,18 +1492,15 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
 
     cfg = _whole_nf4_blocks({**gemv_config(rows, inter, True, _is_nf4(gate_up), on_gpu, sms,
                                            shared=shared is not None), **(config or {})}, gate_up)
-    if {"gate_up", "items"} <= NF4_XSMEM_KERNELS and num_tokens == 1 and on_gpu and _is_nf4(gate_up):
-        cfg = {**cfg, **NF4_GATE_UP_ITEMS_CONFIG}
     ptrs, strides, flags = _weight_args(gate_up, num_experts)
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "gate_up")
-    cfg = with_nf4_table(cfg, flags, "gate_up")
-    cfg = {**cfg, "X_SMEM": _x_smem_words("gate_up", cfg, flags, num_tokens, hidden_dim // 2)}
-    pow2 = lambda v: v & (v - 1) == 0  # noqa: E731  (the X_SMEM paths' item tiles)
-    items = cfg.pop("ITEM_TILES", 0) and cfg["X_SMEM"] and pow2(top_k) and pow2(chunks) and (
-        shared is None or shared_inter == chunks * inter)
+    items = _items_path("gate_up", flags, num_tokens, top_k, chunks, shared_inter == chunks * inter)
     if items:  # one program per N-tile over every pair and shared chunk
+        cfg = {**cfg, **NF4_GATE_UP_ITEMS_CONFIG}
+    cfg = with_nf4_table(cfg, flags, "gate_up")
+    if items and cfg.get("NF4_SMEM"):
         cfg = {**cfg, "ROUTED_ITEMS": top_k, "SHARED_CHUNKS": chunks}
-    grid = triton.cdiv(inter, cfg["BLOCK_N"]) * (1 if items else rows)
+    grid = triton.cdiv(inter, cfg["BLOCK_N"]) * (1 if cfg.get("ROUTED_ITEMS") else rows)
     _gemv_gate_up_kernel[(grid,)](
         hidden, ptrs[0], flat_ids, act, shared_w, *ptrs[1:], *shared_absmax,
         inter, hidden_dim, num_experts, top_k, num_pairs, shared_inter, max(chunks, 1),
@@ -1554,9 +1513,8 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
     ptrs, strides, flags = _weight_args(down, num_experts)
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "down")
     cfg = with_nf4_table(cfg, flags, "down")
-    if pow2(top_k) and pow2(chunks) and (shared is None or shared_inter == chunks * inter):  # whole chunks of act rows
-        cfg = {**cfg, "X_SMEM": _x_smem_words("down", cfg, flags, num_tokens, rows * inter // 2),
-               "SHARED_CHUNKS": chunks}
+    if _items_path("down", flags, num_tokens, top_k, chunks, shared_inter == chunks * inter) and cfg.get("NF4_SMEM"):
+        cfg = {**cfg, "ITEMS": 1, "SHARED_CHUNKS": chunks}
     _gemv_down_kernel[(num_tokens * triton.cdiv(hidden_dim, cfg["BLOCK_N"]),)](
         act, ptrs[0], flat_ids, route_w, out, shared_w, gate_logit, *ptrs[1:], *shared_absmax,
         hidden_dim, inter, num_experts, shared_inter, num_pairs, max(chunks, 1),
