@@ -856,13 +856,15 @@ def _nf4_items_load(w_items, am_items, am_code_ptr, am_scale_items, am_offset_it
 
 
 @triton.jit
-def _nf4_items_dot(words, am, lut, x_items, k0, BLOCK_K: tl.constexpr):
+def _nf4_items_dot(words, am, lut, x_items, k0, k_end, BLOCK_K: tl.constexpr):
     """The [I, BLOCK_N] fp32 sums over blocks and words of `_nf4_items_load`'s K-step times x (item
-    i's x row at x_items[i], 32-bit bf16 pairs), each word's x loaded by the product itself."""
+    i's x row at x_items[i], 32-bit bf16 pairs, k_end values), each word's x loaded by the product
+    itself. Blocks past k_end (absmax 0: they add nothing) read the step's first x, never past the row."""
     NB: tl.constexpr = BLOCK_K // 64
     b = tl.arange(0, NB)
     j = tl.arange(0, 8)
     pair = k0 // 2 + 32 * b[:, None] + 4 * j[None, :]  # [NB, 8]: x's first bf16 pair of each word
+    pair = tl.where((k0 + 64 * b < k_end)[:, None], pair, k0 // 2)
     dots = tl.inline_asm_elementwise(NF4_DOT_SMEM_X_ASM, "=r,r,r,l,r,r",
                                      [words, lut[0], x_items[:, None, None, None] + pair[None, None, :, :],
                                       am[:, :, :, None], 0.0], dtype=tl.float32, is_pure=True, pack=1)
@@ -915,11 +917,11 @@ def _gate_up_one_token_items(x_ptr, w_ptr, ids_ptr, act_ptr, shared_w_ptr, absma
                                           shared_absmax_scale_ptr + 0 * c, shared_absmax_offset_ptr + 0 * c, s_one,
                                           s_ok, s_len, (shared_rows + c * n_out).to(tl.int64) * k_dim, n, n_ok, k0,
                                           k_dim, DOUBLE_QUANT, BLOCK_K)
-        gate += _nf4_items_dot(g_w, g_am, lut, x_items, k0, BLOCK_K)
-        up += _nf4_items_dot(u_w, u_am, lut, x_items, k0, BLOCK_K)
+        gate += _nf4_items_dot(g_w, g_am, lut, x_items, k0, k_dim, BLOCK_K)
+        up += _nf4_items_dot(u_w, u_am, lut, x_items, k0, k_dim, BLOCK_K)
         if HAS_SHARED:
-            s_gate += _nf4_items_dot(sg_w, sg_am, lut, s_x, k0, BLOCK_K)
-            s_up += _nf4_items_dot(su_w, su_am, lut, s_x, k0, BLOCK_K)
+            s_gate += _nf4_items_dot(sg_w, sg_am, lut, s_x, k0, k_dim, BLOCK_K)
+            s_up += _nf4_items_dot(su_w, su_am, lut, s_x, k0, k_dim, BLOCK_K)
     let_next_kernel_start(USE_PDL)
     act = gate * tl.sigmoid(gate) * up
     tl.store(act_ptr + k.to(tl.int64)[:, None] * stride_am + n[None, :], act.to(act_ptr.dtype.element_ty),
@@ -963,10 +965,11 @@ def _down_one_token_items(act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_
                                         shared_absmax_scale_ptr + 0 * c, shared_absmax_offset_ptr + 0 * c,
                                         gate + 0.0 * c, c >= 0, shared_k + 0 * c, (c * k_dim).to(tl.int64), n, n_ok,
                                         k0, k_dim, DOUBLE_QUANT, BLOCK_K)
-        total += tl.sum(_nf4_items_dot(r_w, r_am, lut, act + k * (stride_am // 2), k0, BLOCK_K), axis=0)
+        total += tl.sum(_nf4_items_dot(r_w, r_am, lut, act + k * (stride_am // 2), k0, k_dim, BLOCK_K), axis=0)
         if HAS_SHARED:
             # chunk c's x: its k_dim values of the shared expert's act, act row TOP_K + c
-            total += tl.sum(_nf4_items_dot(s_w, s_am, lut, act + (TOP_K + c) * (stride_am // 2), k0, BLOCK_K), axis=0)
+            total += tl.sum(_nf4_items_dot(s_w, s_am, lut, act + (TOP_K + c) * (stride_am // 2), k0, k_dim,
+                                            BLOCK_K), axis=0)
     return total
 
 
