@@ -853,6 +853,51 @@ def test_nf4_shared_expert_folds_into_the_nf4_decode_kernels(inter, shared_inter
         fused_experts_forward(x, weights, ids, layer, shared=SharedExpert(gate_up, gu, logit))
 
 
+@pytest.mark.parametrize("kernels", [("down",), ("gate_up",), ("gate_up", "down")])
+@pytest.mark.parametrize("with_shared", [True, False])
+def test_nf4_one_token_item_tiles_match_the_package_kernels(kernels, with_shared, monkeypatch):
+    """The one-token NF4 decode kernels as item tiles (NF4_ITEMS_KERNELS; interpreter, float32, the
+    code words' nibbles looked up in the code book where CUDA runs NF4_DOT_SMEM_X_ASM): the same
+    layer as the package's kernels, an NF4 shared expert of 4 chunks folded in or not, a row shorter
+    than the K-step (down: 64 values in 128-value steps); and the tiles are what ran (their launches
+    counted). Ids out of range are refused on the CPU; the GPU test gives one."""
+    from moelab.kernels.experts import SharedExpert
+
+    hidden, inter, experts_n, top_k = 128, 64, 8, 4
+    gen = torch.Generator().manual_seed(len(kernels) + 2 * with_shared)
+    w = lambda *shape: torch.randn(*shape, generator=gen) * 0.05  # noqa: E731
+    layer = NF4Experts(quantize_nf4(w(experts_n, 2 * inter, hidden)), quantize_nf4(w(experts_n, hidden, inter)),
+                       torch.nn.SiLU())
+    extra = {"shared": SharedExpert(quantize_nf4(w(1, 2 * 4 * inter, hidden)), quantize_nf4(w(1, hidden, 4 * inter)),
+                                    torch.randn(1, 1, generator=gen))} if with_shared else {}
+    x = torch.randn(1, hidden, generator=gen)
+    weights, ids = routed(1, experts_n, top_k, 7)
+    monkeypatch.setattr(experts_kernels, "NF4_ITEMS_KERNELS", frozenset())
+    package = fused_experts_forward(x, weights, ids, layer, **extra)
+    launches = []
+    for name in ("_gemv_gate_up_kernel", "_gemv_down_kernel"):
+        kernel = getattr(experts_kernels, name)
+        monkeypatch.setattr(experts_kernels, name, _CountItems(kernel, name, launches))
+    monkeypatch.setattr(experts_kernels, "NF4_ITEMS_KERNELS", frozenset(kernels))
+    got = fused_experts_forward(x, weights, ids, layer, **extra)
+    torch.testing.assert_close(got, package, rtol=1e-4, atol=1e-5)
+    assert sorted(launches) == sorted({"gate_up": "_gemv_gate_up_kernel", "down": "_gemv_down_kernel"}[k] for k in kernels)
+
+
+class _CountItems:
+    """A kernel stand-in that records its name when launched with its item-tile flag on."""
+
+    def __init__(self, kernel, name, launches):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if kwargs.get("ROUTED_ITEMS") or kwargs.get("ITEMS"):
+                self.launches.append(self.name)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
 def test_nf4_shared_expert_through_the_decode_kernels_equals_the_modules():
     """tiny's NF4 shared expert (gate/up quantized jointly, down alone) through
     `nf4_shared_expert` (the routed decode kernels, one expert every token picks, the sigmoid

@@ -856,29 +856,39 @@ def _nf4_items_load(w_items, am_items, am_code_ptr, am_scale_items, am_offset_it
 
 
 @triton.jit
-def _nf4_items_dot(words, am, lut, x_items, k0, k_end, BLOCK_K: tl.constexpr):
+def _nf4_items_dot(words, am, lut, nf4_code_ptr, x_items, k0, k_end, BLOCK_K: tl.constexpr, NF4_ASM: tl.constexpr):
     """The [I, BLOCK_N] fp32 sums over blocks and words of `_nf4_items_load`'s K-step times x (item
-    i's x row at x_items[i], 32-bit bf16 pairs, k_end values), each word's x loaded by the product
-    itself. Blocks past k_end (absmax 0: they add nothing) read the step's first x, never past the row."""
+    i's x row at x_items[i], k_end values). On CUDA each word's x (4 bf16 pairs) is loaded by the
+    product itself (`NF4_DOT_SMEM_X_ASM`); under the interpreter the 8 nibbles of each word are looked
+    up in the code book. Blocks past k_end (absmax 0: they add nothing) read the step's first x,
+    never past the row."""
     NB: tl.constexpr = BLOCK_K // 64
     b = tl.arange(0, NB)
     j = tl.arange(0, 8)
-    pair = k0 // 2 + 32 * b[:, None] + 4 * j[None, :]  # [NB, 8]: x's first bf16 pair of each word
+    pair = k0 // 2 + 32 * b[:, None] + 4 * j[None, :]  # [NB, 8]: x's first pair (2 values) of each word
     pair = tl.where((k0 + 64 * b < k_end)[:, None], pair, k0 // 2)
-    dots = tl.inline_asm_elementwise(NF4_DOT_SMEM_X_ASM, "=r,r,r,l,r,r",
-                                     [words, lut[0], x_items[:, None, None, None] + pair[None, None, :, :],
-                                      am[:, :, :, None], 0.0], dtype=tl.float32, is_pure=True, pack=1)
+    if NF4_ASM:
+        x_words = x_items.to(tl.pointer_type(tl.int32), bitcast=True)  # bf16 pairs
+        dots = tl.inline_asm_elementwise(NF4_DOT_SMEM_X_ASM, "=r,r,r,l,r,r",
+                                         [words, lut[0], x_words[:, None, None, None] + pair[None, None, :, :],
+                                          am[:, :, :, None], 0.0], dtype=tl.float32, is_pure=True, pack=1)
+    else:  # value v of a word: the high nibble of its byte v // 2 for even v, the low one for odd v
+        v = tl.arange(0, 8)
+        code = (words[:, :, :, :, None] >> (8 * (v // 2) + 4 * (1 - v % 2))[None, None, None, None, :]) & 15
+        x = tl.load(x_items[:, None, None, None, None] + (2 * pair)[None, None, :, :, None]
+                    + v[None, None, None, None, :]).to(tl.float32)
+        dots = tl.sum(tl.load(nf4_code_ptr + code) * x, axis=4) * am[:, :, :, None]
     return tl.sum(tl.sum(dots, axis=3), axis=2)
 
 
 @triton.jit
 def _gate_up_one_token_items(x_ptr, w_ptr, ids_ptr, act_ptr, shared_w_ptr, absmax_ptr, absmax_code_ptr,
                              absmax_scale_ptr, absmax_offset_ptr, shared_absmax_ptr, shared_absmax_code_ptr,
-                             shared_absmax_scale_ptr, shared_absmax_offset_ptr, lut, n_out, k_dim, num_experts,
-                             shared_rows, stride_am, stride_we, absmax_per_expert, scales_per_expert,
+                             shared_absmax_scale_ptr, shared_absmax_offset_ptr, nf4_code_ptr, lut, n_out, k_dim,
+                             num_experts, shared_rows, stride_am, stride_we, absmax_per_expert, scales_per_expert,
                              DOUBLE_QUANT: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, ROUTED_ITEMS: tl.constexpr, SHARED_CHUNKS: tl.constexpr,
-                             USE_PDL: tl.constexpr):
+                             USE_PDL: tl.constexpr, NF4_ASM: tl.constexpr):
     """`_gemv_gate_up_kernel` for one token as one program per N-tile: the gate and up rows n of
     each of the token's ROUTED_ITEMS pairs and of the shared expert's SHARED_CHUNKS chunks (chunk
     c: its rows c * n_out + n) as four item tiles, all loaded before any is multiplied; act rows
@@ -892,14 +902,14 @@ def _gate_up_one_token_items(x_ptr, w_ptr, ids_ptr, act_ptr, shared_w_ptr, absma
     words = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + expert.to(tl.int64) * (stride_we // 4)
     am, am_scale, am_offset = (absmax_ptr + expert * absmax_per_expert, absmax_scale_ptr + expert * scales_per_expert,
                                absmax_offset_ptr + expert)
-    x_items = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + 0 * k  # the one token's hidden row
+    x_items = x_ptr + 0 * k  # the one token's hidden row
     one, row_len = 1.0 + 0.0 * k, k_dim + 0 * k
     gate = tl.zeros((ROUTED_ITEMS, BLOCK_N), dtype=tl.float32)
     up = tl.zeros((ROUTED_ITEMS, BLOCK_N), dtype=tl.float32)
     if HAS_SHARED:
         c = tl.arange(0, SHARED_CHUNKS)
         s_words = shared_w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + 0 * c
-        s_x = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + 0 * c
+        s_x = x_ptr + 0 * c
         s_one, s_len, s_ok = 1.0 + 0.0 * c, k_dim + 0 * c, c >= 0
         s_gate = tl.zeros((SHARED_CHUNKS, BLOCK_N), dtype=tl.float32)
         s_up = tl.zeros((SHARED_CHUNKS, BLOCK_N), dtype=tl.float32)
@@ -917,11 +927,11 @@ def _gate_up_one_token_items(x_ptr, w_ptr, ids_ptr, act_ptr, shared_w_ptr, absma
                                           shared_absmax_scale_ptr + 0 * c, shared_absmax_offset_ptr + 0 * c, s_one,
                                           s_ok, s_len, (shared_rows + c * n_out).to(tl.int64) * k_dim, n, n_ok, k0,
                                           k_dim, DOUBLE_QUANT, BLOCK_K)
-        gate += _nf4_items_dot(g_w, g_am, lut, x_items, k0, k_dim, BLOCK_K)
-        up += _nf4_items_dot(u_w, u_am, lut, x_items, k0, k_dim, BLOCK_K)
+        gate += _nf4_items_dot(g_w, g_am, lut, nf4_code_ptr, x_items, k0, k_dim, BLOCK_K, NF4_ASM)
+        up += _nf4_items_dot(u_w, u_am, lut, nf4_code_ptr, x_items, k0, k_dim, BLOCK_K, NF4_ASM)
         if HAS_SHARED:
-            s_gate += _nf4_items_dot(sg_w, sg_am, lut, s_x, k0, k_dim, BLOCK_K)
-            s_up += _nf4_items_dot(su_w, su_am, lut, s_x, k0, k_dim, BLOCK_K)
+            s_gate += _nf4_items_dot(sg_w, sg_am, lut, nf4_code_ptr, s_x, k0, k_dim, BLOCK_K, NF4_ASM)
+            s_up += _nf4_items_dot(su_w, su_am, lut, nf4_code_ptr, s_x, k0, k_dim, BLOCK_K, NF4_ASM)
     let_next_kernel_start(USE_PDL)
     act = gate * tl.sigmoid(gate) * up
     tl.store(act_ptr + k.to(tl.int64)[:, None] * stride_am + n[None, :], act.to(act_ptr.dtype.element_ty),
@@ -936,10 +946,10 @@ def _gate_up_one_token_items(x_ptr, w_ptr, ids_ptr, act_ptr, shared_w_ptr, absma
 def _down_one_token_items(act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_w_ptr, shared_gate_ptr,
                           absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
                           shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr, shared_absmax_offset_ptr,
-                          lut, n, n_ok, k_dim, num_experts, shared_k, stride_am, stride_we,
+                          nf4_code_ptr, lut, n, n_ok, k_dim, num_experts, shared_k, stride_am, stride_we,
                           absmax_per_expert, scales_per_expert, TOP_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                           HAS_SHARED: tl.constexpr, SHARED_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+                          BLOCK_K: tl.constexpr, NF4_ASM: tl.constexpr):
     """`_gemv_down_kernel`'s fp32 sum for token 0 as item tiles: per K-step the top-k experts' rows
     and the shared expert's chunks (chunk c: its values c * k_dim ..., behind its sigmoid gate, x
     from act row TOP_K + c), both tiles loaded before either is multiplied, so all of the step's
@@ -950,7 +960,6 @@ def _down_one_token_items(act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_
     expert = tl.where(valid, expert, 0)
     route_w = tl.load(route_w_ptr + k).to(out_ptr.dtype.element_ty).to(tl.float32)
     words = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + expert.to(tl.int64) * (stride_we // 4)
-    act = act_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in tl.range(0, k_dim, BLOCK_K):
         r_w, r_am = _nf4_items_load(words, absmax_ptr + expert * absmax_per_expert, absmax_code_ptr,
@@ -965,11 +974,11 @@ def _down_one_token_items(act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_
                                         shared_absmax_scale_ptr + 0 * c, shared_absmax_offset_ptr + 0 * c,
                                         gate + 0.0 * c, c >= 0, shared_k + 0 * c, (c * k_dim).to(tl.int64), n, n_ok,
                                         k0, k_dim, DOUBLE_QUANT, BLOCK_K)
-        total += tl.sum(_nf4_items_dot(r_w, r_am, lut, act + k * (stride_am // 2), k0, k_dim, BLOCK_K), axis=0)
-        if HAS_SHARED:
-            # chunk c's x: its k_dim values of the shared expert's act, act row TOP_K + c
-            total += tl.sum(_nf4_items_dot(s_w, s_am, lut, act + (TOP_K + c) * (stride_am // 2), k0, k_dim,
-                                            BLOCK_K), axis=0)
+        total += tl.sum(_nf4_items_dot(r_w, r_am, lut, nf4_code_ptr, act_ptr + k * stride_am, k0, k_dim, BLOCK_K,
+                                       NF4_ASM), axis=0)
+        if HAS_SHARED:  # chunk c's x: its k_dim values of the shared expert's act, act row TOP_K + c
+            total += tl.sum(_nf4_items_dot(s_w, s_am, lut, nf4_code_ptr, act_ptr + (TOP_K + c) * stride_am, k0, k_dim,
+                                           BLOCK_K, NF4_ASM), axis=0)
     return total
 
 
@@ -1004,11 +1013,14 @@ def _gemv_gate_up_kernel(
         lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED, NF4_SMEM)
     wait_for_previous_kernel(USE_PDL)
     if ROUTED_ITEMS:
+        if not NF4_SMEM:
+            lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED, NF4_SMEM)
         _gate_up_one_token_items(x_ptr, w_ptr, ids_ptr, act_ptr, shared_w_ptr, absmax_ptr, absmax_code_ptr,
                                  absmax_scale_ptr, absmax_offset_ptr, shared_absmax_ptr, shared_absmax_code_ptr,
-                                 shared_absmax_scale_ptr, shared_absmax_offset_ptr, lut, n_out, k_dim, num_experts,
-                                 shared_rows, stride_am, stride_we, absmax_per_expert, scales_per_expert,
-                                 DOUBLE_QUANT, HAS_SHARED, BLOCK_N, BLOCK_K, ROUTED_ITEMS, SHARED_CHUNKS, USE_PDL)
+                                 shared_absmax_scale_ptr, shared_absmax_offset_ptr, nf4_code_ptr, lut, n_out, k_dim,
+                                 num_experts, shared_rows, stride_am, stride_we, absmax_per_expert, scales_per_expert,
+                                 DOUBLE_QUANT, HAS_SHARED, BLOCK_N, BLOCK_K, ROUTED_ITEMS, SHARED_CHUNKS, USE_PDL,
+                                 NF4_ASM)
         return
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_out, BLOCK_N)
@@ -1103,9 +1115,9 @@ def _gemv_down_kernel(
         total = _down_one_token_items(act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_w_ptr, shared_gate_ptr,
                                       absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
                                       shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr,
-                                      shared_absmax_offset_ptr, lut, n, n_ok, k_dim, num_experts, shared_k, stride_am,
-                                      stride_we, absmax_per_expert, scales_per_expert, TOP_K, DOUBLE_QUANT,
-                                      HAS_SHARED, SHARED_CHUNKS, BLOCK_N, BLOCK_K)
+                                      shared_absmax_offset_ptr, nf4_code_ptr, lut, n, n_ok, k_dim, num_experts,
+                                      shared_k, stride_am, stride_we, absmax_per_expert, scales_per_expert, TOP_K,
+                                      DOUBLE_QUANT, HAS_SHARED, SHARED_CHUNKS, BLOCK_N, BLOCK_K, NF4_ASM)
         let_next_kernel_start(USE_PDL)
         tl.store(out_ptr + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
         return
@@ -1455,11 +1467,12 @@ def nf4_shared_expert(hidden: torch.Tensor, gate_up, down, gate_logit: torch.Ten
 
 
 def _items_path(kernel: str, flags: dict, num_tokens: int, top_k: int, chunks: int, whole_chunks: bool) -> bool:
-    """Whether this one-token NF4 decode launch runs as item tiles (NF4_ITEMS_KERNELS): one token on the
-    NF4 word path, top-k and the shared expert's chunks powers of two (tile axes), its rows whole chunks."""
+    """Whether this one-token NF4 decode launch runs as item tiles (NF4_ITEMS_KERNELS): one token, NF4
+    rows of whole 64-blocks, top-k and the shared expert's chunks powers of two (tile axes), its rows
+    whole chunks."""
     pow2 = lambda v: v & (v - 1) == 0  # noqa: E731
-    return (kernel in NF4_ITEMS_KERNELS and num_tokens == 1 and flags["NF4"] and flags["NF4_ASM"]
-            and flags["ROW_ALIGNED"] and pow2(top_k) and pow2(chunks) and whole_chunks)
+    return (kernel in NF4_ITEMS_KERNELS and num_tokens == 1 and flags["NF4"] and flags["ROW_ALIGNED"]
+            and pow2(top_k) and pow2(chunks) and whole_chunks)
 
 
 def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: SharedExpert | None = None):
@@ -1498,10 +1511,10 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
     ptrs, strides, flags = _weight_args(gate_up, num_experts)
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "gate_up")
     items = _items_path("gate_up", flags, num_tokens, top_k, chunks, shared_inter == chunks * inter)
-    if items:  # one program per N-tile over every pair and shared chunk
+    if items and on_gpu:  # one program per N-tile over every pair and shared chunk
         cfg = {**cfg, **NF4_GATE_UP_ITEMS_CONFIG}
     cfg = with_nf4_table(cfg, flags, "gate_up")
-    if items and cfg.get("NF4_SMEM"):
+    if items and (cfg.get("NF4_SMEM") or not flags["NF4_ASM"]):  # on CUDA with the table
         cfg = {**cfg, "ROUTED_ITEMS": top_k, "SHARED_CHUNKS": chunks}
     grid = triton.cdiv(inter, cfg["BLOCK_N"]) * (1 if cfg.get("ROUTED_ITEMS") else rows)
     _gemv_gate_up_kernel[(grid,)](
@@ -1516,7 +1529,8 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
     ptrs, strides, flags = _weight_args(down, num_experts)
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "down")
     cfg = with_nf4_table(cfg, flags, "down")
-    if _items_path("down", flags, num_tokens, top_k, chunks, shared_inter == chunks * inter) and cfg.get("NF4_SMEM"):
+    if _items_path("down", flags, num_tokens, top_k, chunks, shared_inter == chunks * inter) and (
+            cfg.get("NF4_SMEM") or not flags["NF4_ASM"]):  # on CUDA with the table
         cfg = {**cfg, "ITEMS": 1, "SHARED_CHUNKS": chunks}
     _gemv_down_kernel[(num_tokens * triton.cdiv(hidden_dim, cfg["BLOCK_N"]),)](
         act, ptrs[0], flat_ids, route_w, out, shared_w, gate_logit, *ptrs[1:], *shared_absmax,
