@@ -18,6 +18,10 @@ package launches 704); "both". VARIANTS (a comma list) picks them, STEP_VARIANTS
 step (default package, down, both). Writes $OUT/nf4_items_ab.json.
 
     python benchmarks/tuning/nf4_items_ab.py
+
+Not yet run on a GPU (2026-12-07: the device refused every start after it was written). Its first
+form staged x in shared memory (commit 8e0a640, then nf4_xsmem_ab.py): that run is
+benchmarks/results/nf4_xsmem_ab_2026-12-07_h100.json (gate_up slower, down not buildable).
 """
 import json
 import os

@@ -67,6 +67,11 @@ ncu (ncu_nf4_gemv_2026-12-06_h100.txt) shows why: a few hundred programs fill 0.
 kernels reach about 1 TB/s of codes where bf16 streams 2.4 TB/s. The NF4 shared expert rides
 the same two launches as the bf16 one (`SharedExpert` of one-expert NF4Tensors).
 
+At one token the two NF4 decode kernels can also run as item tiles (`NF4_ITEMS_KERNELS`, off by
+default, not yet timed on a GPU): the top-k experts and the shared expert's chunks become one more
+axis of the tile, so a single load brings every item's code words of a K-step before any product
+(notebooks/05 section 12).
+
 Decode GEMVs have no data reuse to hide memory latency behind: bytes in flight set their
 speed, so their K-loops are software-pipelined (`tl.range(..., num_stages=PIPELINE)`: the
 next K-steps' weights are copied into shared memory while this one is multiplied).
