@@ -30,9 +30,9 @@ import torch
 
 import moelab.bench as B
 import moelab.kernels.experts as EK
-from moelab.kernels.experts import SharedExpert, fused_experts_forward
-from moelab.quant import quantize_nf4
-from tuning_common import build_models_once, decode_step_with, routed_layer_at_one_token
+from moelab.kernels.experts import fused_experts_forward
+from tuning_common import (build_models_once, decode_step_with, graph_timed, nf4_shared_experts,
+                           routed_layer_at_one_token)
 
 OUT = os.environ.get("OUT", "/tmp")
 VARIANTS = {"package": EK.NF4_ITEMS_KERNELS, "down": {"down"}, "gate_up": {"gate_up"}, "both": {"gate_up", "down"}}
@@ -51,34 +51,18 @@ def save() -> None:
     json.dump(res, open(os.path.join(OUT, "nf4_items_ab.json"), "w"), indent=1)
 
 
-def timed(fn, n, ref=None):
-    """(us, max relative difference from ref, outputs) of fn(i) for i < n, in a CUDA graph."""
-    try:
-        with torch.no_grad():
-            outs = [fn(i).float() for i in range(n)]
-            us = B._time_graph(fn, n)
-    except Exception as e:  # noqa: BLE001  (a config the compiler or the launcher refuses)
-        torch.cuda.synchronize()
-        return repr(e)[:300], None, None
-    err = None if ref is None else max(((o - r).norm() / r.norm()).item() for o, r in zip(outs, ref))
-    return round(us, 2), err, outs
-
-
 torch.manual_seed(0)
 experts, nf4, x, inputs = routed_layer_at_one_token()
-q = lambda shape: quantize_nf4(torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 0.02,  # noqa: E731
-                               backend="torch")
-shared = [SharedExpert(q((1, 2 * 5632, 2048)), q((1, 2048, 5632)),
-                       torch.randn(1, 1, device="cuda", dtype=torch.bfloat16)) for _ in range(2)]
+shared = nf4_shared_experts(2)
 layer = lambda extra: (lambda i: fused_experts_forward(x, *inputs[i], nf4, **extra(i)))  # noqa: E731
 shapes = {"routed": lambda i: {}, "with_shared": lambda i: {"shared": shared[i % 2]}}
 use("package")
-refs = {shape: timed(layer(extra), 8)[2] for shape, extra in shapes.items()}
+refs = {shape: graph_timed(layer(extra), 8)[2] for shape, extra in shapes.items()}
 for rep in range(3):
     for name in VARIANTS:
         use(name)
         for shape, extra in shapes.items():
-            us, err, _ = timed(layer(extra), 8, refs[shape])
+            us, err, _ = graph_timed(layer(extra), 8, refs[shape])
             res["layer"].append(dict(rep=rep, variant=name, shape=shape, us=us, err=err))
             print("layer", res["layer"][-1], flush=True)
     save()

@@ -40,9 +40,10 @@ import torch
 import moelab.bench as B
 import moelab.kernels.experts as EK
 import moelab.kernels.gemv as G
-from moelab.kernels.experts import SharedExpert, fused_experts_forward
+from moelab.kernels.experts import fused_experts_forward
 from moelab.quant import quantize_nf4
-from tuning_common import build_models_once, decode_step_with, nf4_gemv_config_with, routed_layer_at_one_token
+from tuning_common import (build_models_once, decode_step_with, graph_timed, nf4_gemv_config_with, nf4_shared_experts,
+                           routed_layer_at_one_token)
 
 OUT = os.environ.get("OUT", "/tmp")
 torch.manual_seed(0)
@@ -63,37 +64,22 @@ def save():
     json.dump(res, open(os.path.join(OUT, "nf4_smem_ab.json"), "w"), indent=1)
 
 
-def timed(fn, n, ref=None):
-    """(us, max relative error against ref, outputs) of fn(i) for i < n, in a CUDA graph."""
-    try:
-        with torch.no_grad():
-            outs = [fn(i).float() for i in range(n)]
-            us = B._time_graph(fn, n)
-    except Exception as e:  # noqa: BLE001  (a config the compiler refuses)
-        torch.cuda.synchronize()
-        return repr(e)[:200], None, None
-    err = None if ref is None else max(((o - r).norm() / r.norm()).item() for o, r in zip(outs, ref))
-    return round(us, 2), err, outs
-
-
 # ---- 1, 2. the routed-experts layer at one token, without and with the shared expert
 experts, nf4, x, inputs = routed_layer_at_one_token()
 q = lambda shape: quantize_nf4(torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 0.02,  # noqa: E731
                                backend="torch")
-shared = [SharedExpert(q((1, 2 * 5632, 2048)), q((1, 2048, 5632)), torch.randn(1, 1, device="cuda",
-                                                                              dtype=torch.bfloat16))
-          for _ in range(2)]
+shared = nf4_shared_experts(2)
 for key, extra in (("layer", lambda i: {}), ("layer_shared", lambda i: {"shared": shared[i % 2]})):
     use("none")
-    _, _, ref = timed(lambda i: fused_experts_forward(x, *inputs[i], nf4, **extra(i)), 8)
+    _, _, ref = graph_timed(lambda i: fused_experts_forward(x, *inputs[i], nf4, **extra(i)), 8)
     for rep in range(3):
         for variant in VARIANTS:
             use(variant)
-            us, err, _ = timed(lambda i: fused_experts_forward(x, *inputs[i], nf4, **extra(i)), 8, ref)
+            us, err, _ = graph_timed(lambda i: fused_experts_forward(x, *inputs[i], nf4, **extra(i)), 8, ref)
             res[key].append(dict(rep=rep, variant=variant, us=us, err=err))
             print(key, res[key][-1], flush=True)
         use("none")
-        us, _, _ = timed(lambda i: fused_experts_forward(x, *inputs[i], experts), 8)
+        us, _, _ = graph_timed(lambda i: fused_experts_forward(x, *inputs[i], experts), 8)
         res[key].append(dict(rep=rep, variant="bf16", us=us, err=None))
         print(key, res[key][-1], flush=True)
         save()
@@ -105,10 +91,10 @@ torch.cuda.empty_cache()
 for name, n in (("qkv", 6144), ("o_proj", 2048)) if os.environ.get("LINEAR") == "1" else ():
     ws = [q((1, n, 2048)) for _ in range(12)]
     xl = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
-    _, _, ref = timed(lambda i: G.linear_gemv(xl, ws[i], config={"NF4_SMEM": 0}), 12)
+    _, _, ref = graph_timed(lambda i: G.linear_gemv(xl, ws[i], config={"NF4_SMEM": 0}), 12)
     for rep in range(2):
         for variant, over in (("prmt", {"NF4_SMEM": 0}), ("table", {"NF4_SMEM": 4})):
-            us, err, _ = timed(lambda i: G.linear_gemv(xl, ws[i], config=over), 12, ref)
+            us, err, _ = graph_timed(lambda i: G.linear_gemv(xl, ws[i], config=over), 12, ref)
             res["linear"].append(dict(shape=name, rep=rep, variant=variant, us=us, err=err))
             print("linear", res["linear"][-1], flush=True)
     del ws

@@ -37,9 +37,9 @@ import torch
 
 import moelab.bench as B
 import moelab.kernels.experts as EK
-from moelab.kernels.experts import SharedExpert, fused_experts_forward
-from moelab.quant import quantize_nf4
-from tuning_common import ONE_TOKEN_GATE_UP, keep_variants, nf4_gemv_config_with, routed_layer_at_one_token
+from moelab.kernels.experts import fused_experts_forward
+from tuning_common import (ONE_TOKEN_GATE_UP, graph_timed, keep_variants, nf4_gemv_config_with, nf4_shared_experts,
+                           routed_layer_at_one_token)
 
 OUT, TAG = os.environ.get("OUT", "/tmp"), os.environ.get("TAG", "run")
 GATE_UP = {"base": {}, "p2": {"PIPELINE": 2}, "p2r80": {"PIPELINE": 2, "maxnreg": 80},
@@ -62,48 +62,32 @@ def use(gate_up: dict, down: dict):
     EK.gemv_config = nf4_gemv_config_with(gate_up, down)
 
 
-def timed(fn, n, ref=None):
-    """(us, max relative error against ref, outputs) of fn(i) for i < n, in a CUDA graph."""
-    try:
-        with torch.no_grad():
-            outs = [fn(i).float() for i in range(n)]
-            us = B._time_graph(fn, n)
-    except Exception as e:  # noqa: BLE001  (a config the compiler or the launcher refuses)
-        torch.cuda.synchronize()
-        return repr(e)[:200], None, None
-    err = None if ref is None else max(((o - r).norm() / r.norm()).item() for o, r in zip(outs, ref))
-    return round(us, 2), err, outs
-
-
 def save():
     json.dump(res, open(os.path.join(OUT, f"nf4_t1_sweep_{TAG}.json"), "w"), indent=1)
 
 
 torch.manual_seed(0)
 experts, nf4, x, inputs = routed_layer_at_one_token()
-q = lambda shape: quantize_nf4(torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 0.02,  # noqa: E731
-                               backend="torch")
-shared = [SharedExpert(q((1, 2 * 5632, 2048)), q((1, 2048, 5632)),
-                       torch.randn(1, 1, device="cuda", dtype=torch.bfloat16)) for _ in range(2)]
+shared = nf4_shared_experts(2)
 layer = lambda extra: (lambda i: fused_experts_forward(x, *inputs[i], nf4, **extra(i)))  # noqa: E731
 no_shared, with_shared = (lambda i: {}), (lambda i: {"shared": shared[i % 2]})
 use({}, {})
-_, _, ref = timed(layer(no_shared), 8)
-_, _, ref_shared = timed(layer(with_shared), 8)
+_, _, ref = graph_timed(layer(no_shared), 8)
+_, _, ref_shared = graph_timed(layer(with_shared), 8)
 ref_bf16 = None
 variants = [("gate_up", k, v, {}) for k, v in GATE_UP.items()] + [("down", k, {}, v) for k, v in DOWN.items() if k != "base"]
 for rep in range(3):
     for kernel, name, gu, dn in variants:
         use(gu, dn)
-        us, err, _ = timed(layer(no_shared), 8, ref)
+        us, err, _ = graph_timed(layer(no_shared), 8, ref)
         res["layer"].append(dict(rep=rep, kernel=kernel, variant=name, us=us, err=err))
         print("layer", res["layer"][-1], flush=True)
         if os.environ.get("SHARED") == "all":  # every variant with the shared expert too (the decode step's shape)
-            us, err, _ = timed(layer(with_shared), 8, ref_shared)
+            us, err, _ = graph_timed(layer(with_shared), 8, ref_shared)
             res["layer_shared"].append(dict(rep=rep, kernel=kernel, variant=name, us=us, err=err))
             print("layer_shared", res["layer_shared"][-1], flush=True)
     use({}, {})
-    us, err, outs = timed(lambda i: fused_experts_forward(x, *inputs[i], experts), 8, ref_bf16)
+    us, err, outs = graph_timed(lambda i: fused_experts_forward(x, *inputs[i], experts), 8, ref_bf16)
     ref_bf16 = ref_bf16 or outs
     res["layer"].append(dict(rep=rep, kernel="bf16", variant="bf16", us=us, err=err))
     print("layer", res["layer"][-1], flush=True)
@@ -127,11 +111,11 @@ combos = {"base": ({}, {}), "best": (GATE_UP[res["best"]["gate_up"]], DOWN.get(r
 for rep in range(3):
     for name, (gu, dn) in combos.items():
         use(gu, dn)
-        us, err, _ = timed(layer(no_shared), 8, ref)
+        us, err, _ = graph_timed(layer(no_shared), 8, ref)
         res["layer"].append(dict(rep=rep, kernel="both", variant=name, us=us, err=err))
         print("layer", res["layer"][-1], flush=True)
         if os.environ.get("SHARED") in ("1", "all"):
-            us, err, _ = timed(layer(with_shared), 8, ref_shared)
+            us, err, _ = graph_timed(layer(with_shared), 8, ref_shared)
             res["layer_shared"].append(dict(rep=rep, variant=name, us=us, err=err))
             print("layer_shared", res["layer_shared"][-1], flush=True)
     save()

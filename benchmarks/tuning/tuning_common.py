@@ -115,6 +115,36 @@ def routed_layer_at_one_token(routings: int = 8, dtype=torch.bfloat16):
     return experts, nf4, x, [(w.to(dtype), ids.to(torch.int64)) for w, ids in inputs]
 
 
+def nf4_shared_experts(count: int = 2) -> list:
+    """`count` random NF4 shared experts of Qwen1.5-MoE-A2.7B's shape on CUDA (one-expert NF4Tensors of gate/up
+    [1, 2 x 5,632, 2,048] and down [1, 2,048, 5,632], N(0, 0.02) weights, a random gate logit), to fold
+    into `routed_layer_at_one_token`'s layer."""
+    from moelab.kernels.experts import SharedExpert
+    from moelab.quant import quantize_nf4
+
+    def q(shape):
+        return quantize_nf4(torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 0.02, backend="torch")
+
+    return [SharedExpert(q((1, 2 * 5632, 2048)), q((1, 2048, 5632)),
+                         torch.randn(1, 1, device="cuda", dtype=torch.bfloat16)) for _ in range(count)]
+
+
+def graph_timed(fn, n: int, ref=None):
+    """(us, max relative difference from ref, outputs) of fn(i) for i < n, timed in a CUDA graph; a
+    config the compiler or the launcher refuses gives (its error, None, None)."""
+    import moelab.bench as B
+
+    try:
+        with torch.no_grad():
+            outs = [fn(i).float() for i in range(n)]
+            us = B._time_graph(fn, n)
+    except Exception as e:  # noqa: BLE001
+        torch.cuda.synchronize()
+        return repr(e)[:300], None, None
+    err = None if ref is None else max(((o - r).norm() / r.norm()).item() for o, r in zip(outs, ref))
+    return round(us, 2), err, outs
+
+
 def decode_step(variant: str, quantize, batches=(1,)) -> list[dict]:
     """One `bench_decode` run of Qwen1.5-MoE-A2.7B as the tuning scripts time it (prompts of 16-64
     tokens, max_seq_len 2048, graph_fused_proj, no profile): its rows as dicts of precision,
