@@ -853,6 +853,20 @@ def test_nf4_shared_expert_folds_into_the_nf4_decode_kernels(inter, shared_inter
         fused_experts_forward(x, weights, ids, layer, shared=SharedExpert(gate_up, gu, logit))
 
 
+class _CountItems:
+    """A kernel stand-in that records its name when launched with its item-tile flag on."""
+
+    def __init__(self, kernel, name, launches):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if kwargs.get("ROUTED_ITEMS") or kwargs.get("ITEMS"):
+                self.launches.append(self.name)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
 @pytest.mark.parametrize("kernels", [("down",), ("gate_up",), ("gate_up", "down")])
 @pytest.mark.parametrize("with_shared", [True, False])
 def test_nf4_one_token_item_tiles_match_the_package_kernels(kernels, with_shared, monkeypatch):
@@ -882,20 +896,6 @@ def test_nf4_one_token_item_tiles_match_the_package_kernels(kernels, with_shared
     got = fused_experts_forward(x, weights, ids, layer, **extra)
     torch.testing.assert_close(got, package, rtol=1e-4, atol=1e-5)
     assert sorted(launches) == sorted({"gate_up": "_gemv_gate_up_kernel", "down": "_gemv_down_kernel"}[k] for k in kernels)
-
-
-class _CountItems:
-    """A kernel stand-in that records its name when launched with its item-tile flag on."""
-
-    def __init__(self, kernel, name, launches):
-        self.kernel, self.name, self.launches = kernel, name, launches
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            if kwargs.get("ROUTED_ITEMS") or kwargs.get("ITEMS"):
-                self.launches.append(self.name)
-            return self.kernel[grid](*args, **kwargs)
-        return launch
 
 
 def test_nf4_shared_expert_through_the_decode_kernels_equals_the_modules():

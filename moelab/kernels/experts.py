@@ -417,7 +417,7 @@ def _nf4_smem_kernels(setting: str) -> frozenset:
 NF4_SMEM_KERNELS = _nf4_smem_kernels(os.environ.get("MOELAB_NF4_SMEM", "gate_up,down,linear"))
 NF4_SMEM_MAXNREG = {"gate_up": 64, "linear": 48}
 # Which of the experts' NF4 decode kernels run one token as item tiles (MOELAB_NF4_ITEMS, a comma list of
-# "gate_up", "down", or "none"; with the table only): down streams the top-k experts' rows and the shared
+# "gate_up", "down", or "none"; on CUDA where the kernel has the shared-memory table): down streams the top-k experts' rows and the shared
 # expert's chunks (`_down_one_token_items`), gate_up is one program per N-tile over every pair and chunk
 # (`_gate_up_one_token_items`, in NF4_GATE_UP_ITEMS_CONFIG's launch shape); each loads every item's code
 # words of a K-step before the first product, x read by the product itself (`NF4_DOT_SMEM_X_ASM`).
@@ -835,10 +835,11 @@ def _gemv_acc_sum(acc, NF4: tl.constexpr):
 
 
 @triton.jit
-def _nf4_items_load(w_items, am_items, am_code_ptr, am_scale_items, am_offset_items, scale, item_ok, row_len, col0,
-                    n, n_ok, k0, k_end, DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr):
+def _nf4_items_load(w_items, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
+                    absmax_per_expert, scales_per_expert, scale, item_ok, row_len, col0, n, n_ok, k0, k_end,
+                    DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr):
     """One K-step of NF4 GEMV items ([I] tensors: each item's code words at w_items (32-bit, rows n
-    of row_len values from flat value col0), its absmax codes, scales and offset, its x scale,
+    of row_len values from flat value col0), its expert (for the absmax, `_nf4_absmax`), its x scale,
     whether it counts): (code words [I, BLOCK_N, NB, 8], absmax times scale [I, BLOCK_N, NB]). The
     item axis is part of the tile, so one load brings every item's words of the step."""
     NB: tl.constexpr = BLOCK_K // 64
@@ -849,15 +850,9 @@ def _nf4_items_load(w_items, am_items, am_code_ptr, am_scale_items, am_offset_it
     first = n.to(tl.int64)[None, :] * row_len[:, None] + (col0 + k0)[:, None]  # [I, BLOCK_N]: first value of the step
     word = tl.multiple_of(first // 8, [8, 8])[:, :, None, None] + (8 * b[:, None] + j[None, :])[None, None, :, :]
     words = tl.load(w_items[:, None, None, None] + word, mask=ok[:, :, :, None], other=0)
-    blk = first[:, :, None] // 64 + b[None, None, :]
-    q = tl.load(am_items[:, None, None] + blk, mask=ok, other=0)
-    if DOUBLE_QUANT:
-        am = (tl.load(am_code_ptr + q.to(tl.int32), mask=ok, other=0.0)
-              * tl.load(am_scale_items[:, None, None] + blk // 256, mask=ok, other=0.0)
-              + tl.load(am_offset_items)[:, None, None])
-    else:
-        am = q.to(tl.float32)
-    return words, tl.where(ok, am, 0.0) * scale[:, None, None]
+    am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert[:, None, None],
+                     first[:, :, None] // 64 + b[None, None, :], ok, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
+    return words, am * scale[:, None, None]
 
 
 @triton.jit
@@ -905,33 +900,35 @@ def _gate_up_one_token_items(x_ptr, w_ptr, ids_ptr, act_ptr, shared_w_ptr, absma
     valid = (expert >= 0) & (expert < num_experts)
     expert = tl.where(valid, expert, 0)
     words = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + expert.to(tl.int64) * (stride_we // 4)
-    am, am_scale, am_offset = (absmax_ptr + expert * absmax_per_expert, absmax_scale_ptr + expert * scales_per_expert,
-                               absmax_offset_ptr + expert)
-    x_items = x_ptr + 0 * k  # the one token's hidden row
-    one, row_len = 1.0 + 0.0 * k, k_dim + 0 * k
+    x_items = x_ptr + tl.zeros_like(k)  # every pair reads the one token's hidden row
+    one = tl.full((ROUTED_ITEMS,), 1.0, tl.float32)
+    row_len = tl.full((ROUTED_ITEMS,), k_dim, tl.int32)
     gate = tl.zeros((ROUTED_ITEMS, BLOCK_N), dtype=tl.float32)
     up = tl.zeros((ROUTED_ITEMS, BLOCK_N), dtype=tl.float32)
-    if HAS_SHARED:
+    if HAS_SHARED:  # one expert (index 0 of the shared pointers), its chunks as items
         c = tl.arange(0, SHARED_CHUNKS)
-        s_words = shared_w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + 0 * c
-        s_x = x_ptr + 0 * c
-        s_one, s_len, s_ok = 1.0 + 0.0 * c, k_dim + 0 * c, c >= 0
+        s_words = shared_w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.zeros_like(c)
+        s_x = x_ptr + tl.zeros_like(c)
+        s_one = tl.full((SHARED_CHUNKS,), 1.0, tl.float32)
+        s_len = tl.full((SHARED_CHUNKS,), k_dim, tl.int32)
         s_gate = tl.zeros((SHARED_CHUNKS, BLOCK_N), dtype=tl.float32)
         s_up = tl.zeros((SHARED_CHUNKS, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(0, k_dim, BLOCK_K):
-        g_w, g_am = _nf4_items_load(words, am, absmax_code_ptr, am_scale, am_offset, one, valid, row_len,
-                                    0 * k.to(tl.int64), n, n_ok, k0, k_dim, DOUBLE_QUANT, BLOCK_K)
-        u_w, u_am = _nf4_items_load(words, am, absmax_code_ptr, am_scale, am_offset, one, valid, row_len,
-                                    n_out * k_dim + 0 * k.to(tl.int64), n, n_ok, k0, k_dim, DOUBLE_QUANT, BLOCK_K)
-        if HAS_SHARED:
-            sg_w, sg_am = _nf4_items_load(s_words, shared_absmax_ptr + 0 * c, shared_absmax_code_ptr,
-                                          shared_absmax_scale_ptr + 0 * c, shared_absmax_offset_ptr + 0 * c, s_one,
-                                          s_ok, s_len, (c * n_out).to(tl.int64) * k_dim, n, n_ok, k0, k_dim,
+    for k0 in tl.range(0, k_dim, BLOCK_K):  # gate rows n, up rows n_out + n of each pair's expert
+        g_w, g_am = _nf4_items_load(words, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
+                                    absmax_per_expert, scales_per_expert, one, valid, row_len,
+                                    tl.zeros_like(k).to(tl.int64), n, n_ok, k0, k_dim, DOUBLE_QUANT, BLOCK_K)
+        u_w, u_am = _nf4_items_load(words, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
+                                    absmax_per_expert, scales_per_expert, one, valid, row_len,
+                                    tl.full((ROUTED_ITEMS,), n_out * k_dim, tl.int64), n, n_ok, k0, k_dim,
+                                    DOUBLE_QUANT, BLOCK_K)
+        if HAS_SHARED:  # chunk c: gate rows c * n_out + n, up rows shared_rows + c * n_out + n
+            sg_w, sg_am = _nf4_items_load(s_words, shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr,
+                                          shared_absmax_offset_ptr, tl.zeros_like(c), 0, 0, s_one, c >= 0, s_len,
+                                          (c * n_out).to(tl.int64) * k_dim, n, n_ok, k0, k_dim, DOUBLE_QUANT, BLOCK_K)
+            su_w, su_am = _nf4_items_load(s_words, shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr,
+                                          shared_absmax_offset_ptr, tl.zeros_like(c), 0, 0, s_one, c >= 0, s_len,
+                                          (shared_rows + c * n_out).to(tl.int64) * k_dim, n, n_ok, k0, k_dim,
                                           DOUBLE_QUANT, BLOCK_K)
-            su_w, su_am = _nf4_items_load(s_words, shared_absmax_ptr + 0 * c, shared_absmax_code_ptr,
-                                          shared_absmax_scale_ptr + 0 * c, shared_absmax_offset_ptr + 0 * c, s_one,
-                                          s_ok, s_len, (shared_rows + c * n_out).to(tl.int64) * k_dim, n, n_ok, k0,
-                                          k_dim, DOUBLE_QUANT, BLOCK_K)
         gate += _nf4_items_dot(g_w, g_am, lut, nf4_code_ptr, x_items, k0, k_dim, BLOCK_K, NF4_ASM)
         up += _nf4_items_dot(u_w, u_am, lut, nf4_code_ptr, x_items, k0, k_dim, BLOCK_K, NF4_ASM)
         if HAS_SHARED:
@@ -967,18 +964,19 @@ def _down_one_token_items(act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_
     words = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + expert.to(tl.int64) * (stride_we // 4)
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in tl.range(0, k_dim, BLOCK_K):
-        r_w, r_am = _nf4_items_load(words, absmax_ptr + expert * absmax_per_expert, absmax_code_ptr,
-                                    absmax_scale_ptr + expert * scales_per_expert, absmax_offset_ptr + expert,
-                                    route_w, valid, k_dim + 0 * k, 0 * k.to(tl.int64), n, n_ok, k0, k_dim,
-                                    DOUBLE_QUANT, BLOCK_K)
-        if HAS_SHARED:
+        r_w, r_am = _nf4_items_load(words, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
+                                    absmax_per_expert, scales_per_expert, route_w, valid,
+                                    tl.full((TOP_K,), k_dim, tl.int32), tl.zeros_like(k).to(tl.int64), n, n_ok, k0,
+                                    k_dim, DOUBLE_QUANT, BLOCK_K)
+        if HAS_SHARED:  # one expert (index 0 of the shared pointers): chunk c is its values c * k_dim ...
             c = tl.arange(0, SHARED_CHUNKS)
             gate = tl.sigmoid(tl.load(shared_gate_ptr).to(tl.float32))
-            s_w, s_am = _nf4_items_load(shared_w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + 0 * c,
-                                        shared_absmax_ptr + 0 * c, shared_absmax_code_ptr,
-                                        shared_absmax_scale_ptr + 0 * c, shared_absmax_offset_ptr + 0 * c,
-                                        gate + 0.0 * c, c >= 0, shared_k + 0 * c, (c * k_dim).to(tl.int64), n, n_ok,
-                                        k0, k_dim, DOUBLE_QUANT, BLOCK_K)
+            s_w, s_am = _nf4_items_load(shared_w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.zeros_like(c),
+                                        shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr,
+                                        shared_absmax_offset_ptr, tl.zeros_like(c), 0, 0,
+                                        tl.full((SHARED_CHUNKS,), 1.0, tl.float32) * gate, c >= 0,
+                                        tl.full((SHARED_CHUNKS,), shared_k, tl.int32), (c * k_dim).to(tl.int64), n,
+                                        n_ok, k0, k_dim, DOUBLE_QUANT, BLOCK_K)
         total += tl.sum(_nf4_items_dot(r_w, r_am, lut, nf4_code_ptr, act_ptr + k * stride_am, k0, k_dim, BLOCK_K,
                                        NF4_ASM), axis=0)
         if HAS_SHARED:  # chunk c's x: its k_dim values of the shared expert's act, act row TOP_K + c
@@ -1474,10 +1472,11 @@ def nf4_shared_expert(hidden: torch.Tensor, gate_up, down, gate_logit: torch.Ten
 def _items_path(kernel: str, flags: dict, num_tokens: int, top_k: int, chunks: int, whole_chunks: bool) -> bool:
     """Whether this one-token NF4 decode launch runs as item tiles (NF4_ITEMS_KERNELS): one token, NF4
     rows of whole 64-blocks, top-k and the shared expert's chunks powers of two (tile axes), its rows
-    whole chunks."""
+    whole chunks; on CUDA with this kernel's shared-memory table (the tiles' product looks its codes up
+    there), under the interpreter in the code book."""
     pow2 = lambda v: v & (v - 1) == 0  # noqa: E731
     return (kernel in NF4_ITEMS_KERNELS and num_tokens == 1 and flags["NF4"] and flags["ROW_ALIGNED"]
-            and pow2(top_k) and pow2(chunks) and whole_chunks)
+            and (kernel in NF4_SMEM_KERNELS or not flags["NF4_ASM"]) and pow2(top_k) and pow2(chunks) and whole_chunks)
 
 
 def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: SharedExpert | None = None):
@@ -1519,7 +1518,7 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
     if items and on_gpu:  # one program per N-tile over every pair and shared chunk
         cfg = {**cfg, **NF4_GATE_UP_ITEMS_CONFIG}
     cfg = with_nf4_table(cfg, flags, "gate_up")
-    if items and (cfg.get("NF4_SMEM") or not flags["NF4_ASM"]):  # on CUDA with the table
+    if items and (cfg.get("NF4_SMEM") or not flags["NF4_ASM"]):  # (a `config` may turn the table off)
         cfg = {**cfg, "ROUTED_ITEMS": top_k, "SHARED_CHUNKS": chunks}
     grid = triton.cdiv(inter, cfg["BLOCK_N"]) * (1 if cfg.get("ROUTED_ITEMS") else rows)
     _gemv_gate_up_kernel[(grid,)](
@@ -1535,7 +1534,7 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "down")
     cfg = with_nf4_table(cfg, flags, "down")
     if _items_path("down", flags, num_tokens, top_k, chunks, shared_inter == chunks * inter) and (
-            cfg.get("NF4_SMEM") or not flags["NF4_ASM"]):  # on CUDA with the table
+            cfg.get("NF4_SMEM") or not flags["NF4_ASM"]):  # (a `config` may turn the table off)
         cfg = {**cfg, "ITEMS": 1, "SHARED_CHUNKS": chunks}
     _gemv_down_kernel[(num_tokens * triton.cdiv(hidden_dim, cfg["BLOCK_N"]),)](
         act, ptrs[0], flat_ids, route_w, out, shared_w, gate_logit, *ptrs[1:], *shared_absmax,
