@@ -628,47 +628,6 @@ def test_gpu_nf4_decode_kernels_match_the_reference_and_skip_bad_ids(tokens, top
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernels", [("down",), ("gate_up",), ("gate_up", "down")])
-@pytest.mark.parametrize("with_shared", [True, False])
-def test_gpu_nf4_one_token_item_tiles(kernels, with_shared, monkeypatch):
-    """The one-token NF4 decode kernels as item tiles (NF4_ITEMS_KERNELS: down streams every expert
-    and every chunk of the shared expert in one K-step, gate_up is one program per N-tile over every
-    pair and chunk): the layer, NF4 shared expert folded in or not and one id out of range, within
-    1e-2 of dequantize-then-matmul, and within 1e-2 of the package's kernels."""
-    from moelab.kernels.experts import SharedExpert, shared_expert_torch
-
-    experts = experts_module(QWEN["num_experts"], QWEN["hidden"], QWEN["inter"], torch.bfloat16, "cuda", seed=11)
-    layer = NF4Experts.from_experts(experts)
-    gen = torch.Generator(device="cuda").manual_seed(5)
-    q = lambda *shape: quantize_nf4(torch.randn(*shape, device="cuda", generator=gen).bfloat16() * 0.02)  # noqa: E731
-    shared = SharedExpert(q(1, 2 * 5632, QWEN["hidden"]), q(1, QWEN["hidden"], 5632),
-                          torch.randn(1, 1, device="cuda").bfloat16()) if with_shared else None
-    x = torch.randn(1, QWEN["hidden"], device="cuda").bfloat16()
-    weights, ids = routed(1, QWEN["num_experts"], QWEN["top_k"], 3, torch.bfloat16, "cuda")
-    bad = ids.clone()
-    bad[0, 1] = -1
-    kept = weights.clone()
-    kept[0, 1] = 0
-    ref = types.SimpleNamespace(gate_up_proj=dequantize_nf4(layer.gate_up).float(),
-                                down_proj=dequantize_nf4(layer.down).float(), act_fn=torch.nn.SiLU(),
-                                num_experts=QWEN["num_experts"])
-    expected = moelab.model.experts_torch(x.float(), kept.float(), ids, ref)
-    if with_shared:
-        expected += shared_expert_torch(x.float(), SharedExpert(dequantize_nf4(shared.gate_up)[0].float(),
-                                                                dequantize_nf4(shared.down)[0].float(),
-                                                                shared.gate_logit.float()))
-    extra = {"shared": shared} if with_shared else {}
-    monkeypatch.setattr(experts_kernels, "NF4_ITEMS_KERNELS", frozenset())
-    package = fused_experts_forward(x, weights, bad, layer, **extra).float()
-    monkeypatch.setattr(experts_kernels, "NF4_ITEMS_KERNELS", frozenset(kernels))
-    got = fused_experts_forward(x, weights, bad, layer, **extra).float()
-    err = float((got - expected).norm() / expected.norm())
-    assert err < 1e-2, f"relative error {err:.2e} against the reference ({kernels}, shared {with_shared})"
-    diff = float((got - package).norm() / package.norm())
-    assert diff < 1e-2, f"relative difference {diff:.2e} from the package's kernels ({kernels}, shared {with_shared})"
-
-
-@pytest.mark.gpu
 def test_gpu_captured_in_a_cuda_graph_and_bad_ids_add_nothing():
     experts = experts_module(QWEN["num_experts"], QWEN["hidden"], QWEN["inter"], torch.bfloat16, "cuda")
     x = torch.randn(8, QWEN["hidden"], device="cuda").bfloat16()
@@ -851,51 +810,6 @@ def test_nf4_shared_expert_folds_into_the_nf4_decode_kernels(inter, shared_inter
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="shared expert weights do not fit"):
         fused_experts_forward(x, weights, ids, layer, shared=SharedExpert(gate_up, gu, logit))
-
-
-class _CountItems:
-    """A kernel stand-in that records its name when launched with its item-tile flag on."""
-
-    def __init__(self, kernel, name, launches):
-        self.kernel, self.name, self.launches = kernel, name, launches
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            if kwargs.get("ROUTED_ITEMS") or kwargs.get("ITEMS"):
-                self.launches.append(self.name)
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
-@pytest.mark.parametrize("kernels", [("down",), ("gate_up",), ("gate_up", "down")])
-@pytest.mark.parametrize("with_shared", [True, False])
-def test_nf4_one_token_item_tiles_match_the_package_kernels(kernels, with_shared, monkeypatch):
-    """The one-token NF4 decode kernels as item tiles (NF4_ITEMS_KERNELS; interpreter, float32, the
-    code words' nibbles looked up in the code book where CUDA runs NF4_DOT_SMEM_X_ASM): the same
-    layer as the package's kernels, an NF4 shared expert of 4 chunks folded in or not, a row shorter
-    than the K-step (down: 64 values in 128-value steps); and the tiles are what ran (their launches
-    counted). Ids out of range are refused on the CPU; the GPU test gives one."""
-    from moelab.kernels.experts import SharedExpert
-
-    hidden, inter, experts_n, top_k = 128, 64, 8, 4
-    gen = torch.Generator().manual_seed(len(kernels) + 2 * with_shared)
-    w = lambda *shape: torch.randn(*shape, generator=gen) * 0.05  # noqa: E731
-    layer = NF4Experts(quantize_nf4(w(experts_n, 2 * inter, hidden)), quantize_nf4(w(experts_n, hidden, inter)),
-                       torch.nn.SiLU())
-    extra = {"shared": SharedExpert(quantize_nf4(w(1, 2 * 4 * inter, hidden)), quantize_nf4(w(1, hidden, 4 * inter)),
-                                    torch.randn(1, 1, generator=gen))} if with_shared else {}
-    x = torch.randn(1, hidden, generator=gen)
-    weights, ids = routed(1, experts_n, top_k, 7)
-    monkeypatch.setattr(experts_kernels, "NF4_ITEMS_KERNELS", frozenset())
-    package = fused_experts_forward(x, weights, ids, layer, **extra)
-    launches = []
-    for name in ("_gemv_gate_up_kernel", "_gemv_down_kernel"):
-        kernel = getattr(experts_kernels, name)
-        monkeypatch.setattr(experts_kernels, name, _CountItems(kernel, name, launches))
-    monkeypatch.setattr(experts_kernels, "NF4_ITEMS_KERNELS", frozenset(kernels))
-    got = fused_experts_forward(x, weights, ids, layer, **extra)
-    torch.testing.assert_close(got, package, rtol=1e-4, atol=1e-5)
-    assert sorted(launches) == sorted({"gate_up": "_gemv_gate_up_kernel", "down": "_gemv_down_kernel"}[k] for k in kernels)
 
 
 def test_nf4_shared_expert_through_the_decode_kernels_equals_the_modules():

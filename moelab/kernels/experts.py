@@ -66,11 +66,13 @@ ncu (ncu_nf4_gemv_2026-12-06_h100.txt) shows why: a few hundred programs fill 0.
 2.5 warps per scheduler, each waiting on its loads with too little work in between, so the
 kernels reach about 1 TB/s of codes where bf16 streams 2.4 TB/s. The NF4 shared expert rides
 the same two launches as the bf16 one (`SharedExpert` of one-expert NF4Tensors).
-
-At one token the two NF4 decode kernels can also run as item tiles (`NF4_ITEMS_KERNELS`, off by
-default, not yet timed on a GPU): the top-k experts and the shared expert's chunks become one more
-axis of the tile, so a single load brings every item's code words of a K-step before any product
-(notebooks/05 section 12).
+Two ways to keep more of one token's code words in flight were measured on an H100 and dropped
+(notebooks/05 section 12): `x` staged in shared memory (gate_up slower, down over the 48 KB of
+static shared memory; nf4_xsmem_ab_2026-12-07_h100.json) and the experts and shared chunks as
+one tile axis (every code-word load before the first product, but 64 registers with spills and
+one 32-warp program an SM: the routed layer at one token 16.5-17.1 -> 22.8 us with down so built,
+26.6 with gate_up; the batch-1 step 1.61-1.62 -> 2.10-2.14 ms; nf4_items_ab_2026-12-07_h100.json,
+the code at commit 6701b1e).
 
 Decode GEMVs have no data reuse to hide memory latency behind: bytes in flight set their
 speed, so their K-loops are software-pipelined (`tl.range(..., num_stages=PIPELINE)`: the
@@ -280,12 +282,12 @@ def _nf4_bf16_pair_lines(word: str, outs: tuple[str, str, str, str], table_regs=
     return lines
 
 
-def _word_products_lines(absmax: str, acc: str, x: tuple[str, ...] = ("$2", "$3", "$4", "$5")) -> list[str]:
-    """PTX lines that end a code word's dot: the 4 level pairs p0-p3 times x's 4 bf16 pairs (registers
-    `x`), two at a time in bf16 (`mul`/`fma.rn.bf16x2`), the 4 pairs added in bf16, the two halves in
-    float32, then $0 = acc + absmax * that sum."""
-    return [f"mul.rn.bf16x2 a, p0, {x[0]};", f"fma.rn.bf16x2 a, p1, {x[1]}, a;",
-            f"mul.rn.bf16x2 c, p2, {x[2]};", f"fma.rn.bf16x2 c, p3, {x[3]}, c;", "add.rn.bf16x2 a, a, c;",
+def _word_products_lines(absmax: str, acc: str) -> list[str]:
+    """PTX lines that end a code word's dot: the 4 level pairs p0-p3 times x's bf16 pairs $2-$5, two
+    at a time in bf16 (`mul`/`fma.rn.bf16x2`), the 4 pairs added in bf16, the two halves in float32,
+    then $0 = acc + absmax * that sum."""
+    return ["mul.rn.bf16x2 a, p0, $2;", "fma.rn.bf16x2 a, p1, $3, a;",
+            "mul.rn.bf16x2 c, p2, $4;", "fma.rn.bf16x2 c, p3, $5, c;", "add.rn.bf16x2 a, a, c;",
             "shl.b32 u, a, 16;", "and.b32 v, a, 0xFFFF0000;", "mov.b32 fa, u;", "mov.b32 fb, v;",
             "add.f32 fa, fa, fb;", f"mov.b32 fb, {absmax};", f"mov.b32 fr, {acc};", "fma.rn.f32 fr, fa, fb, fr;",
             "mov.b32 $0, fr;"]
@@ -379,22 +381,6 @@ def _nf4_dot_smem_asm() -> str:
 
 NF4_DOT_SMEM_ASM = tl.constexpr(_nf4_dot_smem_asm())
 
-
-def _nf4_dot_smem_x_asm() -> str:
-    """`NF4_DOT_SMEM_ASM` that loads its own x: $0 = $5 + $4 * (the word's 8 levels times x), $1 the
-    code word, $2 this lane's table address, $3 the global address of the word's 4 bf16 pairs of x,
-    read here, at the word's use, by one 16-byte load (x is the kernel before's output, read-only
-    here: the non-coherent path). So x holds no registers while the code words' loads are in flight."""
-    lines = [".reg .b32 t, q, p0, p1, p2, p3, a, c, u, v, x0, x1, x2, x3;", ".reg .f32 fa, fb, fr;",
-             "ld.global.nc.v4.b32 {x0, x1, x2, x3}, [$3];"]
-    for i in range(4):
-        lines += [f"prmt.b32 t, $1, 0, 0x444{i};", "mad.lo.u32 q, t, 128, $2;", f"ld.shared.b32 p{i}, [q];"]
-    lines += _word_products_lines("$4", "$5", ("x0", "x1", "x2", "x3"))
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
-NF4_DOT_SMEM_X_ASM = tl.constexpr(_nf4_dot_smem_x_asm())
-
 def _nf4_smem_kernels(setting: str) -> frozenset:
     """The kernels a MOELAB_NF4_SMEM value names ("none" or "": no kernel)."""
     kernels = frozenset(k.strip() for k in setting.split(",") if k.strip() not in ("", "none"))
@@ -416,14 +402,6 @@ def _nf4_smem_kernels(setting: str) -> frozenset:
 # 16-row programs on 8 warps with it, capped at 48 (`moelab.kernels.gemv.gemv_config`).
 NF4_SMEM_KERNELS = _nf4_smem_kernels(os.environ.get("MOELAB_NF4_SMEM", "gate_up,down,linear"))
 NF4_SMEM_MAXNREG = {"gate_up": 64, "linear": 48}
-# Which of the experts' NF4 decode kernels run one token as item tiles (MOELAB_NF4_ITEMS, a comma list of
-# "gate_up", "down", or "none"; on CUDA where the kernel has the shared-memory table): down streams the top-k experts' rows and the shared
-# expert's chunks (`_down_one_token_items`), gate_up is one program per N-tile over every pair and chunk
-# (`_gate_up_one_token_items`, in NF4_GATE_UP_ITEMS_CONFIG's launch shape); each loads every item's code
-# words of a K-step before the first product, x read by the product itself (`NF4_DOT_SMEM_X_ASM`).
-NF4_ITEMS_KERNELS = frozenset(k.strip() for k in os.environ.get("MOELAB_NF4_ITEMS", "none").split(",")
-                              if k.strip() not in ("", "none"))
-NF4_GATE_UP_ITEMS_CONFIG = dict(BLOCK_N=8, BLOCK_K=2048, num_warps=32, PIPELINE=1)
 
 
 def with_nf4_table(cfg: dict, flags: dict, kernel: str) -> dict:
@@ -835,157 +813,6 @@ def _gemv_acc_sum(acc, NF4: tl.constexpr):
 
 
 @triton.jit
-def _nf4_items_load(w_items, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
-                    absmax_per_expert, scales_per_expert, scale, item_ok, row_len, col0, n, n_ok, k0, k_end,
-                    DOUBLE_QUANT: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One K-step of NF4 GEMV items ([I] tensors: each item's code words at w_items (32-bit, rows n
-    of row_len values from flat value col0), its expert (for the absmax, `_nf4_absmax`), its x scale,
-    whether it counts): (code words [I, BLOCK_N, NB, 8], absmax times scale [I, BLOCK_N, NB]). The
-    item axis is part of the tile, so one load brings every item's words of the step."""
-    NB: tl.constexpr = BLOCK_K // 64
-    b = tl.arange(0, NB)
-    j = tl.arange(0, 8)
-    blk_ok = k0 + 64 * b < k_end
-    ok = (item_ok[:, None, None] & n_ok[None, :, None]) & blk_ok[None, None, :]  # [I, BLOCK_N, NB]
-    first = n.to(tl.int64)[None, :] * row_len[:, None] + (col0 + k0)[:, None]  # [I, BLOCK_N]: first value of the step
-    word = tl.multiple_of(first // 8, [8, 8])[:, :, None, None] + (8 * b[:, None] + j[None, :])[None, None, :, :]
-    words = tl.load(w_items[:, None, None, None] + word, mask=ok[:, :, :, None], other=0)
-    am = _nf4_absmax(absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert[:, None, None],
-                     first[:, :, None] // 64 + b[None, None, :], ok, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
-    return words, am * scale[:, None, None]
-
-
-@triton.jit
-def _nf4_items_dot(words, am, lut, nf4_code_ptr, x_items, k0, k_end, BLOCK_K: tl.constexpr, NF4_ASM: tl.constexpr):
-    """The [I, BLOCK_N] fp32 sums over blocks and words of `_nf4_items_load`'s K-step times x (item
-    i's x row at x_items[i], k_end values). On CUDA each word's x (4 bf16 pairs) is loaded by the
-    product itself (`NF4_DOT_SMEM_X_ASM`); under the interpreter the 8 nibbles of each word are looked
-    up in the code book. Blocks past k_end (absmax 0: they add nothing) read the step's first x,
-    never past the row."""
-    NB: tl.constexpr = BLOCK_K // 64
-    b = tl.arange(0, NB)
-    j = tl.arange(0, 8)
-    pair = k0 // 2 + 32 * b[:, None] + 4 * j[None, :]  # [NB, 8]: x's first pair (2 values) of each word
-    pair = tl.where((k0 + 64 * b < k_end)[:, None], pair, k0 // 2)
-    if NF4_ASM:
-        x_words = x_items.to(tl.pointer_type(tl.int32), bitcast=True)  # bf16 pairs
-        dots = tl.inline_asm_elementwise(NF4_DOT_SMEM_X_ASM, "=r,r,r,l,r,r",
-                                         [words, lut[0], x_words[:, None, None, None] + pair[None, None, :, :],
-                                          am[:, :, :, None], 0.0], dtype=tl.float32, is_pure=True, pack=1)
-    else:  # value v of a word: the high nibble of its byte v // 2 for even v, the low one for odd v
-        v = tl.arange(0, 8)
-        code = (words[:, :, :, :, None] >> (8 * (v // 2) + 4 * (1 - v % 2))[None, None, None, None, :]) & 15
-        x = tl.load(x_items[:, None, None, None, None] + (2 * pair)[None, None, :, :, None]
-                    + v[None, None, None, None, :]).to(tl.float32)
-        dots = tl.sum(tl.load(nf4_code_ptr + code) * x, axis=4) * am[:, :, :, None]
-    return tl.sum(tl.sum(dots, axis=3), axis=2)
-
-
-@triton.jit
-def _gate_up_one_token_items(x_ptr, w_ptr, ids_ptr, act_ptr, shared_w_ptr, absmax_ptr, absmax_code_ptr,
-                             absmax_scale_ptr, absmax_offset_ptr, shared_absmax_ptr, shared_absmax_code_ptr,
-                             shared_absmax_scale_ptr, shared_absmax_offset_ptr, nf4_code_ptr, lut, n_out, k_dim,
-                             num_experts, shared_rows, stride_am, stride_we, absmax_per_expert, scales_per_expert,
-                             DOUBLE_QUANT: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr, ROUTED_ITEMS: tl.constexpr, SHARED_CHUNKS: tl.constexpr,
-                             USE_PDL: tl.constexpr, NF4_ASM: tl.constexpr):
-    """`_gemv_gate_up_kernel` for one token as one program per N-tile: the gate and up rows n of
-    each of the token's ROUTED_ITEMS pairs and of the shared expert's SHARED_CHUNKS chunks (chunk
-    c: its rows c * n_out + n) as four item tiles, all loaded before any is multiplied; act rows
-    0 .. ROUTED_ITEMS - 1, then the chunks."""
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < n_out
-    k = tl.arange(0, ROUTED_ITEMS)
-    expert = tl.load(ids_ptr + k).to(tl.int32)
-    valid = (expert >= 0) & (expert < num_experts)
-    expert = tl.where(valid, expert, 0)
-    words = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + expert.to(tl.int64) * (stride_we // 4)
-    x_items = x_ptr + tl.zeros_like(k)  # every pair reads the one token's hidden row
-    one = tl.full((ROUTED_ITEMS,), 1.0, tl.float32)
-    row_len = tl.full((ROUTED_ITEMS,), k_dim, tl.int32)
-    gate = tl.zeros((ROUTED_ITEMS, BLOCK_N), dtype=tl.float32)
-    up = tl.zeros((ROUTED_ITEMS, BLOCK_N), dtype=tl.float32)
-    if HAS_SHARED:  # one expert (index 0 of the shared pointers), its chunks as items
-        c = tl.arange(0, SHARED_CHUNKS)
-        s_words = shared_w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.zeros_like(c)
-        s_x = x_ptr + tl.zeros_like(c)
-        s_one = tl.full((SHARED_CHUNKS,), 1.0, tl.float32)
-        s_len = tl.full((SHARED_CHUNKS,), k_dim, tl.int32)
-        s_gate = tl.zeros((SHARED_CHUNKS, BLOCK_N), dtype=tl.float32)
-        s_up = tl.zeros((SHARED_CHUNKS, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(0, k_dim, BLOCK_K):  # gate rows n, up rows n_out + n of each pair's expert
-        g_w, g_am = _nf4_items_load(words, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
-                                    absmax_per_expert, scales_per_expert, one, valid, row_len,
-                                    tl.zeros_like(k).to(tl.int64), n, n_ok, k0, k_dim, DOUBLE_QUANT, BLOCK_K)
-        u_w, u_am = _nf4_items_load(words, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
-                                    absmax_per_expert, scales_per_expert, one, valid, row_len,
-                                    tl.full((ROUTED_ITEMS,), n_out * k_dim, tl.int64), n, n_ok, k0, k_dim,
-                                    DOUBLE_QUANT, BLOCK_K)
-        if HAS_SHARED:  # chunk c: gate rows c * n_out + n, up rows shared_rows + c * n_out + n
-            sg_w, sg_am = _nf4_items_load(s_words, shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr,
-                                          shared_absmax_offset_ptr, tl.zeros_like(c), 0, 0, s_one, c >= 0, s_len,
-                                          (c * n_out).to(tl.int64) * k_dim, n, n_ok, k0, k_dim, DOUBLE_QUANT, BLOCK_K)
-            su_w, su_am = _nf4_items_load(s_words, shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr,
-                                          shared_absmax_offset_ptr, tl.zeros_like(c), 0, 0, s_one, c >= 0, s_len,
-                                          (shared_rows + c * n_out).to(tl.int64) * k_dim, n, n_ok, k0, k_dim,
-                                          DOUBLE_QUANT, BLOCK_K)
-        gate += _nf4_items_dot(g_w, g_am, lut, nf4_code_ptr, x_items, k0, k_dim, BLOCK_K, NF4_ASM)
-        up += _nf4_items_dot(u_w, u_am, lut, nf4_code_ptr, x_items, k0, k_dim, BLOCK_K, NF4_ASM)
-        if HAS_SHARED:
-            s_gate += _nf4_items_dot(sg_w, sg_am, lut, nf4_code_ptr, s_x, k0, k_dim, BLOCK_K, NF4_ASM)
-            s_up += _nf4_items_dot(su_w, su_am, lut, nf4_code_ptr, s_x, k0, k_dim, BLOCK_K, NF4_ASM)
-    let_next_kernel_start(USE_PDL)
-    act = gate * tl.sigmoid(gate) * up
-    tl.store(act_ptr + k.to(tl.int64)[:, None] * stride_am + n[None, :], act.to(act_ptr.dtype.element_ty),
-             mask=n_ok[None, :])
-    if HAS_SHARED:
-        s_act = s_gate * tl.sigmoid(s_gate) * s_up
-        tl.store(act_ptr + (ROUTED_ITEMS + c).to(tl.int64)[:, None] * stride_am + n[None, :],
-                 s_act.to(act_ptr.dtype.element_ty), mask=n_ok[None, :])
-
-
-@triton.jit
-def _down_one_token_items(act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_w_ptr, shared_gate_ptr,
-                          absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
-                          shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr, shared_absmax_offset_ptr,
-                          nf4_code_ptr, lut, n, n_ok, k_dim, num_experts, shared_k, stride_am, stride_we,
-                          absmax_per_expert, scales_per_expert, TOP_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                          HAS_SHARED: tl.constexpr, SHARED_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, NF4_ASM: tl.constexpr):
-    """`_gemv_down_kernel`'s fp32 sum for token 0 as item tiles: per K-step the top-k experts' rows
-    and the shared expert's chunks (chunk c: its values c * k_dim ..., behind its sigmoid gate, x
-    from act row TOP_K + c), both tiles loaded before either is multiplied, so all of the step's
-    code words are in flight at once."""
-    k = tl.arange(0, TOP_K)
-    expert = tl.load(ids_ptr + k).to(tl.int32)
-    valid = (expert >= 0) & (expert < num_experts)
-    expert = tl.where(valid, expert, 0)
-    route_w = tl.load(route_w_ptr + k).to(out_ptr.dtype.element_ty).to(tl.float32)
-    words = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + expert.to(tl.int64) * (stride_we // 4)
-    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in tl.range(0, k_dim, BLOCK_K):
-        r_w, r_am = _nf4_items_load(words, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert,
-                                    absmax_per_expert, scales_per_expert, route_w, valid,
-                                    tl.full((TOP_K,), k_dim, tl.int32), tl.zeros_like(k).to(tl.int64), n, n_ok, k0,
-                                    k_dim, DOUBLE_QUANT, BLOCK_K)
-        if HAS_SHARED:  # one expert (index 0 of the shared pointers): chunk c is its values c * k_dim ...
-            c = tl.arange(0, SHARED_CHUNKS)
-            gate = tl.sigmoid(tl.load(shared_gate_ptr).to(tl.float32))
-            s_w, s_am = _nf4_items_load(shared_w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + tl.zeros_like(c),
-                                        shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr,
-                                        shared_absmax_offset_ptr, tl.zeros_like(c), 0, 0,
-                                        tl.full((SHARED_CHUNKS,), 1.0, tl.float32) * gate, c >= 0,
-                                        tl.full((SHARED_CHUNKS,), shared_k, tl.int32), (c * k_dim).to(tl.int64), n,
-                                        n_ok, k0, k_dim, DOUBLE_QUANT, BLOCK_K)
-        total += tl.sum(_nf4_items_dot(r_w, r_am, lut, nf4_code_ptr, act_ptr + k * stride_am, k0, k_dim, BLOCK_K,
-                                       NF4_ASM), axis=0)
-        if HAS_SHARED:  # chunk c's x: its k_dim values of the shared expert's act, act row TOP_K + c
-            total += tl.sum(_nf4_items_dot(s_w, s_am, lut, nf4_code_ptr, act_ptr + (TOP_K + c) * stride_am, k0, k_dim,
-                                           BLOCK_K, NF4_ASM), axis=0)
-    return total
-
-
-@triton.jit
 def _gemv_gate_up_kernel(
     x_ptr, w_ptr, ids_ptr, act_ptr, shared_w_ptr,
     absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
@@ -995,8 +822,7 @@ def _gemv_gate_up_kernel(
     absmax_per_expert, scales_per_expert,
     NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, NF4_ASM: tl.constexpr,
     HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr,
-    USE_PDL: tl.constexpr = False, NF4_SMEM: tl.constexpr = 0, ROUTED_ITEMS: tl.constexpr = 0,
-    SHARED_CHUNKS: tl.constexpr = 0,
+    USE_PDL: tl.constexpr = False, NF4_SMEM: tl.constexpr = 0,
 ):
     """Decode gate_up, one program per (pair, N-tile), no grouping: act[pair, n] =
     SiLU(gate) * up of the pair's token through its expert, with FMAs (no 16-row dot padding).
@@ -1007,24 +833,10 @@ def _gemv_gate_up_kernel(
     c * n_out + n and up rows shared_rows + c * n_out + n of `shared_w` ([2 Is, H], gate then
     up), so the shared expert's gate/up streams alongside the routed experts in one launch.
     NF4 experts take an NF4 shared expert (one expert, the same format), its absmax and
-    scales from the shared_absmax* pointers.
-
-    ROUTED_ITEMS (one token, NF4 words with the table: NF4_ITEMS_KERNELS): one program per N-tile
-    instead, over the ROUTED_ITEMS pairs and the shared expert's SHARED_CHUNKS chunks
-    (`_gate_up_one_token_items`)."""
+    scales from the shared_absmax* pointers."""
     if NF4_SMEM:  # the table comes from a buffer no kernel writes: filled while the kernel before finishes
         lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED, NF4_SMEM)
     wait_for_previous_kernel(USE_PDL)
-    if ROUTED_ITEMS:
-        if not NF4_SMEM:
-            lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED, NF4_SMEM)
-        _gate_up_one_token_items(x_ptr, w_ptr, ids_ptr, act_ptr, shared_w_ptr, absmax_ptr, absmax_code_ptr,
-                                 absmax_scale_ptr, absmax_offset_ptr, shared_absmax_ptr, shared_absmax_code_ptr,
-                                 shared_absmax_scale_ptr, shared_absmax_offset_ptr, nf4_code_ptr, lut, n_out, k_dim,
-                                 num_experts, shared_rows, stride_am, stride_we, absmax_per_expert, scales_per_expert,
-                                 DOUBLE_QUANT, HAS_SHARED, BLOCK_N, BLOCK_K, ROUTED_ITEMS, SHARED_CHUNKS, USE_PDL,
-                                 NF4_ASM)
-        return
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(n_out, BLOCK_N)
     pair = pid // n_tiles
@@ -1086,7 +898,7 @@ def _gemv_down_kernel(
     TOP_K: tl.constexpr, NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     NF4_ASM: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PIPELINE: tl.constexpr, SHARED_BLOCK_K: tl.constexpr = 0, USE_PDL: tl.constexpr = False,
-    NF4_SMEM: tl.constexpr = 0, ITEMS: tl.constexpr = 0, SHARED_CHUNKS: tl.constexpr = 0,
+    NF4_SMEM: tl.constexpr = 0,
 ):
     """Decode down with the top-k sum folded in, one program per (token, N-tile):
     out[t, n] = sum_k route_w[t, k] * (W_down[ids[t, k]] @ act[t * K + k])[n], FMAs in fp32 and
@@ -1098,12 +910,7 @@ def _gemv_down_kernel(
     expert behind its gate, into the same sum: act_shared[t] is the shared_k values from act
     row shared_act_row + t * C on (the gate_up kernel's C chunks of token t, contiguous); in NF4
     with NF4 experts (its absmax from the shared_absmax* pointers), in K-steps of SHARED_BLOCK_K
-    (0: BLOCK_K) values.
-
-    ITEMS (one token, NF4 words with the table: NF4_ITEMS_KERNELS; shared_k = SHARED_CHUNKS *
-    k_dim): every expert's rows and every chunk of the shared expert's in each K-step
-    (`_down_one_token_items`), one round of loads in flight instead of one per K-step of the
-    shared expert after the routed experts'."""
+    (0: BLOCK_K) values."""
     if NF4_SMEM:  # the table comes from a buffer no kernel writes: filled while the kernel before finishes
         lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED, NF4_SMEM)
     wait_for_previous_kernel(USE_PDL)
@@ -1114,16 +921,6 @@ def _gemv_down_kernel(
     n_ok = n < n_out
     if not NF4_SMEM:
         lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED, NF4_SMEM)
-    if ITEMS:
-        total = _down_one_token_items(act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_w_ptr, shared_gate_ptr,
-                                      absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
-                                      shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr,
-                                      shared_absmax_offset_ptr, nf4_code_ptr, lut, n, n_ok, k_dim, num_experts,
-                                      shared_k, stride_am, stride_we, absmax_per_expert, scales_per_expert, TOP_K,
-                                      DOUBLE_QUANT, HAS_SHARED, SHARED_CHUNKS, BLOCK_N, BLOCK_K, NF4_ASM)
-        let_next_kernel_start(USE_PDL)
-        tl.store(out_ptr + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
-        return
     acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
     for k0 in tl.range(0, k_dim, BLOCK_K, num_stages=PIPELINE):
         for k in tl.static_range(TOP_K):  # the top-k experts' loads of one K-step are independent
@@ -1469,16 +1266,6 @@ def nf4_shared_expert(hidden: torch.Tensor, gate_up, down, gate_logit: torch.Ten
     return _gemv_forward(hidden, torch.sigmoid(gate_logit.reshape(-1)), ids, gate_up, down, _shape(down)[2], None)
 
 
-def _items_path(kernel: str, flags: dict, num_tokens: int, top_k: int, chunks: int, whole_chunks: bool) -> bool:
-    """Whether this one-token NF4 decode launch runs as item tiles (NF4_ITEMS_KERNELS): one token, NF4
-    rows of whole 64-blocks, top-k and the shared expert's chunks powers of two (tile axes), its rows
-    whole chunks; on CUDA with this kernel's shared-memory table (the tiles' product looks its codes up
-    there), under the interpreter in the code book."""
-    pow2 = lambda v: v & (v - 1) == 0  # noqa: E731
-    return (kernel in NF4_ITEMS_KERNELS and num_tokens == 1 and flags["NF4"] and flags["ROW_ALIGNED"]
-            and (kernel in NF4_SMEM_KERNELS or not flags["NF4_ASM"]) and pow2(top_k) and pow2(chunks) and whole_chunks)
-
-
 def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: SharedExpert | None = None):
     """Decode: gate_up per (pair, N-tile) into act [S, I], then down per (token, N-tile) with
     the top-k sum folded in. No grouping step, no host sync. With `shared`, the shared
@@ -1514,14 +1301,8 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
                                            shared=shared is not None), **(config or {})}, gate_up)
     ptrs, strides, flags = _weight_args(gate_up, num_experts)
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "gate_up")
-    items = _items_path("gate_up", flags, num_tokens, top_k, chunks, shared_inter == chunks * inter)
-    if items and on_gpu:  # one program per N-tile over every pair and shared chunk
-        cfg = {**cfg, **NF4_GATE_UP_ITEMS_CONFIG}
     cfg = with_nf4_table(cfg, flags, "gate_up")
-    if items and (cfg.get("NF4_SMEM") or not flags["NF4_ASM"]):  # (a `config` may turn the table off)
-        cfg = {**cfg, "ROUTED_ITEMS": top_k, "SHARED_CHUNKS": chunks}
-    grid = triton.cdiv(inter, cfg["BLOCK_N"]) * (1 if cfg.get("ROUTED_ITEMS") else rows)
-    _gemv_gate_up_kernel[(grid,)](
+    _gemv_gate_up_kernel[(rows * triton.cdiv(inter, cfg["BLOCK_N"]),)](
         hidden, ptrs[0], flat_ids, act, shared_w, *ptrs[1:], *shared_absmax,
         inter, hidden_dim, num_experts, top_k, num_pairs, shared_inter, max(chunks, 1),
         hidden.stride(0), strides[0], strides[1], act.stride(0), shared_stride,
@@ -1533,9 +1314,6 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
     ptrs, strides, flags = _weight_args(down, num_experts)
     shared_w, shared_stride, shared_absmax = shared_args(ptrs, "down")
     cfg = with_nf4_table(cfg, flags, "down")
-    if _items_path("down", flags, num_tokens, top_k, chunks, shared_inter == chunks * inter) and (
-            cfg.get("NF4_SMEM") or not flags["NF4_ASM"]):  # (a `config` may turn the table off)
-        cfg = {**cfg, "ITEMS": 1, "SHARED_CHUNKS": chunks}
     _gemv_down_kernel[(num_tokens * triton.cdiv(hidden_dim, cfg["BLOCK_N"]),)](
         act, ptrs[0], flat_ids, route_w, out, shared_w, gate_logit, *ptrs[1:], *shared_absmax,
         hidden_dim, inter, num_experts, shared_inter, num_pairs, max(chunks, 1),
