@@ -628,61 +628,6 @@ def test_gpu_nf4_decode_kernels_match_the_reference_and_skip_bad_ids(tokens, top
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("with_shared", [True, False])
-def test_gpu_nf4_one_token_down_split(with_shared, monkeypatch):
-    """One token's NF4 down as one program per (N-tile, item) (NF4_DOWN_SPLIT) at Qwen1.5-MoE's
-    shape, NF4 shared expert folded in or not and one id out of range: within 1e-2 of
-    dequantize-then-matmul and of the package's kernel; replayed from a CUDA graph on new routings
-    (the tile tickets put back to 0 each time) it matches eager calls exactly."""
-    from moelab.kernels.experts import SharedExpert, shared_expert_torch
-
-    experts = experts_module(QWEN["num_experts"], QWEN["hidden"], QWEN["inter"], torch.bfloat16, "cuda", seed=13)
-    layer = NF4Experts.from_experts(experts)
-    gen = torch.Generator(device="cuda").manual_seed(7)
-    q = lambda *shape: quantize_nf4(torch.randn(*shape, device="cuda", generator=gen).bfloat16() * 0.02)  # noqa: E731
-    shared = SharedExpert(q(1, 2 * 5632, QWEN["hidden"]), q(1, QWEN["hidden"], 5632),
-                          torch.randn(1, 1, device="cuda").bfloat16()) if with_shared else None
-    extra = {"shared": shared} if with_shared else {}
-    x = torch.randn(1, QWEN["hidden"], device="cuda").bfloat16()
-    weights, ids = routed(1, QWEN["num_experts"], QWEN["top_k"], 5, torch.bfloat16, "cuda")
-    bad = ids.clone()
-    bad[0, 2] = QWEN["num_experts"]
-    kept = weights.clone()
-    kept[0, 2] = 0
-    ref = types.SimpleNamespace(gate_up_proj=dequantize_nf4(layer.gate_up).float(),
-                                down_proj=dequantize_nf4(layer.down).float(), act_fn=torch.nn.SiLU(),
-                                num_experts=QWEN["num_experts"])
-    expected = moelab.model.experts_torch(x.float(), kept.float(), ids, ref)
-    if with_shared:
-        expected += shared_expert_torch(x.float(), SharedExpert(dequantize_nf4(shared.gate_up)[0].float(),
-                                                                dequantize_nf4(shared.down)[0].float(),
-                                                                shared.gate_logit.float()))
-    monkeypatch.setattr(experts_kernels, "NF4_DOWN_SPLIT", False)
-    package = fused_experts_forward(x, weights, bad, layer, **extra).float()
-    monkeypatch.setattr(experts_kernels, "NF4_DOWN_SPLIT", True)
-    got = fused_experts_forward(x, weights, bad, layer, **extra).float()
-    err = float((got - expected).norm() / expected.norm())
-    assert err < 1e-2, f"relative error {err:.2e} against the reference (shared {with_shared})"
-    diff = float((got - package).norm() / package.norm())
-    assert diff < 1e-2, f"relative difference {diff:.2e} from the package's kernel (shared {with_shared})"
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fused_experts_forward(x, weights, ids, layer, **extra)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = fused_experts_forward(x, weights, ids, layer, **extra)
-    for seed in (8, 9, 10):
-        new_weights, new_ids = routed(1, QWEN["num_experts"], QWEN["top_k"], seed, torch.bfloat16, "cuda")
-        weights.copy_(new_weights)
-        ids.copy_(new_ids)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(captured, fused_experts_forward(x, weights, ids, layer, **extra))
-
-
-@pytest.mark.gpu
 def test_gpu_captured_in_a_cuda_graph_and_bad_ids_add_nothing():
     experts = experts_module(QWEN["num_experts"], QWEN["hidden"], QWEN["inter"], torch.bfloat16, "cuda")
     x = torch.randn(8, QWEN["hidden"], device="cuda").bfloat16()
@@ -865,46 +810,6 @@ def test_nf4_shared_expert_folds_into_the_nf4_decode_kernels(inter, shared_inter
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="shared expert weights do not fit"):
         fused_experts_forward(x, weights, ids, layer, shared=SharedExpert(gate_up, gu, logit))
-
-
-@pytest.mark.parametrize("top_k,shared_inter", [(4, 320), (4, 0), (1, 128)])
-def test_nf4_one_token_down_split_matches_the_package_kernel(top_k, shared_inter, monkeypatch):
-    """One token's NF4 down as one program per (N-tile, item) (NF4_DOWN_SPLIT; interpreter, float32):
-    the same layer as `_gemv_down_kernel` to float32 rounding, with an NF4 shared expert whose K is cut
-    into chunks (320 values in 128-value chunks: the last one short), with none, and at top-1; the
-    split kernel is what ran, and a second call on new inputs through the same tile tickets (each put
-    back to 0 by its tile's last program) is right too."""
-    from moelab.kernels.experts import SharedExpert
-
-    hidden, inter, experts_n = 96, 64, 8
-    gen = torch.Generator().manual_seed(top_k + shared_inter)
-    w = lambda *shape: torch.randn(*shape, generator=gen) * 0.05  # noqa: E731
-    layer = NF4Experts(quantize_nf4(w(experts_n, 2 * inter, hidden)), quantize_nf4(w(experts_n, hidden, inter)),
-                       torch.nn.SiLU())
-    extra = {"shared": SharedExpert(quantize_nf4(w(1, 2 * shared_inter, hidden)),
-                                    quantize_nf4(w(1, hidden, shared_inter)),
-                                    torch.randn(1, 1, generator=gen))} if shared_inter else {}
-    launches = []
-    kernel = experts_kernels._gemv_down_split_kernel
-
-    class Counted:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
-
-    for seed in (3, 4):
-        x = torch.randn(1, hidden, generator=gen)
-        weights, ids = routed(1, experts_n, top_k, seed)
-        monkeypatch.setattr(experts_kernels, "NF4_DOWN_SPLIT", False)
-        package = fused_experts_forward(x, weights, ids, layer, **extra)
-        monkeypatch.setattr(experts_kernels, "NF4_DOWN_SPLIT", True)
-        monkeypatch.setattr(experts_kernels, "_gemv_down_split_kernel", Counted())
-        got = fused_experts_forward(x, weights, ids, layer, **extra)
-        monkeypatch.setattr(experts_kernels, "_gemv_down_split_kernel", kernel)
-        torch.testing.assert_close(got, package, rtol=1e-5, atol=1e-6)
-    items = top_k + -(-shared_inter // 128)  # routed experts + the shared expert's 128-value chunks
-    assert launches == [(2 * items,)] * 2  # 96 rows: two 64-row N-tiles (the interpreter's config), the second short
-    assert experts_kernels._tile_tickets(2, torch.device("cpu")).tolist() == [0, 0]
 
 
 def test_nf4_shared_expert_through_the_decode_kernels_equals_the_modules():

@@ -72,7 +72,11 @@ static shared memory; nf4_xsmem_ab_2026-12-07_h100.json) and the experts and sha
 one tile axis (every code-word load before the first product, but 64 registers with spills and
 one 32-warp program an SM: the routed layer at one token 16.5-17.1 -> 22.8 us with down so built,
 26.6 with gate_up; the batch-1 step 1.61-1.62 -> 2.10-2.14 ms; nf4_items_ab_2026-12-07_h100.json,
-the code at commit 6701b1e).
+the code at commit 6701b1e). Nor did giving down gate_up's shape help: one program per (16-row
+N-tile, item), the top-k experts and the shared expert's K in 1,536-value chunks, each tile's
+partials summed by its last program (an atomic ticket), left the layer with the shared expert at
+29.3-29.6 against 29.5-29.8 us and made it slower without (nf4_down_split_ab_2026-12-07_h100.json,
+the code at commit 6db0997).
 
 Decode GEMVs have no data reuse to hide memory latency behind: bytes in flight set their
 speed, so their K-loops are software-pipelined (`tl.range(..., num_stages=PIPELINE)`: the
@@ -402,12 +406,6 @@ def _nf4_smem_kernels(setting: str) -> frozenset:
 # 16-row programs on 8 warps with it, capped at 48 (`moelab.kernels.gemv.gemv_config`).
 NF4_SMEM_KERNELS = _nf4_smem_kernels(os.environ.get("MOELAB_NF4_SMEM", "gate_up,down,linear"))
 NF4_SMEM_MAXNREG = {"gate_up": 64, "linear": 48}
-
-# One token's NF4 down as one program per (N-tile, item) (`_gemv_down_split_kernel`;
-# MOELAB_NF4_DOWN_SPLIT=1): the top-k experts and the shared expert's K in chunks as separate
-# programs, like gate_up's, their partials summed by each tile's last program.
-NF4_DOWN_SPLIT = os.environ.get("MOELAB_NF4_DOWN_SPLIT", "0") == "1"
-NF4_DOWN_SPLIT_CONFIG = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, PIPELINE=1)
 
 
 def with_nf4_table(cfg: dict, flags: dict, kernel: str) -> dict:
@@ -956,83 +954,6 @@ def _gemv_down_kernel(
     tl.store(out_ptr + token.to(tl.int64) * stride_om + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-@triton.jit
-def _gemv_down_split_kernel(
-    act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, part_ptr, ticket_ptr, shared_w_ptr, shared_gate_ptr,
-    absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
-    shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr, shared_absmax_offset_ptr,
-    n_out, k_dim, num_experts, shared_k, shared_act_row, stride_am, stride_we, stride_wn, stride_swn,
-    absmax_per_expert, scales_per_expert,
-    TOP_K: tl.constexpr, SHARED_ITEMS: tl.constexpr, SHARED_CHUNK_K: tl.constexpr, ITEMS_P2: tl.constexpr,
-    NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROW_ALIGNED: tl.constexpr, NF4_ASM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPELINE: tl.constexpr, USE_PDL: tl.constexpr = False,
-    NF4_SMEM: tl.constexpr = 0,
-):
-    """One token's down as one program per (N-tile, item), the same sum as `_gemv_down_kernel`.
-
-    The items are the top-k experts and, with a shared expert (SHARED_ITEMS > 0), its K cut into
-    SHARED_ITEMS chunks of SHARED_CHUNK_K values (a multiple of BLOCK_K). Each program writes its
-    item's fp32 partial of the tile's rows to part [items, n_out]; then it takes a ticket for the
-    tile (an atomic add, after every thread's store), and the tile's last program sums the items'
-    partials in item order (deterministic, whichever finishes last), rounds once, and puts the
-    ticket back to 0 for the next call. So a token's down runs as many small programs as gate_up
-    does, where `_gemv_down_kernel` runs one per N-tile that walks every item in turn."""
-    if NF4_SMEM:  # the table comes from a buffer no kernel writes: filled while the kernel before finishes
-        lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED, NF4_SMEM)
-    wait_for_previous_kernel(USE_PDL)
-    ITEMS: tl.constexpr = TOP_K + SHARED_ITEMS
-    pid = tl.program_id(0)
-    tile = pid // ITEMS
-    item = pid % ITEMS
-    n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < n_out
-    routed = item < TOP_K
-    expert = tl.load(ids_ptr + tl.minimum(item, TOP_K - 1)).to(tl.int32)
-    valid = (expert >= 0) & (expert < num_experts)
-    row_ok = n_ok & ((expert + 0 * n) >= 0) & ((expert + 0 * n) < num_experts)  # the interpreter needs tensors
-    expert = tl.where(valid, expert, 0)
-    x_scale = tl.load(route_w_ptr + tl.minimum(item, TOP_K - 1)).to(out_ptr.dtype.element_ty).to(tl.float32)
-    w_e = w_ptr + expert.to(tl.int64) * stride_we
-    x_row = act_ptr + tl.minimum(item, TOP_K - 1).to(tl.int64) * stride_am
-    kd, row_stride = k_dim, stride_wn
-    k_start = 0
-    k_stop = tl.where(valid, k_dim, 0)
-    am, am_code, am_scale, am_offset = absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr
-    if SHARED_ITEMS > 0:  # chunk c of the shared expert (one expert: expert 0 of shared_w) behind its gate
-        c = tl.maximum(item - TOP_K, 0)
-        w_e = tl.where(routed, w_e, shared_w_ptr)
-        expert = tl.where(routed, expert, 0)
-        row_ok = tl.where(routed, row_ok, n_ok)
-        x_scale = tl.where(routed, x_scale, tl.sigmoid(tl.load(shared_gate_ptr).to(tl.float32)))
-        x_row = tl.where(routed, x_row, act_ptr + shared_act_row * stride_am)
-        kd = tl.where(routed, k_dim, shared_k)
-        row_stride = tl.where(routed, stride_wn, stride_swn)
-        k_start = tl.where(routed, 0, c * SHARED_CHUNK_K)
-        k_stop = tl.where(routed, k_stop, tl.minimum(c * SHARED_CHUNK_K + SHARED_CHUNK_K, shared_k))
-        if NF4:
-            am = tl.where(routed, am, shared_absmax_ptr)
-            am_code = tl.where(routed, am_code, shared_absmax_code_ptr)
-            am_scale = tl.where(routed, am_scale, shared_absmax_scale_ptr)
-            am_offset = tl.where(routed, am_offset, shared_absmax_offset_ptr)
-    if not NF4_SMEM:
-        lut = _nf4_lut(nf4_code_ptr, NF4 and NF4_ASM and ROW_ALIGNED, NF4_SMEM)
-    acc = _gemv_acc(BLOCK_N, BLOCK_K, NF4, NF4_ASM and ROW_ALIGNED)
-    for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=PIPELINE):
-        acc = _gemv_rows(acc, w_e, am, am_code, am_scale, am_offset, nf4_code_ptr, x_row, x_scale, expert, n, row_ok,
-                         k0, kd, row_stride, absmax_per_expert, scales_per_expert, lut, NF4, DOUBLE_QUANT,
-                         ROW_ALIGNED, BLOCK_K, NF4_ASM, NF4_SMEM)
-    let_next_kernel_start(USE_PDL)
-    tl.store(part_ptr + item * n_out + n, _gemv_acc_sum(acc, NF4), mask=n_ok)
-    tl.debug_barrier()  # every thread's partial stored before the ticket is taken (its release covers them)
-    ticket = tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    if ticket == ITEMS - 1:  # the tile's last program: every item's partial is in memory
-        i = tl.arange(0, ITEMS_P2)
-        parts = tl.load(part_ptr + i[:, None] * n_out + n[None, :], mask=(i < ITEMS)[:, None] & n_ok[None, :],
-                        other=0.0, cache_modifier=".cg")  # from L2: another SM wrote them
-        tl.store(out_ptr + n, tl.sum(parts, axis=0).to(out_ptr.dtype.element_ty), mask=n_ok)
-        tl.atomic_xchg(ticket_ptr + tile, 0)
-
-
 # ---------------------------------------------------------------------------- launchers
 
 ALIGN_CHUNKED_FROM = 8192  # above this many pairs align_by_expert takes two passes over chunks
@@ -1392,9 +1313,6 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
         strides[3], strides[4], HAS_SHARED=shared is not None, **flags, **cfg,
         **launch_args(hidden, late=True))  # down's programs would squat beside this kernel's
 
-    if num_tokens == 1 and _is_nf4(down) and NF4_DOWN_SPLIT and config is None:
-        return _down_split(act, down, flat_ids, route_w, out, shared, shared_args, gate_logit, inter, num_pairs,
-                           num_experts, on_gpu, hidden)
     cfg = _whole_nf4_blocks({**gemv_config(num_tokens, hidden_dim, False, _is_nf4(down), on_gpu, sms,
                                            shared=shared is not None), **(config or {})}, down)
     ptrs, strides, flags = _weight_args(down, num_experts)
@@ -1406,38 +1324,6 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
         act.stride(0), strides[0], strides[1], out.stride(0), shared_stride, gate_logit.stride(0),
         strides[3], strides[4], TOP_K=top_k, HAS_SHARED=shared is not None, **flags, **cfg,
         **launch_args(hidden, late=flags["NF4"]))
-    return out
-
-
-@functools.lru_cache(maxsize=64)
-def _tile_tickets(num_tiles: int, device: torch.device) -> torch.Tensor:
-    """int32 [num_tiles] zeros, one ticket counter per N-tile of `_gemv_down_split_kernel`, which puts
-    each back to 0 when its tile is summed (made once per size and device, before a capture)."""
-    return torch.zeros(num_tiles, dtype=torch.int32, device=device)
-
-
-def _down_split(act, down, flat_ids, route_w, out, shared, shared_args, gate_logit, inter, num_pairs, num_experts,
-                on_gpu, hidden):
-    """One token's down through `_gemv_down_split_kernel`: the top-k experts and the shared expert's
-    K (in chunks of about `inter` values, whole K-steps) as one program per (N-tile, item)."""
-    hidden_dim = out.shape[1]
-    cfg = dict(NF4_DOWN_SPLIT_CONFIG) if on_gpu else gemv_config(1, hidden_dim, False, True, False)
-    cfg = _whole_nf4_blocks(cfg, down)
-    chunk_k = triton.cdiv(inter, cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-    shared_k = _shape(shared.down)[-1] if shared is not None else 0
-    shared_items = triton.cdiv(shared_k, chunk_k)
-    items = num_pairs + shared_items
-    num_tiles = triton.cdiv(hidden_dim, cfg["BLOCK_N"])
-    part = torch.empty(items, hidden_dim, dtype=torch.float32, device=out.device)
-    ptrs, strides, flags = _weight_args(down, num_experts)
-    shared_w, shared_stride, shared_absmax = shared_args(ptrs, "down")
-    cfg = with_nf4_table(cfg, flags, "down")
-    _gemv_down_split_kernel[(num_tiles * items,)](
-        act, ptrs[0], flat_ids, route_w, out, part, _tile_tickets(num_tiles, out.device), shared_w, gate_logit,
-        *ptrs[1:], *shared_absmax, hidden_dim, inter, num_experts, shared_k, num_pairs,
-        act.stride(0), strides[0], strides[1], shared_stride, strides[3], strides[4],
-        TOP_K=num_pairs, SHARED_ITEMS=shared_items, SHARED_CHUNK_K=chunk_k, ITEMS_P2=triton.next_power_of_2(items),
-        **flags, **cfg, **launch_args(hidden, late=True))
     return out
 
 
