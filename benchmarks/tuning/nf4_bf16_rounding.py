@@ -35,7 +35,8 @@ def r(t):
 p = r(levels).view(N, K // 8, 4, 2) * x.view(K // 8, 4, 2)  # [row, word, pair, half]
 a = r(r(p[:, :, 0]) + p[:, :, 1])  # mul, then fma: pairs 0 and 1
 c = r(r(p[:, :, 2]) + p[:, :, 3])  # pairs 2 and 3
-word = r(a + c).sum(-1)  # add.bf16x2, then the two halves in float32
+halves = r(a + c)  # add.bf16x2: [row, word, half]
+word = halves.sum(-1)  # the two halves in float32
 words = (word.view(N, K // 64, 8).sum(-1) * absmax[:, ::64]).sum(-1)
 rel = lambda got, want: float((got - want).norm() / want.norm())  # noqa: E731
 print(f"word path: {rel(words, exact):.1e} from exact, {rel(words, reference):.1e} from the reference; "
@@ -45,7 +46,7 @@ print(f"word path: {rel(words, exact):.1e} from exact, {rel(words, reference):.1
 # across K-steps, one HFMA2 a word with the block's absmax rounded to bf16, where the package converts
 # each word's pair sums to float32 and FMAs them with the absmax (~0.36 of its 4.5 instructions a value).
 for block_k in (256, 512):
-    lanes = r(a + c).view(N, K // block_k, block_k // 8, 2)  # [row, K-step, word slot, half]
+    lanes = halves.view(N, K // block_k, block_k // 8, 2)  # [row, K-step, word slot, half]
     am = r(absmax[:, ::8].reshape(N, K // block_k, block_k // 8, 1))  # each word's block absmax, in bf16
     acc = torch.zeros(N, block_k // 8, 2)
     for step in range(K // block_k):

@@ -88,13 +88,13 @@ def opcode_mix(block_k: int) -> collections.Counter:
 
 if __name__ == "__main__":
     if "--mix" in sys.argv:  # which instructions one more weight value costs, by opcode
-        per_thread = 16 * 2 * 256 / 128  # 256 more values on 16 gate + 16 up rows over 128 threads
+        extra_values = 16 * 2 * 256 / 128  # a thread's values: 256 more on 16 gate + 16 up rows over 128 threads
         small, large = opcode_mix(256), opcode_mix(512)
         extra = {op: large[op] - small[op] for op in large if large[op] != small[op]}
-        print(f"one-token NF4 gate_up (shared expert folded in): {sum(extra.values()) / per_thread:.2f} instructions "
+        print(f"one-token NF4 gate_up (shared expert folded in): {sum(extra.values()) / extra_values:.2f} instructions "
               "per weight value")
         for op, n in sorted(extra.items(), key=lambda kv: -kv[1]):
-            print(f"  {op:8s} {n / per_thread:5.2f}")
+            print(f"  {op:8s} {n / extra_values:5.2f}")
         raise SystemExit(0)
     values_per_thread = 16 * 256 // 64
     for nf4, bytes_per_value in ((True, 0.5), (False, 2)):
