@@ -1301,6 +1301,17 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
             return ptrs[0], 0, ptrs[1:5]
         return w, w.stride(0), routed[1:5]
 
+    from . import nf4_mma  # it imports this module's NF4 helpers
+
+    if _is_nf4(gate_up) and config is None and nf4_mma.usable(hidden, gate_up, down, shared_inter):
+        # NF4 on the tensor cores (`moelab.kernels.nf4_mma`): the same two launches, same act layout.
+        ptrs, strides, flags = _weight_args(gate_up, num_experts)
+        nf4_mma.gate_up(hidden, flat_ids, act, gate_up, ptrs, strides, flags, inter, top_k, num_pairs, rows,
+                        shared_args(ptrs, "gate_up")[::2], shared_inter, chunks, shared is not None)
+        ptrs, strides, flags = _weight_args(down, num_experts)
+        nf4_mma.down(act, flat_ids, route_w, out, down, ptrs, strides, flags, gate_logit, num_tokens, top_k,
+                     num_pairs, shared_args(ptrs, "down")[::2], shared_inter, chunks, shared is not None)
+        return out
     cfg = _whole_nf4_blocks({**gemv_config(rows, inter, True, _is_nf4(gate_up), on_gpu, sms,
                                            shared=shared is not None), **(config or {})}, gate_up)
     ptrs, strides, flags = _weight_args(gate_up, num_experts)
