@@ -88,24 +88,24 @@ MMA_BLOCK_ASM = tl.constexpr(_mma_block_asm())
 @triton.jit
 def _thread_ids(NT: tl.constexpr):
     """[NT] tensors (NT = the program's threads, one element each): each element's hardware lane
-    and warp, read from the thread that holds it (the MMA's fragments are per hardware lane)."""
+    and warp, read from the thread that holds it (the MMA's fragments are per hardware lane).
+    Not pure, like the MMA's asm: a pure one may be recomputed in another layout (Triton did so
+    for the final row sums' [NT, 16] tile), where an element sits in another thread and reads
+    that thread's lane; an impure one stays put and its values move by layout conversion."""
     idx = tl.arange(0, NT)
-    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [idx], dtype=tl.int32, is_pure=True, pack=1)
+    lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [idx], dtype=tl.int32, is_pure=False, pack=1)
     warp = tl.inline_asm_elementwise("mov.u32 $0, %tid.x;\nshr.u32 $0, $0, 5;", "=r,r", [idx], dtype=tl.int32,
-                                     is_pure=True, pack=1)
+                                     is_pure=False, pack=1)
     return lane, warp
 
 
 @triton.jit
-def _block_mma(acc_g, acc_h, codes, row_g, row_h, ok_g, ok_h, word, x0, x1, x2, x3, tbl, scale_g, scale_h):
-    """Rows row_g (g) and row_h (g + 8) of one 16-row tile, one 64-value block: their 8-byte
-    code words `word` (the lane's, in int64 units from each row's start) loaded, multiplied with
-    x in 4 MMAs, scaled and added to acc_g, acc_h."""
-    c_g = tl.load(codes + row_g + word, mask=ok_g, other=0)
-    c_h = tl.load(codes + row_h + word, mask=ok_h, other=0)
+def _block_mma(acc_g, acc_h, c_g, c_h, x0, x1, x2, x3, tbl, scale_g, scale_h):
+    """acc_g, acc_h + the scaled dots of rows g and g + 8 of one 16-row tile over one 64-value
+    block: c_g, c_h the lane's 8 code bytes of each row (int64), x0-x3 its 8 bf16 pairs of x."""
     return tl.inline_asm_elementwise(MMA_BLOCK_ASM, "=r,=r,l,l,l,l,l,l,r,r,r,r,r",
                                      [c_g, c_h, x0, x1, x2, x3, tbl, scale_g, scale_h, acc_g, acc_h],
-                                     dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+                                     dtype=(tl.float32, tl.float32), is_pure=False, pack=1)
 
 
 @triton.jit
@@ -125,6 +125,31 @@ def _row_sums(acc_g, acc_h, g, t):
     part = tl.where(first & (g[:, None] == r[None, :]), acc_g[:, None], 0.0)
     part += tl.where(first & (g[:, None] + 8 == r[None, :]), acc_h[:, None], 0.0)
     return tl.sum(part, axis=0)
+
+
+@triton.jit
+def _gate_up_block(codes, x64, am, am_code, am_scale, am_offset, expert, gate_row, up_row, ok_g, ok_h, k_dim, blk, t,
+                   num_blocks, absmax_per_expert, scales_per_expert, DOUBLE_QUANT: tl.constexpr):
+    """What gate_up's block blk needs, loaded (zeros past num_blocks): the lane's code words of
+    gate rows g, g + 8 and up rows g, g + 8, its 4 words of x, and the 4 rows' absmax."""
+    ok = blk < num_blocks
+    x0, x1, x2, x3 = _x_pairs(x64, blk, t, ok)
+    word = blk * 4 + t
+    rows = (gate_row, gate_row + 8, up_row, up_row + 8)
+    oks = (ok & ok_g, ok & ok_h, ok & ok_g, ok & ok_h)
+    c_gg = tl.load(codes + rows[0].to(tl.int64) * (k_dim // 16) + word, mask=oks[0], other=0)
+    c_gh = tl.load(codes + rows[1].to(tl.int64) * (k_dim // 16) + word, mask=oks[1], other=0)
+    c_ug = tl.load(codes + rows[2].to(tl.int64) * (k_dim // 16) + word, mask=oks[2], other=0)
+    c_uh = tl.load(codes + rows[3].to(tl.int64) * (k_dim // 16) + word, mask=oks[3], other=0)
+    s_gg = _nf4_absmax(am, am_code, am_scale, am_offset, expert, rows[0] * (k_dim // 64) + blk, oks[0],
+                       absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
+    s_gh = _nf4_absmax(am, am_code, am_scale, am_offset, expert, rows[1] * (k_dim // 64) + blk, oks[1],
+                       absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
+    s_ug = _nf4_absmax(am, am_code, am_scale, am_offset, expert, rows[2] * (k_dim // 64) + blk, oks[2],
+                       absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
+    s_uh = _nf4_absmax(am, am_code, am_scale, am_offset, expert, rows[3] * (k_dim // 64) + blk, oks[3],
+                       absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
+    return c_gg, c_gh, c_ug, c_uh, x0, x1, x2, x3, s_gg, s_gh, s_ug, s_uh
 
 
 @triton.jit
@@ -177,37 +202,84 @@ def _nf4_mma_gate_up_kernel(
     ok_h = n0 + g + 8 < limit
     codes = w_e.to(tl.pointer_type(tl.int64), bitcast=True)
     x64 = x_row.to(tl.pointer_type(tl.int64), bitcast=True)
-    row_words = k_dim // 16  # 8-byte code words per row
-    row_blocks = k_dim // 64
-    gate_g, gate_h = gate_row.to(tl.int64) * row_words, (gate_row + 8).to(tl.int64) * row_words
-    up_g, up_h = up_row.to(tl.int64) * row_words, (up_row + 8).to(tl.int64) * row_words
     acc_gg = tl.zeros([32 * WARPS], dtype=tl.float32)
     acc_gh = tl.zeros([32 * WARPS], dtype=tl.float32)
     acc_ug = tl.zeros([32 * WARPS], dtype=tl.float32)
     acc_uh = tl.zeros([32 * WARPS], dtype=tl.float32)
+    # Software-pipelined by hand: each iteration issues the next block's loads (codes, x, absmax)
+    # before it multiplies the ones it holds, so a warp always has a block in flight.
+    blk = warp
+    c_gg, c_gh, c_ug, c_uh, x0, x1, x2, x3, s_gg, s_gh, s_ug, s_uh = _gate_up_block(
+        codes, x64, am, am_code, am_scale, am_offset, expert, gate_row, up_row, ok_g, ok_h, k_dim, blk, t,
+        num_blocks, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
     for i in range(0, tl.cdiv(num_blocks, WARPS)):
-        blk = i * WARPS + warp
-        ok = blk < num_blocks
-        x0, x1, x2, x3 = _x_pairs(x64, blk, t, ok)
-        word = blk * 4 + t
-        s_gg = _nf4_absmax(am, am_code, am_scale, am_offset, expert, gate_row * row_blocks + blk, ok & ok_g,
-                           absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
-        s_gh = _nf4_absmax(am, am_code, am_scale, am_offset, expert, (gate_row + 8) * row_blocks + blk, ok & ok_h,
-                           absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
-        s_ug = _nf4_absmax(am, am_code, am_scale, am_offset, expert, up_row * row_blocks + blk, ok & ok_g,
-                           absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
-        s_uh = _nf4_absmax(am, am_code, am_scale, am_offset, expert, (up_row + 8) * row_blocks + blk, ok & ok_h,
-                           absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
-        acc_gg, acc_gh = _block_mma(acc_gg, acc_gh, codes, gate_g, gate_h, ok & ok_g, ok & ok_h, word,
-                                    x0, x1, x2, x3, lut[0], s_gg, s_gh)
-        acc_ug, acc_uh = _block_mma(acc_ug, acc_uh, codes, up_g, up_h, ok & ok_g, ok & ok_h, word,
-                                    x0, x1, x2, x3, lut[0], s_ug, s_uh)
+        blk += WARPS
+        n_gg, n_gh, n_ug, n_uh, n0_, n1_, n2_, n3_, t_gg, t_gh, t_ug, t_uh = _gate_up_block(
+            codes, x64, am, am_code, am_scale, am_offset, expert, gate_row, up_row, ok_g, ok_h, k_dim, blk, t,
+            num_blocks, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
+        acc_gg, acc_gh = _block_mma(acc_gg, acc_gh, c_gg, c_gh, x0, x1, x2, x3, lut[0], s_gg, s_gh)
+        acc_ug, acc_uh = _block_mma(acc_ug, acc_uh, c_ug, c_uh, x0, x1, x2, x3, lut[0], s_ug, s_uh)
+        c_gg, c_gh, c_ug, c_uh, x0, x1, x2, x3 = n_gg, n_gh, n_ug, n_uh, n0_, n1_, n2_, n3_
+        s_gg, s_gh, s_ug, s_uh = t_gg, t_gh, t_ug, t_uh
     let_next_kernel_start(USE_PDL)
     gate = _row_sums(acc_gg, acc_gh, g, t)
     up = _row_sums(acc_ug, acc_uh, g, t)
     out = gate * tl.sigmoid(gate) * up
     n = n0 + tl.arange(0, 16)
     tl.store(act_ptr + item.to(tl.int64) * stride_am + n, out.to(act_ptr.dtype.element_ty), mask=n < n_out)
+
+
+@triton.jit
+def _down_item(it, items, token, act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_w_ptr, absmax_ptr,
+               absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, shared_absmax_ptr, shared_absmax_code_ptr,
+               shared_absmax_scale_ptr, shared_absmax_offset_ptr, gate, row_g, ok_g, ok_h, t, k_dim, num_experts,
+               shared_k, shared_act_row, shared_chunks, stride_am, stride_we, absmax_per_expert, scales_per_expert,
+               TOP_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_SHARED: tl.constexpr):
+    """What down's item `it` needs, loaded (zeros past `items` and for ids outside [0, E)): items
+    are (expert k, block) of the top-k experts, then the shared expert's blocks. Returns the lane's
+    code words of rows g, g + 8, its 4 words of x (the item's act row) and the rows' absmax times
+    the routing weight (rounded to the output dtype, as transformers rounds it) or shared gate."""
+    ok = it < items
+    blocks = k_dim // 64  # per routed expert
+    routed_items = TOP_K * blocks
+    k = tl.minimum(it // blocks, TOP_K - 1)
+    blk = it % blocks
+    pair = token.to(tl.int64) * TOP_K + k
+    expert = tl.load(ids_ptr + pair, mask=ok, other=0).to(tl.int32)
+    valid = ok & (expert >= 0) & (expert < num_experts)
+    expert = tl.where(valid, expert, 0)
+    scale = tl.load(route_w_ptr + pair, mask=ok, other=0.0).to(out_ptr.dtype.element_ty).to(tl.float32)
+    codes = (w_ptr + expert.to(tl.int64) * stride_we).to(tl.pointer_type(tl.int64), bitcast=True)
+    words = k_dim // 16
+    row_blocks = blocks
+    x_row = act_ptr + pair * stride_am
+    x_blk = blk
+    am, am_code, am_scale, am_offset = absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr
+    if HAS_SHARED:  # items past the routed ones: block j of the shared expert's K (act chunk j * 64 // k_dim)
+        shared = it >= routed_items
+        j = tl.maximum(it - routed_items, 0)
+        valid = tl.where(shared, ok, valid)
+        expert = tl.where(shared, 0, expert)
+        scale = tl.where(shared, gate, scale)
+        codes = tl.where(shared, shared_w_ptr.to(tl.pointer_type(tl.int64), bitcast=True), codes)
+        words = tl.where(shared, shared_k // 16, words)
+        row_blocks = tl.where(shared, shared_k // 64, row_blocks)
+        blk = tl.where(shared, j, blk)
+        x_row = tl.where(shared, act_ptr + (shared_act_row + token.to(tl.int64) * shared_chunks
+                                            + j // blocks) * stride_am, x_row)
+        x_blk = tl.where(shared, j % blocks, x_blk)
+        am = tl.where(shared, shared_absmax_ptr, am)
+        am_code = tl.where(shared, shared_absmax_code_ptr, am_code)
+        am_scale = tl.where(shared, shared_absmax_scale_ptr, am_scale)
+        am_offset = tl.where(shared, shared_absmax_offset_ptr, am_offset)
+    x0, x1, x2, x3 = _x_pairs(x_row.to(tl.pointer_type(tl.int64), bitcast=True), x_blk, t, valid)
+    s_g = _nf4_absmax(am, am_code, am_scale, am_offset, expert, row_g * row_blocks + blk, valid & ok_g,
+                      absmax_per_expert, scales_per_expert, DOUBLE_QUANT) * scale
+    s_h = _nf4_absmax(am, am_code, am_scale, am_offset, expert, (row_g + 8) * row_blocks + blk, valid & ok_h,
+                      absmax_per_expert, scales_per_expert, DOUBLE_QUANT) * scale
+    c_g = tl.load(codes + row_g * words + blk * 4 + t, mask=valid & ok_g, other=0)
+    c_h = tl.load(codes + (row_g + 8) * words + blk * 4 + t, mask=valid & ok_h, other=0)
+    return c_g, c_h, x0, x1, x2, x3, s_g, s_h
 
 
 @triton.jit
@@ -238,55 +310,29 @@ def _nf4_mma_down_kernel(
     ok_g = n0 + g < n_out
     ok_h = n0 + g + 8 < n_out
     row_g = (n0 + g).to(tl.int64)
-    blocks = k_dim // 64  # per routed expert
-    routed_items = TOP_K * blocks
-    items = routed_items
+    items = TOP_K * (k_dim // 64)
+    gate = 0.0
     if HAS_SHARED:
         items += shared_k // 64
         gate = tl.sigmoid(tl.load(shared_gate_ptr + token.to(tl.int64) * stride_sg).to(tl.float32))
     acc_g = tl.zeros([32 * WARPS], dtype=tl.float32)
     acc_h = tl.zeros([32 * WARPS], dtype=tl.float32)
-    for i in range(0, tl.cdiv(items, WARPS)):
-        it = i * WARPS + warp
-        ok = it < items
-        k = tl.minimum(it // blocks, TOP_K - 1)
-        blk = it % blocks
-        pair = token.to(tl.int64) * TOP_K + k
-        expert = tl.load(ids_ptr + pair, mask=ok, other=0).to(tl.int32)
-        valid = ok & (expert >= 0) & (expert < num_experts)
-        expert = tl.where(valid, expert, 0)
-        scale = tl.load(route_w_ptr + pair, mask=ok, other=0.0).to(out_ptr.dtype.element_ty).to(tl.float32)
-        codes = (w_ptr + expert.to(tl.int64) * stride_we).to(tl.pointer_type(tl.int64), bitcast=True)
-        words = k_dim // 16
-        x_row = act_ptr + pair * stride_am
-        am, am_code, am_scale, am_offset = absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr
-        row_blocks = blocks
-        if HAS_SHARED:  # items past the routed ones: block j of the shared expert's K (act chunk j*64 // k_dim)
-            shared = it >= routed_items
-            j = tl.maximum(it - routed_items, 0)
-            valid = tl.where(shared, ok, valid)
-            expert = tl.where(shared, 0, expert)
-            scale = tl.where(shared, gate, scale)
-            codes = tl.where(shared, shared_w_ptr.to(tl.pointer_type(tl.int64), bitcast=True), codes)
-            words = tl.where(shared, shared_k // 16, words)
-            row_blocks = tl.where(shared, shared_k // 64, row_blocks)
-            blk = tl.where(shared, j, blk)
-            x_row = tl.where(shared, act_ptr + (shared_act_row + token.to(tl.int64) * shared_chunks
-                                                + (j * 64) // k_dim) * stride_am, x_row)
-            am = tl.where(shared, shared_absmax_ptr, am)
-            am_code = tl.where(shared, shared_absmax_code_ptr, am_code)
-            am_scale = tl.where(shared, shared_absmax_scale_ptr, am_scale)
-            am_offset = tl.where(shared, shared_absmax_offset_ptr, am_offset)
-            x_blk = tl.where(shared, j % blocks, blk)
-        else:
-            x_blk = blk
-        x0, x1, x2, x3 = _x_pairs(x_row.to(tl.pointer_type(tl.int64), bitcast=True), x_blk, t, valid)
-        s_g = _nf4_absmax(am, am_code, am_scale, am_offset, expert, row_g * row_blocks + blk, valid & ok_g,
-                          absmax_per_expert, scales_per_expert, DOUBLE_QUANT) * scale
-        s_h = _nf4_absmax(am, am_code, am_scale, am_offset, expert, (row_g + 8) * row_blocks + blk, valid & ok_h,
-                          absmax_per_expert, scales_per_expert, DOUBLE_QUANT) * scale
-        acc_g, acc_h = _block_mma(acc_g, acc_h, codes, row_g * words, (row_g + 8) * words, valid & ok_g,
-                                  valid & ok_h, blk * 4 + t, x0, x1, x2, x3, lut[0], s_g, s_h)
+    it = warp
+    c_g, c_h, x0, x1, x2, x3, s_g, s_h = _down_item(
+        it, items, token, act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_w_ptr, absmax_ptr, absmax_code_ptr,
+        absmax_scale_ptr, absmax_offset_ptr, shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr,
+        shared_absmax_offset_ptr, gate, row_g, ok_g, ok_h, t, k_dim, num_experts, shared_k, shared_act_row,
+        shared_chunks, stride_am, stride_we, absmax_per_expert, scales_per_expert, TOP_K, DOUBLE_QUANT, HAS_SHARED)
+    for i in range(0, tl.cdiv(items, WARPS)):  # pipelined by hand, as in gate_up
+        it += WARPS
+        n_g, n_h, n0_, n1_, n2_, n3_, t_g, t_h = _down_item(
+            it, items, token, act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_w_ptr, absmax_ptr,
+            absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, shared_absmax_ptr, shared_absmax_code_ptr,
+            shared_absmax_scale_ptr, shared_absmax_offset_ptr, gate, row_g, ok_g, ok_h, t, k_dim, num_experts,
+            shared_k, shared_act_row, shared_chunks, stride_am, stride_we, absmax_per_expert, scales_per_expert,
+            TOP_K, DOUBLE_QUANT, HAS_SHARED)
+        acc_g, acc_h = _block_mma(acc_g, acc_h, c_g, c_h, x0, x1, x2, x3, lut[0], s_g, s_h)
+        c_g, c_h, x0, x1, x2, x3, s_g, s_h = n_g, n_h, n0_, n1_, n2_, n3_, t_g, t_h
     let_next_kernel_start(USE_PDL)
     total = _row_sums(acc_g, acc_h, g, t)
     n = n0 + tl.arange(0, 16)
