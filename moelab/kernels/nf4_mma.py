@@ -55,6 +55,8 @@ BLOCK_STEPS = tuple(
 
 GATE_UP_WARPS = 4  # warps per gate_up program (each takes every 4th block of K)
 DOWN_WARPS = 16  # warps per down program (each takes every 16th (segment, block) item)
+MAXNREG = {"gate_up": None, "down": None}
+DOWN_SPLIT_LOOPS = False  # register caps per thread (None: the compiler's choice)
 
 
 def _mma_block_asm() -> str:
@@ -89,9 +91,8 @@ MMA_BLOCK_ASM = tl.constexpr(_mma_block_asm())
 def _thread_ids(NT: tl.constexpr):
     """[NT] tensors (NT = the program's threads, one element each): each element's hardware lane
     and warp, read from the thread that holds it (the MMA's fragments are per hardware lane).
-    Not pure, like the MMA's asm: a pure one may be recomputed in another layout (Triton did so
-    for the final row sums' [NT, 16] tile), where an element sits in another thread and reads
-    that thread's lane; an impure one stays put and its values move by layout conversion."""
+    Not pure, like the MMA's asm: a pure one may be recomputed in another layout, where an
+    element sits in another thread and reads that thread's lane; an impure one stays put."""
     idx = tl.arange(0, NT)
     lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [idx], dtype=tl.int32, is_pure=False, pack=1)
     warp = tl.inline_asm_elementwise("mov.u32 $0, %tid.x;\nshr.u32 $0, $0, 5;", "=r,r", [idx], dtype=tl.int32,
@@ -117,9 +118,17 @@ def _x_pairs(x64, blk, t, ok):
 
 
 @triton.jit
-def _row_sums(acc_g, acc_h, g, t):
+def _row_sums(acc_g, acc_h, NT: tl.constexpr):
     """[16] float32: the tile's 16 row sums, each summed over the program's warps (lanes with
-    t = 0 hold rows g and g + 8; the other three lanes of a group hold the same values)."""
+    t = 0 hold rows g and g + 8; the other three lanes of a group hold the same values).
+
+    The lane of element i is taken as i % 32 here, from its index, not read from the hardware:
+    the same under the one-element-per-thread layout of the [NT] tensors (which is what makes
+    `_thread_ids` right), and Triton miscompiled the masked sum below with the asm-read lane
+    (every row's sum landed in row 0; on an H100, triton 3.6)."""
+    idx = tl.arange(0, NT)
+    g = (idx % 32) // 4
+    t = idx % 4
     r = tl.arange(0, 16)
     first = (t == 0)[:, None]
     part = tl.where(first & (g[:, None] == r[None, :]), acc_g[:, None], 0.0)
@@ -222,8 +231,8 @@ def _nf4_mma_gate_up_kernel(
         c_gg, c_gh, c_ug, c_uh, x0, x1, x2, x3 = n_gg, n_gh, n_ug, n_uh, n0_, n1_, n2_, n3_
         s_gg, s_gh, s_ug, s_uh = t_gg, t_gh, t_ug, t_uh
     let_next_kernel_start(USE_PDL)
-    gate = _row_sums(acc_gg, acc_gh, g, t)
-    up = _row_sums(acc_ug, acc_uh, g, t)
+    gate = _row_sums(acc_gg, acc_gh, 32 * WARPS)
+    up = _row_sums(acc_ug, acc_uh, 32 * WARPS)
     out = gate * tl.sigmoid(gate) * up
     n = n0 + tl.arange(0, 16)
     tl.store(act_ptr + item.to(tl.int64) * stride_am + n, out.to(act_ptr.dtype.element_ty), mask=n < n_out)
@@ -283,6 +292,22 @@ def _down_item(it, items, token, act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, 
 
 
 @triton.jit
+def _down_block(codes, words, row_g, ok_g, ok_h, x64, x_blk, blk, t, ok, am, am_code, am_scale, am_offset, expert,
+                row_blocks, scale, absmax_per_expert, scales_per_expert, DOUBLE_QUANT: tl.constexpr):
+    """Block blk of one segment of down's K (one expert's rows, or the shared expert's), loaded:
+    the lane's code words of rows g, g + 8, its x words (block x_blk of the segment's act row
+    x64) and the rows' absmax times `scale`; zeros where not ok."""
+    x0, x1, x2, x3 = _x_pairs(x64, x_blk, t, ok)
+    s_g = _nf4_absmax(am, am_code, am_scale, am_offset, expert, row_g * row_blocks + blk, ok & ok_g,
+                      absmax_per_expert, scales_per_expert, DOUBLE_QUANT) * scale
+    s_h = _nf4_absmax(am, am_code, am_scale, am_offset, expert, (row_g + 8) * row_blocks + blk, ok & ok_h,
+                      absmax_per_expert, scales_per_expert, DOUBLE_QUANT) * scale
+    c_g = tl.load(codes + row_g * words + blk * 4 + t, mask=ok & ok_g, other=0)
+    c_h = tl.load(codes + (row_g + 8) * words + blk * 4 + t, mask=ok & ok_h, other=0)
+    return c_g, c_h, x0, x1, x2, x3, s_g, s_h
+
+
+@triton.jit
 def _nf4_mma_down_kernel(
     act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_w_ptr, shared_gate_ptr,
     absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
@@ -290,7 +315,7 @@ def _nf4_mma_down_kernel(
     n_out, k_dim, num_experts, shared_k, shared_act_row, shared_chunks,
     stride_am, stride_we, stride_om, stride_sg, absmax_per_expert, scales_per_expert,
     TOP_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_SHARED: tl.constexpr, WARPS: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False, SPLIT_LOOPS: tl.constexpr = False,
 ):
     """out[token, n0:n0 + 16] = sum_k route_w[token, k] * W_down[ids[token, k]] @ act[token * K + k]
     (+ sigmoid(shared_gate[token]) * W_shared_down @ act_shared[token] with HAS_SHARED), as
@@ -317,24 +342,68 @@ def _nf4_mma_down_kernel(
         gate = tl.sigmoid(tl.load(shared_gate_ptr + token.to(tl.int64) * stride_sg).to(tl.float32))
     acc_g = tl.zeros([32 * WARPS], dtype=tl.float32)
     acc_h = tl.zeros([32 * WARPS], dtype=tl.float32)
-    it = warp
-    c_g, c_h, x0, x1, x2, x3, s_g, s_h = _down_item(
-        it, items, token, act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_w_ptr, absmax_ptr, absmax_code_ptr,
-        absmax_scale_ptr, absmax_offset_ptr, shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr,
-        shared_absmax_offset_ptr, gate, row_g, ok_g, ok_h, t, k_dim, num_experts, shared_k, shared_act_row,
-        shared_chunks, stride_am, stride_we, absmax_per_expert, scales_per_expert, TOP_K, DOUBLE_QUANT, HAS_SHARED)
-    for i in range(0, tl.cdiv(items, WARPS)):  # pipelined by hand, as in gate_up
-        it += WARPS
-        n_g, n_h, n0_, n1_, n2_, n3_, t_g, t_h = _down_item(
-            it, items, token, act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_w_ptr, absmax_ptr,
-            absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, shared_absmax_ptr, shared_absmax_code_ptr,
-            shared_absmax_scale_ptr, shared_absmax_offset_ptr, gate, row_g, ok_g, ok_h, t, k_dim, num_experts,
-            shared_k, shared_act_row, shared_chunks, stride_am, stride_we, absmax_per_expert, scales_per_expert,
-            TOP_K, DOUBLE_QUANT, HAS_SHARED)
-        acc_g, acc_h = _block_mma(acc_g, acc_h, c_g, c_h, x0, x1, x2, x3, lut[0], s_g, s_h)
-        c_g, c_h, x0, x1, x2, x3, s_g, s_h = n_g, n_h, n0_, n1_, n2_, n3_, t_g, t_h
+    if SPLIT_LOOPS:  # a loop per expert (its scalars set once), then the shared expert's; two blocks a step
+        blocks = k_dim // 64
+        for k in tl.static_range(TOP_K):
+            pair = token.to(tl.int64) * TOP_K + k
+            expert = tl.load(ids_ptr + pair).to(tl.int32)
+            valid = (expert >= 0) & (expert < num_experts)
+            expert = tl.where(valid, expert, 0)
+            seg_blocks = tl.where(valid, blocks, 0)
+            scale = tl.load(route_w_ptr + pair).to(out_ptr.dtype.element_ty).to(tl.float32)
+            codes = (w_ptr + expert.to(tl.int64) * stride_we).to(tl.pointer_type(tl.int64), bitcast=True)
+            x64 = (act_ptr + pair * stride_am).to(tl.pointer_type(tl.int64), bitcast=True)
+            for i in range(0, tl.cdiv(seg_blocks, 2 * WARPS)):
+                b0 = 2 * i * WARPS + warp
+                b1 = b0 + WARPS
+                c_g, c_h, x0, x1, x2, x3, s_g, s_h = _down_block(
+                    codes, k_dim // 16, row_g, ok_g, ok_h, x64, b0, b0, t, b0 < seg_blocks, absmax_ptr,
+                    absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert, blocks, scale,
+                    absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
+                d_g, d_h, y0, y1, y2, y3, u_g, u_h = _down_block(
+                    codes, k_dim // 16, row_g, ok_g, ok_h, x64, b1, b1, t, b1 < seg_blocks, absmax_ptr,
+                    absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, expert, blocks, scale,
+                    absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
+                acc_g, acc_h = _block_mma(acc_g, acc_h, c_g, c_h, x0, x1, x2, x3, lut[0], s_g, s_h)
+                acc_g, acc_h = _block_mma(acc_g, acc_h, d_g, d_h, y0, y1, y2, y3, lut[0], u_g, u_h)
+        if HAS_SHARED:
+            shared_blocks = shared_k // 64
+            codes = shared_w_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+            first_row = shared_act_row + token.to(tl.int64) * shared_chunks
+            for i in range(0, tl.cdiv(shared_blocks, 2 * WARPS)):
+                j0 = 2 * i * WARPS + warp
+                j1 = j0 + WARPS
+                x0_64 = (act_ptr + (first_row + j0 // blocks) * stride_am).to(tl.pointer_type(tl.int64), bitcast=True)
+                x1_64 = (act_ptr + (first_row + j1 // blocks) * stride_am).to(tl.pointer_type(tl.int64), bitcast=True)
+                c_g, c_h, x0, x1, x2, x3, s_g, s_h = _down_block(
+                    codes, shared_k // 16, row_g, ok_g, ok_h, x0_64, j0 % blocks, j0, t, j0 < shared_blocks,
+                    shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr, shared_absmax_offset_ptr, 0,
+                    shared_blocks, gate, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
+                d_g, d_h, y0, y1, y2, y3, u_g, u_h = _down_block(
+                    codes, shared_k // 16, row_g, ok_g, ok_h, x1_64, j1 % blocks, j1, t, j1 < shared_blocks,
+                    shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr, shared_absmax_offset_ptr, 0,
+                    shared_blocks, gate, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
+                acc_g, acc_h = _block_mma(acc_g, acc_h, c_g, c_h, x0, x1, x2, x3, lut[0], s_g, s_h)
+                acc_g, acc_h = _block_mma(acc_g, acc_h, d_g, d_h, y0, y1, y2, y3, lut[0], u_g, u_h)
+    else:
+        it = warp
+        c_g, c_h, x0, x1, x2, x3, s_g, s_h = _down_item(
+            it, items, token, act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_w_ptr, absmax_ptr, absmax_code_ptr,
+            absmax_scale_ptr, absmax_offset_ptr, shared_absmax_ptr, shared_absmax_code_ptr, shared_absmax_scale_ptr,
+            shared_absmax_offset_ptr, gate, row_g, ok_g, ok_h, t, k_dim, num_experts, shared_k, shared_act_row,
+            shared_chunks, stride_am, stride_we, absmax_per_expert, scales_per_expert, TOP_K, DOUBLE_QUANT, HAS_SHARED)
+        for i in range(0, tl.cdiv(items, WARPS)):  # pipelined by hand, as in gate_up
+            it += WARPS
+            n_g, n_h, n0_, n1_, n2_, n3_, t_g, t_h = _down_item(
+                it, items, token, act_ptr, w_ptr, ids_ptr, route_w_ptr, out_ptr, shared_w_ptr, absmax_ptr,
+                absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, shared_absmax_ptr, shared_absmax_code_ptr,
+                shared_absmax_scale_ptr, shared_absmax_offset_ptr, gate, row_g, ok_g, ok_h, t, k_dim, num_experts,
+                shared_k, shared_act_row, shared_chunks, stride_am, stride_we, absmax_per_expert, scales_per_expert,
+                TOP_K, DOUBLE_QUANT, HAS_SHARED)
+            acc_g, acc_h = _block_mma(acc_g, acc_h, c_g, c_h, x0, x1, x2, x3, lut[0], s_g, s_h)
+            c_g, c_h, x0, x1, x2, x3, s_g, s_h = n_g, n_h, n0_, n1_, n2_, n3_, t_g, t_h
     let_next_kernel_start(USE_PDL)
-    total = _row_sums(acc_g, acc_h, g, t)
+    total = _row_sums(acc_g, acc_h, 32 * WARPS)
     n = n0 + tl.arange(0, 16)
     tl.store(out_ptr + token.to(tl.int64) * stride_om + n, total.to(out_ptr.dtype.element_ty), mask=n < n_out)
 
@@ -358,7 +427,7 @@ def gate_up(hidden, flat_ids, act, gate_up_w, ptrs, strides, flags, inter, top_k
         inter, hidden_dim, num_experts, top_k, num_pairs, shared_inter, max(chunks, 1),
         hidden.stride(0), strides[0], act.stride(0), strides[3], strides[4],
         DOUBLE_QUANT=flags["DOUBLE_QUANT"], HAS_SHARED=has_shared, WARPS=GATE_UP_WARPS, num_warps=GATE_UP_WARPS,
-        **launch_args(hidden, late=True))
+        **_cap("gate_up"), **launch_args(hidden, late=True))
 
 
 def down(act, flat_ids, route_w, out, down_w, ptrs, strides, flags, gate_logit, num_tokens, top_k, num_pairs,
@@ -371,4 +440,9 @@ def down(act, flat_ids, route_w, out, down_w, ptrs, strides, flags, gate_logit, 
         hidden_dim, inter, num_experts, shared_inter, num_pairs, max(chunks, 1),
         act.stride(0), strides[0], out.stride(0), gate_logit.stride(0), strides[3], strides[4],
         TOP_K=top_k, DOUBLE_QUANT=flags["DOUBLE_QUANT"], HAS_SHARED=has_shared, WARPS=DOWN_WARPS,
-        num_warps=DOWN_WARPS, **launch_args(act, late=True))
+        SPLIT_LOOPS=DOWN_SPLIT_LOOPS,
+        num_warps=DOWN_WARPS, **_cap("down"), **launch_args(act, late=True))
+
+
+def _cap(kernel: str) -> dict:
+    return {} if MAXNREG[kernel] is None else {"maxnreg": MAXNREG[kernel]}
