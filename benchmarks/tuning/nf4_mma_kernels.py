@@ -19,12 +19,17 @@ from moelab.quant import dequantize_nf4
 from tuning_common import nf4_shared_experts, routed_layer_at_one_token
 
 OUT = os.environ.get("OUT", "/tmp")
-VARIANTS = {"words": None, "mma": {}, "g8": {"GATE_UP_WARPS": 8}, "g4r64": {"MAXNREG": {"gate_up": 64, "down": None}},
-            "d32": {"DOWN_WARPS": 32}, "d8": {"DOWN_WARPS": 8}, "d32r64": {"DOWN_WARPS": 32, "MAXNREG": {"gate_up": None, "down": 64}},
-            "split": {"DOWN_SPLIT_LOOPS": True}, "split_d8": {"DOWN_SPLIT_LOOPS": True, "DOWN_WARPS": 8},
-            "split_d32": {"DOWN_SPLIT_LOOPS": True, "DOWN_WARPS": 32}}
+def _v(g=4, d=16, rg=64, rd=None, split=True, prefetch=True):
+    return {"GATE_UP_WARPS": g, "DOWN_WARPS": d, "MAXNREG": {"gate_up": rg, "down": rd}, "DOWN_SPLIT_LOOPS": split,
+            "GATE_UP_PREFETCH": prefetch}
+
+
+VARIANTS = {"words": None, "mma": {}, "no_prefetch": _v(prefetch=False), "no_prefetch_uncapped": _v(rg=None, prefetch=False),
+            "g8_no_prefetch": _v(g=8, prefetch=False), "g8r80_no_prefetch": _v(g=8, rg=80, prefetch=False)}
+if os.environ.get("VARIANTS"):
+    VARIANTS = {k: v for k, v in VARIANTS.items() if k in os.environ["VARIANTS"].split(",") or k == "words"}
 PACKAGE = {"GATE_UP_WARPS": MMA.GATE_UP_WARPS, "DOWN_WARPS": MMA.DOWN_WARPS, "MAXNREG": dict(MMA.MAXNREG),
-           "DOWN_SPLIT_LOOPS": MMA.DOWN_SPLIT_LOOPS}
+           "DOWN_SPLIT_LOOPS": MMA.DOWN_SPLIT_LOOPS, "GATE_UP_PREFETCH": MMA.GATE_UP_PREFETCH}
 
 
 def use(name):

@@ -55,8 +55,9 @@ BLOCK_STEPS = tuple(
 
 GATE_UP_WARPS = 4  # warps per gate_up program (each takes every 4th block of K)
 DOWN_WARPS = 16  # warps per down program (each takes every 16th (segment, block) item)
-MAXNREG = {"gate_up": None, "down": None}
-DOWN_SPLIT_LOOPS = False  # register caps per thread (None: the compiler's choice)
+MAXNREG = {"gate_up": 64, "down": None}  # register caps per thread (None: the compiler's choice)
+DOWN_SPLIT_LOOPS = True  # down: a loop per expert, then the shared expert's (else one flat item loop)
+GATE_UP_PREFETCH = True  # gate_up: the next block's loads issued before this block's MMAs
 
 
 def _mma_block_asm() -> str:
@@ -169,6 +170,7 @@ def _nf4_mma_gate_up_kernel(
     n_out, k_dim, num_experts, top_k, num_pairs, shared_rows, shared_chunks,
     stride_xm, stride_we, stride_am, absmax_per_expert, scales_per_expert,
     DOUBLE_QUANT: tl.constexpr, HAS_SHARED: tl.constexpr, WARPS: tl.constexpr, USE_PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = True,
 ):
     """act[item, n0:n0 + 16] = SiLU(gate) * up for one (item, 16-row tile) per program, item a
     (token, expert) pair or (HAS_SHARED) a chunk of the shared expert's intermediate, exactly
@@ -215,21 +217,30 @@ def _nf4_mma_gate_up_kernel(
     acc_gh = tl.zeros([32 * WARPS], dtype=tl.float32)
     acc_ug = tl.zeros([32 * WARPS], dtype=tl.float32)
     acc_uh = tl.zeros([32 * WARPS], dtype=tl.float32)
-    # Software-pipelined by hand: each iteration issues the next block's loads (codes, x, absmax)
-    # before it multiplies the ones it holds, so a warp always has a block in flight.
-    blk = warp
-    c_gg, c_gh, c_ug, c_uh, x0, x1, x2, x3, s_gg, s_gh, s_ug, s_uh = _gate_up_block(
-        codes, x64, am, am_code, am_scale, am_offset, expert, gate_row, up_row, ok_g, ok_h, k_dim, blk, t,
-        num_blocks, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
-    for i in range(0, tl.cdiv(num_blocks, WARPS)):
-        blk += WARPS
-        n_gg, n_gh, n_ug, n_uh, n0_, n1_, n2_, n3_, t_gg, t_gh, t_ug, t_uh = _gate_up_block(
+    if PREFETCH:
+        # Software-pipelined by hand: each iteration issues the next block's loads (codes, x, absmax)
+        # before it multiplies the ones it holds, so a warp always has a block in flight.
+        blk = warp
+        c_gg, c_gh, c_ug, c_uh, x0, x1, x2, x3, s_gg, s_gh, s_ug, s_uh = _gate_up_block(
             codes, x64, am, am_code, am_scale, am_offset, expert, gate_row, up_row, ok_g, ok_h, k_dim, blk, t,
             num_blocks, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
-        acc_gg, acc_gh = _block_mma(acc_gg, acc_gh, c_gg, c_gh, x0, x1, x2, x3, lut[0], s_gg, s_gh)
-        acc_ug, acc_uh = _block_mma(acc_ug, acc_uh, c_ug, c_uh, x0, x1, x2, x3, lut[0], s_ug, s_uh)
-        c_gg, c_gh, c_ug, c_uh, x0, x1, x2, x3 = n_gg, n_gh, n_ug, n_uh, n0_, n1_, n2_, n3_
-        s_gg, s_gh, s_ug, s_uh = t_gg, t_gh, t_ug, t_uh
+        for i in range(0, tl.cdiv(num_blocks, WARPS)):
+            blk += WARPS
+            n_gg, n_gh, n_ug, n_uh, n0_, n1_, n2_, n3_, t_gg, t_gh, t_ug, t_uh = _gate_up_block(
+                codes, x64, am, am_code, am_scale, am_offset, expert, gate_row, up_row, ok_g, ok_h, k_dim, blk, t,
+                num_blocks, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
+            acc_gg, acc_gh = _block_mma(acc_gg, acc_gh, c_gg, c_gh, x0, x1, x2, x3, lut[0], s_gg, s_gh)
+            acc_ug, acc_uh = _block_mma(acc_ug, acc_uh, c_ug, c_uh, x0, x1, x2, x3, lut[0], s_ug, s_uh)
+            c_gg, c_gh, c_ug, c_uh, x0, x1, x2, x3 = n_gg, n_gh, n_ug, n_uh, n0_, n1_, n2_, n3_
+            s_gg, s_gh, s_ug, s_uh = t_gg, t_gh, t_ug, t_uh
+    else:
+        for i in range(0, tl.cdiv(num_blocks, WARPS)):
+            blk = i * WARPS + warp
+            c_gg, c_gh, c_ug, c_uh, x0, x1, x2, x3, s_gg, s_gh, s_ug, s_uh = _gate_up_block(
+                codes, x64, am, am_code, am_scale, am_offset, expert, gate_row, up_row, ok_g, ok_h, k_dim, blk, t,
+                num_blocks, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
+            acc_gg, acc_gh = _block_mma(acc_gg, acc_gh, c_gg, c_gh, x0, x1, x2, x3, lut[0], s_gg, s_gh)
+            acc_ug, acc_uh = _block_mma(acc_ug, acc_uh, c_ug, c_uh, x0, x1, x2, x3, lut[0], s_ug, s_uh)
     let_next_kernel_start(USE_PDL)
     gate = _row_sums(acc_gg, acc_gh, 32 * WARPS)
     up = _row_sums(acc_ug, acc_uh, 32 * WARPS)
@@ -427,6 +438,7 @@ def gate_up(hidden, flat_ids, act, gate_up_w, ptrs, strides, flags, inter, top_k
         inter, hidden_dim, num_experts, top_k, num_pairs, shared_inter, max(chunks, 1),
         hidden.stride(0), strides[0], act.stride(0), strides[3], strides[4],
         DOUBLE_QUANT=flags["DOUBLE_QUANT"], HAS_SHARED=has_shared, WARPS=GATE_UP_WARPS, num_warps=GATE_UP_WARPS,
+        PREFETCH=GATE_UP_PREFETCH,
         **_cap("gate_up"), **launch_args(hidden, late=True))
 
 
