@@ -76,7 +76,13 @@ the code at commit 6701b1e). Nor did giving down gate_up's shape help: one progr
 N-tile, item), the top-k experts and the shared expert's K in 1,536-value chunks, each tile's
 partials summed by its last program (an atomic ticket), left the layer with the shared expert at
 29.3-29.6 against 29.5-29.8 us and made it slower without (nf4_down_split_ab_2026-12-07_h100.json,
-the code at commit 6db0997).
+the code at commit 6db0997). Nor did the tensor cores, this time in the package's own NF4 format
+(notebooks/05 section 13): `mma.m16n8k16` with the weights as A and x in every column of B, K
+permuted so that each lane's A registers come from 8 contiguous code bytes of its two rows, each
+byte one look-up in the pair table; exact products (4.5e-3 from dequantize-then-matmul against
+the word path's 6.2e-3), but the layer with the shared expert 29.4-30.7 against 29.6-30.6 us,
+22-27 % slower without it, the batch-1 step 1 % slower (nf4_mma_kernels_*_2026-12-07_h100.json,
+nf4_mma_ab_run3_2026-12-07_h100.json; the code at commit 6f4391b).
 
 Decode GEMVs have no data reuse to hide memory latency behind: bytes in flight set their
 speed, so their K-loops are software-pipelined (`tl.range(..., num_stages=PIPELINE)`: the
@@ -1301,17 +1307,6 @@ def _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared: Sh
             return ptrs[0], 0, ptrs[1:5]
         return w, w.stride(0), routed[1:5]
 
-    from . import nf4_mma  # it imports this module's NF4 helpers
-
-    if _is_nf4(gate_up) and config is None and nf4_mma.usable(hidden, gate_up, down, shared_inter):
-        # NF4 on the tensor cores (`moelab.kernels.nf4_mma`): the same two launches, same act layout.
-        ptrs, strides, flags = _weight_args(gate_up, num_experts)
-        nf4_mma.gate_up(hidden, flat_ids, act, gate_up, ptrs, strides, flags, inter, top_k, num_pairs, rows,
-                        shared_args(ptrs, "gate_up")[::2], shared_inter, chunks, shared is not None)
-        ptrs, strides, flags = _weight_args(down, num_experts)
-        nf4_mma.down(act, flat_ids, route_w, out, down, ptrs, strides, flags, gate_logit, num_tokens, top_k,
-                     num_pairs, shared_args(ptrs, "down")[::2], shared_inter, chunks, shared is not None)
-        return out
     cfg = _whole_nf4_blocks({**gemv_config(rows, inter, True, _is_nf4(gate_up), on_gpu, sms,
                                            shared=shared is not None), **(config or {})}, gate_up)
     ptrs, strides, flags = _weight_args(gate_up, num_experts)
