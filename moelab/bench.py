@@ -791,6 +791,7 @@ SERVE_PRESETS = {"tiny": "cpu", "qwen1.5-moe-a2.7b": "cuda"}
 SERVE_PRECISIONS = ("fp32", "bf16", "nf4")
 SERIAL_EXPERTS = ("eager", "grouped_mm")  # hf_serial runs once with each of transformers' experts paths
 LOGITS_TOLERANCE = 0.05  # teacher-forced logits: |moelab - transformers| / |transformers| (L2, per prompt)
+DECODE_AGREEMENT = 0.8  # served greedy tokens, teacher-forced through transformers: least top-1 agreement
 
 
 def serve_workload(num_requests: int = 32, prompt_len=(16, 64), output_len=(8, 128), rate: float | None = None,
@@ -975,6 +976,30 @@ def teacher_forced_check(model, prompts: list[list[int]], experts_fn, tolerance:
     return {"rel_l2_error": float(f"{worst:.3g}"), "tolerance": tolerance,
             "max_abs_diff_rel": float(f"{worst_abs:.3g}"), "top1_agreement": round(agree / total, 4),
             "positions": total, "ok": worst < tolerance}
+
+
+def served_tokens_check(model, prompts: list[list[int]], outputs: list[list[int]],
+                        threshold: float = DECODE_AGREEMENT) -> dict:
+    """The greedy tokens a moelab system served, fed back through transformers' own forward of
+    the same model: the fraction of generated positions where transformers' argmax is the token
+    served. `teacher_forced_check` runs moelab's prefill only; this is the check that sees the
+    decode steps (their kernels, CUDA graphs and sampling). Teacher-forcing on the served tokens
+    keeps both on one context, so a correct run disagrees only at near-ties (bf16 and NF4 flip a
+    few); a wrong decode path agrees almost nowhere. A decode kernel that returned garbage on an
+    H100 (2026-12-07) passed the prompt-logits check at 0.0198 and served tokens at full speed:
+    this is what catches it."""
+    agree = total = 0
+    with torch.no_grad():
+        for prompt, out in zip(prompts, outputs):
+            if not out:
+                continue
+            seq = torch.tensor([list(prompt) + list(out[:-1])], device=model.device)
+            predicted = model(seq).logits[0, len(prompt) - 1:].argmax(-1).tolist()
+            agree += sum(int(p == t) for p, t in zip(predicted, out))
+            total += len(out)
+    fraction = agree / total if total else 1.0
+    return {"top1_agreement": round(fraction, 4), "threshold": threshold, "positions": total,
+            "ok": fraction >= threshold, "required": True}
 
 
 def tokens_check(tokens: dict) -> dict:
@@ -1294,6 +1319,10 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYS
                 # moelab's forward vs transformers' forward of the very same model (at NF4:
                 # moelab's NF4 model, whose experts are a drop-in transformers runs too).
                 checks[f"logits_{precision}"] = teacher_forced_check(model, wl["prompts"][:4], experts_fn)
+            served = next((t for name, t in tokens.items() if name.startswith("moelab") and f" {precision} " in name),
+                          None)
+            if f"decode_{precision}" not in checks and served is not None and (shared is not None or not for_hf):
+                checks[f"decode_{precision}"] = served_tokens_check(model, wl["prompts"][:4], served[:4])
             _drop_compiled(model)
             engine = run = None
             if shared is None:
@@ -1384,7 +1413,11 @@ def serve_summary(result: dict) -> list[str]:
             if parts:
                 lines.append(f"{r['system']} {r['precision']} c{r['concurrency']}: {', '.join(parts)}")
     for name, check in (result.get("checks") or {}).items():
-        if name.startswith("tokens_"):
+        if name.startswith("decode_"):
+            lines.append(f"check {name}: served tokens = transformers' teacher-forced argmax at "
+                         f"{check['top1_agreement']:.1%} of {check['positions']} positions "
+                         f"(>= {check['threshold']:.0%}: {'ok' if check['ok'] else 'FAILED'})")
+        elif name.startswith("tokens_"):
             state = "identical" if check["ok"] else "DIFFER: " + "; ".join(check["mismatches"][:3])
             lines.append(f"check {name}: {len(check['systems'])} runs' tokens {state}"
                          + ("" if check.get("required") else " (informational: bf16/NF4 near-ties may flip)"))

@@ -170,6 +170,24 @@ def test_teacher_forced_check_passes_bf16_and_catches_a_wrong_forward():
     assert not wrong["ok"] and wrong["rel_l2_error"] > bench.LOGITS_TOLERANCE
 
 
+def test_served_tokens_check_passes_the_engines_tokens_and_catches_wrong_ones():
+    import moelab
+    from moelab.engine import Engine
+
+    model, _ = moelab.load("tiny")
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (4, 9, 1)]
+    served = Engine(model, num_slots=2, max_seq_len=32).generate(prompts, max_new_tokens=6)
+    good = bench.served_tokens_check(model, prompts, served)
+    assert good["ok"] and good["required"] and good["positions"] == 18 and good["top1_agreement"] == 1.0
+    # one wrong last token (nothing is predicted from it) in 18: 17 agree; every token off by one id: few do
+    nudged = [list(t) for t in served]
+    nudged[1][-1] = (nudged[1][-1] + 1) % 256
+    assert bench.served_tokens_check(model, prompts, nudged)["top1_agreement"] == round(17 / 18, 4)
+    wrong = bench.served_tokens_check(model, prompts, [[(t + 1) % 256 for t in out] for out in served])
+    assert not wrong["ok"] and wrong["top1_agreement"] < bench.DECODE_AGREEMENT
+
+
 def _continuous_runs_here() -> bool:
     import transformers
     from packaging.version import Version
@@ -213,6 +231,8 @@ def test_full_benchmark_runs_every_system_end_to_end_then_merges(tmp_path, capsy
     assert len(checks["tokens_fp32"]["systems"]) == (12 if _continuous_runs_here() else 10)
     assert checks["logits_fp32"]["ok"] and checks["logits_fp32"]["rel_l2_error"] < 1e-4
     assert checks["logits_nf4"]["ok"]
+    # the served tokens of moelab's decode path, teacher-forced through transformers
+    assert checks["decode_fp32"]["ok"] and checks["decode_fp32"]["top1_agreement"] == 1.0 and checks["decode_nf4"]["ok"]
     out = capsys.readouterr().out
     assert "moelab_continuous fp32 c2: " in out and "x hf_serial" in out and "x hf_static" in out
 
