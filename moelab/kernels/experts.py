@@ -1140,6 +1140,9 @@ GEMV_MAX_PAIRS_NF4 = 64
 # configuration starts, against 1,031 dequantizing first: hence the threshold right above 256 pairs
 # (it was 1,024).
 NF4_DENSE_FROM_PAIRS = DECODE_MAX_PAIRS + 1
+# From this many pairs up to NF4_DENSE_FROM_PAIRS, NF4 experts on CUDA run `moelab.kernels.nf4_mma`:
+# grouped by expert, up to 8 pairs of one expert multiplied at once on the tensor cores.
+NF4_MMA_FROM_PAIRS = 8
 
 
 # The gate_up rows of one Qwen1.5-MoE token: its 4 (token, expert) pairs and the shared expert's 4
@@ -1424,6 +1427,17 @@ def fused_experts_forward(hidden: torch.Tensor, weights: torch.Tensor, ids: torc
     device = hidden.device
     route_w = weights.reshape(-1).contiguous()
     dense_k_ok = _is_nf4(gate_up) or (gate_up.stride(2) == 1 and down.stride(2) == 1)
+    if _is_nf4(gate_up) and NF4_MMA_FROM_PAIRS <= num_pairs < NF4_DENSE_FROM_PAIRS and config is None:
+        from . import nf4_mma  # it imports this module's helpers
+
+        if nf4_mma.usable(hidden, gate_up, down):  # a few tokens per expert: the tensor cores (notebook 05, 14)
+            counts, pairs = align_by_expert(ids, num_experts)
+            act = torch.empty(num_pairs, inter, dtype=hidden.dtype, device=device)
+            out = torch.empty(num_pairs, hidden_dim, dtype=hidden.dtype, device=device)
+            nf4_mma.grouped(hidden, gate_up, act, pairs, counts, route_w, top_k, gated=True)
+            nf4_mma.grouped(act, down, out, pairs, counts, route_w, 1, gated=False)
+            out = topk_sum(out, top_k)
+            return out if shared is None else out + _shared_expert(hidden, shared)
     if num_pairs <= (GEMV_MAX_PAIRS_NF4 if _is_nf4(gate_up) else GEMV_MAX_PAIRS) and dense_k_ok:
         if shared is not None and _can_fold_shared(shared, hidden, gate_up, down):
             return _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared)

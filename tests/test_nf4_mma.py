@@ -1,0 +1,155 @@
+"""The NF4 experts on the tensor cores (moelab.kernels.nf4_mma).
+
+Its PTX runs only on CUDA. On the CPU this checks the part that is easy to get wrong and hard
+to see on the GPU: which code bytes and x pairs each lane puts into which MMA register
+(`BLOCK_STEPS`), emulated lane by lane against the fragment layout of `mma.m16n8k16` that the
+PTX ISA documents, with 8 different tokens in B's 8 columns, and the PTX text generated from it.
+The `gpu` tests run the path against dequantize-then-matmul on the full Qwen1.5-MoE layer.
+"""
+
+import re
+import types
+
+import pytest
+import torch
+
+import moelab
+from moelab.kernels import experts as experts_kernels
+from moelab.kernels import nf4_mma
+from moelab.kernels.experts import fused_experts_forward, nf4_pair_table
+from moelab.quant import NF4_CODE, NF4Experts, dequantize_nf4
+
+from test_experts_kernel import QWEN, experts_module, routed
+
+PAIRS = torch.tensor(nf4_pair_table(), dtype=torch.int64)
+PAIR_LEVELS = torch.stack([PAIRS & 0xFFFF, PAIRS >> 16], -1).to(torch.int32).to(torch.int16).view(torch.bfloat16).double()
+
+
+def _emulated_block(codes: torch.Tensor, x: torch.Tensor, steps=None) -> torch.Tensor:
+    """[16, 8]: one 16-row x 64-value block (codes uint8 [16, 32], byte j of a row holding values
+    2j, 2j + 1) times 8 columns of x ([64, 8]) through 4 emulated MMAs. Each lane fills its
+    registers as `steps` (BLOCK_STEPS) says; the ISA's layout of m16n8k16 places them in A and B."""
+    out = torch.zeros(16, 8, dtype=torch.float64)
+    for step in steps or nf4_mma.BLOCK_STEPS:
+        a = torch.full((16, 16), float("nan"), dtype=torch.float64)
+        b = torch.full((16, 8), float("nan"), dtype=torch.float64)
+        for lane in range(32):
+            g, t = divmod(lane, 4)
+            for reg, (half, byte) in enumerate(step["a"]):
+                # A (ISA): register 0 row g, cols 2t, 2t+1; 1 row g+8; 2 row g, cols 2t+8, 2t+9; 3 row g+8.
+                row, col = g + 8 * (reg % 2), 2 * t + 8 * (reg // 2)
+                a[row, col:col + 2] = PAIR_LEVELS[int(codes[g + 8 * half, 8 * t + byte])]
+            for reg, pair in enumerate(step["b"]):
+                # B (ISA): register 0 rows (K) 2t, 2t+1 of column g; register 1 rows 2t+8, 2t+9.
+                k = 2 * t + 8 * reg
+                b[k:k + 2, g] = x[16 * t + 2 * pair:16 * t + 2 * pair + 2, g]
+        assert not a.isnan().any() and not b.isnan().any(), "a fragment slot was never filled"
+        out += a @ b
+    return out
+
+
+def _block(seed):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (16, 32), generator=gen, dtype=torch.int32)
+    x = torch.randn(64, 8, generator=gen).bfloat16().double()
+    levels = NF4_CODE.to(torch.bfloat16).double()
+    w = torch.stack([codes.long() >> 4, codes.long() & 15], dim=-1).reshape(16, 64)  # value 2j: the high nibble
+    return codes, x, levels[w] @ x
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_block_steps_give_every_row_and_column_its_dot_product(seed):
+    codes, x, expected = _block(seed)
+    assert torch.allclose(_emulated_block(codes, x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_wrong_mapping_is_caught():
+    """The emulation is not vacuous: swapping two A registers, or two x pairs, changes the sums."""
+    codes, x, expected = _block(3)
+    for key, i, j in (("a", 0, 2), ("b", 0, 1)):
+        steps = [dict(s) for s in nf4_mma.BLOCK_STEPS]
+        regs = list(steps[1][key])
+        regs[i], regs[j] = regs[j], regs[i]
+        steps[1][key] = tuple(regs)
+        assert not torch.allclose(_emulated_block(codes, x, steps), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_the_ptx_follows_block_steps():
+    """Each step's 4 look-ups take the code bytes BLOCK_STEPS names (row g: words w0, w1; row
+    g + 8: w2, w3), and its MMA takes x pairs 2s, 2s + 1 (64-bit operand 6 + s); rows g are
+    scaled by operand 11, rows g + 8 by operand 12."""
+    ptx = nf4_mma.MMA_BLOCK_ASM.value
+    picks = re.findall(r"prmt\.b32 t, (w\d), 0, 0x444(\d);", ptx)
+    assert len(picks) == 16
+    for s, step in enumerate(nf4_mma.BLOCK_STEPS):
+        assert step["b"] == (2 * s, 2 * s + 1)
+        for reg, (half, byte) in enumerate(step["a"]):
+            assert picks[4 * s + reg] == (f"w{2 * half + byte // 4}", str(byte % 4))
+    assert re.findall(r"mov\.b64 \{x0, x1\}, \$(\d+);", ptx) == ["6", "7", "8", "9"]
+    assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == 4
+    assert re.findall(r"fma\.rn\.f32 c(\d), d\1, (s[gh]), c\1;", ptx) == [("0", "sg"), ("1", "sg"), ("2", "sh"),
+                                                                          ("3", "sh")]
+
+
+def test_not_usable_on_the_cpu():
+    layer = NF4Experts.from_experts(experts_module(4, 128, 64, torch.float32, "cpu"))
+    assert not nf4_mma.usable(torch.zeros(1, 128), layer.gate_up, layer.down)  # the interpreter's paths
+
+
+# ---------------------------------------------------------------------------- GPU
+
+
+def _reference(layer, x, weights, ids):
+    ref = types.SimpleNamespace(gate_up_proj=dequantize_nf4(layer.gate_up).float(),
+                                down_proj=dequantize_nf4(layer.down).float(), act_fn=torch.nn.SiLU(),
+                                num_experts=layer.gate_up.shape[0])
+    return moelab.model.experts_torch(x.float(), weights.float(), ids, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens, top_k", [(2, 4), (3, 3), (5, 4), (16, 4), (33, 4), (64, 4), (20, 6)])
+def test_gpu_mma_path_matches_dequantize_then_matmul(tokens, top_k, monkeypatch):
+    """The full layer through the MMA path against dequantize-then-matmul (float32) and against the
+    previous NF4 paths; one id out of range adds nothing; deterministic."""
+    experts = experts_module(QWEN["num_experts"], QWEN["hidden"], QWEN["inter"], torch.bfloat16, "cuda", seed=tokens)
+    layer = NF4Experts.from_experts(experts)
+    x = torch.randn(tokens, QWEN["hidden"], device="cuda").bfloat16()
+    weights, ids = routed(tokens, QWEN["num_experts"], top_k, tokens + 11, torch.bfloat16, "cuda")
+    bad = ids.clone()
+    bad[-1, -1] = QWEN["num_experts"] + 2
+    kept = weights.clone()
+    kept[-1, -1] = 0
+    expected = _reference(layer, x, kept, ids)
+    assert experts_kernels.NF4_MMA_FROM_PAIRS <= tokens * top_k < experts_kernels.NF4_DENSE_FROM_PAIRS
+    calls = []
+    monkeypatch.setattr(nf4_mma, "grouped", lambda *a, _f=nf4_mma.grouped, **k: calls.append(1) or _f(*a, **k))
+    got = fused_experts_forward(x, weights, bad, layer)
+    assert len(calls) == 2  # gate_up and down took this path
+    err = float((got.float() - expected).norm() / expected.norm())
+    assert err < 5e-3, f"relative error {err:.2e} at T={tokens}, top-{top_k}"
+    assert torch.equal(got, fused_experts_forward(x, weights, bad, layer))
+    monkeypatch.setattr(nf4_mma, "ENABLED", False)
+    before = fused_experts_forward(x, weights, bad, layer)
+    assert float((before.float() - expected).norm() / expected.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_mma_path_in_a_cuda_graph():
+    experts = experts_module(QWEN["num_experts"], QWEN["hidden"], QWEN["inter"], torch.bfloat16, "cuda")
+    layer = NF4Experts.from_experts(experts)
+    x = torch.randn(16, QWEN["hidden"], device="cuda").bfloat16()
+    weights, ids = routed(16, QWEN["num_experts"], QWEN["top_k"], 1, torch.bfloat16, "cuda")
+    eager = fused_experts_forward(x, weights, ids, layer)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fused_experts_forward(x, weights, ids, layer)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_experts_forward(x, weights, ids, layer)
+    new_w, new_ids = routed(16, QWEN["num_experts"], QWEN["top_k"], 2, torch.bfloat16, "cuda")
+    weights.copy_(new_w)
+    ids.copy_(new_ids)
+    graph.replay()
+    assert torch.equal(out, fused_experts_forward(x, weights, ids, layer)) and not torch.equal(out, eager)
