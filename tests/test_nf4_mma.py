@@ -120,7 +120,7 @@ def test_gpu_mma_path_matches_dequantize_then_matmul(tokens, top_k, monkeypatch)
     kept = weights.clone()
     kept[-1, -1] = 0
     expected = _reference(layer, x, kept, ids)
-    assert experts_kernels.NF4_MMA_FROM_PAIRS <= tokens * top_k < experts_kernels.NF4_DENSE_FROM_PAIRS
+    monkeypatch.setattr(experts_kernels, "NF4_MMA_FROM_PAIRS", 1)  # every case here takes the path
     calls = []
     monkeypatch.setattr(nf4_mma, "grouped", lambda *a, _f=nf4_mma.grouped, **k: calls.append(1) or _f(*a, **k))
     got = fused_experts_forward(x, weights, bad, layer)
@@ -131,6 +131,11 @@ def test_gpu_mma_path_matches_dequantize_then_matmul(tokens, top_k, monkeypatch)
     monkeypatch.setattr(nf4_mma, "ENABLED", False)
     before = fused_experts_forward(x, weights, bad, layer)
     assert float((before.float() - expected).norm() / expected.norm()) < 1e-2
+
+
+def test_the_threshold_sends_8_to_64_tokens_at_top_4_to_the_path():
+    assert experts_kernels.NF4_MMA_FROM_PAIRS == 8 * QWEN["top_k"]
+    assert experts_kernels.NF4_DENSE_FROM_PAIRS == 64 * QWEN["top_k"] + 1
 
 
 @pytest.mark.gpu

@@ -1141,8 +1141,11 @@ GEMV_MAX_PAIRS_NF4 = 64
 # (it was 1,024).
 NF4_DENSE_FROM_PAIRS = DECODE_MAX_PAIRS + 1
 # From this many pairs up to NF4_DENSE_FROM_PAIRS, NF4 experts on CUDA run `moelab.kernels.nf4_mma`:
-# grouped by expert, up to 8 pairs of one expert multiplied at once on the tensor cores.
-NF4_MMA_FROM_PAIRS = 8
+# grouped by expert, up to 8 pairs of one expert multiplied at once on the tensor cores. On an H100
+# (benchmarks/results/nf4_mma_grouped_ab_2026-12-07_h100.json, alternating, 3 rounds) the routed layer
+# at 2 / 3 / 4 / 8 / 16 / 32 / 64 tokens took 58 / 63 / 70 / 96 / 153 / 177 / 212 us against the
+# previous paths' 30 / 47 / 55 / 103 / 198 / 348 / 387: from 8 tokens (32 pairs) on.
+NF4_MMA_FROM_PAIRS = 32
 
 
 # The gate_up rows of one Qwen1.5-MoE token: its 4 (token, expert) pairs and the shared expert's 4
