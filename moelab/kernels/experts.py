@@ -37,7 +37,9 @@ N-tile) over its top-k experts with the routing weights applied and the top-k su
 twice, so the bytes read are about those of the touched experts. Between that and 64 tokens
 the grouped kernel uses BLOCK_M = 16: a block per touched expert, so every touched expert's
 weights are read once and the 16-row padding costs tensor-core work, not bytes. Prefill uses
-large blocks.
+large blocks. NF4 from 8 to 64 tokens (NF4_MMA_FROM_PAIRS) takes neither on CUDA but
+`moelab.kernels.nf4_mma`: grouped by expert the same way, up to 8 pairs of one expert at a time
+meet each decoded tile as the 8 columns of an `mma.sync` (notebooks/05 section 14).
 
 The NF4 variant reads the 4-bit codes and dequantizes in registers, following
 `moelab.quant`'s storage (notebooks/04): flat value i of expert e sits in byte i // 2 (high
