@@ -25,7 +25,10 @@ of its two rows per block (one 8-byte load; the package's NF4 format as it is, n
 steps stay inside one block, so the block's absmax scales its sum once, in float32.
 tests/test_nf4_mma.py checks that mapping on the CPU, lane by lane, against the ISA's layout.
 
-CUDA only (inline PTX; the interpreter keeps the other NF4 paths).
+`experts.fused_experts_forward` takes this path on CUDA from 8 tokens at top-4
+(`experts.NF4_MMA_FROM_PAIRS`): at 2-4 tokens it measured slower, most blocks holding a single
+pair, so 7 of B's 8 columns go empty. CUDA only (inline PTX; the interpreter keeps the other NF4
+paths).
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ from .experts import _block_rows, _nf4_absmax, _nf4_lut, _weight_args
 
 ENABLED = os.environ.get("MOELAB_NF4_MMA", "1") != "0"  # MOELAB_NF4_MMA=0: the previous NF4 paths (comparisons)
 WARPS = 4  # warps per program: 4 tiles of 16 rows, one shared-memory table
-MAXNREG = None  # a register cap per thread (None: the compiler's choice)
 
 # Step s of a 64-value block: A register -> (row half, code byte of the lane's 8); B registers ->
 # (x pair of the lane's 8). Lane t's 8 code bytes of a row hold values 16t .. 16t + 15 of the block
@@ -86,9 +88,10 @@ def _thread_ids(NT: tl.constexpr):
     """[NT] tensors (NT = the program's threads, one element each): each element's hardware lane
     and warp, read from the thread that holds it, as the MMA's fragments are per hardware lane.
     Not pure, like the MMA's asm, so that Triton never recomputes them in another layout (where
-    an element sits in another thread). Sums over elements must not use them: Triton
-    miscompiled a masked sum over warps keyed on this lane (every row's sum in row 0; on an H100,
-    triton 3.6), so anything that sums takes the lane from the element's index instead."""
+    an element sits in another thread). Nothing here sums across lanes; the one-token version
+    (notebook 05, section 13) did, keyed on this lane, and Triton miscompiled that masked sum
+    (every row's sum in row 0; on an H100, triton 3.6): a sum has to take the lane from the
+    element's index."""
     idx = tl.arange(0, NT)
     lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [idx], dtype=tl.int32, is_pure=False, pack=1)
     warp = tl.inline_asm_elementwise("mov.u32 $0, %tid.x;\nshr.u32 $0, $0, 5;", "=r,r", [idx], dtype=tl.int32,
@@ -233,4 +236,4 @@ def grouped(x: torch.Tensor, w, out: torch.Tensor, pairs: torch.Tensor, counts: 
         x, ptrs[0], out, pairs, counts, route_w, *ptrs[1:],
         n_out, k_dim, num_experts, x_row_div, x.stride(0), strides[0], out.stride(0), strides[3], strides[4],
         GATED=gated, DOUBLE_QUANT=flags["DOUBLE_QUANT"], BLOCK_E=triton.next_power_of_2(num_experts + 1),
-        WARPS=WARPS, num_warps=WARPS, **({} if MAXNREG is None else {"maxnreg": MAXNREG}))
+        WARPS=WARPS, num_warps=WARPS)
