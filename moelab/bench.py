@@ -1315,14 +1315,15 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYS
                     bar.note(f"{label:<40} {row['tokens_per_s']:9.1f} tokens/s  TTFT p50 {row['ttft_p50_ms']} ms  "
                              f"ITL p50 {row['itl_p50_ms']} ms")
                     bar.advance(label)
-            if f"logits_{precision}" not in checks and (shared is not None or not for_hf):
+            if shared is not None or not for_hf:
                 # moelab's forward vs transformers' forward of the very same model (at NF4:
-                # moelab's NF4 model, whose experts are a drop-in transformers runs too).
-                checks[f"logits_{precision}"] = teacher_forced_check(model, wl["prompts"][:4], experts_fn)
-            served = next((t for name, t in tokens.items() if name.startswith("moelab") and f" {precision} " in name),
-                          None)
-            if f"decode_{precision}" not in checks and served is not None and (shared is not None or not for_hf):
-                checks[f"decode_{precision}"] = served_tokens_check(model, wl["prompts"][:4], served[:4])
+                # moelab's NF4 model, whose experts are a drop-in transformers runs too): its
+                # prefill, then the tokens a moelab system served (this precision's, once one ran).
+                if f"logits_{precision}" not in checks:
+                    checks[f"logits_{precision}"] = teacher_forced_check(model, wl["prompts"][:4], experts_fn)
+                served = next((t for name, t in tokens.items() if name.startswith("moelab")), None)
+                if f"decode_{precision}" not in checks and served is not None:
+                    checks[f"decode_{precision}"] = served_tokens_check(model, wl["prompts"][:4], served[:4])
             _drop_compiled(model)
             engine = run = None
             if shared is None:

@@ -1433,17 +1433,12 @@ def fused_experts_forward(hidden: torch.Tensor, weights: torch.Tensor, ids: torc
     route_w = weights.reshape(-1).contiguous()
     dense_k_ok = _is_nf4(gate_up) or (gate_up.stride(2) == 1 and down.stride(2) == 1)
     if _is_nf4(gate_up) and NF4_MMA_FROM_PAIRS <= num_pairs < NF4_DENSE_FROM_PAIRS and config is None:
-        from . import nf4_mma  # it imports this module's helpers
+        from . import nf4_mma  # imported here: it imports this module's helpers
 
-        if nf4_mma.usable(hidden, gate_up, down):  # a few tokens per expert: the tensor cores (notebook 05, 14)
-            counts, pairs = align_by_expert(ids, num_experts)
-            act = torch.empty(num_pairs, inter, dtype=hidden.dtype, device=device)
-            out = torch.empty(num_pairs, hidden_dim, dtype=hidden.dtype, device=device)
-            nf4_mma.grouped(hidden, gate_up, act, pairs, counts, route_w, top_k, gated=True)
-            nf4_mma.grouped(act, down, out, pairs, counts, route_w, 1, gated=False)
-            out = topk_sum(out, top_k)
-            return out if shared is None else out + _shared_expert(hidden, shared)
-    if num_pairs <= (GEMV_MAX_PAIRS_NF4 if _is_nf4(gate_up) else GEMV_MAX_PAIRS) and dense_k_ok:
+        mma = nf4_mma.usable(hidden, gate_up, down)  # a few tokens per expert: the tensor cores (notebook 05, 14)
+    else:
+        mma = False
+    if num_pairs <= (GEMV_MAX_PAIRS_NF4 if _is_nf4(gate_up) else GEMV_MAX_PAIRS) and dense_k_ok and not mma:
         if shared is not None and _can_fold_shared(shared, hidden, gate_up, down):
             return _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config, shared)
         out = _gemv_forward(hidden, route_w, ids, gate_up, down, inter, config)
@@ -1453,8 +1448,12 @@ def fused_experts_forward(hidden: torch.Tensor, weights: torch.Tensor, ids: torc
     counts, pairs = align_by_expert(ids, num_experts)
     act = torch.empty(num_pairs, inter, dtype=hidden.dtype, device=device)
     out = torch.empty(num_pairs, hidden_dim, dtype=hidden.dtype, device=device)
-    _grouped_gemm(hidden, gate_up, act, pairs, counts, route_w, num_pairs, num_experts, top_k, True, config)
-    _grouped_gemm(act, down, out, pairs, counts, route_w, num_pairs, num_experts, 1, False, config)
+    if mma:
+        nf4_mma.grouped(hidden, gate_up, act, pairs, counts, route_w, top_k, gated=True)
+        nf4_mma.grouped(act, down, out, pairs, counts, route_w, 1, gated=False)
+    else:
+        _grouped_gemm(hidden, gate_up, act, pairs, counts, route_w, num_pairs, num_experts, top_k, True, config)
+        _grouped_gemm(act, down, out, pairs, counts, route_w, num_pairs, num_experts, 1, False, config)
     # The top-k sum: a kernel on CUDA (21 us at 4,096 tokens on an H200 against 37 us for PyTorch's
     # sum over the middle dimension), PyTorch in the interpreter.
     out = topk_sum(out, top_k) if device.type == "cuda" else out.view(num_tokens, top_k, hidden_dim).sum(dim=1)

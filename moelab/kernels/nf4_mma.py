@@ -4,8 +4,9 @@ Built in notebooks/05_fused_expert_kernel (section 14). Between one token (the d
 `experts`) and long prefills (dequantize once, then the dense grouped GEMM) sit 2 to 64 tokens:
 a short prompt, or a batch of decoding requests. There each touched expert meets a handful of
 tokens, and both earlier NF4 paths pay for it: the GEMVs read and decode an expert's codes once
-per (token, expert) pair; the grouped GEMM decodes each 16-row tile into `tl.dot` operands that
-go through shared memory behind barriers.
+per (token, expert) pair; the grouped GEMM decodes each tile into `tl.dot` operands, which its
+16-row NF4 kernel (compiled for sm_90) stages through shared memory behind barriers before its
+`mma.sync`.
 
 Here the pairs are grouped by expert on the device (`experts.align_by_expert`), and each program
 takes a block of up to 8 pairs of one expert and 16 x WARPS output rows, one 16-row tile per
@@ -228,7 +229,7 @@ def grouped(x: torch.Tensor, w, out: torch.Tensor, pairs: torch.Tensor, counts: 
     num_experts, rows, k_dim = w.shape
     n_out = rows // 2 if gated else rows
     if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 8 or x.data_ptr() % 8:
-        x = x.contiguous().clone()  # lanes read x as 8-byte words
+        x = x.clone(memory_format=torch.contiguous_format)  # lanes read x rows as 8-byte words
     ptrs, strides, flags = _weight_args(w, num_experts)
     num_pairs = pairs.numel()
     num_blocks = triton.cdiv(num_pairs, 8) + min(num_experts + 1, num_pairs)  # the worst case: no host sync
