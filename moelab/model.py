@@ -50,6 +50,21 @@ FUSED_MAX_TOKENS = 1
 NF4_DEQUANT_MIN_TOKENS = 16
 
 
+# A dense lm_head at up to this many tokens runs through moelab's GEMV (`moelab.kernels.gemv`)
+# rather than cuBLAS: on an H100 at one token, 151,936 x 2,048 bf16 in 195 against 205 us
+# (benchmarks/results/lm_head_probe_2026-12-07_h100.json). Above one token the GEMV would read the
+# 622 MB weight once per token.
+HEAD_GEMV_MAX_TOKENS = 1
+
+
+def _fuse_rope_attention() -> bool:
+    """Whether decode with both kernels (rotary + cache write, decode attention) runs them as one:
+    `moelab.kernels.attention.rope_decode_attention` (MOELAB_ROPE_ATTENTION=0: two, for comparisons)."""
+    from .kernels import attention
+
+    return attention.FUSE_ROPE
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm as transformers computes it: normalise in float32, scale in the input dtype.
 
@@ -458,7 +473,16 @@ class MoeForward:
         if check:
             self._check_decode(cache, tokens, slots)
         positions = cache.lengths[slots]  # [B] the position of each new token
-        if self._decode_kernel(cache):
+        if self._decode_kernel(cache) and self._rope_kernel(cache) and _fuse_rope_attention():
+            from .kernels.attention import rope_decode_attention
+
+            def attend(layer, q, k, v, rope):  # the new token's q, k, v; rope: (cos, sin) [B, head_dim]
+                out = rope_decode_attention(q, k, v, *rope, cache.k[layer], cache.v[layer], slots, positions,
+                                            scale=self.scaling)
+                return out.reshape(q.shape[0], -1)
+
+            attend.writes_cache = True  # rotary, cache write and attention: one kernel (notebook 08)
+        elif self._decode_kernel(cache):
             from .kernels.attention import decode_attention
 
             lengths = positions + 1  # keys each query sees, its own included (a device tensor)
@@ -493,7 +517,17 @@ class MoeForward:
 
         hidden = self._run(cache, tokens, slots, positions, attend)
         cache.lengths[slots] = positions + 1
-        return _linear(self.model.lm_head, hidden)
+        return self._head(hidden)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head of a decode step's hidden states (see HEAD_GEMV_MAX_TOKENS)."""
+        head = self.model.lm_head
+        if (type(head) is nn.Linear and hidden.is_cuda and hidden.shape[0] <= HEAD_GEMV_MAX_TOKENS
+                and head.weight.dtype == hidden.dtype and head.weight.stride(1) == 1):
+            from .kernels.gemv import linear_gemv
+
+            return linear_gemv(hidden, head.weight, head.bias)
+        return _linear(head, hidden)
 
     # ---- the layers -----------------------------------------------------------------------
 
@@ -540,6 +574,9 @@ class MoeForward:
         else:
             q, k, v = _linear(attn.q_proj, x), _linear(attn.k_proj, x), _linear(attn.v_proj, x)
         v = v.view(n, kv_heads, head_dim)
+        if getattr(attend, "writes_cache", False):  # decode: rotary, cache write and attention in one kernel
+            out = attend(index, q.view(n, heads, head_dim), k.view(n, kv_heads, head_dim), v, rope)
+            return self._o_proj(attn, out, fused)
         # Keys are cached after RoPE, as in transformers.
         if self._rope_kernel(cache):
             from .kernels.rope_cache import rope_and_cache_write
@@ -555,7 +592,9 @@ class MoeForward:
                 q = apply_rope_tables(q.view(n, heads, head_dim), rope)
                 k = apply_rope_tables(k.view(n, kv_heads, head_dim), rope)
             cache.write(index, slots, positions, k, v)
-        out = attend(index, q)
+        return self._o_proj(attn, attend(index, q), fused)
+
+    def _o_proj(self, attn, out, fused):
         if fused is not None and type(attn.o_proj) is nn.Linear:
             return _project(out, attn.o_proj.weight, attn.o_proj.bias)
         return _linear(attn.o_proj, out)

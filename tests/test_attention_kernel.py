@@ -1,13 +1,15 @@
 """The decode-attention kernel against a float64 reference: random slot lengths, length 1,
 lengths off the block size, grouped-query heads, scattered slots, split-K; the fused
-rotary + cache-write kernel against apply_rope + KVCache.write; both through MoeForward on
-`tiny` (interpreter on the CPU); bf16/fp16 and CUDA-graph replay on a GPU."""
+rotary + cache-write kernel against apply_rope + KVCache.write; the one-launch
+`rope_decode_attention` against those two (its ticket merge included); all through MoeForward
+on `tiny` (interpreter on the CPU); bf16/fp16 and CUDA-graph replay on a GPU."""
 
 import pytest
 import torch
 
 import moelab
-from moelab.kernels.attention import choose_splits, decode_attention
+from moelab.kernels import attention as attention_kernels
+from moelab.kernels.attention import choose_splits, decode_attention, rope_decode_attention
 from moelab.kernels.rope_cache import rope_and_cache_write
 from moelab.kv_cache import KVCache
 from moelab.model import MoeForward, apply_rope
@@ -191,6 +193,98 @@ def test_rope_cache_bad_input():
         rope_and_cache_write(q, k, v, cos, sin, cache.k[0], cache.v[0], slots[:2], positions)
 
 
+def fused_case(batch, heads, kv_heads, head_dim, max_seq_len, num_slots, positions, dtype=torch.float32,
+               device="cpu", seed=0):
+    """The new tokens' q, k, v (views of one fused projection), their angles, a cache of random keys
+    and values, scattered slots and positions: what a decode step hands the attention."""
+    q, k, v, cos, sin = rope_case(batch, heads, kv_heads, head_dim, dtype=dtype, device=device, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    kc = torch.randn(num_slots, kv_heads, max_seq_len, head_dim, generator=g).to(device, dtype)
+    vc = torch.randn(num_slots, kv_heads, max_seq_len, head_dim, generator=g).to(device, dtype)
+    slots = torch.randperm(num_slots, generator=g)[:batch].to(device)
+    return q, k, v, cos, sin, kc, vc, slots, torch.tensor(positions, device=device)
+
+
+def two_kernels(q, k, v, cos, sin, kc, vc, slots, positions, **kw):
+    """The reference: rotary + cache write, then decode attention over keys 0..position."""
+    q_rot = rope_and_cache_write(q, k, v, cos, sin, kc, vc, slots, positions)
+    return decode_attention(q_rot, kc, vc, slots, positions + 1, **kw)
+
+
+# (batch, heads, kv_heads, head_dim, max_seq_len, num_slots, positions, num_splits, block_n)
+FUSED_CASES = [
+    (1, 2, 2, 16, 8, 1, [0], 1, 16),                          # the first token: no cached key at all
+    (3, 4, 2, 32, 70, 5, [0, 16, 69], 3, 16),                 # group 2; the new key first, past a block, last
+    (2, 6, 3, 16, 50, 4, [31, 32], 4, 16),                    # the new key last in a split, first in the next
+    (4, 4, 4, 8, 300, 4, [299, 128, 1, 5], 2, None),          # the interpreter's block size; short and long
+    (2, 16, 16, 32, 100, 2, [79, 40], 8, 32),                 # Qwen's 16/16 heads, empty splits, the merge
+    (3, 5, 1, 24, 40, 3, [39, 7, 20], 3, 16),                 # 5 heads on one KV head (group padded to 8)
+]
+
+
+@pytest.mark.parametrize("ticket_merge", [True, False])
+@pytest.mark.parametrize("batch,heads,kv_heads,head_dim,max_seq_len,num_slots,positions,num_splits,block_n",
+                         FUSED_CASES)
+def test_rope_decode_attention_matches_the_two_kernels(batch, heads, kv_heads, head_dim, max_seq_len, num_slots,
+                                                       positions, num_splits, block_n, ticket_merge):
+    args = fused_case(batch, heads, kv_heads, head_dim, max_seq_len, num_slots, positions, seed=batch + head_dim)
+    q, k, v, cos, sin, kc, vc, slots, pos = args
+    ref_kc, ref_vc = kc.clone(), vc.clone()
+    ref = two_kernels(q, k, v, cos, sin, ref_kc, ref_vc, slots, pos, num_splits=num_splits, block_n=block_n)
+    out = rope_decode_attention(q, k, v, cos, sin, kc, vc, slots, pos, num_splits=num_splits, block_n=block_n,
+                                ticket_merge=ticket_merge)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(kc, ref_kc, rtol=0, atol=1e-6)  # the rotated new keys, nothing else
+    assert torch.equal(vc, ref_vc)
+    # And against float64: the cache as the reference wrote it, q rotated in float64.
+    q64 = apply_rope(q.double(), cos.double(), sin.double())
+    torch.testing.assert_close(out.double(), reference(q64, ref_kc, ref_vc, slots, pos + 1), rtol=0, atol=1e-5)
+    tickets = attention_kernels._TICKETS.get(q.device)
+    assert tickets is None or int(tickets.abs().sum()) == 0  # every ticket put back for the next call
+
+
+def test_rope_decode_attention_bad_input():
+    q, k, v, cos, sin, kc, vc, slots, pos = fused_case(2, 4, 2, 16, 20, 3, [3, 9])
+    with pytest.raises(ValueError, match="k .* and v .* must be"):
+        rope_decode_attention(q, k[:, :1], v[:, :1], cos, sin, kc, vc, slots, pos)
+    with pytest.raises(ValueError, match="cos"):
+        rope_decode_attention(q, k, v, cos[:1], sin, kc, vc, slots, pos)
+    with pytest.raises(ValueError, match="caches"):
+        rope_decode_attention(q, k, v, cos, sin, kc[..., :8], vc[..., :8], slots, pos)
+    with pytest.raises(ValueError, match="positions"):
+        rope_decode_attention(q, k, v, cos, sin, kc, vc, slots, pos[:1])
+    with pytest.raises(ValueError, match="integer"):
+        rope_decode_attention(q, k, v, cos, sin, kc, vc, slots, pos.float())
+    with pytest.raises(ValueError, match="num_splits"):
+        rope_decode_attention(q, k, v, cos, sin, kc, vc, slots, pos, num_splits=0)
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        rope_decode_attention(q[:, :3], k, v, cos, sin, kc, vc, slots, pos)
+
+
+def test_moe_forward_fused_rope_attention_gives_the_two_kernel_tokens(tiny, monkeypatch):
+    """MoeForward's decode with the one-launch kernel against the two kernels it replaces: same
+    tokens, logits within float32 rounding, and the same cache contents afterwards."""
+    model = tiny[0]
+    prompts = [[5, 9, 200, 7, 1], list(range(40, 58)), [42] * 9]
+    runs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(attention_kernels, "FUSE_ROPE", fused)
+        fwd = MoeForward(model, attention="kernel", rope="kernel", norm="kernel")
+        cache = fwd.new_cache(num_slots=4, max_seq_len=64)
+        slots = [cache.allocate(50) for _ in prompts]
+        token = fwd.prefill(cache, prompts, slots).argmax(-1)
+        tokens, logits = [token], []
+        for _ in range(3):
+            logits.append(fwd.decode(cache, token, slots))
+            token = logits[-1].argmax(-1)
+            tokens.append(token)
+        runs[fused] = torch.stack(tokens, 1), torch.stack(logits), cache.k.clone(), cache.v.clone()
+    assert torch.equal(runs[True][0], runs[False][0])
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=0, atol=1e-4)
+    for cached in (2, 3):  # later layers' keys and values carry the attention's float32 differences
+        torch.testing.assert_close(runs[True][cached], runs[False][cached], rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
@@ -252,3 +346,52 @@ def test_gpu_rope_cache_kernel_bf16():
     torch.testing.assert_close(got_q.float(), ref_q, rtol=8e-3, atol=8e-3)
     torch.testing.assert_close(cache.k[0, slots, :, positions].float(), ref_k, rtol=8e-3, atol=8e-3)
     assert torch.equal(cache.v[0, slots, :, positions], v)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,heads,kv_heads,num_splits", [(1, 16, 16, None), (64, 16, 16, None),
+                                                             (5, 28, 4, 3), (3, 12, 12, 8)])
+def test_gpu_rope_decode_attention_matches_the_two_kernels(dtype, batch, heads, kv_heads, num_splits):
+    g = torch.Generator().manual_seed(batch)
+    positions = torch.randint(0, 2048, (batch,), generator=g).tolist()
+    positions[0] = 0
+    if batch > 1:
+        positions[1] = 79  # a short sequence in a long cache: one active split of several
+    args = fused_case(batch, heads, kv_heads, 128, 2048, batch + 3, positions, dtype=dtype, device="cuda", seed=batch)
+    q, k, v, cos, sin, kc, vc, slots, pos = args
+    ref_kc, ref_vc = kc.clone(), vc.clone()
+    ref = two_kernels(q, k, v, cos, sin, ref_kc, ref_vc, slots, pos, num_splits=num_splits)
+    for ticket_merge in (False, True):
+        out = rope_decode_attention(q, k, v, cos, sin, kc, vc, slots, pos, num_splits=num_splits,
+                                    ticket_merge=ticket_merge)
+    assert out.dtype == dtype
+    # Same roundings (q and the new key to the input dtype); the scans' float32 sums may differ in
+    # order, and the output is rounded once.
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2 if dtype == torch.bfloat16 else 2e-3)
+    torch.testing.assert_close(kc.float(), ref_kc.float(), rtol=1e-2, atol=1e-2)
+    assert torch.equal(vc, ref_vc)
+    assert int(attention_kernels._TICKETS[q.device].abs().sum()) == 0
+
+
+@pytest.mark.gpu
+def test_gpu_rope_decode_attention_replays_in_a_cuda_graph():
+    """Captured once, replayed with new positions: each replay equals an eager call on the same
+    inputs (the tickets are back at 0 after every replay, so the merge stays right)."""
+    q, k, v, cos, sin, kc, vc, slots, pos = fused_case(4, 16, 16, 128, 1024, 6, [0, 99, 999, 512],
+                                                       dtype=torch.bfloat16, device="cuda")
+    kc0, vc0 = kc.clone(), vc.clone()
+    rope_decode_attention(q, k, v, cos, sin, kc, vc, slots, pos)  # compile and make the tickets outside
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = rope_decode_attention(q, k, v, cos, sin, kc, vc, slots, pos)
+    for new in ([0, 99, 999, 512], [1023, 1, 63, 700], [5, 6, 7, 8]):
+        pos.copy_(torch.tensor(new))
+        kc.copy_(kc0), vc.copy_(vc0)
+        graph.replay()
+        ekc, evc = kc0.clone(), vc0.clone()
+        eager = rope_decode_attention(q, k, v, cos, sin, ekc, evc, slots, pos)
+        assert torch.equal(out, eager)
+        assert torch.equal(kc, ekc) and torch.equal(vc, evc)
+    assert int(attention_kernels._TICKETS[q.device].abs().sum()) == 0

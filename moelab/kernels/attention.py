@@ -21,6 +21,8 @@ a second small kernel merges the partials. With NUM_SPLITS = 1 the first kernel 
 the output itself.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -270,6 +272,259 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_warps=num_warps, **launch_args(q),
     )
     if num_splits > 1:
+        _merge_splits_kernel[(batch, heads)](
+            part_acc, part_ml, out, heads, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d, num_warps=1 if on_gpu else 4, **launch_args(q),
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------- rotary + cache write + attention
+
+# MOELAB_ROPE_ATTENTION=0: decode runs `rope_and_cache_write` and `decode_attention` as two kernels (and
+# the merge as a third), as before `rope_decode_attention` (comparisons).
+FUSE_ROPE = os.environ.get("MOELAB_ROPE_ATTENTION", "1") != "0"
+# Whether its split-K partials are merged in the kernel by each sequence's last split (an atomic
+# ticket) or by `_merge_splits_kernel` (MOELAB_TICKET_MERGE=0).
+TICKET_MERGE = os.environ.get("MOELAB_TICKET_MERGE", "1") != "0"
+
+
+@triton.jit
+def _rotated(row_ptr, d, partner, d_ok, cos, sin_signed):
+    """x[d] cos[d] + sign(d) x[partner(d)] sin[d] of one head's row (float32): transformers'
+    rotate_half convention, the partner of dim d being d +- head_dim / 2."""
+    x = tl.load(row_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+    x_partner = tl.load(row_ptr + partner, mask=d_ok, other=0.0).to(tl.float32)
+    return x * cos + x_partner * sin_signed
+
+
+@triton.jit
+def _rope_decode_attention_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, positions_ptr,
+    k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr, ticket_ptr,
+    max_seq_len, qk_scale,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb,
+    stride_cs, stride_ch, stride_cn, stride_ob, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    TICKET_MERGE: tl.constexpr, USE_PDL: tl.constexpr = False,
+):
+    """Program (b, kv_head, split) of `rope_decode_attention`: rotate the GROUP query heads of
+    sequence b; if this split holds the new token's position, rotate its key, write key and value
+    into the cache and fold them into the softmax from registers; scan the cached keys of its
+    share below the position; then write the output (one active split) or a partial, the
+    sequence's last split to finish merging them (TICKET_MERGE: an atomic ticket per (b, kv_head)),
+    or else every split a partial (an empty one m = -inf, l = 0) for `_merge_splits_kernel`."""
+    wait_for_previous_kernel(USE_PDL)
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    # The new token's position; one past the cache can only be a caller's bug: clamp rather than
+    # write out of bounds.
+    position = tl.minimum(tl.load(positions_ptr + b).to(tl.int32), max_seq_len - 1)
+    length = position + 1
+    chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    if NUM_SPLITS > 1 and not TICKET_MERGE and start >= length:  # an empty split's partial for the merge kernel
+        g = tl.arange(0, BLOCK_G)
+        row = (b.to(tl.int64) * (tl.num_programs(1) * GROUP) + kv_head * GROUP + g) * NUM_SPLITS + split
+        tl.store(part_ml_ptr + row * 2, tl.full([BLOCK_G], float("-inf"), tl.float32), mask=g < GROUP)
+        tl.store(part_ml_ptr + row * 2 + 1, tl.zeros([BLOCK_G], tl.float32), mask=g < GROUP)
+        d = tl.arange(0, BLOCK_D)  # and its accumulator: 0 x garbage could be NaN
+        tl.store(part_acc_ptr + row[:, None] * BLOCK_D + d[None, :], tl.zeros([BLOCK_G, BLOCK_D], tl.float32),
+                 mask=(g < GROUP)[:, None])
+    if start < length:  # a split past the sequence's keys has nothing to do
+        end = tl.minimum(start + chunk, length)
+        HALF: tl.constexpr = HEAD_DIM // 2
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        partner = tl.where(d < HALF, d + HALF, d - HALF)
+        cos = tl.load(cos_ptr + b.to(tl.int64) * stride_cb + d, mask=d_ok, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + b.to(tl.int64) * stride_cb + d, mask=d_ok, other=0.0).to(tl.float32)
+        sin_signed = tl.where(d < HALF, -sin, sin)
+        # The new key and value, rounded to the cache's dtype as the cache holds them.
+        k_new = _rotated(k_ptr + b.to(tl.int64) * stride_kb + kv_head * stride_kh, d, partner, d_ok, cos,
+                         sin_signed).to(k_cache_ptr.dtype.element_ty)
+        v_new = tl.load(v_ptr + b.to(tl.int64) * stride_vb + kv_head * stride_vh + d, mask=d_ok,
+                        other=0.0).to(v_cache_ptr.dtype.element_ty)
+        k_base = k_cache_ptr + slot * stride_cs + kv_head.to(tl.int64) * stride_ch
+        v_base = v_cache_ptr + slot * stride_cs + kv_head.to(tl.int64) * stride_ch
+        has_new = end == length  # this split's share ends with the new token
+        if has_new:
+            tl.store(k_base + position.to(tl.int64) * stride_cn + d, k_new, mask=d_ok)
+            tl.store(v_base + position.to(tl.int64) * stride_cn + d, v_new, mask=d_ok)
+        scan_end = tl.minimum(end, position)  # cached keys only: the new one comes from registers
+        g = tl.arange(0, BLOCK_G)
+        heads = kv_head * GROUP + g
+        g_ok = g < GROUP
+        q_rows = q_ptr + b.to(tl.int64) * stride_qb
+        # q rotated, rounded to its dtype (as the separate rotary kernel stores it), then scaled
+        # by softmax scale * log2(e) once.
+        if BLOCK_G == 1:
+            q1 = _rotated(q_rows + kv_head * stride_qh, d, partner, d_ok, cos, sin_signed)
+            q1 = q1.to(q_ptr.dtype.element_ty).to(tl.float32) * qk_scale
+            m1, l1, acc1 = _scan_keys_single(q1, k_base, v_base, start, scan_end, stride_cn, stride_cn, d, d_ok,
+                                             BLOCK_N)
+            m = tl.zeros([BLOCK_G], dtype=tl.float32) + m1
+            l = tl.zeros([BLOCK_G], dtype=tl.float32) + l1
+            acc = acc1[None, :]
+            q = q1[None, :]
+        else:
+            q_mask = g_ok[:, None] & d_ok[None, :]
+            rows = q_rows + heads[:, None] * stride_qh
+            qa = tl.load(rows + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+            qb = tl.load(rows + partner[None, :], mask=q_mask, other=0.0).to(tl.float32)
+            q = qa * cos[None, :] + qb * sin_signed[None, :]
+            q = q.to(q_ptr.dtype.element_ty).to(tl.float32) * qk_scale
+            m, l, acc = _scan_keys_grouped(q, k_base, v_base, start, scan_end, stride_cn, stride_cn, d, d_ok,
+                                           BLOCK_G, BLOCK_N, BLOCK_D)
+        # The new key, one more step of the online softmax (a no-op where this split lacks it).
+        s_new = tl.sum(q * k_new.to(tl.float32)[None, :], axis=1)  # [G]
+        s_new = tl.where(has_new, s_new, float("-inf"))
+        m_new = tl.maximum(m, s_new)  # finite: the split holds a cached key or the new one
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s_new - m_new)
+        l = l * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
+        m = m_new
+        let_next_kernel_start(USE_PDL)
+
+        active = tl.cdiv(length, chunk)  # splits holding keys: 1 .. NUM_SPLITS
+        o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        o_mask = g_ok[:, None] & d_ok[None, :]
+        if NUM_SPLITS == 1 or (TICKET_MERGE and active == 1):
+            tl.store(o_ptrs, (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
+        elif not TICKET_MERGE:
+            row = (b.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split  # [G]
+            tl.store(part_acc_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None])
+            tl.store(part_ml_ptr + row * 2, m, mask=g_ok)
+            tl.store(part_ml_ptr + row * 2 + 1, l, mask=g_ok)
+        else:
+            # Partials [B, heads, NUM_SPLITS, ...]; then a ticket: the last of the sequence's
+            # active splits to arrive merges them (in split order: deterministic).
+            num_heads = tl.num_programs(1) * GROUP
+            row = (b.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [G]
+            tl.store(part_acc_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None])
+            tl.store(part_ml_ptr + row * 2, m, mask=g_ok)
+            tl.store(part_ml_ptr + row * 2 + 1, l, mask=g_ok)
+            tl.debug_barrier()  # every thread's partial stored before the ticket is taken (its release covers them)
+            ticket_at = ticket_ptr + b.to(tl.int64) * tl.num_programs(1) + kv_head
+            ticket = tl.atomic_add(ticket_at, 1, sem="acq_rel", scope="gpu")
+            if ticket == active - 1:  # every active split's partial is in memory
+                s = tl.arange(0, BLOCK_S)
+                s_ok = s < active
+                rows = (b.to(tl.int64) * num_heads + heads)[:, None] * NUM_SPLITS + s[None, :]  # [G, S]
+                ml_mask = g_ok[:, None] & s_ok[None, :]
+                m_s = tl.load(part_ml_ptr + rows * 2, mask=ml_mask, other=float("-inf"), cache_modifier=".cg")
+                l_s = tl.load(part_ml_ptr + rows * 2 + 1, mask=ml_mask, other=0.0, cache_modifier=".cg")
+                acc_s = tl.load(part_acc_ptr + rows[:, :, None] * BLOCK_D + d[None, None, :],
+                                mask=ml_mask[:, :, None], other=0.0, cache_modifier=".cg")  # from L2
+                m_all = tl.max(m_s, axis=1)
+                m_all = tl.where(m_all > float("-inf"), m_all, 0.0)  # padded heads: weights stay 0
+                w = tl.exp2(m_s - m_all[:, None])
+                total = tl.sum(w * l_s, axis=1)
+                out = tl.sum(w[:, :, None] * acc_s, axis=1) / tl.where(total > 0, total, 1.0)[:, None]
+                tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+                tl.atomic_xchg(ticket_at, 0)  # ready for the next call (and graph replay)
+
+
+_TICKETS: dict = {}
+
+
+def _tickets(device: torch.device, count: int) -> torch.Tensor:
+    """int32 zeros, at least `count`, one buffer per device: every launch puts its tickets back to
+    0, so the buffer stays zero between launches and CUDA-graph replays. Made before a capture
+    (the model's first eager step); a capture that needs more raises rather than allocate."""
+    have = _TICKETS.get(device)
+    if have is None or have.numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"rope_decode_attention needs {count} tickets but was first called at this size "
+                               "inside a CUDA-graph capture: run one eager step first")
+        have = torch.zeros(max(count, 16384), dtype=torch.int32, device=device)
+        _TICKETS[device] = have
+    return have
+
+
+def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                          scale: float | None = None, num_splits: int | None = None, block_n: int | None = None,
+                          num_warps: int | None = None, ticket_merge: bool | None = None) -> torch.Tensor:
+    """One decode step's attention with its rotary and cache write: `rope_and_cache_write` then
+    `decode_attention` over keys 0..positions[b], in one launch (no rotated q in memory, the new
+    key and value taken from registers) and without the merge kernel (a split-K sequence's last
+    split merges its partials).
+
+    q [B, heads, D], k and v [B, kv_heads, D] (the new token's projections, any token and head
+    strides, contiguous in D); cos, sin [B, D]; k_cache, v_cache one layer of `moelab.KVCache`
+    [slots, kv_heads, max_seq_len, D]; slots, positions int [B] on the device (sequence b's new
+    token goes to position positions[b] of slot slots[b] and attends to keys 0..positions[b]).
+    Returns [B, heads, D] in q's dtype; the caches are written in place. ticket_merge: split-K
+    partials merged by each sequence's last split (True) or by `_merge_splits_kernel` (False);
+    None takes TICKET_MERGE."""
+    for name, t, dim in (("q", q, 3), ("k", k, 3), ("v", v, 3), ("cos", cos, 2), ("sin", sin, 2),
+                         ("k_cache", k_cache, 4), ("v_cache", v_cache, 4), ("slots", slots, 1),
+                         ("positions", positions, 1)):
+        if not isinstance(t, torch.Tensor) or t.dim() != dim:
+            raise ValueError(f"{name} must be a {dim}-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    batch, heads, head_dim = q.shape
+    num_slots, kv_heads, max_seq_len, cache_dim = k_cache.shape
+    if k.shape != (batch, kv_heads, head_dim) or v.shape != k.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [B={batch}, kv_heads={kv_heads}, "
+                         f"{head_dim}]")
+    if v_cache.shape != k_cache.shape or cache_dim != head_dim or k_cache.stride() != v_cache.stride():
+        raise ValueError(f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not fit q {tuple(q.shape)}")
+    if heads % kv_heads or head_dim % 2:
+        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads}) and head_dim ({head_dim}) even")
+    if cos.shape != (batch, head_dim) or sin.shape != cos.shape or cos.stride() != sin.stride():
+        raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must be [B={batch}, {head_dim}] "
+                         "with the same strides")
+    if slots.shape != (batch,) or positions.shape != (batch,):
+        raise ValueError(f"slots {tuple(slots.shape)} and positions {tuple(positions.shape)} must be [B={batch}]")
+    for name, t in (("slots", slots), ("positions", positions)):
+        if t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+    if not q.dtype.is_floating_point or k.dtype != q.dtype or v.dtype != q.dtype or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"q, k, v must share one float dtype and the caches another, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    devices = {t.device for t in (q, k, v, cos, sin, k_cache, v_cache, slots, positions)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if any(t.stride(-1) != 1 for t in (q, k, v, cos, sin, k_cache, v_cache)):
+        raise ValueError("q, k, v, cos, sin and the caches must be contiguous in their last dim")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    on_gpu = q.is_cuda
+    group = heads // kv_heads
+    default_n, default_w = launch_config(head_dim, group, on_gpu)
+    block_n, num_warps = block_n or default_n, num_warps or default_w
+    if num_splits is None:
+        num_splits = choose_splits(batch, kv_heads, max_seq_len, num_sm() if on_gpu else None)
+    block_d = triton.next_power_of_2(head_dim)
+    scale = head_dim ** -0.5 if scale is None else scale
+    ticket_merge = TICKET_MERGE if ticket_merge is None else bool(ticket_merge)
+    if num_splits > 1:
+        part_acc = torch.empty(batch * heads * num_splits, block_d, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(batch * heads * num_splits, 2, dtype=torch.float32, device=q.device)
+        tickets = _tickets(q.device, batch * kv_heads) if ticket_merge else part_ml
+    else:
+        part_acc = part_ml = tickets = out  # unused: one split writes `out` directly
+    _rope_decode_attention_kernel[(batch, kv_heads, num_splits)](
+        q, k, v, cos, sin, slots, positions,
+        k_cache, v_cache, out, part_acc, part_ml, tickets,
+        max_seq_len, scale * _LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_G=triton.next_power_of_2(group),
+        BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), TICKET_MERGE=ticket_merge,
+        num_warps=num_warps, **launch_args(q),
+    )
+    if num_splits > 1 and not ticket_merge:
         _merge_splits_kernel[(batch, heads)](
             part_acc, part_ml, out, heads, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),

@@ -1,0 +1,48 @@
+"""The decode step with rotary + cache write + attention as one kernel (`rope_decode_attention`)
+against the two kernels and merge it replaces, and lm_head through moelab's GEMV at one token
+against cuBLAS: variants alternating in one process, three rounds, bf16 and NF4, batches 1 and 64.
+
+- "two": `rope_and_cache_write`, `decode_attention` and (split-K) `_merge_splits_kernel`, cuBLAS lm_head
+  (the package before this change);
+- "ticket": the one kernel, split-K partials merged by each sequence's last split (atomic ticket);
+- "merge": the one kernel, partials merged by `_merge_splits_kernel`;
+- "+head" on any of them: lm_head at one token through `moelab.kernels.gemv.linear_gemv`.
+
+VARIANTS (comma list) picks them. Writes $OUT/rope_attention_ab.json.
+
+    python benchmarks/tuning/rope_attention_ab.py
+"""
+import json
+import os
+
+import moelab.bench as B
+import moelab.kernels.attention as A
+import moelab.model as MM
+from tuning_common import build_models_once, decode_step
+
+OUT = os.environ.get("OUT", "/tmp")
+VARIANTS = os.environ.get("VARIANTS", "two,ticket,merge,two+head,merge+head").split(",")
+PRECISIONS = os.environ.get("PRECISIONS", "bf16,nf4").split(",")
+BATCHES = tuple(int(b) for b in os.environ.get("BATCHES", "1,64").split(","))
+
+
+def use(variant: str):
+    parts = variant.split("+")
+    A.FUSE_ROPE = parts[0] != "two"
+    A.TICKET_MERGE = parts[0] == "ticket"
+    MM.HEAD_GEMV_MAX_TOKENS = 1 if "head" in parts else 0
+
+
+build_models_once()
+res = {"card": B.card_name(), "versions": B.versions(), "variants": VARIANTS, "rows": []}
+print(res["card"], flush=True)
+for precision in PRECISIONS:
+    for rep in range(3):
+        for variant in VARIANTS:
+            use(variant)
+            for row in decode_step(variant, None if precision == "bf16" else precision, BATCHES):
+                res["rows"].append(dict(row, rep=rep))
+                print(precision, rep, variant, row["batch"], row["ms_per_step"], row["tokens_per_s"], row["error"],
+                      flush=True)
+            json.dump(res, open(os.path.join(OUT, "rope_attention_ab.json"), "w"), indent=1)
+use("ticket+head")
