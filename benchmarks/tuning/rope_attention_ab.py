@@ -8,7 +8,7 @@ against cuBLAS: variants alternating in one process, three rounds, bf16 and NF4,
 - "merge": the one kernel, partials merged by `_merge_splits_kernel`;
 - "+head" on any of them: lm_head at one token through `moelab.kernels.gemv.linear_gemv`.
 
-VARIANTS (comma list) picks them. Writes $OUT/rope_attention_ab.json.
+VARIANTS (comma list), PRECISIONS, BATCHES and ROUNDS pick them. Writes $OUT/rope_attention_ab.json.
 
     python benchmarks/tuning/rope_attention_ab.py
 """
@@ -37,7 +37,7 @@ build_models_once()
 res = {"card": B.card_name(), "versions": B.versions(), "variants": VARIANTS, "rows": []}
 print(res["card"], flush=True)
 for precision in PRECISIONS:
-    for rep in range(3):
+    for rep in range(int(os.environ.get("ROUNDS", "3"))):
         for variant in VARIANTS:
             use(variant)
             for row in decode_step(variant, None if precision == "bf16" else precision, BATCHES):

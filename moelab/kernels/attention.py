@@ -286,8 +286,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 # the merge as a third), as before `rope_decode_attention` (comparisons).
 FUSE_ROPE = os.environ.get("MOELAB_ROPE_ATTENTION", "1") != "0"
 # Whether its split-K partials are merged in the kernel by each sequence's last split (an atomic
-# ticket) or by `_merge_splits_kernel` (MOELAB_TICKET_MERGE=0).
-TICKET_MERGE = os.environ.get("MOELAB_TICKET_MERGE", "1") != "0"
+# ticket: MOELAB_TICKET_MERGE=1) or by `_merge_splits_kernel` (the default: in an H100 A/B the ticket
+# made the batch-1 step slower, benchmarks/results/rope_attention_ab_2026-12-07_h100.json).
+TICKET_MERGE = os.environ.get("MOELAB_TICKET_MERGE", "0") == "1"
 
 
 @triton.jit
@@ -373,9 +374,9 @@ def _rope_decode_attention_kernel(
             q = q1[None, :]
         else:
             q_mask = g_ok[:, None] & d_ok[None, :]
-            rows = q_rows + heads[:, None] * stride_qh
-            qa = tl.load(rows + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
-            qb = tl.load(rows + partner[None, :], mask=q_mask, other=0.0).to(tl.float32)
+            q_heads = q_rows + heads[:, None] * stride_qh
+            qa = tl.load(q_heads + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+            qb = tl.load(q_heads + partner[None, :], mask=q_mask, other=0.0).to(tl.float32)
             q = qa * cos[None, :] + qb * sin_signed[None, :]
             q = q.to(q_ptr.dtype.element_ty).to(tl.float32) * qk_scale
             m, l, acc = _scan_keys_grouped(q, k_base, v_base, start, scan_end, stride_cn, stride_cn, d, d_ok,
@@ -415,11 +416,11 @@ def _rope_decode_attention_kernel(
             if ticket == active - 1:  # every active split's partial is in memory
                 s = tl.arange(0, BLOCK_S)
                 s_ok = s < active
-                rows = (b.to(tl.int64) * num_heads + heads)[:, None] * NUM_SPLITS + s[None, :]  # [G, S]
+                part_rows = (b.to(tl.int64) * num_heads + heads)[:, None] * NUM_SPLITS + s[None, :]  # [G, S]
                 ml_mask = g_ok[:, None] & s_ok[None, :]
-                m_s = tl.load(part_ml_ptr + rows * 2, mask=ml_mask, other=float("-inf"), cache_modifier=".cg")
-                l_s = tl.load(part_ml_ptr + rows * 2 + 1, mask=ml_mask, other=0.0, cache_modifier=".cg")
-                acc_s = tl.load(part_acc_ptr + rows[:, :, None] * BLOCK_D + d[None, None, :],
+                m_s = tl.load(part_ml_ptr + part_rows * 2, mask=ml_mask, other=float("-inf"), cache_modifier=".cg")
+                l_s = tl.load(part_ml_ptr + part_rows * 2 + 1, mask=ml_mask, other=0.0, cache_modifier=".cg")
+                acc_s = tl.load(part_acc_ptr + part_rows[:, :, None] * BLOCK_D + d[None, None, :],
                                 mask=ml_mask[:, :, None], other=0.0, cache_modifier=".cg")  # from L2
                 m_all = tl.max(m_s, axis=1)
                 m_all = tl.where(m_all > float("-inf"), m_all, 0.0)  # padded heads: weights stay 0
