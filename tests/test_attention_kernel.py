@@ -1,7 +1,7 @@
 """The decode-attention kernel against a float64 reference: random slot lengths, length 1,
 lengths off the block size, grouped-query heads, scattered slots, split-K; the fused
 rotary + cache-write kernel against apply_rope + KVCache.write; the one-launch
-`rope_decode_attention` against those two (its ticket merge included); all through MoeForward
+`rope_decode_attention` against those two; all through MoeForward
 on `tiny` (interpreter on the CPU); bf16/fp16 and CUDA-graph replay on a GPU."""
 
 import pytest
@@ -222,25 +222,21 @@ FUSED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("ticket_merge", [True, False])
 @pytest.mark.parametrize("batch,heads,kv_heads,head_dim,max_seq_len,num_slots,positions,num_splits,block_n",
                          FUSED_CASES)
 def test_rope_decode_attention_matches_the_two_kernels(batch, heads, kv_heads, head_dim, max_seq_len, num_slots,
-                                                       positions, num_splits, block_n, ticket_merge):
+                                                       positions, num_splits, block_n):
     args = fused_case(batch, heads, kv_heads, head_dim, max_seq_len, num_slots, positions, seed=batch + head_dim)
     q, k, v, cos, sin, kc, vc, slots, pos = args
     ref_kc, ref_vc = kc.clone(), vc.clone()
     ref = two_kernels(q, k, v, cos, sin, ref_kc, ref_vc, slots, pos, num_splits=num_splits, block_n=block_n)
-    out = rope_decode_attention(q, k, v, cos, sin, kc, vc, slots, pos, num_splits=num_splits, block_n=block_n,
-                                ticket_merge=ticket_merge)
+    out = rope_decode_attention(q, k, v, cos, sin, kc, vc, slots, pos, num_splits=num_splits, block_n=block_n)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(kc, ref_kc, rtol=0, atol=1e-6)  # the rotated new keys, nothing else
     assert torch.equal(vc, ref_vc)
     # And against float64: the cache as the reference wrote it, q rotated in float64.
     q64 = apply_rope(q.double(), cos.double(), sin.double())
     torch.testing.assert_close(out.double(), reference(q64, ref_kc, ref_vc, slots, pos + 1), rtol=0, atol=1e-5)
-    tickets = attention_kernels._TICKETS.get(q.device)
-    assert tickets is None or int(tickets.abs().sum()) == 0  # every ticket put back for the next call
 
 
 def test_rope_decode_attention_bad_input():
@@ -362,26 +358,23 @@ def test_gpu_rope_decode_attention_matches_the_two_kernels(dtype, batch, heads, 
     q, k, v, cos, sin, kc, vc, slots, pos = args
     ref_kc, ref_vc = kc.clone(), vc.clone()
     ref = two_kernels(q, k, v, cos, sin, ref_kc, ref_vc, slots, pos, num_splits=num_splits)
-    for ticket_merge in (False, True):
-        out = rope_decode_attention(q, k, v, cos, sin, kc, vc, slots, pos, num_splits=num_splits,
-                                    ticket_merge=ticket_merge)
+    out = rope_decode_attention(q, k, v, cos, sin, kc, vc, slots, pos, num_splits=num_splits)
     assert out.dtype == dtype
     # Same roundings (q and the new key to the input dtype); the scans' float32 sums may differ in
     # order, and the output is rounded once.
     torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2 if dtype == torch.bfloat16 else 2e-3)
     torch.testing.assert_close(kc.float(), ref_kc.float(), rtol=1e-2, atol=1e-2)
     assert torch.equal(vc, ref_vc)
-    assert int(attention_kernels._TICKETS[q.device].abs().sum()) == 0
 
 
 @pytest.mark.gpu
 def test_gpu_rope_decode_attention_replays_in_a_cuda_graph():
-    """Captured once, replayed with new positions: each replay equals an eager call on the same
-    inputs (the tickets are back at 0 after every replay, so the merge stays right)."""
+    """Captured once, replayed with new positions (1 to 1,024 keys): each replay equals an eager
+    call on the same inputs, output and caches."""
     q, k, v, cos, sin, kc, vc, slots, pos = fused_case(4, 16, 16, 128, 1024, 6, [0, 99, 999, 512],
                                                        dtype=torch.bfloat16, device="cuda")
     kc0, vc0 = kc.clone(), vc.clone()
-    rope_decode_attention(q, k, v, cos, sin, kc, vc, slots, pos)  # compile and make the tickets outside
+    rope_decode_attention(q, k, v, cos, sin, kc, vc, slots, pos)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -394,4 +387,3 @@ def test_gpu_rope_decode_attention_replays_in_a_cuda_graph():
         eager = rope_decode_attention(q, k, v, cos, sin, ekc, evc, slots, pos)
         assert torch.equal(out, eager)
         assert torch.equal(kc, ekc) and torch.equal(vc, evc)
-    assert int(attention_kernels._TICKETS[q.device].abs().sum()) == 0

@@ -4,8 +4,9 @@ against cuBLAS: variants alternating in one process, three rounds, bf16 and NF4,
 
 - "two": `rope_and_cache_write`, `decode_attention` and (split-K) `_merge_splits_kernel`, cuBLAS lm_head
   (the package before this change);
-- "ticket": the one kernel, split-K partials merged by each sequence's last split (atomic ticket);
-- "merge": the one kernel, partials merged by `_merge_splits_kernel`;
+- "merge": the one kernel, partials merged by `_merge_splits_kernel` (the package since);
+- "ticket" (run1 only): the one kernel, split-K partials merged by each sequence's last split
+  through an atomic ticket; no faster, and its code left the package (it is at commit 3ecb97d);
 - "+head" on any of them: lm_head at one token through `moelab.kernels.gemv.linear_gemv`.
 
 VARIANTS (comma list), PRECISIONS, BATCHES and ROUNDS pick them. Writes $OUT/rope_attention_ab.json.
@@ -21,15 +22,16 @@ import moelab.model as MM
 from tuning_common import build_models_once, decode_step
 
 OUT = os.environ.get("OUT", "/tmp")
-VARIANTS = os.environ.get("VARIANTS", "two,ticket,merge,two+head,merge+head").split(",")
+VARIANTS = os.environ.get("VARIANTS", "two,two+head,merge,merge+head").split(",")
 PRECISIONS = os.environ.get("PRECISIONS", "bf16,nf4").split(",")
 BATCHES = tuple(int(b) for b in os.environ.get("BATCHES", "1,64").split(","))
 
 
 def use(variant: str):
     parts = variant.split("+")
-    A.FUSE_ROPE = parts[0] != "two"
-    A.TICKET_MERGE = parts[0] == "ticket"
+    if parts[0] not in ("two", "merge"):
+        raise ValueError(f"unknown variant {variant!r}: two or merge, optionally +head")
+    A.FUSE_ROPE = parts[0] == "merge"
     MM.HEAD_GEMV_MAX_TOKENS = 1 if "head" in parts else 0
 
 
@@ -45,4 +47,4 @@ for precision in PRECISIONS:
                 print(precision, rep, variant, row["batch"], row["ms_per_step"], row["tokens_per_s"], row["error"],
                       flush=True)
             json.dump(res, open(os.path.join(OUT, "rope_attention_ab.json"), "w"), indent=1)
-use("ticket+head")
+use("merge+head")

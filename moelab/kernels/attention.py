@@ -282,13 +282,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 # ---------------------------------------------------------------------------- rotary + cache write + attention
 
-# MOELAB_ROPE_ATTENTION=0: decode runs `rope_and_cache_write` and `decode_attention` as two kernels (and
-# the merge as a third), as before `rope_decode_attention` (comparisons).
+# MOELAB_ROPE_ATTENTION=0: decode runs `rope_and_cache_write` and `decode_attention` as two kernels, as
+# before `rope_decode_attention` (comparisons). On an H100, six alternating rounds of the batch-1 step
+# (benchmarks/results/rope_attention_ab_run2_2026-12-07_h100.json): NF4 1.597 -> 1.570 ms, bf16 2.216 ->
+# 2.206 (medians); at batch 64, three rounds (rope_attention_ab_2026-12-07_h100.json), 24.38 -> 24.03 and
+# 11.33 -> 11.21 ms.
 FUSE_ROPE = os.environ.get("MOELAB_ROPE_ATTENTION", "1") != "0"
-# Whether its split-K partials are merged in the kernel by each sequence's last split (an atomic
-# ticket: MOELAB_TICKET_MERGE=1) or by `_merge_splits_kernel` (the default: in an H100 A/B the ticket
-# made the batch-1 step slower, benchmarks/results/rope_attention_ab_2026-12-07_h100.json).
-TICKET_MERGE = os.environ.get("MOELAB_TICKET_MERGE", "0") == "1"
 
 
 @triton.jit
@@ -303,20 +302,18 @@ def _rotated(row_ptr, d, partner, d_ok, cos, sin_signed):
 @triton.jit
 def _rope_decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, positions_ptr,
-    k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr, ticket_ptr,
+    k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     max_seq_len, qk_scale,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb,
     stride_cs, stride_ch, stride_cn, stride_ob, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    TICKET_MERGE: tl.constexpr, USE_PDL: tl.constexpr = False,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """Program (b, kv_head, split) of `rope_decode_attention`: rotate the GROUP query heads of
     sequence b; if this split holds the new token's position, rotate its key, write key and value
     into the cache and fold them into the softmax from registers; scan the cached keys of its
-    share below the position; then write the output (one active split) or a partial, the
-    sequence's last split to finish merging them (TICKET_MERGE: an atomic ticket per (b, kv_head)),
-    or else every split a partial (an empty one m = -inf, l = 0) for `_merge_splits_kernel`."""
+    share below the position; then write the output (one split) or its partial for
+    `_merge_splits_kernel` (an empty split's: m = -inf, l = 0, acc = 0)."""
     wait_for_previous_kernel(USE_PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -328,7 +325,7 @@ def _rope_decode_attention_kernel(
     length = position + 1
     chunk = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * chunk
-    if NUM_SPLITS > 1 and not TICKET_MERGE and start >= length:  # an empty split's partial for the merge kernel
+    if NUM_SPLITS > 1 and start >= length:  # an empty split's partial for the merge kernel
         g = tl.arange(0, BLOCK_G)
         row = (b.to(tl.int64) * (tl.num_programs(1) * GROUP) + kv_head * GROUP + g) * NUM_SPLITS + split
         tl.store(part_ml_ptr + row * 2, tl.full([BLOCK_G], float("-inf"), tl.float32), mask=g < GROUP)
@@ -392,78 +389,30 @@ def _rope_decode_attention_kernel(
         m = m_new
         let_next_kernel_start(USE_PDL)
 
-        active = tl.cdiv(length, chunk)  # splits holding keys: 1 .. NUM_SPLITS
-        o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :]
         o_mask = g_ok[:, None] & d_ok[None, :]
-        if NUM_SPLITS == 1 or (TICKET_MERGE and active == 1):
+        if NUM_SPLITS == 1:
+            o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :]
             tl.store(o_ptrs, (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
-        elif not TICKET_MERGE:
+        else:  # partials [B, heads, NUM_SPLITS, ...], as decode_attention's
             row = (b.to(tl.int64) * (tl.num_programs(1) * GROUP) + heads) * NUM_SPLITS + split  # [G]
             tl.store(part_acc_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None])
             tl.store(part_ml_ptr + row * 2, m, mask=g_ok)
             tl.store(part_ml_ptr + row * 2 + 1, l, mask=g_ok)
-        else:
-            # Partials [B, heads, NUM_SPLITS, ...]; then a ticket: the last of the sequence's
-            # active splits to arrive merges them (in split order: deterministic).
-            num_heads = tl.num_programs(1) * GROUP
-            row = (b.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [G]
-            tl.store(part_acc_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None])
-            tl.store(part_ml_ptr + row * 2, m, mask=g_ok)
-            tl.store(part_ml_ptr + row * 2 + 1, l, mask=g_ok)
-            tl.debug_barrier()  # every thread's partial stored before the ticket is taken (its release covers them)
-            ticket_at = ticket_ptr + b.to(tl.int64) * tl.num_programs(1) + kv_head
-            ticket = tl.atomic_add(ticket_at, 1, sem="acq_rel", scope="gpu")
-            if ticket == active - 1:  # every active split's partial is in memory
-                s = tl.arange(0, BLOCK_S)
-                s_ok = s < active
-                part_rows = (b.to(tl.int64) * num_heads + heads)[:, None] * NUM_SPLITS + s[None, :]  # [G, S]
-                ml_mask = g_ok[:, None] & s_ok[None, :]
-                m_s = tl.load(part_ml_ptr + part_rows * 2, mask=ml_mask, other=float("-inf"), cache_modifier=".cg")
-                l_s = tl.load(part_ml_ptr + part_rows * 2 + 1, mask=ml_mask, other=0.0, cache_modifier=".cg")
-                acc_s = tl.load(part_acc_ptr + part_rows[:, :, None] * BLOCK_D + d[None, None, :],
-                                mask=ml_mask[:, :, None], other=0.0, cache_modifier=".cg")  # from L2
-                m_all = tl.max(m_s, axis=1)
-                m_all = tl.where(m_all > float("-inf"), m_all, 0.0)  # padded heads: weights stay 0
-                w = tl.exp2(m_s - m_all[:, None])
-                total = tl.sum(w * l_s, axis=1)
-                out = tl.sum(w[:, :, None] * acc_s, axis=1) / tl.where(total > 0, total, 1.0)[:, None]
-                tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
-                tl.atomic_xchg(ticket_at, 0)  # ready for the next call (and graph replay)
-
-
-_TICKETS: dict = {}
-
-
-def _tickets(device: torch.device, count: int) -> torch.Tensor:
-    """int32 zeros, at least `count`, one buffer per device: every launch puts its tickets back to
-    0, so the buffer stays zero between launches and CUDA-graph replays. Made before a capture
-    (the model's first eager step); a capture that needs more raises rather than allocate."""
-    have = _TICKETS.get(device)
-    if have is None or have.numel() < count:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"rope_decode_attention needs {count} tickets but was first called at this size "
-                               "inside a CUDA-graph capture: run one eager step first")
-        have = torch.zeros(max(count, 16384), dtype=torch.int32, device=device)
-        _TICKETS[device] = have
-    return have
 
 
 def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                           scale: float | None = None, num_splits: int | None = None, block_n: int | None = None,
-                          num_warps: int | None = None, ticket_merge: bool | None = None) -> torch.Tensor:
+                          num_warps: int | None = None) -> torch.Tensor:
     """One decode step's attention with its rotary and cache write: `rope_and_cache_write` then
     `decode_attention` over keys 0..positions[b], in one launch (no rotated q in memory, the new
-    key and value taken from registers) and without the merge kernel (a split-K sequence's last
-    split merges its partials).
+    key and value taken from registers), then with split-K the same merge kernel.
 
     q [B, heads, D], k and v [B, kv_heads, D] (the new token's projections, any token and head
     strides, contiguous in D); cos, sin [B, D]; k_cache, v_cache one layer of `moelab.KVCache`
     [slots, kv_heads, max_seq_len, D]; slots, positions int [B] on the device (sequence b's new
     token goes to position positions[b] of slot slots[b] and attends to keys 0..positions[b]).
-    Returns [B, heads, D] in q's dtype; the caches are written in place. ticket_merge: split-K
-    partials merged by each sequence's last split (True) or by `_merge_splits_kernel` (False);
-    None takes TICKET_MERGE."""
+    Returns [B, heads, D] in q's dtype; the caches are written in place."""
     for name, t, dim in (("q", q, 3), ("k", k, 3), ("v", v, 3), ("cos", cos, 2), ("sin", sin, 2),
                          ("k_cache", k_cache, 4), ("v_cache", v_cache, 4), ("slots", slots, 1),
                          ("positions", positions, 1)):
@@ -508,24 +457,21 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
         num_splits = choose_splits(batch, kv_heads, max_seq_len, num_sm() if on_gpu else None)
     block_d = triton.next_power_of_2(head_dim)
     scale = head_dim ** -0.5 if scale is None else scale
-    ticket_merge = TICKET_MERGE if ticket_merge is None else bool(ticket_merge)
     if num_splits > 1:
         part_acc = torch.empty(batch * heads * num_splits, block_d, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(batch * heads * num_splits, 2, dtype=torch.float32, device=q.device)
-        tickets = _tickets(q.device, batch * kv_heads) if ticket_merge else part_ml
     else:
-        part_acc = part_ml = tickets = out  # unused: one split writes `out` directly
+        part_acc = part_ml = out  # unused: one split writes `out` directly
     _rope_decode_attention_kernel[(batch, kv_heads, num_splits)](
         q, k, v, cos, sin, slots, positions,
-        k_cache, v_cache, out, part_acc, part_ml, tickets,
+        k_cache, v_cache, out, part_acc, part_ml,
         max_seq_len, scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_G=triton.next_power_of_2(group),
-        BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), TICKET_MERGE=ticket_merge,
-        num_warps=num_warps, **launch_args(q),
+        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, **launch_args(q),
     )
-    if num_splits > 1 and not ticket_merge:
+    if num_splits > 1:
         _merge_splits_kernel[(batch, heads)](
             part_acc, part_ml, out, heads, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
