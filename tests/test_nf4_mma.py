@@ -113,7 +113,7 @@ def test_gpu_mma_path_matches_dequantize_then_matmul(tokens, top_k, monkeypatch)
     previous NF4 paths; one id out of range adds nothing; deterministic."""
     experts = experts_module(QWEN["num_experts"], QWEN["hidden"], QWEN["inter"], torch.bfloat16, "cuda", seed=tokens)
     layer = NF4Experts.from_experts(experts)
-    x = torch.randn(tokens, QWEN["hidden"], device="cuda").bfloat16()
+    x = torch.randn(tokens, QWEN["hidden"], generator=torch.Generator().manual_seed(tokens)).to("cuda").bfloat16()
     weights, ids = routed(tokens, QWEN["num_experts"], top_k, tokens + 11, torch.bfloat16, "cuda")
     bad = ids.clone()
     bad[-1, -1] = QWEN["num_experts"] + 2
@@ -126,7 +126,11 @@ def test_gpu_mma_path_matches_dequantize_then_matmul(tokens, top_k, monkeypatch)
     got = fused_experts_forward(x, weights, bad, layer)
     assert len(calls) == 2  # gate_up and down took this path
     err = float((got.float() - expected).norm() / expected.norm())
-    assert err < 5e-3, f"relative error {err:.2e} at T={tokens}, top-{top_k}"
+    # A wrong lane mapping or scale is off by O(1). A right one is off by the bf16 roundings of the
+    # activations between the two GEMMs and of the output: below 5e-3 in the first runs, 5.06e-3 at T=2
+    # in a later one (gpu_tests_rope_attention_final_2026-12-07_h100.log: x then came from the global
+    # generator, after other test files; it is seeded here now). The previous paths are held to 1e-2.
+    assert err < 8e-3, f"relative error {err:.2e} at T={tokens}, top-{top_k}"
     assert torch.equal(got, fused_experts_forward(x, weights, bad, layer))
     monkeypatch.setattr(nf4_mma, "ENABLED", False)
     before = fused_experts_forward(x, weights, bad, layer)
