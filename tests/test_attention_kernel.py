@@ -123,23 +123,30 @@ def test_choose_splits():
     assert choose_splits(4, 8, 65536, 132) == 4
 
 
+PROMPTS = [[5, 9, 200, 7, 1], list(range(40, 58)), [42] * 9]  # 32 tokens: the interpreter runs one program each
+
+
+def greedy_decode(fwd, steps=3):
+    """Prefill PROMPTS into slots 1..3 of a fresh cache (slot 0 stays busy and empty), then `steps`
+    greedy decode steps: (tokens [3, steps + 1], logits [steps, 3, vocab], the cache)."""
+    cache = fwd.new_cache(num_slots=5, max_seq_len=64)
+    cache.allocate(8)
+    slots = [cache.allocate(50) for _ in PROMPTS]
+    token = fwd.prefill(cache, PROMPTS, slots).argmax(-1)
+    tokens, logits = [token], []
+    for _ in range(steps):
+        logits.append(fwd.decode(cache, token, slots))
+        token = logits[-1].argmax(-1)
+        tokens.append(token)
+    return torch.stack(tokens, 1), torch.stack(logits), cache
+
+
 def test_moe_forward_kernel_path_gives_the_sdpa_path_tokens(tiny):
     model = tiny[0]
-    prompts = [[5, 9, 200, 7, 1], list(range(40, 58)), [42] * 9]  # 32 tokens: the interpreter runs one program each
     runs = {}
     for attention in ("sdpa", "kernel", "auto"):
         kernels = "kernel" if attention == "kernel" else "auto"  # every moelab kernel on this path
-        fwd = MoeForward(model, attention=attention, rope=kernels, norm=kernels)
-        cache = fwd.new_cache(num_slots=5, max_seq_len=64)
-        cache.allocate(8)  # slot 0 stays busy and empty: the prompts land in slots 1..3
-        slots = [cache.allocate(50) for _ in prompts]
-        token = fwd.prefill(cache, prompts, slots).argmax(-1)
-        tokens, logits = [token], []
-        for _ in range(3):
-            logits.append(fwd.decode(cache, token, slots))
-            token = logits[-1].argmax(-1)
-            tokens.append(token)
-        runs[attention] = torch.stack(tokens, 1), torch.stack(logits)
+        runs[attention] = greedy_decode(MoeForward(model, attention=attention, rope=kernels, norm=kernels))
     assert torch.equal(runs["kernel"][0], runs["sdpa"][0])
     torch.testing.assert_close(runs["kernel"][1], runs["sdpa"][1], rtol=0, atol=1e-4)
     assert not torch.equal(runs["kernel"][1], runs["sdpa"][1])  # the kernel really ran
@@ -260,25 +267,15 @@ def test_rope_decode_attention_bad_input():
 def test_moe_forward_fused_rope_attention_gives_the_two_kernel_tokens(tiny, monkeypatch):
     """MoeForward's decode with the one-launch kernel against the two kernels it replaces: same
     tokens, logits within float32 rounding, and the same cache contents afterwards."""
-    model = tiny[0]
-    prompts = [[5, 9, 200, 7, 1], list(range(40, 58)), [42] * 9]
     runs = {}
     for fused in (True, False):
         monkeypatch.setattr(attention_kernels, "FUSE_ROPE", fused)
-        fwd = MoeForward(model, attention="kernel", rope="kernel", norm="kernel")
-        cache = fwd.new_cache(num_slots=4, max_seq_len=64)
-        slots = [cache.allocate(50) for _ in prompts]
-        token = fwd.prefill(cache, prompts, slots).argmax(-1)
-        tokens, logits = [token], []
-        for _ in range(3):
-            logits.append(fwd.decode(cache, token, slots))
-            token = logits[-1].argmax(-1)
-            tokens.append(token)
-        runs[fused] = torch.stack(tokens, 1), torch.stack(logits), cache.k.clone(), cache.v.clone()
+        runs[fused] = greedy_decode(MoeForward(tiny[0], attention="kernel", rope="kernel", norm="kernel"))
     assert torch.equal(runs[True][0], runs[False][0])
     torch.testing.assert_close(runs[True][1], runs[False][1], rtol=0, atol=1e-4)
-    for cached in (2, 3):  # later layers' keys and values carry the attention's float32 differences
-        torch.testing.assert_close(runs[True][cached], runs[False][cached], rtol=0, atol=1e-5)
+    # Later layers' keys and values carry the attention's float32 differences.
+    torch.testing.assert_close(runs[True][2].k, runs[False][2].k, rtol=0, atol=1e-5)
+    torch.testing.assert_close(runs[True][2].v, runs[False][2].v, rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- GPU

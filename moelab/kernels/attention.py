@@ -19,6 +19,10 @@ sequences are long, NUM_SPLITS programs share one sequence's keys (each takes an
 BLOCK_N-aligned share of its actual length) and write a partial (max, sum, accumulator);
 a second small kernel merges the partials. With NUM_SPLITS = 1 the first kernel writes
 the output itself.
+
+`rope_decode_attention` (notebook 08, section 12) is what a decode step runs: the same scan with
+the step's rotary and cache write folded in (`moelab.kernels.rope_cache` does them apart for a
+prefill), the new token's key and value taken from registers rather than read back.
 """
 
 import os
@@ -202,6 +206,37 @@ def launch_config(head_dim: int, group: int, on_gpu: bool) -> tuple[int, int]:
     return max(16, min(128, 4096 // per_key)), 4
 
 
+def _plan(q: torch.Tensor, kv_heads: int, max_seq_len: int, num_splits, block_n, num_warps):
+    """(group, num_splits, block_n, num_warps, block_d) of a decode-attention launch: the caller's
+    choices where given, else `choose_splits` and `launch_config`."""
+    batch, heads, head_dim = q.shape
+    group = heads // kv_heads
+    default_n, default_w = launch_config(head_dim, group, q.is_cuda)
+    if num_splits is None:
+        num_splits = choose_splits(batch, kv_heads, max_seq_len, num_sm() if q.is_cuda else None)
+    return group, num_splits, block_n or default_n, num_warps or default_w, triton.next_power_of_2(head_dim)
+
+
+def _partials(out: torch.Tensor, num_splits: int, block_d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (accumulators, (max, sum) pairs) for split-K partials of out [B, heads, D]; with one
+    split, `out` twice (the kernel writes `out` itself and never touches them)."""
+    if num_splits == 1:
+        return out, out
+    rows = out.shape[0] * out.shape[1] * num_splits
+    return (torch.empty(rows, block_d, dtype=torch.float32, device=out.device),
+            torch.empty(rows, 2, dtype=torch.float32, device=out.device))
+
+
+def _merge(part_acc: torch.Tensor, part_ml: torch.Tensor, out: torch.Tensor, num_splits: int, block_d: int) -> None:
+    """The split-K partials merged into out [B, heads, D] (`_merge_splits_kernel`)."""
+    batch, heads, head_dim = out.shape
+    _merge_splits_kernel[(batch, heads)](
+        part_acc, part_ml, out, heads, out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+        BLOCK_D=block_d, num_warps=1 if out.is_cuda else 4, **launch_args(out),
+    )
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                      lengths: torch.Tensor, scale: float | None = None, num_splits: int | None = None,
                      block_n: int | None = None, num_warps: int | None = None) -> torch.Tensor:
@@ -246,19 +281,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    on_gpu = q.is_cuda
-    group = heads // kv_heads
-    default_n, default_w = launch_config(head_dim, group, on_gpu)
-    block_n, num_warps = block_n or default_n, num_warps or default_w
-    if num_splits is None:
-        num_splits = choose_splits(batch, kv_heads, max_seq_len, num_sm() if on_gpu else None)
-    block_d = triton.next_power_of_2(head_dim)
+    group, num_splits, block_n, num_warps, block_d = _plan(q, kv_heads, max_seq_len, num_splits, block_n, num_warps)
     scale = head_dim ** -0.5 if scale is None else scale
-    if num_splits > 1:
-        part_acc = torch.empty(batch * heads * num_splits, block_d, dtype=torch.float32, device=q.device)
-        part_ml = torch.empty(batch * heads * num_splits, 2, dtype=torch.float32, device=q.device)
-    else:
-        part_acc = part_ml = out  # unused: the kernel writes `out` directly
+    part_acc, part_ml = _partials(out, num_splits, block_d)
     _decode_attention_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, slots, lengths,
         out, part_acc, part_ml,
@@ -272,11 +297,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_warps=num_warps, **launch_args(q),
     )
     if num_splits > 1:
-        _merge_splits_kernel[(batch, heads)](
-            part_acc, part_ml, out, heads, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=block_d, num_warps=1 if on_gpu else 4, **launch_args(q),
-        )
+        _merge(part_acc, part_ml, out, num_splits, block_d)
     return out
 
 
@@ -449,19 +470,9 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    on_gpu = q.is_cuda
-    group = heads // kv_heads
-    default_n, default_w = launch_config(head_dim, group, on_gpu)
-    block_n, num_warps = block_n or default_n, num_warps or default_w
-    if num_splits is None:
-        num_splits = choose_splits(batch, kv_heads, max_seq_len, num_sm() if on_gpu else None)
-    block_d = triton.next_power_of_2(head_dim)
+    group, num_splits, block_n, num_warps, block_d = _plan(q, kv_heads, max_seq_len, num_splits, block_n, num_warps)
     scale = head_dim ** -0.5 if scale is None else scale
-    if num_splits > 1:
-        part_acc = torch.empty(batch * heads * num_splits, block_d, dtype=torch.float32, device=q.device)
-        part_ml = torch.empty(batch * heads * num_splits, 2, dtype=torch.float32, device=q.device)
-    else:
-        part_acc = part_ml = out  # unused: one split writes `out` directly
+    part_acc, part_ml = _partials(out, num_splits, block_d)
     _rope_decode_attention_kernel[(batch, kv_heads, num_splits)](
         q, k, v, cos, sin, slots, positions,
         k_cache, v_cache, out, part_acc, part_ml,
@@ -472,9 +483,5 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, **launch_args(q),
     )
     if num_splits > 1:
-        _merge_splits_kernel[(batch, heads)](
-            part_acc, part_ml, out, heads, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=block_d, num_warps=1 if on_gpu else 4, **launch_args(q),
-        )
+        _merge(part_acc, part_ml, out, num_splits, block_d)
     return out
