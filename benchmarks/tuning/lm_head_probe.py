@@ -76,6 +76,7 @@ for length in (17, 64, 80, 128, 512):
         for rep in range(2):
             us, _, _ = graph_timed(fn, 4)
             us_a, _, _ = graph_timed(att, 4)
-            res["attention"].append({"rep": rep, "length": length, "splits": splits, "rope_attn_us": us, "attn_us": us_a})
+            res["attention"].append({"rep": rep, "length": length, "splits": splits, "rope_attn_us": us,
+                                     "attn_us": us_a})
             print("attn", rep, length, splits, us, us_a, flush=True)
 json.dump(res, open(os.path.join(OUT, "lm_head_probe.json"), "w"), indent=1)

@@ -206,15 +206,20 @@ def launch_config(head_dim: int, group: int, on_gpu: bool) -> tuple[int, int]:
     return max(16, min(128, 4096 // per_key)), 4
 
 
-def _plan(q: torch.Tensor, kv_heads: int, max_seq_len: int, num_splits, block_n, num_warps):
-    """(group, num_splits, block_n, num_warps, block_d) of a decode-attention launch: the caller's
-    choices where given, else `choose_splits` and `launch_config`."""
+def _plan(q: torch.Tensor, kv_heads: int, max_seq_len: int, scale, num_splits, block_n, num_warps):
+    """(group, num_splits, block_n, num_warps, block_d, scale * log2(e)) of a decode-attention
+    launch: the caller's choices where given (num_splits checked), else `choose_splits`,
+    `launch_config` and 1/sqrt(head_dim)."""
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
     batch, heads, head_dim = q.shape
     group = heads // kv_heads
     default_n, default_w = launch_config(head_dim, group, q.is_cuda)
     if num_splits is None:
-        num_splits = choose_splits(batch, kv_heads, max_seq_len, num_sm() if q.is_cuda else None)
-    return group, num_splits, block_n or default_n, num_warps or default_w, triton.next_power_of_2(head_dim)
+        num_splits = choose_splits(batch, kv_heads, max_seq_len, num_sm() if q.is_cuda else None) if batch else 1
+    scale = head_dim ** -0.5 if scale is None else scale
+    return (group, num_splits, block_n or default_n, num_warps or default_w, triton.next_power_of_2(head_dim),
+            scale * _LOG2E)
 
 
 def _partials(out: torch.Tensor, num_splits: int, block_d: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,19 +280,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("q, k_cache and v_cache must be contiguous in head_dim")
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
-
+    group, num_splits, block_n, num_warps, block_d, qk_scale = _plan(q, kv_heads, max_seq_len, scale, num_splits,
+                                                                     block_n, num_warps)
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    group, num_splits, block_n, num_warps, block_d = _plan(q, kv_heads, max_seq_len, num_splits, block_n, num_warps)
-    scale = head_dim ** -0.5 if scale is None else scale
     part_acc, part_ml = _partials(out, num_splits, block_d)
     _decode_attention_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, slots, lengths,
         out, part_acc, part_ml,
-        max_seq_len, scale * _LOG2E,
+        max_seq_len, qk_scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -464,19 +466,16 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     if any(t.stride(-1) != 1 for t in (q, k, v, cos, sin, k_cache, v_cache)):
         raise ValueError("q, k, v, cos, sin and the caches must be contiguous in their last dim")
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
-
+    group, num_splits, block_n, num_warps, block_d, qk_scale = _plan(q, kv_heads, max_seq_len, scale, num_splits,
+                                                                     block_n, num_warps)
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    group, num_splits, block_n, num_warps, block_d = _plan(q, kv_heads, max_seq_len, num_splits, block_n, num_warps)
-    scale = head_dim ** -0.5 if scale is None else scale
     part_acc, part_ml = _partials(out, num_splits, block_d)
     _rope_decode_attention_kernel[(batch, kv_heads, num_splits)](
         q, k, v, cos, sin, slots, positions,
         k_cache, v_cache, out, part_acc, part_ml,
-        max_seq_len, scale * _LOG2E,
+        max_seq_len, qk_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_G=triton.next_power_of_2(group),
