@@ -50,6 +50,13 @@ FUSED_MAX_TOKENS = 1
 NF4_DEQUANT_MIN_TOKENS = 16
 
 
+# Above the GEMV's few tokens (`moelab.kernels.gemv.MAX_TOKENS`) and up to this many, an NF4 linear
+# on CUDA (a prefill's, or a decode batch's) runs as `moelab.kernels.nf4_mma.linear`: the codes read
+# once per 16 tokens and multiplied on the tensor cores, no dequantized copy; q/k/v as their joint
+# weight in one launch, the shared expert as two launches behind the routed experts
+# (`moelab.kernels.experts.fused_experts_forward`). 0 keeps the paths above (comparisons).
+NF4_MMA_LINEAR_MAX_TOKENS = 64
+
 # A dense lm_head at up to this many tokens runs through moelab's GEMV (`moelab.kernels.gemv`)
 # rather than cuBLAS: on an H100 at one token, 151,936 x 2,048 bf16 in 195 against 205 us
 # (benchmarks/results/lm_head_probe_2026-12-07_h100.json). Above one token the GEMV would read the
@@ -224,9 +231,26 @@ def _linear(module, x: torch.Tensor) -> torch.Tensor:
         if nf4 is not None and nf4.dtype == x.dtype and (module.bias is None or module.bias.dtype == x.dtype):
             if x.shape[0] <= MAX_TOKENS:
                 return linear_gemv(x, nf4, module.bias)
+            if _nf4_mma_linear(x, nf4):
+                from .kernels import nf4_mma
+
+                return nf4_mma.linear(x, nf4, module.bias)
             if x.shape[0] >= NF4_DEQUANT_MIN_TOKENS:
                 return F.linear(x, _dequantized(nf4, x), module.bias)
     return module(x)
+
+
+def _nf4_mma_linear(x: torch.Tensor, weight: NF4Tensor | None = None) -> bool:
+    """Whether an NF4 linear of x's tokens runs as `moelab.kernels.nf4_mma.linear` (see
+    NF4_MMA_LINEAR_MAX_TOKENS); with `weight`, also whether that weight fits it."""
+    from .kernels import nf4_mma
+    from .kernels.gemv import MAX_TOKENS
+
+    if not (x.is_cuda and x.dim() == 2 and MAX_TOKENS < x.shape[0] <= NF4_MMA_LINEAR_MAX_TOKENS and nf4_mma.ENABLED
+            and torch.version.hip is None):
+        return False
+    return weight is None or (weight.shape[0] == 1 and weight.shape[2] % 64 == 0 and weight.blocksize == 64
+                              and weight.dtype == x.dtype)
 
 
 def _dequantized(weight: NF4Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -250,6 +274,10 @@ def _project(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch
 
         if x.is_cuda and x.shape[0] <= MAX_TOKENS and weight.dtype == x.dtype:
             return linear_gemv(x, weight, bias)
+        if _nf4_mma_linear(x, weight) and (bias is None or bias.dtype == x.dtype):
+            from .kernels import nf4_mma
+
+            return nf4_mma.linear(x, weight, bias)
         return F.linear(x, _dequantized(weight, x), bias)
     if x.is_cuda and weight.dtype == x.dtype and weight.stride(1) == 1:
         from .kernels.gemv import MAX_TOKENS, linear_gemv
@@ -567,7 +595,9 @@ class MoeForward:
         """q/k/v, RoPE, the cache write, attention, o_proj. rope: (cos, sin) for the kernel,
         else `rope_tables`."""
         n, heads, kv_heads, head_dim = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        fused = self._fused_qkv(index) if self._fuse(n) else None
+        fused = self._fused_qkv(index) if self._fuse(n) or _nf4_mma_linear(x) else None
+        if fused is not None and not self._fuse(n) and not isinstance(fused.weight, NF4Tensor):
+            fused = None  # only NF4's joint q/k/v is taken beyond the fused projections' token counts
         if fused is not None:  # one GEMM, split into column views
             qkv = _project(x, fused.weight, fused.bias)
             q, k, v = qkv.split(fused.sizes, dim=-1)
@@ -618,7 +648,9 @@ class MoeForward:
         if not hasattr(mlp, "experts"):  # a dense layer (mlp_only_layers / decoder_sparse_step)
             return _mlp(x, mlp)
         gate = mlp.gate
-        fused = self._fused_moe_input(index) if self._fuse(x.shape[0]) else None
+        fused = self._fused_moe_input(index) if self._fuse(x.shape[0]) or _nf4_mma_linear(x) else None
+        if fused is not None and not self._fuse(x.shape[0]) and fused.nf4_gate_up is None:
+            fused = None  # only NF4's joint gate/up is taken beyond the fused projections' token counts
         folds = getattr(self.experts_fn, "takes_shared_expert", False)
         parts = _foldable_shared(mlp, fused, nf4_ok=x.is_cuda) if fused is not None and folds else None
         if parts is not None:

@@ -143,11 +143,12 @@ def test_gpu_nf4_linear4bit_matches_dequantize_then_matmul(out_features, in_feat
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("out_features, in_features", [(2048, 2048), (5632, 2048), (2048, 5632)])
-def test_gpu_nf4_prefill_linear_dequantizes_to_bitsandbytes_weight(out_features, in_features):
-    """A prefill's NF4 Linear4bit (`moelab.model._linear`, from NF4_DEQUANT_MIN_TOKENS tokens):
-    moelab's one-kernel dequantize gives exactly bitsandbytes' bf16 weight, so the product
-    matches F.linear on it (cuBLAS both ways) and bitsandbytes' own forward within 1e-2
-    relative, at 16, 37 and 64 tokens; below the threshold the module's own forward runs."""
+def test_gpu_nf4_prefill_linear_dequantizes_to_bitsandbytes_weight(out_features, in_features, monkeypatch):
+    """A prefill's NF4 Linear4bit (`moelab.model._linear`, from NF4_DEQUANT_MIN_TOKENS tokens, with
+    the tensor-core linear off): moelab's one-kernel dequantize gives exactly bitsandbytes' bf16
+    weight, so the product matches F.linear on it (cuBLAS both ways) and bitsandbytes' own forward
+    within 1e-2 relative, at 16, 37 and 64 tokens; below the threshold the module's own forward
+    runs. With it on (the default, `moelab.kernels.nf4_mma.linear`) within 1e-2 too."""
     pytest.importorskip("bitsandbytes")
     import bitsandbytes.functional as bnbf
 
@@ -161,11 +162,15 @@ def test_gpu_nf4_prefill_linear_dequantizes_to_bitsandbytes_weight(out_features,
     assert torch.equal(nf4_to_dense(linear4bit_nf4(q))[0], weight)
     for tokens in (16, 37, 64):
         x = torch.randn(tokens, in_features, device="cuda").bfloat16()
+        mma = model_module._linear(q, x)
+        monkeypatch.setattr(model_module, "NF4_MMA_LINEAR_MAX_TOKENS", 0)
         got = model_module._linear(q, x)
+        monkeypatch.undo()
         assert torch.equal(got, F.linear(x, weight, q.bias))
         exact = F.linear(x.float(), weight.float(), q.bias.float())
-        for other in (got, q(x)):
+        for other in (got, mma, q(x)):
             err = float((other.float() - exact).norm() / exact.norm())
             assert err < 1e-2, f"relative error {err:.2e} at {tokens} tokens"
+    monkeypatch.setattr(model_module, "NF4_MMA_LINEAR_MAX_TOKENS", 0)
     x = torch.randn(8, in_features, device="cuda").bfloat16()
     assert torch.equal(model_module._linear(q, x), q(x))

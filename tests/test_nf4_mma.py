@@ -153,3 +153,68 @@ def test_gpu_mma_path_in_a_cuda_graph():
     ids.copy_(new_ids)
     graph.replay()
     assert torch.equal(out, fused_experts_forward(x, weights, ids, layer)) and not torch.equal(out, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 5, 8, 13, 16, 33, 64])
+@pytest.mark.parametrize("nb, warps", [(1, 4), (2, 4), (2, 2)])
+def test_gpu_dense_linear_matches_dequantize_then_matmul(tokens, nb, warps):
+    """`nf4_mma.linear` (a dense NF4 weight against a prefill's tokens) against dequantize-then-matmul
+    in float32: with a bias, gated (SiLU(gate) * up), and as a shared expert's down (add +
+    sigmoid(gate logit) * result, written into add); token counts that fill no group of 8."""
+    from moelab.quant import quantize_nf4
+
+    gen = torch.Generator().manual_seed(tokens)
+    w = quantize_nf4((torch.randn(1, 320, 448, generator=gen) * 0.02).to("cuda", torch.bfloat16), backend="torch")
+    dense = dequantize_nf4(w)[0].float()
+    x = torch.randn(tokens, 448, generator=gen).to("cuda", torch.bfloat16)
+    bias = torch.randn(320, generator=gen).to("cuda", torch.bfloat16)
+
+    def rel(got, want):
+        return float((got.float() - want).norm() / want.norm())
+
+    assert rel(nf4_mma.linear(x, w, bias, nb=nb, warps=warps), x.float() @ dense.T + bias.float()) < 5e-3
+    gate, up = (x.float() @ dense.T).chunk(2, dim=-1)
+    assert rel(nf4_mma.linear(x, w, gated=True, nb=nb, warps=warps), torch.nn.functional.silu(gate) * up) < 5e-3
+    logits = torch.randn(tokens, 3, generator=gen).to("cuda", torch.bfloat16)
+    routed = torch.randn(tokens, 320, generator=gen).to("cuda", torch.bfloat16)
+    want = routed.float() + torch.sigmoid(logits[:, 1:2].float()) * (x.float() @ dense.T)
+    got = nf4_mma.linear(x, w, shared_gate=logits[:, 1:2], add=routed.clone(), nb=nb, warps=warps)
+    assert rel(got, want) < 5e-3
+    with pytest.raises(ValueError, match="multiple of 64"):
+        nf4_mma.linear(x[:, :100], w)
+
+
+@pytest.mark.gpu
+def test_gpu_nf4_model_on_the_mma_linears_matches_the_dequantized_path(monkeypatch):
+    """A whole NF4 prefill of 5, 13 and 40 tokens and a batch-6 decode step (q/k/v joint, the shared
+    expert behind the routed experts, o_proj: `moelab.kernels.nf4_mma.linear`) give the logits of
+    the paths before it (dequantize then cuBLAS, bitsandbytes' modules) within bf16 noise."""
+    pytest.importorskip("bitsandbytes")
+    import moelab.model as model_module
+    from moelab.model import MoeForward
+    from moelab.models import preset_config, random_nf4_model
+
+    config = preset_config("tiny")
+    config.num_key_value_heads = config.num_attention_heads  # q/k/v quantized jointly
+    model = random_nf4_model(config, "cuda", torch.bfloat16, seed=3)
+    calls = []
+    monkeypatch.setattr(nf4_mma, "linear", lambda *a, _f=nf4_mma.linear, **k: calls.append(1) or _f(*a, **k))
+    runs = []
+    for limit in (64, 0):
+        monkeypatch.setattr(model_module, "NF4_MMA_LINEAR_MAX_TOKENS", limit)
+        fwd = MoeForward(model)
+        cache = fwd.new_cache(6, 64)
+        slots = [cache.allocate(48) for _ in range(6)]
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 13, 40, 7, 9, 11)]
+        logits = list(fwd.prefill(cache, prompts[:3], slots[:3], all_logits=True))
+        logits += [fwd.prefill(cache, [p], [s]) for p, s in zip(prompts[3:], slots[3:])]
+        logits.append(fwd.decode(cache, torch.arange(6, device="cuda") + 40, torch.tensor(slots, device="cuda")))
+        runs.append(torch.cat(logits).float())
+        if limit:
+            assert calls, "the tensor-core linears did not run"
+            calls.clear()
+    assert not calls
+    err = float((runs[0] - runs[1]).norm() / runs[1].norm())
+    assert err < 2e-2, f"the NF4 tensor-core linears differ from the previous paths by {err:.2e}"

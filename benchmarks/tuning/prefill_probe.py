@@ -1,7 +1,7 @@
 """Where a served request's prefill goes, bf16 against NF4: one prompt per length bucket of the
 serving workload (16-64 tokens: buckets 16, 32, 48, 64) replayed from the Engine's prefill
 graphs (`moelab.graphs.PrefillGraphs`), median ms of 10 replays, and the kernels of one replay
-at 16 and 64 tokens (torch profiler, top 12).
+at 16 and 64 tokens (torch profiler, top 12; PROFILE_AT and ROWS change both).
 
 Why: served one request at a time (benchmarks/results/serve_c1_2026-12-06_h100_run10.json), a
 request takes 117.4 ms in NF4 (4,096 tokens / 545.0 tokens/s over 64 requests) of which 63
@@ -34,6 +34,8 @@ from moelab.kernels.experts import fused_experts_forward
 from moelab.models import load
 
 OUT = os.environ.get("OUT", "/tmp")
+PROFILE_AT = [int(n) for n in os.environ.get("PROFILE_AT", "16,64").split(",")]
+ROWS = int(os.environ.get("ROWS", "12"))
 res = {"card": B.card_name(), "versions": B.versions(), "rows": [], "profiles": {}}
 for precision in os.environ.get("PRECISIONS", "bf16,nf4").split(","):
     if precision not in ("bf16", "nf4"):
@@ -48,11 +50,11 @@ for precision in os.environ.get("PRECISIONS", "bf16,nf4").split(","):
         ms = B.median_seconds(lambda: graphs.prefill(prompt, slot)) * 1e3  # its bucket captured at the first call
         res["rows"].append(dict(precision=precision, tokens=n, ms=round(ms, 3)))
         print(res["rows"][-1], flush=True)
-        if n in (16, 64):
+        if n in PROFILE_AT:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 graphs.prefill(prompt, slot)
                 torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=70)
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=ROWS, max_name_column_width=70)
             res["profiles"][f"{precision}_{n}"] = table
             print(table, flush=True)
     json.dump(res, open(os.path.join(OUT, "prefill_probe.json"), "w"), indent=1)

@@ -1235,6 +1235,19 @@ def _shared_expert(hidden: torch.Tensor, shared: SharedExpert) -> torch.Tensor:
     return shared_expert_torch(hidden, shared)
 
 
+def _add_shared(out: torch.Tensor, hidden: torch.Tensor, shared: SharedExpert) -> torch.Tensor:
+    """out + the shared expert, behind the grouped kernels: in NF4 on CUDA two launches of
+    `moelab.kernels.nf4_mma.linear` (gate/up with SiLU, then down adding sigmoid(gate logit) times
+    its result into out, rounded as transformers rounds it), else `_shared_expert` and an add."""
+    if _is_nf4(shared.gate_up) and hidden.is_cuda:
+        from . import nf4_mma  # imported here: it imports this module's helpers
+
+        if nf4_mma.usable(hidden, shared.gate_up, shared.down) and shared.gate_up.dtype == hidden.dtype:
+            act = nf4_mma.linear(hidden, shared.gate_up, gated=True)
+            return nf4_mma.linear(act, shared.down, shared_gate=shared.gate_logit.reshape(-1, 1), add=out)
+    return out + _shared_expert(hidden, shared)
+
+
 def _check_shared(shared: SharedExpert, hidden: torch.Tensor) -> None:
     num_tokens, hidden_dim = hidden.shape
     nf4 = _is_nf4(shared.gate_up)
@@ -1457,7 +1470,7 @@ def fused_experts_forward(hidden: torch.Tensor, weights: torch.Tensor, ids: torc
     # The top-k sum: a kernel on CUDA (21 us at 4,096 tokens on an H200 against 37 us for PyTorch's
     # sum over the middle dimension), PyTorch in the interpreter.
     out = topk_sum(out, top_k) if device.type == "cuda" else out.view(num_tokens, top_k, hidden_dim).sum(dim=1)
-    return out if shared is None else out + _shared_expert(hidden, shared)
+    return out if shared is None else _add_shared(out, hidden, shared)
 
 
 # MoeForward hands this function the float32 router weights (rounded in the kernels) and, on

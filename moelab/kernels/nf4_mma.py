@@ -55,33 +55,42 @@ BLOCK_STEPS = tuple(
 )
 
 
-def _mma_block_asm() -> str:
-    """PTX for one lane's share of a 16-row x 64-value NF4 block times 8 columns of x:
+def _mma_block_asm(nb: int = 1) -> str:
+    """PTX for one lane's share of a 16-row x 64-value NF4 block times nb groups of 8 columns of x:
     $0-$3 = $13-$16 + the block's products (rows g, g, g + 8, g + 8 at columns 2t, 2t + 1),
     rows g scaled by $11, rows g + 8 by $12 (their absmax).
 
     $4, $5: the lane's 8 code bytes of rows g and g + 8 (64-bit); $6-$9: the 8 bf16 pairs of x of
     column g's token, two per 64-bit register; $10: the lane's address in the shared pair table
-    (`experts._nf4_lut`: entry e at byte 128 e from it)."""
-    lines = [".reg .b32 w<4>, x<2>, t, q, a<4>;", ".reg .f32 d<4>, z, sg, sh, c<4>;",
-             "mov.f32 z, 0f00000000;", "mov.b64 {w0, w1}, $4;", "mov.b64 {w2, w3}, $5;"]
+    (`experts._nf4_lut`: entry e at byte 128 e from it).
+
+    With nb > 1 (`linear`: a dense weight against 8 nb tokens) each look-up of a step feeds nb
+    MMAs, one per column group c: outputs $4c-$4c+3, code words $4nb, $4nb+1, group c's x pairs
+    $4nb+2+4c .. +3, table address $8nb+2, scales $8nb+3, $8nb+4, accumulators $8nb+5+4c .. +3."""
+    code, x_at, tbl, scale, acc_at = 4 * nb, 4 * nb + 2, 8 * nb + 2, 8 * nb + 3, 8 * nb + 5
+    lines = [".reg .b32 w<4>, x<2>, t, q, a<4>;", f".reg .f32 d<{4 * nb}>, z, sg, sh, c<{4 * nb}>;",
+             "mov.f32 z, 0f00000000;", f"mov.b64 {{w0, w1}}, ${code};", f"mov.b64 {{w2, w3}}, ${code + 1};"]
     for s, step in enumerate(BLOCK_STEPS):
-        lines.append(f"mov.b64 {{x0, x1}}, ${6 + s};")  # pairs 2s (low word) and 2s + 1 (high word)
+        lines.append(f"mov.b64 {{x0, x1}}, ${x_at + s};")  # pairs 2s (low word) and 2s + 1 (high word)
         for reg, (half, byte) in enumerate(step["a"]):
             word = f"w{2 * half + byte // 4}"  # row g: w0 (bytes 0-3), w1 (4-7); row g + 8: w2, w3
-            lines += [f"prmt.b32 t, {word}, 0, 0x444{byte % 4};", "mad.lo.u32 q, t, 128, $10;",
+            lines += [f"prmt.b32 t, {word}, 0, 0x444{byte % 4};", f"mad.lo.u32 q, t, 128, ${tbl};",
                       f"ld.shared.b32 a{reg}, [q];"]
-        acc = "z, z, z, z" if s == 0 else "d0, d1, d2, d3"
-        lines.append("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                     f"{{d0, d1, d2, d3}}, {{a0, a1, a2, a3}}, {{x0, x1}}, {{{acc}}};")
-    lines += ["mov.b32 sg, $11;", "mov.b32 sh, $12;"]
-    for i in range(4):
-        lines += [f"mov.b32 c{i}, ${13 + i};", f"fma.rn.f32 c{i}, d{i}, {'sg' if i < 2 else 'sh'}, c{i};",
+        for c in range(nb):
+            d = ", ".join(f"d{4 * c + i}" for i in range(4))
+            if c:
+                lines.append(f"mov.b64 {{x0, x1}}, ${x_at + 4 * c + s};")
+            lines.append("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                         f"{{{d}}}, {{a0, a1, a2, a3}}, {{x0, x1}}, {{{'z, z, z, z' if s == 0 else d}}};")
+    lines += [f"mov.b32 sg, ${scale};", f"mov.b32 sh, ${scale + 1};"]
+    for i in range(4 * nb):
+        lines += [f"mov.b32 c{i}, ${acc_at + i};", f"fma.rn.f32 c{i}, d{i}, {'sg' if i % 4 < 2 else 'sh'}, c{i};",
                   f"mov.b32 ${i}, c{i};"]
     return "{\n" + "\n".join(lines) + "\n}"
 
 
 MMA_BLOCK_ASM = tl.constexpr(_mma_block_asm())
+MMA_BLOCK2_ASM = tl.constexpr(_mma_block_asm(2))
 
 
 @triton.jit
@@ -109,17 +118,31 @@ def _block_mma(acc0, acc1, acc2, acc3, c_g, c_h, x0, x1, x2, x3, tbl, scale_g, s
 
 
 @triton.jit
+def _block_mma2(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, c_g, c_h, x0, x1, x2, x3, y0, y1, y2, y3, tbl,
+                scale_g, scale_h):
+    """`_block_mma` for two groups of 8 columns (x: the first, y: the second) sharing each look-up."""
+    return tl.inline_asm_elementwise(
+        MMA_BLOCK2_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,l,l,l,l,l,l,l,l,l,l,r,r,r,r,r,r,r,r,r,r,r",
+        [c_g, c_h, x0, x1, x2, x3, y0, y1, y2, y3, tbl, scale_g, scale_h, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7],
+        dtype=(tl.float32,) * 8, is_pure=False, pack=1)
+
+
+@triton.jit
+def _x_loads(x64, blk, t, num_blocks, col_ok):
+    """The lane's 4 words of x (16 values of its column's token) of block blk (zeros past num_blocks)."""
+    p = x64 + blk * 16 + 4 * t
+    ok = (blk < num_blocks) & col_ok
+    return (tl.load(p, mask=ok, other=0), tl.load(p + 1, mask=ok, other=0), tl.load(p + 2, mask=ok, other=0),
+            tl.load(p + 3, mask=ok, other=0))
+
+
+@triton.jit
 def _block_loads(codes, x64, am, am_code, am_scale, am_offset, expert, row_g, ok_g, ok_h, col_ok, k_dim, blk, t,
                  num_blocks, absmax_per_expert, scales_per_expert, DOUBLE_QUANT: tl.constexpr):
     """Block blk's inputs for rows row_g, row_g + 8 (zeros past num_blocks): the lane's code words
     of both rows, its 4 words of x (16 values of its column's token) and the rows' absmax."""
     ok = blk < num_blocks
-    p = x64 + blk * 16 + 4 * t
-    xo = ok & col_ok
-    x0 = tl.load(p, mask=xo, other=0)
-    x1 = tl.load(p + 1, mask=xo, other=0)
-    x2 = tl.load(p + 2, mask=xo, other=0)
-    x3 = tl.load(p + 3, mask=xo, other=0)
+    x0, x1, x2, x3 = _x_loads(x64, blk, t, num_blocks, col_ok)
     word = blk * 4 + t
     c_g = tl.load(codes + row_g.to(tl.int64) * (k_dim // 16) + word, mask=ok & ok_g, other=0)
     c_h = tl.load(codes + (row_g + 8).to(tl.int64) * (k_dim // 16) + word, mask=ok & ok_h, other=0)
@@ -149,6 +172,29 @@ def _tile_dot(codes, x64, am, am_code, am_scale, am_offset, expert, row_g, ok_g,
         a0, a1, a2, a3 = _block_mma(a0, a1, a2, a3, c_g, c_h, x0, x1, x2, x3, tbl, s_g, s_h)
         c_g, c_h, x0, x1, x2, x3, s_g, s_h = n_g, n_h, y0, y1, y2, y3, u_g, u_h
     return a0, a1, a2, a3
+
+
+@triton.jit
+def _tile_dot2(codes, xa, xb, am, am_code, am_scale, am_offset, row_g, ok_g, ok_h, ok_a, ok_b, k_dim, t, num_blocks,
+               tbl, scales_per_expert, DOUBLE_QUANT: tl.constexpr, NT: tl.constexpr):
+    """`_tile_dot` of a one-expert weight against two groups of 8 columns (tokens at xa and xb):
+    the lane's 8 float32 results, 4 per group. Each code word is looked up once for both."""
+    a0 = tl.zeros([NT], dtype=tl.float32)
+    a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
+    c_g, c_h, x0, x1, x2, x3, s_g, s_h = _block_loads(
+        codes, xa, am, am_code, am_scale, am_offset, 0, row_g, ok_g, ok_h, ok_a, k_dim, 0, t, num_blocks,
+        0, scales_per_expert, DOUBLE_QUANT)
+    y0, y1, y2, y3 = _x_loads(xb, 0, t, num_blocks, ok_b)
+    for blk in range(0, num_blocks):
+        n_g, n_h, m0, m1, m2, m3, u_g, u_h = _block_loads(
+            codes, xa, am, am_code, am_scale, am_offset, 0, row_g, ok_g, ok_h, ok_a, k_dim, blk + 1, t,
+            num_blocks, 0, scales_per_expert, DOUBLE_QUANT)
+        v0, v1, v2, v3 = _x_loads(xb, blk + 1, t, num_blocks, ok_b)
+        a0, a1, a2, a3, a4, a5, a6, a7 = _block_mma2(a0, a1, a2, a3, a4, a5, a6, a7, c_g, c_h, x0, x1, x2, x3,
+                                                     y0, y1, y2, y3, tbl, s_g, s_h)
+        c_g, c_h, x0, x1, x2, x3, s_g, s_h = n_g, n_h, m0, m1, m2, m3, u_g, u_h
+        y0, y1, y2, y3 = v0, v1, v2, v3
+    return a0, a1, a2, a3, a4, a5, a6, a7
 
 
 @triton.jit
@@ -238,3 +284,124 @@ def grouped(x: torch.Tensor, w, out: torch.Tensor, pairs: torch.Tensor, counts: 
         n_out, k_dim, num_experts, x_row_div, x.stride(0), strides[0], out.stride(0), strides[3], strides[4],
         GATED=gated, DOUBLE_QUANT=flags["DOUBLE_QUANT"], BLOCK_E=triton.next_power_of_2(num_experts + 1),
         WARPS=WARPS, num_warps=WARPS)
+
+
+@triton.jit
+def _linear_epilogue(d0, d1, d2, d3, out_ptr, bias_ptr, gate_ptr, add_ptr, tok, row_g, ok_g, ok_h, num_tokens,
+                     stride_om, stride_gm, stride_am, HAS_BIAS: tl.constexpr, SHARED: tl.constexpr):
+    """Store one group's results: rows row_g (d0, d1) and row_g + 8 (d2, d3) of tokens tok, tok + 1,
+    plus the bias (before the one rounding, as cuBLAS adds it); SHARED (a shared expert's down):
+    add + sigmoid(gate logit) * result, rounded at each step as transformers computes it."""
+    ok0 = tok < num_tokens
+    ok1 = tok + 1 < num_tokens
+    dtype = out_ptr.dtype.element_ty
+    if HAS_BIAS:
+        b_g = tl.load(bias_ptr + row_g, mask=ok_g, other=0.0).to(tl.float32)
+        b_h = tl.load(bias_ptr + row_g + 8, mask=ok_h, other=0.0).to(tl.float32)
+        d0, d1, d2, d3 = d0 + b_g, d1 + b_g, d2 + b_h, d3 + b_h
+    if SHARED:
+        s0 = tl.sigmoid(tl.load(gate_ptr + tok * stride_gm, mask=ok0, other=0.0).to(tl.float32)).to(dtype)
+        s1 = tl.sigmoid(tl.load(gate_ptr + (tok + 1) * stride_gm, mask=ok1, other=0.0).to(tl.float32)).to(dtype)
+        d0 = tl.load(add_ptr + tok * stride_am + row_g, mask=ok0 & ok_g, other=0.0) + s0 * d0.to(dtype)
+        d1 = tl.load(add_ptr + (tok + 1) * stride_am + row_g, mask=ok1 & ok_g, other=0.0) + s1 * d1.to(dtype)
+        d2 = tl.load(add_ptr + tok * stride_am + row_g + 8, mask=ok0 & ok_h, other=0.0) + s0 * d2.to(dtype)
+        d3 = tl.load(add_ptr + (tok + 1) * stride_am + row_g + 8, mask=ok1 & ok_h, other=0.0) + s1 * d3.to(dtype)
+    tl.store(out_ptr + tok * stride_om + row_g, d0.to(dtype), mask=ok0 & ok_g)
+    tl.store(out_ptr + (tok + 1) * stride_om + row_g, d1.to(dtype), mask=ok1 & ok_g)
+    tl.store(out_ptr + tok * stride_om + row_g + 8, d2.to(dtype), mask=ok0 & ok_h)
+    tl.store(out_ptr + (tok + 1) * stride_om + row_g + 8, d3.to(dtype), mask=ok1 & ok_h)
+
+
+@triton.jit
+def _nf4_mma_linear_kernel(
+    x_ptr, w_ptr, out_ptr, bias_ptr, gate_ptr, add_ptr,
+    absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
+    num_tokens, n_out, k_dim, stride_xm, stride_om, stride_gm, stride_am, scales_per_expert,
+    GATED: tl.constexpr, HAS_BIAS: tl.constexpr, SHARED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    NB: tl.constexpr, WARPS: tl.constexpr,
+):
+    """out[token, n] = x[token] @ W[n]^T for a one-expert NF4 weight W [1, rows, K]: 16 x WARPS
+    rows n (a 16-row tile per warp) against 8 NB tokens (NB groups of 8 MMA columns, each code
+    word looked up once for all of them). The programs of one row tile are neighbours, so its
+    codes come from L2 after the first token block. GATED: out = SiLU(gate) * up, gate rows n,
+    up rows n_out + n; see `_linear_epilogue` for HAS_BIAS and SHARED."""
+    NT: tl.constexpr = 32 * WARPS
+    pid = tl.program_id(0)
+    token_blocks = tl.cdiv(num_tokens, 8 * NB)
+    tile = pid // token_blocks
+    tok0 = (pid % token_blocks) * (8 * NB)
+    lut = _nf4_lut(nf4_code_ptr, True, WARPS)
+    lane, warp = _thread_ids(NT)
+    g = lane // 4
+    t = lane % 4
+    row_g = (tile * WARPS + warp) * 16 + g
+    ok_g = row_g < n_out
+    ok_h = row_g + 8 < n_out
+    num_blocks = k_dim // 64
+    codes = w_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+    ok_a = tok0 + g < num_tokens  # B column g of group 0: token tok0 + g
+    xa = (x_ptr + tl.where(ok_a, tok0 + g, 0).to(tl.int64) * stride_xm).to(tl.pointer_type(tl.int64), bitcast=True)
+    if NB == 1:
+        d0, d1, d2, d3 = _tile_dot(codes, xa, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, 0,
+                                   row_g, ok_g, ok_h, ok_a, k_dim, t, num_blocks, lut[0], 0, scales_per_expert,
+                                   DOUBLE_QUANT, NT)
+        if GATED:
+            u0, u1, u2, u3 = _tile_dot(codes, xa, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
+                                       0, row_g + n_out, ok_g, ok_h, ok_a, k_dim, t, num_blocks, lut[0], 0,
+                                       scales_per_expert, DOUBLE_QUANT, NT)
+            d0, d1, d2, d3 = d0 * tl.sigmoid(d0) * u0, d1 * tl.sigmoid(d1) * u1, d2 * tl.sigmoid(d2) * u2, \
+                d3 * tl.sigmoid(d3) * u3
+        _linear_epilogue(d0, d1, d2, d3, out_ptr, bias_ptr, gate_ptr, add_ptr, tok0 + 2 * t, row_g, ok_g, ok_h,
+                         num_tokens, stride_om, stride_gm, stride_am, HAS_BIAS, SHARED)
+    else:
+        ok_b = tok0 + 8 + g < num_tokens  # group 1: tokens tok0 + 8 ...
+        xb = (x_ptr + tl.where(ok_b, tok0 + 8 + g, 0).to(tl.int64) * stride_xm).to(tl.pointer_type(tl.int64),
+                                                                                    bitcast=True)
+        d0, d1, d2, d3, e0, e1, e2, e3 = _tile_dot2(
+            codes, xa, xb, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, row_g, ok_g, ok_h,
+            ok_a, ok_b, k_dim, t, num_blocks, lut[0], scales_per_expert, DOUBLE_QUANT, NT)
+        if GATED:
+            u0, u1, u2, u3, v0, v1, v2, v3 = _tile_dot2(
+                codes, xa, xb, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, row_g + n_out, ok_g,
+                ok_h, ok_a, ok_b, k_dim, t, num_blocks, lut[0], scales_per_expert, DOUBLE_QUANT, NT)
+            d0, d1, d2, d3 = d0 * tl.sigmoid(d0) * u0, d1 * tl.sigmoid(d1) * u1, d2 * tl.sigmoid(d2) * u2, \
+                d3 * tl.sigmoid(d3) * u3
+            e0, e1, e2, e3 = e0 * tl.sigmoid(e0) * v0, e1 * tl.sigmoid(e1) * v1, e2 * tl.sigmoid(e2) * v2, \
+                e3 * tl.sigmoid(e3) * v3
+        _linear_epilogue(d0, d1, d2, d3, out_ptr, bias_ptr, gate_ptr, add_ptr, tok0 + 2 * t, row_g, ok_g, ok_h,
+                         num_tokens, stride_om, stride_gm, stride_am, HAS_BIAS, SHARED)
+        _linear_epilogue(e0, e1, e2, e3, out_ptr, bias_ptr, gate_ptr, add_ptr, tok0 + 8 + 2 * t, row_g, ok_g, ok_h,
+                         num_tokens, stride_om, stride_gm, stride_am, HAS_BIAS, SHARED)
+
+
+def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, gated: bool = False,
+           shared_gate: torch.Tensor | None = None, add: torch.Tensor | None = None, nb: int | None = None,
+           warps: int = WARPS) -> torch.Tensor:
+    """x [T, K] @ W^T (+ bias) for a one-expert NF4 weight W [1, rows, K] (`moelab.quant.NF4Tensor`,
+    64-value blocks, K a multiple of 64) on the tensor cores: a prefill's dense NF4 linears without
+    a dequantized copy. gated: W holds gate rows then up rows, returns SiLU(gate) * up [T, rows / 2].
+    shared_gate [T, 1] and add [T, N] (a shared expert's down): returns add + sigmoid(shared_gate) *
+    (x @ W^T), written into add. nb: groups of 8 tokens a program (default: 2 above 8 tokens)."""
+    _, rows, k_dim = w.shape
+    n_out = rows // 2 if gated else rows
+    if x.dim() != 2 or x.shape[1] != k_dim or k_dim % 64 or w.blocksize != 64:
+        raise ValueError(f"x must be [T, {k_dim}] with K a multiple of 64 and 64-value NF4 blocks, got "
+                         f"{tuple(x.shape)}, blocksize {w.blocksize}")
+    if (shared_gate is None) != (add is None) or (gated and add is not None):
+        raise ValueError("shared_gate and add come together, and not with gated")
+    if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 8 or x.data_ptr() % 8:
+        x = x.clone(memory_format=torch.contiguous_format)  # lanes read x rows as 8-byte words
+    num_tokens = x.shape[0]
+    out = add if add is not None else torch.empty(num_tokens, n_out, dtype=x.dtype, device=x.device)
+    if num_tokens == 0:
+        return out
+    nb = nb or (1 if num_tokens <= 8 else 2)
+    ptrs, strides, flags = _weight_args(w, 1)
+    grid = (triton.cdiv(n_out, 16 * warps) * triton.cdiv(num_tokens, 8 * nb),)
+    _nf4_mma_linear_kernel[grid](
+        x, ptrs[0], out, bias if bias is not None else out, shared_gate if shared_gate is not None else out,
+        out, *ptrs[1:], num_tokens, n_out, k_dim, x.stride(0), out.stride(0),
+        shared_gate.stride(0) if shared_gate is not None else 0, out.stride(0), strides[4],
+        GATED=gated, HAS_BIAS=bias is not None, SHARED=shared_gate is not None, DOUBLE_QUANT=flags["DOUBLE_QUANT"],
+        NB=nb, WARPS=warps, num_warps=warps)
+    return out
