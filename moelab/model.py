@@ -243,11 +243,12 @@ def _linear(module, x: torch.Tensor) -> torch.Tensor:
 def _nf4_mma_linear(x: torch.Tensor, weight: NF4Tensor | None = None) -> bool:
     """Whether an NF4 linear of x's tokens runs as `moelab.kernels.nf4_mma.linear` (see
     NF4_MMA_LINEAR_MAX_TOKENS); with `weight`, also whether that weight fits it."""
+    if not (x.is_cuda and NF4_MMA_LINEAR_MAX_TOKENS and x.dim() == 2):  # first: this runs every layer, CPU too
+        return False
     from .kernels import nf4_mma
     from .kernels.gemv import MAX_TOKENS
 
-    if not (x.is_cuda and x.dim() == 2 and MAX_TOKENS < x.shape[0] <= NF4_MMA_LINEAR_MAX_TOKENS and nf4_mma.ENABLED
-            and torch.version.hip is None):
+    if not (MAX_TOKENS < x.shape[0] <= NF4_MMA_LINEAR_MAX_TOKENS and nf4_mma.ENABLED and torch.version.hip is None):
         return False
     return weight is None or (weight.shape[0] == 1 and weight.shape[2] % 64 == 0 and weight.blocksize == 64
                               and weight.dtype == x.dtype)
