@@ -18,6 +18,7 @@ host sync inside it (with `check=False`), which is what lets a CUDA graph captur
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -54,8 +55,9 @@ NF4_DEQUANT_MIN_TOKENS = 16
 # on CUDA (a prefill's, or a decode batch's) runs as `moelab.kernels.nf4_mma.linear`: the codes read
 # once per 16 tokens and multiplied on the tensor cores, no dequantized copy; q/k/v as their joint
 # weight in one launch, the shared expert as two launches behind the routed experts
-# (`moelab.kernels.experts.fused_experts_forward`). 0 keeps the paths above (comparisons).
-NF4_MMA_LINEAR_MAX_TOKENS = 64
+# (`moelab.kernels.experts.fused_experts_forward`). 0 (or MOELAB_NF4_MMA_LINEAR_MAX_TOKENS=0) keeps the
+# paths above (comparisons).
+NF4_MMA_LINEAR_MAX_TOKENS = int(os.environ.get("MOELAB_NF4_MMA_LINEAR_MAX_TOKENS", "64"))
 
 # A dense lm_head at up to this many tokens runs through moelab's GEMV (`moelab.kernels.gemv`)
 # rather than cuBLAS: on an H100 at one token, 151,936 x 2,048 bf16 in 195 against 205 us
