@@ -148,7 +148,7 @@ def test_gpu_nf4_prefill_linear_dequantizes_to_bitsandbytes_weight(out_features,
     the tensor-core linear off): moelab's one-kernel dequantize gives exactly bitsandbytes' bf16
     weight, so the product matches F.linear on it (cuBLAS both ways) and bitsandbytes' own forward
     within 1e-2 relative, at 16, 37 and 64 tokens; below the threshold the module's own forward
-    runs. With it on (the default, `moelab.kernels.nf4_mma.linear`) within 1e-2 too."""
+    runs. With it on (`moelab.kernels.nf4_mma.linear`) within 1e-2 too."""
     pytest.importorskip("bitsandbytes")
     import bitsandbytes.functional as bnbf
 
@@ -162,10 +162,10 @@ def test_gpu_nf4_prefill_linear_dequantizes_to_bitsandbytes_weight(out_features,
     assert torch.equal(nf4_to_dense(linear4bit_nf4(q))[0], weight)
     for tokens in (16, 37, 64):
         x = torch.randn(tokens, in_features, device="cuda").bfloat16()
+        monkeypatch.setattr(model_module, "NF4_MMA_LINEAR_MAX_TOKENS", 64)
         mma = model_module._linear(q, x)
         monkeypatch.setattr(model_module, "NF4_MMA_LINEAR_MAX_TOKENS", 0)
         got = model_module._linear(q, x)
-        monkeypatch.undo()
         assert torch.equal(got, F.linear(x, weight, q.bias))
         exact = F.linear(x.float(), weight.float(), q.bias.float())
         for other in (got, mma, q(x)):

@@ -89,6 +89,33 @@ def test_the_ptx_follows_block_steps():
     assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") == 4
     assert re.findall(r"fma\.rn\.f32 c(\d), d\1, (s[gh]), c\1;", ptx) == [("0", "sg"), ("1", "sg"), ("2", "sh"),
                                                                           ("3", "sh")]
+    # Two groups of 8 columns (`nf4_mma.linear`): the same 16 look-ups, each step's feeding both MMAs,
+    # group c's x from operands 10 + 4c + s and its accumulators d4c..d4c+3.
+    ptx2 = nf4_mma.MMA_BLOCK2_ASM.value
+    assert re.findall(r"prmt\.b32 t, (w\d), 0, 0x444(\d);", ptx2) == picks
+    assert re.findall(r"mov\.b64 \{x0, x1\}, \$(\d+);", ptx2) == ["10", "14", "11", "15", "12", "16", "13", "17"]
+    mmas = re.findall(r"mma\.sync\S+ \{(d\d+), d\d+, d\d+, d\d+\}", ptx2)
+    assert mmas == ["d0", "d4"] * 4
+    assert re.findall(r"fma\.rn\.f32 c(\d), d\1, (s[gh]), c\1;", ptx2) == [
+        (str(i), "sg" if i % 4 < 2 else "sh") for i in range(8)]
+
+
+def test_dense_linear_rejects_bad_input():
+    """`nf4_mma.linear` names the problem before any launch: K that does not match or is not whole
+    64-value blocks, a shared gate without the output to add into (or with gated)."""
+    from moelab.quant import quantize_nf4
+
+    w = quantize_nf4(torch.randn(1, 32, 128) * 0.02, backend="torch")
+    x = torch.randn(3, 128)
+    with pytest.raises(ValueError, match=r"x must be \[T, 128\]"):
+        nf4_mma.linear(torch.randn(3, 64), w)
+    with pytest.raises(ValueError, match="come together"):
+        nf4_mma.linear(x, w, shared_gate=torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="not with gated"):
+        nf4_mma.linear(x, w, gated=True, shared_gate=torch.zeros(3, 1), add=torch.zeros(3, 16))
+    odd = quantize_nf4(torch.randn(1, 32, 96) * 0.02, backend="torch")
+    with pytest.raises(ValueError, match="multiple of 64"):
+        nf4_mma.linear(torch.randn(3, 96), odd)
 
 
 def test_not_usable_on_the_cpu():
