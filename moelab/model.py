@@ -18,7 +18,6 @@ host sync inside it (with `check=False`), which is what lets a CUDA graph captur
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -50,14 +49,6 @@ FUSED_MAX_TOKENS = 1
 # at batch 16 and 64, whose dense linears take the same path, 14.59 / 32.17 against 14.72 / 32.41 ms.
 NF4_DEQUANT_MIN_TOKENS = 16
 
-
-# Above the GEMV's few tokens (`moelab.kernels.gemv.MAX_TOKENS`) and up to this many, an NF4 linear
-# on CUDA (a prefill's, or a decode batch's) runs as `moelab.kernels.nf4_mma.linear`: the codes read
-# once per 16 tokens and multiplied on the tensor cores, no dequantized copy; q/k/v as their joint
-# weight in one launch, the shared expert as two launches behind the routed experts
-# (`moelab.kernels.experts.fused_experts_forward`). 0 (or MOELAB_NF4_MMA_LINEAR_MAX_TOKENS=0) keeps the
-# paths above (comparisons).
-NF4_MMA_LINEAR_MAX_TOKENS = int(os.environ.get("MOELAB_NF4_MMA_LINEAR_MAX_TOKENS", "64"))
 
 # A dense lm_head at up to this many tokens runs through moelab's GEMV (`moelab.kernels.gemv`)
 # rather than cuBLAS: on an H100 at one token, 151,936 x 2,048 bf16 in 195 against 205 us
@@ -243,14 +234,16 @@ def _linear(module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _nf4_mma_linear(x: torch.Tensor, weight: NF4Tensor | None = None) -> bool:
-    """Whether an NF4 linear of x's tokens runs as `moelab.kernels.nf4_mma.linear` (see
-    NF4_MMA_LINEAR_MAX_TOKENS); with `weight`, also whether that weight fits it."""
-    if not (x.is_cuda and NF4_MMA_LINEAR_MAX_TOKENS and x.dim() == 2):  # first: this runs every layer, CPU too
+    """Whether an NF4 linear of x's tokens runs as `moelab.kernels.nf4_mma.linear`: on CUDA, above the
+    GEMV's few tokens (`moelab.kernels.gemv.MAX_TOKENS`) and up to `nf4_mma.LINEAR_MAX_TOKENS` (q/k/v
+    then as their joint weight in one launch, the shared expert in two behind the routed experts);
+    with `weight`, also whether that weight fits it."""
+    if not (x.is_cuda and x.dim() == 2):  # first: this runs every layer, on the CPU too
         return False
     from .kernels import nf4_mma
     from .kernels.gemv import MAX_TOKENS
 
-    if not (MAX_TOKENS < x.shape[0] <= NF4_MMA_LINEAR_MAX_TOKENS and nf4_mma.ENABLED and torch.version.hip is None):
+    if not (MAX_TOKENS < x.shape[0] <= nf4_mma.LINEAR_MAX_TOKENS and nf4_mma.ENABLED and torch.version.hip is None):
         return False
     return weight is None or (weight.shape[0] == 1 and weight.shape[2] % 64 == 0 and weight.blocksize == 64
                               and weight.dtype == x.dtype)

@@ -153,6 +153,7 @@ def test_gpu_nf4_prefill_linear_dequantizes_to_bitsandbytes_weight(out_features,
     import bitsandbytes.functional as bnbf
 
     import moelab.model as model_module
+    from moelab.kernels import nf4_mma
     from moelab.quant import linear4bit_nf4, linear_to_nf4
 
     torch.manual_seed(out_features + 7)
@@ -162,15 +163,15 @@ def test_gpu_nf4_prefill_linear_dequantizes_to_bitsandbytes_weight(out_features,
     assert torch.equal(nf4_to_dense(linear4bit_nf4(q))[0], weight)
     for tokens in (16, 37, 64):
         x = torch.randn(tokens, in_features, device="cuda").bfloat16()
-        monkeypatch.setattr(model_module, "NF4_MMA_LINEAR_MAX_TOKENS", 64)
+        monkeypatch.setattr(nf4_mma, "LINEAR_MAX_TOKENS", 64)
         mma = model_module._linear(q, x)
-        monkeypatch.setattr(model_module, "NF4_MMA_LINEAR_MAX_TOKENS", 0)
+        monkeypatch.setattr(nf4_mma, "LINEAR_MAX_TOKENS", 0)
         got = model_module._linear(q, x)
         assert torch.equal(got, F.linear(x, weight, q.bias))
         exact = F.linear(x.float(), weight.float(), q.bias.float())
         for other in (got, mma, q(x)):
             err = float((other.float() - exact).norm() / exact.norm())
             assert err < 1e-2, f"relative error {err:.2e} at {tokens} tokens"
-    monkeypatch.setattr(model_module, "NF4_MMA_LINEAR_MAX_TOKENS", 0)
+    monkeypatch.setattr(nf4_mma, "LINEAR_MAX_TOKENS", 0)
     x = torch.randn(8, in_features, device="cuda").bfloat16()
     assert torch.equal(model_module._linear(q, x), q(x))

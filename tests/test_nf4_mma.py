@@ -218,7 +218,6 @@ def test_gpu_nf4_model_on_the_mma_linears_matches_the_dequantized_path(monkeypat
     expert behind the routed experts, o_proj: `moelab.kernels.nf4_mma.linear`) give the logits of
     the paths before it (dequantize then cuBLAS, bitsandbytes' modules) within bf16 noise."""
     pytest.importorskip("bitsandbytes")
-    import moelab.model as model_module
     from moelab.model import MoeForward
     from moelab.models import preset_config, random_nf4_model
 
@@ -229,7 +228,7 @@ def test_gpu_nf4_model_on_the_mma_linears_matches_the_dequantized_path(monkeypat
     monkeypatch.setattr(nf4_mma, "linear", lambda *a, _f=nf4_mma.linear, **k: calls.append(1) or _f(*a, **k))
     runs = []
     for limit in (64, 0):
-        monkeypatch.setattr(model_module, "NF4_MMA_LINEAR_MAX_TOKENS", limit)
+        monkeypatch.setattr(nf4_mma, "LINEAR_MAX_TOKENS", limit)
         fwd = MoeForward(model)
         cache = fwd.new_cache(6, 64)
         slots = [cache.allocate(48) for _ in range(6)]

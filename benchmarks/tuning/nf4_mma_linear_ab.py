@@ -1,5 +1,5 @@
 """NF4 prefills and decode batches with the dense NF4 linears on the tensor cores
-(`moelab.kernels.nf4_mma.linear`, up to `moelab.model.NF4_MMA_LINEAR_MAX_TOKENS` tokens: q/k/v as their
+(`moelab.kernels.nf4_mma.linear`, up to `nf4_mma.LINEAR_MAX_TOKENS` = 64 tokens: q/k/v as their
 joint weight in one launch, o_proj, the shared expert in two launches behind the routed experts)
 against the paths before it (dequantize then cuBLAS from 16 tokens, bitsandbytes' modules below),
 alternating, ROUNDS rounds: whole prefills of 16-64 tokens replayed from the Engine's prefill graphs
@@ -16,13 +16,14 @@ import json
 import os
 
 import moelab.bench as B
-import moelab.model as MM
+from moelab.kernels import nf4_mma
 from tuning_common import build_models_once, decode_step, nf4_prefill
 
 OUT = os.environ.get("OUT", "/tmp")
 ROUNDS = int(os.environ.get("ROUNDS", "2"))
 BATCHES = tuple(int(b) for b in os.environ.get("BATCHES", "8,16,64").split(","))
-VARIANTS = {"mma_linear": MM.NF4_MMA_LINEAR_MAX_TOKENS, "before": 0}
+VARIANTS = {"mma_linear": 64, "before": 0}
+PACKAGE = nf4_mma.LINEAR_MAX_TOKENS
 build_models_once()
 res = {"card": B.card_name(), "versions": B.versions(), "rows": []}
 print(res["card"], flush=True)
@@ -30,7 +31,7 @@ first_logits = {}
 
 for rep in range(ROUNDS):
     for variant, limit in VARIANTS.items():
-        MM.NF4_MMA_LINEAR_MAX_TOKENS = limit
+        nf4_mma.LINEAR_MAX_TOKENS = limit
         try:
             for n in (16, 32, 48, 64):
                 ms, rel = nf4_prefill(n, first_logits)
@@ -44,5 +45,5 @@ for rep in range(ROUNDS):
                     res["rows"].append(row)
                     print(row, flush=True)
         finally:
-            MM.NF4_MMA_LINEAR_MAX_TOKENS = VARIANTS["mma_linear"]
+            nf4_mma.LINEAR_MAX_TOKENS = PACKAGE
         json.dump(res, open(os.path.join(OUT, "nf4_mma_linear_ab.json"), "w"), indent=1)

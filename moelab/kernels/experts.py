@@ -1236,13 +1236,15 @@ def _shared_expert(hidden: torch.Tensor, shared: SharedExpert) -> torch.Tensor:
 
 
 def _add_shared(out: torch.Tensor, hidden: torch.Tensor, shared: SharedExpert) -> torch.Tensor:
-    """out + the shared expert, behind the grouped kernels: in NF4 on CUDA two launches of
-    `moelab.kernels.nf4_mma.linear` (gate/up with SiLU, then down adding sigmoid(gate logit) times
-    its result into out, rounded as transformers rounds it), else `_shared_expert` and an add."""
+    """out + the shared expert, behind the grouped kernels: in NF4 on CUDA up to
+    `nf4_mma.LINEAR_MAX_TOKENS` tokens two launches of `moelab.kernels.nf4_mma.linear` (gate/up with
+    SiLU, then down adding sigmoid(gate logit) times its result into out, rounded as transformers
+    rounds it), else `_shared_expert` and an add."""
     if _is_nf4(shared.gate_up) and hidden.is_cuda:
         from . import nf4_mma  # imported here: it imports this module's helpers
 
-        if nf4_mma.usable(hidden, shared.gate_up, shared.down) and shared.gate_up.dtype == hidden.dtype:
+        if (hidden.shape[0] <= nf4_mma.LINEAR_MAX_TOKENS and nf4_mma.usable(hidden, shared.gate_up, shared.down)
+                and shared.gate_up.dtype == hidden.dtype):
             act = nf4_mma.linear(hidden, shared.gate_up, gated=True)
             return nf4_mma.linear(act, shared.down, shared_gate=shared.gate_logit.reshape(-1, 1), add=out)
     return out + _shared_expert(hidden, shared)

@@ -30,6 +30,14 @@ tests/test_nf4_mma.py checks that mapping on the CPU, lane by lane, against the 
 (`experts.NF4_MMA_FROM_PAIRS`): at 2-4 tokens it measured slower, most blocks holding a single
 pair, so 7 of B's 8 columns go empty. CUDA only (inline PTX; the interpreter keeps the other NF4
 paths).
+
+`linear` runs the same tile against a dense NF4 weight (one "expert", every token routed to it): a
+prefill's q/k/v, o_proj and shared expert, which `moelab.model` otherwise dequantizes into a bf16
+copy for cuBLAS (0.5 byte a weight read, 2 written, 2 read again). Its programs take 8 or 16 tokens
+(`_mma_block_asm(2)`: each look-up of a step feeds two MMAs, one per group of 8 columns), and the
+programs of one row tile are neighbours in the grid, so after the first token block the codes come
+from L2. The epilogue adds a bias, or applies SiLU(gate) * up, or (a shared expert's down) adds
+sigmoid(gate logit) times the result into the routed experts' output.
 """
 
 from __future__ import annotations
@@ -44,6 +52,12 @@ from .experts import _block_rows, _nf4_absmax, _nf4_lut, _weight_args
 
 ENABLED = os.environ.get("MOELAB_NF4_MMA", "1") != "0"  # MOELAB_NF4_MMA=0: the previous NF4 paths (comparisons)
 WARPS = 4  # warps per program: 4 tiles of 16 rows, one shared-memory table
+# Up to this many tokens `moelab.model` runs a CUDA NF4 linear above the GEMV's few tokens as `linear`
+# (and `experts.fused_experts_forward` a shared expert behind its grouped kernels). 0, the default, keeps
+# the earlier paths (dequantize then cuBLAS; the shared expert through the GEMVs): `linear` was written on
+# 2026-12-07 when no GPU could be had, compiled for sm_90 but never run. MOELAB_NF4_MMA_LINEAR_MAX_TOKENS=64
+# turns it on; tests/test_nf4_mma.py's GPU tests and benchmarks/tuning/nf4_mma_linear_ab.py are its checks.
+LINEAR_MAX_TOKENS = int(os.environ.get("MOELAB_NF4_MMA_LINEAR_MAX_TOKENS", "0"))
 
 # Step s of a 64-value block: A register -> (row half, code byte of the lane's 8); B registers ->
 # (x pair of the lane's 8). Lane t's 8 code bytes of a row hold values 16t .. 16t + 15 of the block
