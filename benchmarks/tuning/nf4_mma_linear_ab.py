@@ -12,38 +12,17 @@ that cuBLAS read again, and the shared expert took seven launches.
 
     ROUNDS=2 python benchmarks/tuning/nf4_mma_linear_ab.py   # $OUT/nf4_mma_linear_ab.json
 """
-import json
 import os
 
-import moelab.bench as B
 from moelab.kernels import nf4_mma
-from tuning_common import build_models_once, decode_step, nf4_prefill
+from tuning_common import alternate_nf4_prefills
 
-OUT = os.environ.get("OUT", "/tmp")
-ROUNDS = int(os.environ.get("ROUNDS", "2"))
-BATCHES = tuple(int(b) for b in os.environ.get("BATCHES", "8,16,64").split(","))
-VARIANTS = {"mma_linear": 64, "before": 0}
-PACKAGE = nf4_mma.LINEAR_MAX_TOKENS
-build_models_once()
-res = {"card": B.card_name(), "versions": B.versions(), "rows": []}
-print(res["card"], flush=True)
-first_logits = {}
+BATCHES = tuple(int(b) for b in os.environ.get("BATCHES", "8,16,64").split(",") if b)
 
-for rep in range(ROUNDS):
-    for variant, limit in VARIANTS.items():
-        nf4_mma.LINEAR_MAX_TOKENS = limit
-        try:
-            for n in (16, 32, 48, 64):
-                ms, rel = nf4_prefill(n, first_logits)
-                row = dict(rep=rep, variant=variant, what=f"prefill {n}", ms=round(ms, 3), logits_rel_diff_vs_first=rel)
-                res["rows"].append(row)
-                print(row, flush=True)
-            if BATCHES:
-                for r in decode_step(variant, "nf4", batches=BATCHES):
-                    row = dict(rep=rep, variant=variant, what=f"decode batch {r['batch']}",
-                               tokens_per_s=r["tokens_per_s"], ms=r["ms_per_step"], error=r["error"])
-                    res["rows"].append(row)
-                    print(row, flush=True)
-        finally:
-            nf4_mma.LINEAR_MAX_TOKENS = PACKAGE
-        json.dump(res, open(os.path.join(OUT, "nf4_mma_linear_ab.json"), "w"), indent=1)
+
+def use(limit):
+    nf4_mma.LINEAR_MAX_TOKENS = limit
+
+
+alternate_nf4_prefills({"before": 0, "mma_linear": 64}, use, int(os.environ.get("ROUNDS", "2")), BATCHES,
+                       os.path.join(os.environ.get("OUT", "/tmp"), "nf4_mma_linear_ab.json"))

@@ -14,36 +14,16 @@ batch 16 and 64 14.59 / 32.17 against 14.72 / 32.41 ms; the package's path since
 
     ROUNDS=2 python benchmarks/tuning/nf4_prefill_dequant_ab.py   # $OUT/nf4_prefill_dequant_ab.json
 """
-import json
 import os
 
-import moelab.bench as B
 import moelab.model as MM
-from tuning_common import build_models_once, decode_step, nf4_prefill
-
-OUT = os.environ.get("OUT", "/tmp")
-ROUNDS = int(os.environ.get("ROUNDS", "2"))
-VARIANTS = {"moelab": MM.NF4_DEQUANT_MIN_TOKENS, "bitsandbytes": 1 << 30}
-build_models_once()
-res = {"card": B.card_name(), "versions": B.versions(), "rows": []}
-print(res["card"], flush=True)
-first_logits = {}
+from tuning_common import alternate_nf4_prefills
 
 
-for rep in range(ROUNDS):
-    for variant, min_tokens in VARIANTS.items():
-        MM.NF4_DEQUANT_MIN_TOKENS = min_tokens
-        try:
-            for n in (16, 32, 48, 64):
-                ms, rel = nf4_prefill(n, first_logits)
-                row = dict(rep=rep, variant=variant, what=f"prefill {n}", ms=round(ms, 3), logits_rel_diff_vs_first=rel)
-                res["rows"].append(row)
-                print(row, flush=True)
-            for r in decode_step(variant, "nf4", batches=(16, 64)):
-                row = dict(rep=rep, variant=variant, what=f"decode batch {r['batch']}",
-                           tokens_per_s=r["tokens_per_s"], ms=r["ms_per_step"], error=r["error"])
-                res["rows"].append(row)
-                print(row, flush=True)
-        finally:
-            MM.NF4_DEQUANT_MIN_TOKENS = VARIANTS["moelab"]
-        json.dump(res, open(os.path.join(OUT, "nf4_prefill_dequant_ab.json"), "w"), indent=1)
+def use(min_tokens):
+    MM.NF4_DEQUANT_MIN_TOKENS = min_tokens
+
+
+alternate_nf4_prefills({"moelab": MM.NF4_DEQUANT_MIN_TOKENS, "bitsandbytes": 1 << 30}, use,
+                       int(os.environ.get("ROUNDS", "2")), (16, 64),
+                       os.path.join(os.environ.get("OUT", "/tmp"), "nf4_prefill_dequant_ab.json"))

@@ -157,6 +157,43 @@ def decode_step(variant: str, quantize, batches=(1,)) -> list[dict]:
                  ms_per_step=row.get("ms_per_step"), error=row.get("error")) for row in r["results"]]
 
 
+def alternate_nf4_prefills(variants: dict, use, rounds: int, batches, out_path: str) -> dict:
+    """The NF4 A/B the prefill scripts share: for each of `rounds` rounds and each variant in turn,
+    `use(value)` in force, whole NF4 prefills of 16 / 32 / 48 / 64 tokens (`nf4_prefill`, last-token
+    logits compared with the first variant's) and the decode step at `batches` (none: skipped), then
+    `use` of the first variant's value again; every row printed, and the results written to out_path
+    after each variant. Returns them ({"card", "versions", "rows"})."""
+    import json
+
+    import moelab.bench as B
+
+    build_models_once()
+    res = {"card": B.card_name(), "versions": B.versions(), "rows": []}
+    print(res["card"], flush=True)
+    first_logits, reset = {}, next(iter(variants.values()))
+
+    def add(row):
+        res["rows"].append(row)
+        print(row, flush=True)
+
+    for rep in range(rounds):
+        for variant, value in variants.items():
+            use(value)
+            try:
+                for n in (16, 32, 48, 64):
+                    ms, rel = nf4_prefill(n, first_logits)
+                    add(dict(rep=rep, variant=variant, what=f"prefill {n}", ms=round(ms, 3),
+                             logits_rel_diff_vs_first=rel))
+                for r in decode_step(variant, "nf4", batches=batches) if batches else []:
+                    add(dict(rep=rep, variant=variant, what=f"decode batch {r['batch']}",
+                             tokens_per_s=r["tokens_per_s"], ms=r["ms_per_step"], error=r["error"]))
+            finally:
+                use(reset)
+            with open(out_path, "w") as f:
+                json.dump(res, f, indent=1)
+    return res
+
+
 def decode_step_with(use, variant: str, quantize, reset: str = "none") -> list[dict]:
     """`decode_step` with `use(variant)` in force, then `use(reset)` whatever happens."""
     use(variant)
