@@ -113,6 +113,8 @@ def test_dense_linear_rejects_bad_input():
         nf4_mma.linear(x, w, shared_gate=torch.zeros(3, 1))
     with pytest.raises(ValueError, match="not with gated"):
         nf4_mma.linear(x, w, gated=True, shared_gate=torch.zeros(3, 1), add=torch.zeros(3, 16))
+    with pytest.raises(ValueError, match="nb takes 1 or 2"):
+        nf4_mma.linear(x, w, nb=4)
     odd = quantize_nf4(torch.randn(1, 32, 96) * 0.02, backend="torch")
     with pytest.raises(ValueError, match="multiple of 64"):
         nf4_mma.linear(torch.randn(3, 96), odd)

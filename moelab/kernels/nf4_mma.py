@@ -403,6 +403,8 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, gated: bool 
                          f"{tuple(x.shape)}, blocksize {w.blocksize}")
     if (shared_gate is None) != (add is None) or (gated and add is not None):
         raise ValueError("shared_gate and add come together, and not with gated")
+    if nb not in (None, 1, 2) or warps not in (2, 4, 8):
+        raise ValueError(f"nb takes 1 or 2 groups of 8 tokens and warps 2, 4 or 8, got nb={nb}, warps={warps}")
     if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 8 or x.data_ptr() % 8:
         x = x.clone(memory_format=torch.contiguous_format)  # lanes read x rows as 8-byte words
     num_tokens = x.shape[0]
