@@ -514,42 +514,34 @@ class MoeForward:
             def attend(layer, q):  # q [B, heads, head_dim]; reads keys 0..position of each slot only
                 out = decode_attention(q, cache.k[layer], cache.v[layer], slots, lengths, scale=self.scaling)
                 return out.reshape(q.shape[0], -1)
-        else:
-            attend = self._sdpa_decode(cache, slots, positions)
-
-        hidden = self._run(cache, tokens, slots, positions, attend)
-        cache.lengths[slots] = positions + 1
-        return self._head(hidden)
-
-    def _sdpa_decode(self, cache, slots, positions):
-        """Decode attention through SDPA (the CPU, or attention="sdpa") over the cache rows up to the
-        batch's longest sequence: on the CPU that length is on the host already (no sync), so keys
-        past it are never read; on a GPU the whole max_seq_len rows, padding included, without a sync."""
-        key_len = int(positions.max()) + 1 if cache.device.type == "cpu" else cache.max_seq_len
-        key_pos = torch.arange(key_len, device=cache.device)[None, None, None, :]
-        if 2 * slots.numel() >= cache.num_slots:
+        elif 2 * slots.numel() >= cache.num_slots:
             # Most slots decode: attend over every slot of the cache in place rather than copy
             # the batch's keys and values out of it first. Each query sits in its slot's row of
             # a zero grid and sees keys 0..position (slots outside the batch see up to their own
             # length, at least key 0, so no row is empty; their outputs are dropped).
+            # SDPA reads the whole [slot, max_seq_len] rows, padding included.
+            key_pos = torch.arange(cache.max_seq_len, device=cache.device)[None, None, None, :]
             mask = key_pos <= cache.lengths[:, None, None, None]  # lengths[slots] == positions here
 
             def attend(layer, q):  # q [B, heads, head_dim]
                 grid = q.new_zeros(cache.num_slots, q.shape[1], 1, q.shape[2])
                 grid[slots] = q[:, :, None]
-                out = self._sdpa(grid, cache.k[layer, :, :, :key_len], cache.v[layer, :, :, :key_len], mask)
-                return out[slots].reshape(q.shape[0], -1)  # [slots, heads, 1, head_dim] -> the batch's rows
-            return attend
+                out = self._sdpa(grid, cache.k[layer], cache.v[layer], mask)  # [slots, heads, 1, head_dim]
+                return out[slots].reshape(q.shape[0], -1)
+        else:
+            # A few slots of many: copy the batch's rows out of the cache, attend over those.
+            key_pos = torch.arange(cache.max_seq_len, device=cache.device)[None, None, None, :]
+            mask = key_pos <= positions[:, None, None, None]
 
-        # A few slots of many: copy the batch's rows out of the cache, attend over those.
-        mask = key_pos <= positions[:, None, None, None]
+            def attend(layer, q):  # q [B, heads, head_dim]
+                k = cache.k[layer].index_select(0, slots)  # [B, kv_heads, max_seq_len, head_dim]
+                v = cache.v[layer].index_select(0, slots)
+                out = self._sdpa(q[:, :, None], k, v, mask)
+                return out.reshape(q.shape[0], -1)
 
-        def attend(layer, q):  # q [B, heads, head_dim]
-            k = cache.k[layer, :, :, :key_len].index_select(0, slots)  # [B, kv_heads, key_len, head_dim]
-            v = cache.v[layer, :, :, :key_len].index_select(0, slots)
-            out = self._sdpa(q[:, :, None], k, v, mask)
-            return out.reshape(q.shape[0], -1)
-        return attend
+        hidden = self._run(cache, tokens, slots, positions, attend)
+        cache.lengths[slots] = positions + 1
+        return self._head(hidden)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """lm_head of a decode step's hidden states (see HEAD_GEMV_MAX_TOKENS)."""
