@@ -199,17 +199,17 @@ def test_gpu_dense_linear_matches_dequantize_then_matmul(tokens, nb, warps):
     x = torch.randn(tokens, 448, generator=gen).to("cuda", torch.bfloat16)
     bias = torch.randn(320, generator=gen).to("cuda", torch.bfloat16)
 
-    def rel(got, want):
-        return float((got.float() - want).norm() / want.norm())
+    def rel(got, want):  # a right kernel: bf16 roundings (the output, the reference's weights), ~2e-3
+        return float((got.float() - want).norm() / want.norm())  # a wrong lane mapping or scale: O(1)
 
-    assert rel(nf4_mma.linear(x, w, bias, nb=nb, warps=warps), x.float() @ dense.T + bias.float()) < 5e-3
+    assert rel(nf4_mma.linear(x, w, bias, nb=nb, warps=warps), x.float() @ dense.T + bias.float()) < 8e-3
     gate, up = (x.float() @ dense.T).chunk(2, dim=-1)
-    assert rel(nf4_mma.linear(x, w, gated=True, nb=nb, warps=warps), torch.nn.functional.silu(gate) * up) < 5e-3
+    assert rel(nf4_mma.linear(x, w, gated=True, nb=nb, warps=warps), torch.nn.functional.silu(gate) * up) < 8e-3
     logits = torch.randn(tokens, 3, generator=gen).to("cuda", torch.bfloat16)
     routed = torch.randn(tokens, 320, generator=gen).to("cuda", torch.bfloat16)
     want = routed.float() + torch.sigmoid(logits[:, 1:2].float()) * (x.float() @ dense.T)
     got = nf4_mma.linear(x, w, shared_gate=logits[:, 1:2], add=routed.clone(), nb=nb, warps=warps)
-    assert rel(got, want) < 5e-3
+    assert rel(got, want) < 8e-3
     with pytest.raises(ValueError, match="multiple of 64"):
         nf4_mma.linear(x[:, :100], w)
 
