@@ -592,9 +592,7 @@ class MoeForward:
         """q/k/v, RoPE, the cache write, attention, o_proj. rope: (cos, sin) for the kernel,
         else `rope_tables`."""
         n, heads, kv_heads, head_dim = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        fused = self._fused_qkv(index) if self._fuse(n) or _nf4_mma_linear(x) else None
-        if fused is not None and not self._fuse(n) and not isinstance(fused.weight, NF4Tensor):
-            fused = None  # only NF4's joint q/k/v is taken beyond the fused projections' token counts
+        fused = self._fused_for(self._fused_qkv, index, x)
         if fused is not None:  # one GEMM, split into column views
             qkv = _project(x, fused.weight, fused.bias)
             q, k, v = qkv.split(fused.sizes, dim=-1)
@@ -626,6 +624,19 @@ class MoeForward:
             return _project(out, attn.o_proj.weight, attn.o_proj.bias)
         return _linear(attn.o_proj, out)
 
+    def _fused_for(self, fused_inputs, index, x):
+        """Layer `index`'s fused inputs (`fused_inputs`: `_fused_qkv` or `_fused_moe_input`) where this
+        step takes them: at the fused projections' token counts (`_fuse`), and at the NF4 tensor-core
+        linear's (`_nf4_mma_linear`) only an NF4 layer's joint weights (q/k/v, or the shared gate/up)."""
+        if self._fuse(x.shape[0]):
+            return fused_inputs(index)
+        if not _nf4_mma_linear(x):
+            return None
+        fused = fused_inputs(index)
+        joint_nf4 = (isinstance(getattr(fused, "weight", None), NF4Tensor)  # q/k/v
+                     or getattr(fused, "nf4_gate_up", None) is not None)     # the MoE inputs
+        return fused if joint_nf4 else None
+
     def _fuse(self, num_tokens: int) -> bool:
         """Whether a step of `num_tokens` runs the fused projections (see `projections`)."""
         return self.projections == "fused" or (self.projections == "auto" and num_tokens <= FUSED_MAX_TOKENS)
@@ -645,9 +656,7 @@ class MoeForward:
         if not hasattr(mlp, "experts"):  # a dense layer (mlp_only_layers / decoder_sparse_step)
             return _mlp(x, mlp)
         gate = mlp.gate
-        fused = self._fused_moe_input(index) if self._fuse(x.shape[0]) or _nf4_mma_linear(x) else None
-        if fused is not None and not self._fuse(x.shape[0]) and fused.nf4_gate_up is None:
-            fused = None  # only NF4's joint gate/up is taken beyond the fused projections' token counts
+        fused = self._fused_for(self._fused_moe_input, index, x)
         folds = getattr(self.experts_fn, "takes_shared_expert", False)
         parts = _foldable_shared(mlp, fused, nf4_ok=x.is_cuda) if fused is not None and folds else None
         if parts is not None:

@@ -206,6 +206,22 @@ def launch_config(head_dim: int, group: int, on_gpu: bool) -> tuple[int, int]:
     return max(16, min(128, 4096 // per_key)), 4
 
 
+def _check_index_tensors(batch: int, named: dict) -> None:
+    """The launchers' per-sequence index tensors (slots, lengths or positions): each [B], of integers."""
+    if any(t.shape != (batch,) for t in named.values()):
+        shapes = " and ".join(f"{name} {tuple(t.shape)}" for name, t in named.items())
+        raise ValueError(f"{shapes} must be [B={batch}]")
+    for name, t in named.items():
+        if t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+
+
+def _check_one_device(*tensors: torch.Tensor) -> None:
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
 def _plan(q: torch.Tensor, kv_heads: int, max_seq_len: int, scale, num_splits, block_n, num_warps):
     """(group, num_splits, block_n, num_warps, block_d, scale * log2(e)) of a decode-attention
     launch: the caller's choices where given (num_splits checked), else `choose_splits`,
@@ -267,17 +283,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"q's head_dim {head_dim} differs from the cache's {cache_dim}")
     if heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
-    if slots.shape[0] != batch or lengths.shape[0] != batch:
-        raise ValueError(f"slots {tuple(slots.shape)} and lengths {tuple(lengths.shape)} must be [B={batch}]")
-    for name, t in (("slots", slots), ("lengths", lengths)):
-        if t.dtype.is_floating_point or t.dtype == torch.bool:
-            raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+    _check_index_tensors(batch, {"slots": slots, "lengths": lengths})
     if not q.dtype.is_floating_point or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError(f"q, k_cache and v_cache must share one float dtype, got {q.dtype}, {k_cache.dtype}, "
                          f"{v_cache.dtype}")
-    devices = {t.device for t in (q, k_cache, v_cache, slots, lengths)}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    _check_one_device(q, k_cache, v_cache, slots, lengths)
     if q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("q, k_cache and v_cache must be contiguous in head_dim")
     group, num_splits, block_n, num_warps, block_d, qk_scale = _plan(q, kv_heads, max_seq_len, scale, num_splits,
@@ -453,17 +463,11 @@ def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos
     if cos.shape != (batch, head_dim) or sin.shape != cos.shape or cos.stride() != sin.stride():
         raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must be [B={batch}, {head_dim}] "
                          "with the same strides")
-    if slots.shape != (batch,) or positions.shape != (batch,):
-        raise ValueError(f"slots {tuple(slots.shape)} and positions {tuple(positions.shape)} must be [B={batch}]")
-    for name, t in (("slots", slots), ("positions", positions)):
-        if t.dtype.is_floating_point or t.dtype == torch.bool:
-            raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+    _check_index_tensors(batch, {"slots": slots, "positions": positions})
     if not q.dtype.is_floating_point or k.dtype != q.dtype or v.dtype != q.dtype or k_cache.dtype != v_cache.dtype:
         raise ValueError(f"q, k, v must share one float dtype and the caches another, got {q.dtype}, {k.dtype}, "
                          f"{v.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    devices = {t.device for t in (q, k, v, cos, sin, k_cache, v_cache, slots, positions)}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    _check_one_device(q, k, v, cos, sin, k_cache, v_cache, slots, positions)
     if any(t.stride(-1) != 1 for t in (q, k, v, cos, sin, k_cache, v_cache)):
         raise ValueError("q, k, v, cos, sin and the caches must be contiguous in their last dim")
     group, num_splits, block_n, num_warps, block_d, qk_scale = _plan(q, kv_heads, max_seq_len, scale, num_splits,

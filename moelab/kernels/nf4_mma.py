@@ -92,7 +92,7 @@ def _mma_block_asm(nb: int = 1) -> str:
                       f"ld.shared.b32 a{reg}, [q];"]
         for c in range(nb):
             d = ", ".join(f"d{4 * c + i}" for i in range(4))
-            if c:
+            if c:  # group 0's x moved in before the look-ups: the one-group PTX exactly as it was
                 lines.append(f"mov.b64 {{x0, x1}}, ${x_at + 4 * c + s};")
             lines.append("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
                          f"{{{d}}}, {{a0, a1, a2, a3}}, {{x0, x1}}, {{{'z, z, z, z' if s == 0 else d}}};")
