@@ -115,9 +115,25 @@ def test_dense_linear_rejects_bad_input():
         nf4_mma.linear(x, w, gated=True, shared_gate=torch.zeros(3, 1), add=torch.zeros(3, 16))
     with pytest.raises(ValueError, match="nb takes 1 or 2"):
         nf4_mma.linear(x, w, nb=4)
+    for splits in (0, 3, 1.0, True):  # K = 128: two 64-value blocks, so 1 or 2 shares
+        with pytest.raises(ValueError, match="splits must be an int from 1 to K / 64 = 2"):
+            nf4_mma.linear(x, w, splits=splits)
     odd = quantize_nf4(torch.randn(1, 32, 96) * 0.02, backend="torch")
     with pytest.raises(ValueError, match="multiple of 64"):
         nf4_mma.linear(torch.randn(3, 96), odd)
+
+
+def test_linear_splits_fill_the_gpu_and_keep_whole_shares_of_k():
+    """`nf4_mma.linear_splits`: no split once the programs fill the SMs; otherwise enough shares
+    of K for about SPLIT_PROGRAMS_PER_SM programs an SM, none under SPLIT_MIN_BLOCKS blocks."""
+    target = nf4_mma.SPLIT_PROGRAMS_PER_SM * 132
+    assert nf4_mma.linear_splits(target, 88, 132) == 1
+    assert nf4_mma.linear_splits(10 * target, 2, 132) == 1
+    for programs, blocks in ((32, 88), (32, 32), (96, 32), (88, 32), (200, 88), (32, 5), (1, 3), (7, 1000)):
+        splits = nf4_mma.linear_splits(programs, blocks, 132)
+        assert splits >= 1 and (splits == 1 or blocks // splits >= nf4_mma.SPLIT_MIN_BLOCKS)
+        assert programs * splits >= target or splits == max(1, blocks // nf4_mma.SPLIT_MIN_BLOCKS)
+        assert programs * (splits - 1) < target  # no more than needed
 
 
 def test_not_usable_on_the_cpu():
@@ -187,10 +203,13 @@ def test_gpu_mma_path_in_a_cuda_graph():
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 5, 8, 13, 16, 33, 64])
 @pytest.mark.parametrize("nb, warps", [(1, 4), (2, 4), (2, 2)])
-def test_gpu_dense_linear_matches_dequantize_then_matmul(tokens, nb, warps):
+@pytest.mark.parametrize("splits", [1, 3, 7])
+def test_gpu_dense_linear_matches_dequantize_then_matmul(tokens, nb, warps, splits):
     """`nf4_mma.linear` (a dense NF4 weight against a prefill's tokens) against dequantize-then-matmul
     in float32: with a bias, gated (SiLU(gate) * up), and as a shared expert's down (add +
-    sigmoid(gate logit) * result, written into add); token counts that fill no group of 8."""
+    sigmoid(gate logit) * result, written into add); token counts that fill no group of 8; K (7
+    blocks) in one share, in 3 uneven ones (3, 3, 1 blocks) and one block a share, the split-K
+    partials then summed by the second launch with each epilogue."""
     from moelab.quant import quantize_nf4
 
     gen = torch.Generator().manual_seed(tokens)
@@ -202,13 +221,14 @@ def test_gpu_dense_linear_matches_dequantize_then_matmul(tokens, nb, warps):
     def rel(got, want):  # a right kernel: bf16 roundings (the output, the reference's weights), ~2e-3
         return float((got.float() - want).norm() / want.norm())  # a wrong lane mapping or scale: O(1)
 
-    assert rel(nf4_mma.linear(x, w, bias, nb=nb, warps=warps), x.float() @ dense.T + bias.float()) < 8e-3
+    cfg = dict(nb=nb, warps=warps, splits=splits)
+    assert rel(nf4_mma.linear(x, w, bias, **cfg), x.float() @ dense.T + bias.float()) < 8e-3
     gate, up = (x.float() @ dense.T).chunk(2, dim=-1)
-    assert rel(nf4_mma.linear(x, w, gated=True, nb=nb, warps=warps), torch.nn.functional.silu(gate) * up) < 8e-3
+    assert rel(nf4_mma.linear(x, w, gated=True, **cfg), torch.nn.functional.silu(gate) * up) < 8e-3
     logits = torch.randn(tokens, 3, generator=gen).to("cuda", torch.bfloat16)
     routed = torch.randn(tokens, 320, generator=gen).to("cuda", torch.bfloat16)
     want = routed.float() + torch.sigmoid(logits[:, 1:2].float()) * (x.float() @ dense.T)
-    got = nf4_mma.linear(x, w, shared_gate=logits[:, 1:2], add=routed.clone(), nb=nb, warps=warps)
+    got = nf4_mma.linear(x, w, shared_gate=logits[:, 1:2], add=routed.clone(), **cfg)
     assert rel(got, want) < 8e-3
     with pytest.raises(ValueError, match="multiple of 64"):
         nf4_mma.linear(x[:, :100], w)

@@ -9,7 +9,15 @@ written) that cuBLAS then reads again, where the MMA kernel reads the codes once
 (from L2 after the first). Shapes of Qwen1.5-MoE-A2.7B: q/k/v jointly (6,144 x 2,048, bias),
 o_proj (2,048 x 2,048), the shared expert's gate/up (2 x 5,632 x 2,048, SiLU(gate) * up) and
 down (2,048 x 5,632). Times in a CUDA graph of 20 calls on 20 inputs, us per call. `mma_linear_*` is
-`moelab.kernels.nf4_mma.linear` (8 or 16 tokens a program, 4 or 2 warps).
+`moelab.kernels.nf4_mma.linear` (8 or 16 tokens a program, 4 or 2 warps; `_s<n>`: K in n shares,
+`auto`: `nf4_mma.linear_splits`). The calls cycle through copies of the weight that together
+exceed the 50 MB L2 (COLD=0: one copy), so each call reads its codes from HBM as a prefill does.
+
+2026-12-07, eighteenth session, one H100, one weight (COLD did not exist; nf4_dense_mma_probe_2026-12-07_h100.json):
+without split-K, the NF4 MMA linear beat dequantize+cuBLAS on q/k/v (14.4 against 25.7 us at 16
+tokens) and the shared gate/up (27-30 against 54) but lost on o_proj and the shared down (32 programs
+walking all of K: 46.5 against 25.1 us), and whole NF4 prefills got slower with it on
+(6.31 -> 7.07 ms at 16 tokens; nf4_mma_linear_ab_2026-12-07_h100.json).
 
     python benchmarks/tuning/nf4_dense_mma_probe.py   # writes $OUT/nf4_dense_mma_probe.json
 """
@@ -29,41 +37,41 @@ TOKENS = [int(t) for t in os.environ.get("TOKENS", "8,16,32,48,64").split(",")]
 SHAPES = {"qkv": (6144, 2048, False), "o_proj": (2048, 2048, False), "shared_gate_up": (2 * 5632, 2048, True),
           "shared_down": (2048, 5632, False)}
 N_INPUTS = 20
+COLD_BYTES = 120_000_000 if os.environ.get("COLD", "1") != "0" else 0
+SPLITS = [int(n) for n in os.environ.get("SPLITS", "1,2,4,8,16").split(",")]
 res = {"card": B.card_name(), "versions": B.versions(), "rows": []}
 gen = torch.Generator().manual_seed(0)
 for name, (rows, k_dim, gated) in SHAPES.items():
     w_dense = (torch.randn(1, rows, k_dim, generator=gen) * 0.02).to("cuda", torch.bfloat16)
-    w = quantize_nf4(w_dense, backend="torch")
+    copies = max(1, -(-COLD_BYTES // (rows * k_dim // 2))) if COLD_BYTES else 1  # NF4 codes past L2
+    ws = [quantize_nf4(w_dense, backend="torch") for _ in range(copies)]
+    w = ws[0]
     w_deq = nf4_to_dense(w)[0]
     bias = (torch.randn(rows, generator=gen) * 0.1).to("cuda", torch.bfloat16) if name == "qkv" else None
     n_out = rows // 2 if gated else rows
     for tokens in TOKENS:
         xs = [torch.randn(tokens, k_dim, generator=gen).to("cuda", torch.bfloat16) for _ in range(N_INPUTS)]
-        pairs = torch.arange(tokens, device="cuda", dtype=torch.int32)
-        counts = torch.tensor([tokens, 0], device="cuda", dtype=torch.int32)
-        ones = torch.ones(tokens, device="cuda", dtype=torch.float32)
-        outs = [torch.empty(tokens, n_out, device="cuda", dtype=torch.bfloat16) for _ in range(N_INPUTS)]
 
         def glu(y):
             return F.silu(y[:, :n_out]) * y[:, n_out:] if gated else y
 
         systems = {
-            "dequant_cublas": lambda i: glu(F.linear(xs[i], nf4_to_dense(w)[0], bias)),
-            "mma_as_expert": lambda i: nf4_mma.grouped(xs[i], w, outs[i], pairs, counts, ones, 1, gated) or outs[i],
-            "mma_linear_nb1": lambda i: nf4_mma.linear(xs[i], w, bias, gated=gated, nb=1),
-            "mma_linear_nb2": lambda i: nf4_mma.linear(xs[i], w, bias, gated=gated, nb=2),
-            "mma_linear_nb2_w2": lambda i: nf4_mma.linear(xs[i], w, bias, gated=gated, nb=2, warps=2),
-            "bf16_cublas": lambda i: glu(F.linear(xs[i], w_dense[0], bias)),
+            "dequant_cublas": lambda i: glu(F.linear(xs[i % N_INPUTS], nf4_to_dense(ws[i % copies])[0], bias)),
+            "mma_linear_auto": lambda i: nf4_mma.linear(xs[i % N_INPUTS], ws[i % copies], bias, gated=gated),
+            "mma_linear_auto_w2": lambda i: nf4_mma.linear(xs[i % N_INPUTS], ws[i % copies], bias, gated=gated, warps=2),
+            "bf16_cublas": lambda i: glu(F.linear(xs[i % N_INPUTS], w_dense[0], bias)),  # one copy: L2 helps it
         }
+        for n in SPLITS:
+            if n <= k_dim // 64:
+                systems[f"mma_linear_s{n}"] = lambda i, n=n: nf4_mma.linear(xs[i % N_INPUTS], ws[i % copies], bias, gated=gated,
+                                                                          splits=n)
         ref = [glu(F.linear(xs[i].float(), w_deq.float(), None if bias is None else bias.float()))
                for i in range(N_INPUTS)]
         for system, fn in systems.items():
-            if system == "mma_as_expert" and bias is not None:
-                continue  # no bias there
             try:
                 got = [fn(i).float() for i in range(N_INPUTS)]
                 err = max(float((g - r).norm() / r.norm()) for g, r in zip(got, ref))
-                us = B._time_graph(fn, N_INPUTS)
+                us = B._time_graph(fn, max(N_INPUTS, copies))  # every copy once a replay
                 row = dict(shape=name, tokens=tokens, system=system, us=round(us, 2), err=err)
             except Exception as e:  # noqa: BLE001
                 torch.cuda.synchronize()

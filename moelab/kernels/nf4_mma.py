@@ -58,6 +58,8 @@ WARPS = 4  # warps per program: 4 tiles of 16 rows, one shared-memory table
 # 2026-12-07 when no GPU could be had, compiled for sm_90 but never run. MOELAB_NF4_MMA_LINEAR_MAX_TOKENS=64
 # turns it on; tests/test_nf4_mma.py's GPU tests and benchmarks/tuning/nf4_mma_linear_ab.py are its checks.
 LINEAR_MAX_TOKENS = int(os.environ.get("MOELAB_NF4_MMA_LINEAR_MAX_TOKENS", "0"))
+SPLIT_PROGRAMS_PER_SM = int(os.environ.get("MOELAB_NF4_MMA_SPLIT_PROGRAMS_PER_SM", "4"))  # see linear_splits
+SPLIT_MIN_BLOCKS = 4
 
 # Step s of a 64-value block: A register -> (row half, code byte of the lane's 8); B registers ->
 # (x pair of the lane's 8). Lane t's 8 code bytes of a row hold values 16t .. 16t + 15 of the block
@@ -168,18 +170,19 @@ def _block_loads(codes, x64, am, am_code, am_scale, am_offset, expert, row_g, ok
 
 
 @triton.jit
-def _tile_dot(codes, x64, am, am_code, am_scale, am_offset, expert, row_g, ok_g, ok_h, col_ok, k_dim, t, num_blocks,
-              tbl, absmax_per_expert, scales_per_expert, DOUBLE_QUANT: tl.constexpr, NT: tl.constexpr):
-    """One warp's 16-row tile over all of K against its 8 columns: the lane's 4 float32 results.
-    The next block's loads are issued before this block's MMAs (pipelined by hand)."""
+def _tile_dot(codes, x64, am, am_code, am_scale, am_offset, expert, row_g, ok_g, ok_h, col_ok, k_dim, t, blk_lo,
+              num_blocks, tbl, absmax_per_expert, scales_per_expert, DOUBLE_QUANT: tl.constexpr, NT: tl.constexpr):
+    """One warp's 16-row tile over K blocks blk_lo .. num_blocks - 1 against its 8 columns: the
+    lane's 4 float32 results. The next block's loads are issued before this block's MMAs
+    (pipelined by hand)."""
     a0 = tl.zeros([NT], dtype=tl.float32)
     a1 = tl.zeros([NT], dtype=tl.float32)
     a2 = tl.zeros([NT], dtype=tl.float32)
     a3 = tl.zeros([NT], dtype=tl.float32)
     c_g, c_h, x0, x1, x2, x3, s_g, s_h = _block_loads(
-        codes, x64, am, am_code, am_scale, am_offset, expert, row_g, ok_g, ok_h, col_ok, k_dim, 0, t, num_blocks,
+        codes, x64, am, am_code, am_scale, am_offset, expert, row_g, ok_g, ok_h, col_ok, k_dim, blk_lo, t, num_blocks,
         absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
-    for blk in range(0, num_blocks):
+    for blk in range(blk_lo, num_blocks):
         n_g, n_h, y0, y1, y2, y3, u_g, u_h = _block_loads(
             codes, x64, am, am_code, am_scale, am_offset, expert, row_g, ok_g, ok_h, col_ok, k_dim, blk + 1, t,
             num_blocks, absmax_per_expert, scales_per_expert, DOUBLE_QUANT)
@@ -189,17 +192,17 @@ def _tile_dot(codes, x64, am, am_code, am_scale, am_offset, expert, row_g, ok_g,
 
 
 @triton.jit
-def _tile_dot2(codes, xa, xb, am, am_code, am_scale, am_offset, row_g, ok_g, ok_h, ok_a, ok_b, k_dim, t, num_blocks,
-               tbl, scales_per_expert, DOUBLE_QUANT: tl.constexpr, NT: tl.constexpr):
+def _tile_dot2(codes, xa, xb, am, am_code, am_scale, am_offset, row_g, ok_g, ok_h, ok_a, ok_b, k_dim, t, blk_lo,
+               num_blocks, tbl, scales_per_expert, DOUBLE_QUANT: tl.constexpr, NT: tl.constexpr):
     """`_tile_dot` of a one-expert weight against two groups of 8 columns (tokens at xa and xb):
     the lane's 8 float32 results, 4 per group. Each code word is looked up once for both."""
     a0 = tl.zeros([NT], dtype=tl.float32)
     a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
     c_g, c_h, x0, x1, x2, x3, s_g, s_h = _block_loads(
-        codes, xa, am, am_code, am_scale, am_offset, 0, row_g, ok_g, ok_h, ok_a, k_dim, 0, t, num_blocks,
+        codes, xa, am, am_code, am_scale, am_offset, 0, row_g, ok_g, ok_h, ok_a, k_dim, blk_lo, t, num_blocks,
         0, scales_per_expert, DOUBLE_QUANT)
-    y0, y1, y2, y3 = _x_loads(xb, 0, t, num_blocks, ok_b)
-    for blk in range(0, num_blocks):
+    y0, y1, y2, y3 = _x_loads(xb, blk_lo, t, num_blocks, ok_b)
+    for blk in range(blk_lo, num_blocks):
         n_g, n_h, m0, m1, m2, m3, u_g, u_h = _block_loads(
             codes, xa, am, am_code, am_scale, am_offset, 0, row_g, ok_g, ok_h, ok_a, k_dim, blk + 1, t,
             num_blocks, 0, scales_per_expert, DOUBLE_QUANT)
@@ -245,12 +248,12 @@ def _nf4_mma_grouped_kernel(
         x64 = (x_ptr + (pair // x_row_div) * stride_xm).to(tl.pointer_type(tl.int64), bitcast=True)
         codes = (w_ptr + expert.to(tl.int64) * stride_we).to(tl.pointer_type(tl.int64), bitcast=True)
         d0, d1, d2, d3 = _tile_dot(codes, x64, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
-                                   expert, row_g, ok_g, ok_h, col_ok, k_dim, t, num_blocks, lut[0],
+                                   expert, row_g, ok_g, ok_h, col_ok, k_dim, t, 0, num_blocks, lut[0],
                                    absmax_per_expert, scales_per_expert, DOUBLE_QUANT, NT)
         if GATED:
             u0, u1, u2, u3 = _tile_dot(codes, x64, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
-                                       expert, row_g + n_out, ok_g, ok_h, col_ok, k_dim, t, num_blocks, lut[0],
-                                       absmax_per_expert, scales_per_expert, DOUBLE_QUANT, NT)
+                                       expert, row_g + n_out, ok_g, ok_h, col_ok, k_dim, t, 0, num_blocks,
+                                       lut[0], absmax_per_expert, scales_per_expert, DOUBLE_QUANT, NT)
             d0 = d0 * tl.sigmoid(d0) * u0
             d1 = d1 * tl.sigmoid(d1) * u1
             d2 = d2 * tl.sigmoid(d2) * u2
@@ -327,22 +330,39 @@ def _linear_epilogue(d0, d1, d2, d3, out_ptr, bias_ptr, gate_ptr, add_ptr, tok, 
 
 
 @triton.jit
+def _store_partial(d0, d1, d2, d3, part_ptr, tok, row_g, ok_g, ok_h, num_tokens, stride_pt):
+    """Store one group's float32 split-K partials, as `_linear_epilogue` would store its results."""
+    ok0 = tok < num_tokens
+    ok1 = tok + 1 < num_tokens
+    tl.store(part_ptr + tok * stride_pt + row_g, d0, mask=ok0 & ok_g)
+    tl.store(part_ptr + (tok + 1) * stride_pt + row_g, d1, mask=ok1 & ok_g)
+    tl.store(part_ptr + tok * stride_pt + row_g + 8, d2, mask=ok0 & ok_h)
+    tl.store(part_ptr + (tok + 1) * stride_pt + row_g + 8, d3, mask=ok1 & ok_h)
+
+
+@triton.jit
 def _nf4_mma_linear_kernel(
-    x_ptr, w_ptr, out_ptr, bias_ptr, gate_ptr, add_ptr,
+    x_ptr, w_ptr, out_ptr, bias_ptr, gate_ptr, add_ptr, part_ptr,
     absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
-    num_tokens, n_out, k_dim, stride_xm, stride_om, stride_gm, stride_am, scales_per_expert,
+    num_tokens, n_out, k_dim, splits, blocks_per_split, stride_xm, stride_om, stride_gm, stride_am, stride_ps,
+    stride_pt, scales_per_expert,
     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, SHARED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    NB: tl.constexpr, WARPS: tl.constexpr,
+    NB: tl.constexpr, WARPS: tl.constexpr, PARTIAL: tl.constexpr,
 ):
     """out[token, n] = x[token] @ W[n]^T for a one-expert NF4 weight W [1, rows, K]: 16 x WARPS
     rows n (a 16-row tile per warp) against 8 NB tokens (NB groups of 8 MMA columns, each code
-    word looked up once for all of them). The programs of one row tile are neighbours, so its
-    codes come from L2 after the first token block. GATED: out = SiLU(gate) * up, gate rows n,
-    up rows n_out + n; see `_linear_epilogue` for HAS_BIAS and SHARED."""
+    word looked up once for all of them), over one of `splits` equal shares of K's 64-value blocks.
+    The programs of one (row tile, split) are neighbours, so its codes come from L2 after the
+    first token block. PARTIAL (splits > 1): the float32 sums go to part[split, token, column]
+    (GATED: gate columns n, up columns n_out + n) for `_linear_split_sum_kernel`; otherwise GATED:
+    out = SiLU(gate) * up, gate rows n, up rows n_out + n; see `_linear_epilogue` for HAS_BIAS and
+    SHARED."""
     NT: tl.constexpr = 32 * WARPS
     pid = tl.program_id(0)
     token_blocks = tl.cdiv(num_tokens, 8 * NB)
-    tile = pid // token_blocks
+    tile_split = pid // token_blocks
+    tile = tile_split // splits
+    split = tile_split % splits
     tok0 = (pid % token_blocks) * (8 * NB)
     lut = _nf4_lut(nf4_code_ptr, True, WARPS)
     lane, warp = _thread_ids(NT)
@@ -351,51 +371,109 @@ def _nf4_mma_linear_kernel(
     row_g = (tile * WARPS + warp) * 16 + g
     ok_g = row_g < n_out
     ok_h = row_g + 8 < n_out
-    num_blocks = k_dim // 64
+    blk_lo = split * blocks_per_split
+    blk_hi = tl.minimum(blk_lo + blocks_per_split, k_dim // 64)
     codes = w_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+    part = part_ptr + split.to(tl.int64) * stride_ps
     ok_a = tok0 + g < num_tokens  # B column g of group 0: token tok0 + g
     xa = (x_ptr + tl.where(ok_a, tok0 + g, 0).to(tl.int64) * stride_xm).to(tl.pointer_type(tl.int64), bitcast=True)
     if NB == 1:
         d0, d1, d2, d3 = _tile_dot(codes, xa, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, 0,
-                                   row_g, ok_g, ok_h, ok_a, k_dim, t, num_blocks, lut[0], 0, scales_per_expert,
+                                   row_g, ok_g, ok_h, ok_a, k_dim, t, blk_lo, blk_hi, lut[0], 0, scales_per_expert,
                                    DOUBLE_QUANT, NT)
         if GATED:
             u0, u1, u2, u3 = _tile_dot(codes, xa, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
-                                       0, row_g + n_out, ok_g, ok_h, ok_a, k_dim, t, num_blocks, lut[0], 0,
+                                       0, row_g + n_out, ok_g, ok_h, ok_a, k_dim, t, blk_lo, blk_hi, lut[0], 0,
                                        scales_per_expert, DOUBLE_QUANT, NT)
-            d0, d1, d2, d3 = d0 * tl.sigmoid(d0) * u0, d1 * tl.sigmoid(d1) * u1, d2 * tl.sigmoid(d2) * u2, \
-                d3 * tl.sigmoid(d3) * u3
-        _linear_epilogue(d0, d1, d2, d3, out_ptr, bias_ptr, gate_ptr, add_ptr, tok0 + 2 * t, row_g, ok_g, ok_h,
-                         num_tokens, stride_om, stride_gm, stride_am, HAS_BIAS, SHARED)
+            if PARTIAL:
+                _store_partial(u0, u1, u2, u3, part + n_out, tok0 + 2 * t, row_g, ok_g, ok_h, num_tokens, stride_pt)
+            else:
+                d0, d1, d2, d3 = d0 * tl.sigmoid(d0) * u0, d1 * tl.sigmoid(d1) * u1, d2 * tl.sigmoid(d2) * u2, \
+                    d3 * tl.sigmoid(d3) * u3
+        if PARTIAL:
+            _store_partial(d0, d1, d2, d3, part, tok0 + 2 * t, row_g, ok_g, ok_h, num_tokens, stride_pt)
+        else:
+            _linear_epilogue(d0, d1, d2, d3, out_ptr, bias_ptr, gate_ptr, add_ptr, tok0 + 2 * t, row_g, ok_g, ok_h,
+                             num_tokens, stride_om, stride_gm, stride_am, HAS_BIAS, SHARED)
     else:
         ok_b = tok0 + 8 + g < num_tokens  # group 1: tokens tok0 + 8 ...
         xb = (x_ptr + tl.where(ok_b, tok0 + 8 + g, 0).to(tl.int64) * stride_xm).to(tl.pointer_type(tl.int64),
                                                                                     bitcast=True)
         d0, d1, d2, d3, e0, e1, e2, e3 = _tile_dot2(
             codes, xa, xb, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, row_g, ok_g, ok_h,
-            ok_a, ok_b, k_dim, t, num_blocks, lut[0], scales_per_expert, DOUBLE_QUANT, NT)
+            ok_a, ok_b, k_dim, t, blk_lo, blk_hi, lut[0], scales_per_expert, DOUBLE_QUANT, NT)
         if GATED:
             u0, u1, u2, u3, v0, v1, v2, v3 = _tile_dot2(
                 codes, xa, xb, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, row_g + n_out, ok_g,
-                ok_h, ok_a, ok_b, k_dim, t, num_blocks, lut[0], scales_per_expert, DOUBLE_QUANT, NT)
-            d0, d1, d2, d3 = d0 * tl.sigmoid(d0) * u0, d1 * tl.sigmoid(d1) * u1, d2 * tl.sigmoid(d2) * u2, \
-                d3 * tl.sigmoid(d3) * u3
-            e0, e1, e2, e3 = e0 * tl.sigmoid(e0) * v0, e1 * tl.sigmoid(e1) * v1, e2 * tl.sigmoid(e2) * v2, \
-                e3 * tl.sigmoid(e3) * v3
-        _linear_epilogue(d0, d1, d2, d3, out_ptr, bias_ptr, gate_ptr, add_ptr, tok0 + 2 * t, row_g, ok_g, ok_h,
-                         num_tokens, stride_om, stride_gm, stride_am, HAS_BIAS, SHARED)
-        _linear_epilogue(e0, e1, e2, e3, out_ptr, bias_ptr, gate_ptr, add_ptr, tok0 + 8 + 2 * t, row_g, ok_g, ok_h,
-                         num_tokens, stride_om, stride_gm, stride_am, HAS_BIAS, SHARED)
+                ok_h, ok_a, ok_b, k_dim, t, blk_lo, blk_hi, lut[0], scales_per_expert, DOUBLE_QUANT, NT)
+            if PARTIAL:
+                _store_partial(u0, u1, u2, u3, part + n_out, tok0 + 2 * t, row_g, ok_g, ok_h, num_tokens, stride_pt)
+                _store_partial(v0, v1, v2, v3, part + n_out, tok0 + 8 + 2 * t, row_g, ok_g, ok_h, num_tokens,
+                               stride_pt)
+            else:
+                d0, d1, d2, d3 = d0 * tl.sigmoid(d0) * u0, d1 * tl.sigmoid(d1) * u1, d2 * tl.sigmoid(d2) * u2, \
+                    d3 * tl.sigmoid(d3) * u3
+                e0, e1, e2, e3 = e0 * tl.sigmoid(e0) * v0, e1 * tl.sigmoid(e1) * v1, e2 * tl.sigmoid(e2) * v2, \
+                    e3 * tl.sigmoid(e3) * v3
+        if PARTIAL:
+            _store_partial(d0, d1, d2, d3, part, tok0 + 2 * t, row_g, ok_g, ok_h, num_tokens, stride_pt)
+            _store_partial(e0, e1, e2, e3, part, tok0 + 8 + 2 * t, row_g, ok_g, ok_h, num_tokens, stride_pt)
+        else:
+            _linear_epilogue(d0, d1, d2, d3, out_ptr, bias_ptr, gate_ptr, add_ptr, tok0 + 2 * t, row_g, ok_g, ok_h,
+                             num_tokens, stride_om, stride_gm, stride_am, HAS_BIAS, SHARED)
+            _linear_epilogue(e0, e1, e2, e3, out_ptr, bias_ptr, gate_ptr, add_ptr, tok0 + 8 + 2 * t, row_g, ok_g,
+                             ok_h, num_tokens, stride_om, stride_gm, stride_am, HAS_BIAS, SHARED)
+
+
+@triton.jit
+def _linear_split_sum_kernel(part_ptr, out_ptr, bias_ptr, gate_ptr, add_ptr, splits, n_out, stride_ps, stride_pt,
+                             stride_om, stride_gm, stride_am, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             SHARED: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (token, BLOCK columns): the split-K partials of `_nf4_mma_linear_kernel` summed in
+    split order (deterministic), then `linear`'s epilogue with the same roundings as
+    `_linear_epilogue` (GATED: SiLU(gate) * up in float32 first)."""
+    tok = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n_out
+    row = part_ptr + tok * stride_pt
+    d = tl.zeros([BLOCK], dtype=tl.float32)
+    u = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, splits):
+        d += tl.load(row + s * stride_ps + cols, mask=ok, other=0.0)
+        if GATED:
+            u += tl.load(row + s * stride_ps + n_out + cols, mask=ok, other=0.0)
+    if GATED:
+        d = d * tl.sigmoid(d) * u
+    if HAS_BIAS:
+        d += tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    if SHARED:
+        sg = tl.sigmoid(tl.load(gate_ptr + tok * stride_gm).to(tl.float32)).to(dtype)
+        d = tl.load(add_ptr + tok * stride_am + cols, mask=ok, other=0.0) + sg * d.to(dtype)
+    tl.store(out_ptr + tok * stride_om + cols, d.to(dtype), mask=ok)
+
+
+def linear_splits(programs: int, num_blocks: int, sm_count: int) -> int:
+    """Split-K factor of a `linear` launch of `programs` (row tile, token block) programs over
+    num_blocks 64-value blocks of K: without it a prefill's o_proj or shared down is 32 programs
+    on 132 SMs, each walking all of K with one block of codes in flight per warp, latency-bound.
+    Splits until about SPLIT_PROGRAMS_PER_SM programs per SM, each keeping at least
+    SPLIT_MIN_BLOCKS blocks of K (the shared-memory table each program fills is paid per program)."""
+    if programs >= SPLIT_PROGRAMS_PER_SM * sm_count:
+        return 1
+    return max(1, min(num_blocks // SPLIT_MIN_BLOCKS, triton.cdiv(SPLIT_PROGRAMS_PER_SM * sm_count, programs)))
 
 
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, gated: bool = False,
            shared_gate: torch.Tensor | None = None, add: torch.Tensor | None = None, nb: int | None = None,
-           warps: int = WARPS) -> torch.Tensor:
+           warps: int = WARPS, splits: int | None = None) -> torch.Tensor:
     """x [T, K] @ W^T (+ bias) for a one-expert NF4 weight W [1, rows, K] (`moelab.quant.NF4Tensor`,
     64-value blocks, K a multiple of 64) on the tensor cores: a prefill's dense NF4 linears without
     a dequantized copy. gated: W holds gate rows then up rows, returns SiLU(gate) * up [T, rows / 2].
     shared_gate [T, 1] and add [T, N] (a shared expert's down): returns add + sigmoid(shared_gate) *
-    (x @ W^T), written into add. nb: groups of 8 tokens a program (default: 2 above 8 tokens)."""
+    (x @ W^T), written into add. nb: groups of 8 tokens a program (default: 2 above 8 tokens).
+    splits: shares of K run by separate programs, their float32 partials summed by a second launch
+    (default `linear_splits`; 1: one launch)."""
     _, rows, k_dim = w.shape
     n_out = rows // 2 if gated else rows
     if x.dim() != 2 or x.shape[1] != k_dim or k_dim % 64 or w.blocksize != 64:
@@ -405,6 +483,9 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, gated: bool 
         raise ValueError("shared_gate and add come together, and not with gated")
     if nb not in (None, 1, 2) or warps not in (2, 4, 8):
         raise ValueError(f"nb takes 1 or 2 groups of 8 tokens and warps 2, 4 or 8, got nb={nb}, warps={warps}")
+    num_blocks = k_dim // 64
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= num_blocks):
+        raise ValueError(f"splits must be an int from 1 to K / 64 = {num_blocks}, got {splits!r}")
     if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 8 or x.data_ptr() % 8:
         x = x.clone(memory_format=torch.contiguous_format)  # lanes read x rows as 8-byte words
     num_tokens = x.shape[0]
@@ -412,12 +493,25 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, gated: bool 
     if num_tokens == 0:
         return out
     nb = nb or (1 if num_tokens <= 8 else 2)
+    programs = triton.cdiv(n_out, 16 * warps) * triton.cdiv(num_tokens, 8 * nb)
+    if splits is None:
+        splits = linear_splits(programs, num_blocks, torch.cuda.get_device_properties(x.device).multi_processor_count)
+    blocks_per_split = triton.cdiv(num_blocks, splits)
+    splits = triton.cdiv(num_blocks, blocks_per_split)  # none empty
+    n_cols = 2 * n_out if gated else n_out
+    part = torch.empty(splits, num_tokens, n_cols, dtype=torch.float32, device=x.device) if splits > 1 else out
     ptrs, strides, flags = _weight_args(w, 1)
-    grid = (triton.cdiv(n_out, 16 * warps) * triton.cdiv(num_tokens, 8 * nb),)
-    _nf4_mma_linear_kernel[grid](
-        x, ptrs[0], out, bias if bias is not None else out, shared_gate if shared_gate is not None else out,
-        out, *ptrs[1:], num_tokens, n_out, k_dim, x.stride(0), out.stride(0),
-        shared_gate.stride(0) if shared_gate is not None else 0, out.stride(0), strides[4],
+    gate = shared_gate if shared_gate is not None else out
+    _nf4_mma_linear_kernel[(programs * splits,)](
+        x, ptrs[0], out, bias if bias is not None else out, gate, out, part, *ptrs[1:], num_tokens, n_out, k_dim,
+        splits, blocks_per_split, x.stride(0), out.stride(0), gate.stride(0), out.stride(0),
+        part.stride(0) if splits > 1 else 0, part.stride(1) if splits > 1 else 0, strides[4],
         GATED=gated, HAS_BIAS=bias is not None, SHARED=shared_gate is not None, DOUBLE_QUANT=flags["DOUBLE_QUANT"],
-        NB=nb, WARPS=warps, num_warps=warps)
+        NB=nb, WARPS=warps, PARTIAL=splits > 1, num_warps=warps)
+    if splits > 1:
+        block = 1024
+        _linear_split_sum_kernel[(num_tokens, triton.cdiv(n_out, block))](
+            part, out, bias if bias is not None else out, gate, out, splits, n_out, part.stride(0), part.stride(1),
+            out.stride(0), gate.stride(0), out.stride(0), GATED=gated, HAS_BIAS=bias is not None,
+            SHARED=shared_gate is not None, BLOCK=block, num_warps=4)
     return out
