@@ -212,9 +212,9 @@ def _linear(module, x: torch.Tensor) -> torch.Tensor:
     (a few microseconds a call, which add up in a small model's step); a bitsandbytes NF4
     Linear4bit on CUDA through moelab's kernels on its own storage (`moelab.quant.linear4bit_nf4`):
     for a few tokens the GEMV (`moelab.kernels.gemv`: the experts' NF4 decode path, in place of
-    bitsandbytes' gemm_4bit), above those the tensor cores where `_nf4_mma_linear` allows (off by
-    default), from NF4_DEQUANT_MIN_TOKENS tokens `_dequantized` then cuBLAS; anything else (and NF4
-    between the GEMV's MAX_TOKENS and NF4_DEQUANT_MIN_TOKENS) through its own forward."""
+    bitsandbytes' gemm_4bit), above those the tensor cores where `_nf4_mma_linear` allows (up to
+    `nf4_mma.LINEAR_MAX_TOKENS`), beyond them from NF4_DEQUANT_MIN_TOKENS tokens `_dequantized` then
+    cuBLAS; anything else through its own forward."""
     if type(module) is nn.Linear:
         return F.linear(x, module.weight, module.bias)
     if x.is_cuda and type(module).__name__ == "Linear4bit" and x.dim() == 2:

@@ -124,10 +124,11 @@ def test_dense_linear_rejects_bad_input():
 
 
 def test_linear_splits_fill_the_gpu_and_keep_whole_shares_of_k():
-    """`nf4_mma.linear_splits`: no split once the programs fill the SMs; otherwise enough shares
-    of K for about SPLIT_PROGRAMS_PER_SM programs an SM, none under SPLIT_MIN_BLOCKS blocks."""
+    """`nf4_mma.linear_splits`: no split from SPLIT_BELOW_PROGRAMS_PER_SM programs an SM on; below it
+    enough shares of K for about SPLIT_PROGRAMS_PER_SM programs an SM, none under SPLIT_MIN_BLOCKS blocks."""
     target = nf4_mma.SPLIT_PROGRAMS_PER_SM * 132
-    assert nf4_mma.linear_splits(target, 88, 132) == 1
+    below = int(nf4_mma.SPLIT_BELOW_PROGRAMS_PER_SM * 132)
+    assert nf4_mma.linear_splits(below, 88, 132) == 1 and nf4_mma.linear_splits(below - 1, 88, 132) > 1
     assert nf4_mma.linear_splits(10 * target, 2, 132) == 1
     for programs, blocks in ((32, 88), (32, 32), (96, 32), (88, 32), (200, 88), (32, 5), (1, 3), (7, 1000)):
         splits = nf4_mma.linear_splits(programs, blocks, 132)

@@ -11,6 +11,12 @@ nf4_prefill_dequant_ab_2026-12-06_h100.json): each dense NF4 linear wrote a bf16
 that cuBLAS read again, and the shared expert took seven launches.
 
     ROUNDS=2 python benchmarks/tuning/nf4_mma_linear_ab.py   # $OUT/nf4_mma_linear_ab.json
+
+2026-12-07, one H100, one round each (benchmarks/results/nf4_mma_linear_ab_*2026-12-07_h100.json): without
+split-K prefills of 16-64 tokens 6.31 / 6.89 / 8.16 / 8.66 -> 7.07 / 7.26 / 8.49 / 9.21 ms (slower);
+with it (split below 4 programs an SM) 6.36 / 6.98 / 8.13 / 8.60 -> 4.67 / 5.54 / 7.30 / 8.69 ms and the
+decode step at batch 16 / 64 10.45 / 24.04 -> 6.45 / 10.08 ms; split below 1 program an SM 4.68 / 5.96 /
+7.44 / 8.28 ms, 6.43 / 9.71 ms. The package now runs it up to 64 tokens, split below 2.
 """
 import os
 

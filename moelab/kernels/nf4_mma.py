@@ -32,12 +32,15 @@ pair, so 7 of B's 8 columns go empty. CUDA only (inline PTX; the interpreter kee
 paths).
 
 `linear` runs the same tile against a dense NF4 weight (one "expert", every token routed to it): a
-prefill's q/k/v, o_proj and shared expert, which `moelab.model` otherwise dequantizes into a bf16
-copy for cuBLAS (0.5 byte a weight read, 2 written, 2 read again). Its programs take 8 or 16 tokens
-(`_mma_block_asm(2)`: each look-up of a step feeds two MMAs, one per group of 8 columns), and the
-programs of one row tile are neighbours in the grid, so after the first token block the codes come
-from L2. The epilogue adds a bias, or applies SiLU(gate) * up, or (a shared expert's down) adds
-sigmoid(gate logit) times the result into the routed experts' output.
+prefill's or a decode batch's q/k/v, o_proj and shared expert (5 to LINEAR_MAX_TOKENS tokens), which
+`moelab.model` otherwise dequantizes into a bf16 copy for cuBLAS (0.5 byte a weight read, 2 written,
+2 read again). Its programs take 8 or 16 tokens (`_mma_block_asm(2)`: each look-up of a step feeds
+two MMAs, one per group of 8 columns), and the programs of one row tile are neighbours in the grid,
+so after the first token block the codes come from L2. The epilogue adds a bias, or applies
+SiLU(gate) * up, or (a shared expert's down) adds sigmoid(gate logit) times the result into the
+routed experts' output. A dense weight has few row tiles (o_proj: 32 of 64 rows), and a warp keeps
+one block of codes in flight, so with few tokens K is split (`linear_splits`): each share's
+programs write float32 partials that a second launch sums, in split order, before the epilogue.
 """
 
 from __future__ import annotations
@@ -53,12 +56,17 @@ from .experts import _block_rows, _nf4_absmax, _nf4_lut, _weight_args
 ENABLED = os.environ.get("MOELAB_NF4_MMA", "1") != "0"  # MOELAB_NF4_MMA=0: the previous NF4 paths (comparisons)
 WARPS = 4  # warps per program: 4 tiles of 16 rows, one shared-memory table
 # Up to this many tokens `moelab.model` runs a CUDA NF4 linear above the GEMV's few tokens as `linear`
-# (and `experts.fused_experts_forward` a shared expert behind its grouped kernels). 0, the default, keeps
-# the earlier paths (dequantize then cuBLAS; the shared expert through the GEMVs): `linear` was written on
-# 2026-12-07 when no GPU could be had, compiled for sm_90 but never run. MOELAB_NF4_MMA_LINEAR_MAX_TOKENS=64
-# turns it on; tests/test_nf4_mma.py's GPU tests and benchmarks/tuning/nf4_mma_linear_ab.py are its checks.
-LINEAR_MAX_TOKENS = int(os.environ.get("MOELAB_NF4_MMA_LINEAR_MAX_TOKENS", "0"))
-SPLIT_PROGRAMS_PER_SM = int(os.environ.get("MOELAB_NF4_MMA_SPLIT_PROGRAMS_PER_SM", "4"))  # see linear_splits
+# (and `experts.fused_experts_forward` a shared expert behind its grouped kernels); 0 keeps the earlier
+# paths (dequantize then cuBLAS; the shared expert through the GEMVs; MOELAB_NF4_MMA_LINEAR_MAX_TOKENS=0).
+# On one H100 (2026-12-07, nf4_mma_linear_ab_split_2026-12-07_h100.json) it took NF4 prefills of 16 / 32 /
+# 48 / 64 tokens from 6.36 / 6.98 / 8.13 / 8.60 to 4.67 / 5.54 / 7.30 / 8.69 ms and the decode step at
+# batch 16 / 64 from 10.45 / 24.04 to 6.45 / 10.08 ms. Its first version, without split-K, was slower.
+LINEAR_MAX_TOKENS = int(os.environ.get("MOELAB_NF4_MMA_LINEAR_MAX_TOKENS", "64"))
+SPLIT_PROGRAMS_PER_SM = 4  # see linear_splits
+# Split K only below this many programs per SM (linear_splits). Of 1, 2 and 4, alternating on one H100
+# (nf4_linear_split_ab_2026-12-07_h100.json), 2 was never more than 0.3 ms from the best prefill: 1 left
+# the 32-token prefill at 6.02 ms (2: 5.59), 4 took the 64-token one to 8.70 (2: 8.25-8.29).
+SPLIT_BELOW_PROGRAMS_PER_SM = float(os.environ.get("MOELAB_NF4_MMA_SPLIT_BELOW", "2"))
 SPLIT_MIN_BLOCKS = 4
 
 # Step s of a 64-value block: A register -> (row half, code byte of the lane's 8); B registers ->
@@ -456,10 +464,13 @@ def _linear_split_sum_kernel(part_ptr, out_ptr, bias_ptr, gate_ptr, add_ptr, spl
 def linear_splits(programs: int, num_blocks: int, sm_count: int) -> int:
     """Split-K factor of a `linear` launch of `programs` (row tile, token block) programs over
     num_blocks 64-value blocks of K: without it a prefill's o_proj or shared down is 32 programs
-    on 132 SMs, each walking all of K with one block of codes in flight per warp, latency-bound.
-    Splits until about SPLIT_PROGRAMS_PER_SM programs per SM, each keeping at least
-    SPLIT_MIN_BLOCKS blocks of K (the shared-memory table each program fills is paid per program)."""
-    if programs >= SPLIT_PROGRAMS_PER_SM * sm_count:
+    on 132 SMs, each walking all of K with one block of codes in flight per warp, latency-bound
+    (16 tokens on an H100, codes from HBM: the shared down 57.8 us unsplit, 14.3 split, against
+    24.9 for dequantize-then-cuBLAS; nf4_dense_mma_probe_split_2026-12-07_h100.json). Below
+    SPLIT_BELOW_PROGRAMS_PER_SM programs per SM, splits until about SPLIT_PROGRAMS_PER_SM, each
+    share keeping at least SPLIT_MIN_BLOCKS blocks of K (each program fills its shared-memory table
+    once); above it the token blocks keep the SMs busy and the partials' traffic costs more."""
+    if programs >= SPLIT_BELOW_PROGRAMS_PER_SM * sm_count:  # the SMs busy already: partials cost more
         return 1
     return max(1, min(num_blocks // SPLIT_MIN_BLOCKS, triton.cdiv(SPLIT_PROGRAMS_PER_SM * sm_count, programs)))
 
