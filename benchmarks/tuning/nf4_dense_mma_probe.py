@@ -1,6 +1,6 @@
-"""Dense NF4 linears at 8-64 tokens: dequantize-then-cuBLAS (the package's prefill path,
-`moelab.model._dequantized`) against the NF4 MMA kernel of the experts (`moelab.kernels.nf4_mma`)
-run on the linear as one expert that every token is routed to, and bf16 cuBLAS on the same weight.
+"""Dense NF4 linears at 8-64 tokens: dequantize-then-cuBLAS (`moelab.model._dequantized`, the path
+before `moelab.kernels.nf4_mma.linear`) against `nf4_mma.linear` (the experts' NF4 MMA tile on a dense
+weight) at several shares of K, and bf16 cuBLAS on the same weight.
 
 Why: a served NF4 request's prefill (16-64 tokens) took 8.9-11.1 ms on an H100 where bf16 took
 5.4-6.6 (benchmarks/results/prefill_probe_2026-12-06_h100.json, nf4_prefill_dequant_ab_2026-12-06_h100.json):

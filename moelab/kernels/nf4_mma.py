@@ -58,9 +58,9 @@ WARPS = 4  # warps per program: 4 tiles of 16 rows, one shared-memory table
 # Up to this many tokens `moelab.model` runs a CUDA NF4 linear above the GEMV's few tokens as `linear`
 # (and `experts.fused_experts_forward` a shared expert behind its grouped kernels); 0 keeps the earlier
 # paths (dequantize then cuBLAS; the shared expert through the GEMVs; MOELAB_NF4_MMA_LINEAR_MAX_TOKENS=0).
-# On one H100 (2026-12-07, nf4_mma_linear_ab_split_2026-12-07_h100.json) it took NF4 prefills of 16 / 32 /
-# 48 / 64 tokens from 6.36 / 6.98 / 8.13 / 8.60 to 4.67 / 5.54 / 7.30 / 8.69 ms and the decode step at
-# batch 16 / 64 from 10.45 / 24.04 to 6.45 / 10.08 ms. Its first version, without split-K, was slower.
+# On one H100 (2026-12-07, nf4_mma_linear_ab_split_2026-12-07_h100.json, K then split below 4 programs an
+# SM) NF4 prefills of 16 / 32 / 48 / 64 tokens went from 6.36 / 6.98 / 8.13 / 8.60 to 4.67 / 5.54 / 7.30 /
+# 8.69 ms and the decode step at batch 16 / 64 from 10.45 / 24.04 to 6.45 / 10.08 ms. Its first version, without split-K, was slower.
 LINEAR_MAX_TOKENS = int(os.environ.get("MOELAB_NF4_MMA_LINEAR_MAX_TOKENS", "64"))
 SPLIT_PROGRAMS_PER_SM = 4  # see linear_splits
 # Split K only below this many programs per SM (linear_splits). Of 1, 2 and 4, alternating on one H100
@@ -349,6 +349,25 @@ def _store_partial(d0, d1, d2, d3, part_ptr, tok, row_g, ok_g, ok_h, num_tokens,
 
 
 @triton.jit
+def _finish_group(d0, d1, d2, d3, u0, u1, u2, u3, out_ptr, bias_ptr, gate_ptr, add_ptr, part_ptr, tok, row_g, ok_g,
+                  ok_h, num_tokens, n_out, stride_om, stride_gm, stride_am, stride_pt, GATED: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, SHARED: tl.constexpr, PARTIAL: tl.constexpr):
+    """One group of 8 tokens' results (d; u: the up rows' where GATED): PARTIAL, float32 split-K
+    partials for `_linear_split_sum_kernel` (gate columns n, up columns n_out + n); otherwise
+    SiLU(gate) * up where GATED, then `_linear_epilogue`."""
+    if PARTIAL:
+        if GATED:
+            _store_partial(u0, u1, u2, u3, part_ptr + n_out, tok, row_g, ok_g, ok_h, num_tokens, stride_pt)
+        _store_partial(d0, d1, d2, d3, part_ptr, tok, row_g, ok_g, ok_h, num_tokens, stride_pt)
+    else:
+        if GATED:
+            d0, d1, d2, d3 = d0 * tl.sigmoid(d0) * u0, d1 * tl.sigmoid(d1) * u1, d2 * tl.sigmoid(d2) * u2, \
+                d3 * tl.sigmoid(d3) * u3
+        _linear_epilogue(d0, d1, d2, d3, out_ptr, bias_ptr, gate_ptr, add_ptr, tok, row_g, ok_g, ok_h, num_tokens,
+                         stride_om, stride_gm, stride_am, HAS_BIAS, SHARED)
+
+
+@triton.jit
 def _nf4_mma_linear_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, gate_ptr, add_ptr, part_ptr,
     absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, nf4_code_ptr,
@@ -389,20 +408,14 @@ def _nf4_mma_linear_kernel(
         d0, d1, d2, d3 = _tile_dot(codes, xa, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, 0,
                                    row_g, ok_g, ok_h, ok_a, k_dim, t, blk_lo, blk_hi, lut[0], 0, scales_per_expert,
                                    DOUBLE_QUANT, NT)
+        u0, u1, u2, u3 = d0, d1, d2, d3  # the up rows' results where GATED, unused otherwise
         if GATED:
             u0, u1, u2, u3 = _tile_dot(codes, xa, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
                                        0, row_g + n_out, ok_g, ok_h, ok_a, k_dim, t, blk_lo, blk_hi, lut[0], 0,
                                        scales_per_expert, DOUBLE_QUANT, NT)
-            if PARTIAL:
-                _store_partial(u0, u1, u2, u3, part + n_out, tok0 + 2 * t, row_g, ok_g, ok_h, num_tokens, stride_pt)
-            else:
-                d0, d1, d2, d3 = d0 * tl.sigmoid(d0) * u0, d1 * tl.sigmoid(d1) * u1, d2 * tl.sigmoid(d2) * u2, \
-                    d3 * tl.sigmoid(d3) * u3
-        if PARTIAL:
-            _store_partial(d0, d1, d2, d3, part, tok0 + 2 * t, row_g, ok_g, ok_h, num_tokens, stride_pt)
-        else:
-            _linear_epilogue(d0, d1, d2, d3, out_ptr, bias_ptr, gate_ptr, add_ptr, tok0 + 2 * t, row_g, ok_g, ok_h,
-                             num_tokens, stride_om, stride_gm, stride_am, HAS_BIAS, SHARED)
+        _finish_group(d0, d1, d2, d3, u0, u1, u2, u3, out_ptr, bias_ptr, gate_ptr, add_ptr, part, tok0 + 2 * t, row_g,
+                      ok_g, ok_h, num_tokens, n_out, stride_om, stride_gm, stride_am, stride_pt, GATED, HAS_BIAS,
+                      SHARED, PARTIAL)
     else:
         ok_b = tok0 + 8 + g < num_tokens  # group 1: tokens tok0 + 8 ...
         xb = (x_ptr + tl.where(ok_b, tok0 + 8 + g, 0).to(tl.int64) * stride_xm).to(tl.pointer_type(tl.int64),
@@ -410,27 +423,17 @@ def _nf4_mma_linear_kernel(
         d0, d1, d2, d3, e0, e1, e2, e3 = _tile_dot2(
             codes, xa, xb, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, row_g, ok_g, ok_h,
             ok_a, ok_b, k_dim, t, blk_lo, blk_hi, lut[0], scales_per_expert, DOUBLE_QUANT, NT)
+        u0, u1, u2, u3, v0, v1, v2, v3 = d0, d1, d2, d3, e0, e1, e2, e3
         if GATED:
             u0, u1, u2, u3, v0, v1, v2, v3 = _tile_dot2(
                 codes, xa, xb, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, row_g + n_out, ok_g,
                 ok_h, ok_a, ok_b, k_dim, t, blk_lo, blk_hi, lut[0], scales_per_expert, DOUBLE_QUANT, NT)
-            if PARTIAL:
-                _store_partial(u0, u1, u2, u3, part + n_out, tok0 + 2 * t, row_g, ok_g, ok_h, num_tokens, stride_pt)
-                _store_partial(v0, v1, v2, v3, part + n_out, tok0 + 8 + 2 * t, row_g, ok_g, ok_h, num_tokens,
-                               stride_pt)
-            else:
-                d0, d1, d2, d3 = d0 * tl.sigmoid(d0) * u0, d1 * tl.sigmoid(d1) * u1, d2 * tl.sigmoid(d2) * u2, \
-                    d3 * tl.sigmoid(d3) * u3
-                e0, e1, e2, e3 = e0 * tl.sigmoid(e0) * v0, e1 * tl.sigmoid(e1) * v1, e2 * tl.sigmoid(e2) * v2, \
-                    e3 * tl.sigmoid(e3) * v3
-        if PARTIAL:
-            _store_partial(d0, d1, d2, d3, part, tok0 + 2 * t, row_g, ok_g, ok_h, num_tokens, stride_pt)
-            _store_partial(e0, e1, e2, e3, part, tok0 + 8 + 2 * t, row_g, ok_g, ok_h, num_tokens, stride_pt)
-        else:
-            _linear_epilogue(d0, d1, d2, d3, out_ptr, bias_ptr, gate_ptr, add_ptr, tok0 + 2 * t, row_g, ok_g, ok_h,
-                             num_tokens, stride_om, stride_gm, stride_am, HAS_BIAS, SHARED)
-            _linear_epilogue(e0, e1, e2, e3, out_ptr, bias_ptr, gate_ptr, add_ptr, tok0 + 8 + 2 * t, row_g, ok_g,
-                             ok_h, num_tokens, stride_om, stride_gm, stride_am, HAS_BIAS, SHARED)
+        _finish_group(d0, d1, d2, d3, u0, u1, u2, u3, out_ptr, bias_ptr, gate_ptr, add_ptr, part, tok0 + 2 * t, row_g,
+                      ok_g, ok_h, num_tokens, n_out, stride_om, stride_gm, stride_am, stride_pt, GATED, HAS_BIAS,
+                      SHARED, PARTIAL)
+        _finish_group(e0, e1, e2, e3, v0, v1, v2, v3, out_ptr, bias_ptr, gate_ptr, add_ptr, part, tok0 + 8 + 2 * t,
+                      row_g, ok_g, ok_h, num_tokens, n_out, stride_om, stride_gm, stride_am, stride_pt, GATED,
+                      HAS_BIAS, SHARED, PARTIAL)
 
 
 @triton.jit
