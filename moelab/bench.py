@@ -458,8 +458,8 @@ def bench_decode(model_name: str = "tiny", batches=(1, 2, 4, 8), prompt_len=(64,
     from the same prefilled state) is kept. On CUDA the run also measures the copy
     bandwidth and reports each figure against the weight-bandwidth bound of ANCHORS.md.
     On the CPU this measures per-op overhead more than arithmetic. quantize="nf4" loads the
-    model with moelab's NF4 experts (`moelab.load(..., quantize="nf4")`); the bound then
-    counts the bytes the quantized tensors hold.
+    model with moelab's NF4 experts (`moelab.load(..., quantize="nf4")`; "nf4_head" with lm_head in
+    NF4 too); the bound then counts the bytes the quantized tensors hold.
     """
     from .graphs import DecodeGraphs
     from .model import MoeForward
@@ -788,7 +788,7 @@ def bench_attention(batches=(1, 8, 64), contexts=(64, 512, 2048), heads: int = 1
 
 SERVE_SYSTEMS = ("hf_serial", "hf_static", "hf_compiled", "hf_continuous", "moelab_static", "moelab_continuous")
 SERVE_PRESETS = {"tiny": "cpu", "qwen1.5-moe-a2.7b": "cuda"}
-SERVE_PRECISIONS = ("fp32", "bf16", "nf4")
+SERVE_PRECISIONS = ("fp32", "bf16", "nf4", "nf4_head")  # nf4_head: lm_head in NF4 too (an opt-in)
 SERIAL_EXPERTS = ("eager", "grouped_mm")  # hf_serial runs once with each of transformers' experts paths
 LOGITS_TOLERANCE = 0.05  # teacher-forced logits: |moelab - transformers| / |transformers| (L2, per prompt)
 DECODE_AGREEMENT = 0.8  # served greedy tokens, teacher-forced through transformers: least top-1 agreement
@@ -1021,7 +1021,7 @@ def tokens_check(tokens: dict) -> dict:
 
 
 def _dtype_of(precision: str, on_cuda: bool) -> torch.dtype:
-    if precision == "nf4":
+    if precision.startswith("nf4"):
         return torch.bfloat16 if on_cuda else torch.float32  # NF4's compute dtype
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
@@ -1136,7 +1136,8 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYS
     batch; moelab_static / moelab_continuous: the Engine with `concurrency` slots under each
     policy. Precisions: fp32 / bf16 load the model in that dtype; nf4 runs moelab on
     `moelab.load(..., quantize="nf4")` and, on CUDA, transformers on its own bitsandbytes
-    4-bit path (on the CPU the HF systems have no NF4 row). Every system is warmed up first.
+    4-bit path (on the CPU the HF systems have no NF4 row); nf4_head is the same with lm_head in
+    NF4 too, for both (an opt-in: `moelab.quant.quantize_head_`). Every system is warmed up first.
 
     Checks (in `result["checks"]`): at fp32 every system's greedy tokens must be identical;
     at every precision the teacher-forced logits of moelab's forward and transformers' agree
@@ -1184,7 +1185,7 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYS
     moelab_systems = [s for s in systems if s.startswith("moelab_")]
 
     def runs_for(precision):  # (system, concurrency, experts_impl) in order, HF first
-        hf_ok = precision != "nf4" or on_cuda
+        hf_ok = not precision.startswith("nf4") or on_cuda
         out = []
         for s in hf_systems if hf_ok else []:
             if s == "hf_serial":
@@ -1200,19 +1201,19 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYS
 
     def build(precision, for_hf):
         dtype = _dtype_of(precision, on_cuda)
-        if precision != "nf4":
+        if not precision.startswith("nf4"):
             return load(model_name, device=device, dtype=dtype, random_weights=random_weights)[0]
         if not for_hf:
-            return load(model_name, device=device, dtype=dtype, random_weights=random_weights, quantize="nf4")[0]
+            return load(model_name, device=device, dtype=dtype, random_weights=random_weights, quantize=precision)[0]
         model = load(model_name, device=device, dtype=dtype, random_weights=random_weights)[0]
-        return transformers_bnb_4bit_(model, compute_dtype=dtype)
+        return transformers_bnb_4bit_(model, compute_dtype=dtype, quantize_head=precision == "nf4_head")
 
     for precision in precisions:
         tokens = {}
         groups = [(True, [r for r in plan[precision] if r[0].startswith("hf_")]),
                   (False, [r for r in plan[precision] if r[0].startswith("moelab_")])]
         # One model for all systems unless HF's NF4 is a different model (bitsandbytes).
-        shared = build(precision, False) if precision != "nf4" else None
+        shared = build(precision, False) if not precision.startswith("nf4") else None
         for for_hf, group in groups:
             if not group:
                 continue
@@ -1692,20 +1693,22 @@ def plot_experts(result: dict, path) -> None:
 
 # ---------------------------------------------------------------------------- NF4 loading
 
-def transformers_bnb_4bit_(model, compute_dtype=torch.bfloat16, double_quant: bool = True):
+def transformers_bnb_4bit_(model, compute_dtype=torch.bfloat16, double_quant: bool = True,
+                           quantize_head: bool = False):
     """transformers' own 4-bit path, applied to a model already built: its module replacement
     (`replace_with_bnb_linear`, which swaps `nn.Linear` only) and, for each new `Linear4bit`, the
     old weight through bitsandbytes' `Params4bit` as transformers' `Bnb4bitQuantize` does.
     `from_pretrained(quantization_config=BitsAndBytesConfig(...))` does the same while reading a
     checkpoint (and needs accelerate); the fused routed experts are untouched either way.
-    Router (not a Linear in v5), `shared_expert_gate` and `lm_head` are skipped. In place."""
+    Router (not a Linear in v5), `shared_expert_gate` and `lm_head` are skipped (lm_head converted
+    too with `quantize_head`, as moelab's "nf4_head"). In place."""
     import bitsandbytes as bnb
     from transformers import BitsAndBytesConfig
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
                                 bnb_4bit_use_double_quant=double_quant,
-                                llm_int8_skip_modules=["shared_expert_gate", "lm_head"])
+                                llm_int8_skip_modules=["shared_expert_gate"] + ([] if quantize_head else ["lm_head"]))
     linears = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
     replace_with_bnb_linear(model, modules_to_not_convert=config.llm_int8_skip_modules, quantization_config=config)
     for name, old in linears.items():
@@ -1994,7 +1997,8 @@ def main(argv=None) -> int:
     decode.add_argument("--experts", choices=["auto", "torch", "fused"], default="auto",
                         help="routed experts: moelab's PyTorch path or the fused kernel (auto: fused when present)")
     decode.add_argument("--profile", action="store_true", help="CUDA: add a torch.profiler kernel table per mode")
-    decode.add_argument("--quantize", choices=["nf4"], default=None, help="load with moelab's NF4 experts")
+    decode.add_argument("--quantize", choices=["nf4", "nf4_head"], default=None,
+                        help="load with moelab's NF4 experts (nf4_head: lm_head in NF4 too)")
     decode.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
     decode.add_argument("--plot", type=Path, default=None, help="where to write the PNG (default: beside the JSON)")
     prefill = sub.add_parser("prefill", help="CUDA: prefill throughput against the measured matmul rate")
@@ -2011,7 +2015,8 @@ def main(argv=None) -> int:
     serve.add_argument("--device", default=None, help="cpu or cuda (default: cpu for tiny, cuda otherwise)")
     serve.add_argument("--systems", nargs="+", default=list(SERVE_SYSTEMS), help=f"any of {', '.join(SERVE_SYSTEMS)}")
     serve.add_argument("--precisions", nargs="+", default=None,
-                       help="any of fp32, bf16, nf4 (default: fp32 nf4 on the CPU, bf16 nf4 on CUDA)")
+                       help="any of fp32, bf16, nf4, nf4_head (lm_head in NF4 too) (default: fp32 nf4 on the "
+                            "CPU, bf16 nf4 on CUDA)")
     serve.add_argument("--requests", type=int, default=32)
     serve.add_argument("--serial-requests", type=int, default=None,
                        help="hf_serial, and every HF system at concurrency 1, serves only the first N requests "

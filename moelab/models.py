@@ -30,6 +30,7 @@ from transformers import (AutoConfig, AutoTokenizer, GenerationConfig, PreTraine
 ASSETS = Path(__file__).parent / "assets"
 TINY_DIR = ASSETS / "tiny"
 EOS_TOKEN = "<|endoftext|>"
+QUANTIZE_CHOICES = (None, "nf4", "nf4_head")  # moelab.load's quantize: see its docstring
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(
@@ -156,9 +157,12 @@ def load(
     quantize: None, or "nf4": routed experts in moelab's NF4 (`moelab.quant.NF4Experts`),
     attention and shared-expert Linears in bitsandbytes NF4, router, shared-expert gate,
     embeddings, norms and head in `dtype`; quantized layer by layer (see the module docstring).
+    "nf4_head": the same with lm_head in NF4 too (an opt-in: transformers' 4-bit loading and
+    moelab's "nf4" keep the head in `dtype`; at batch 1 it is over a third of an NF4 step's bytes).
     """
-    if quantize not in (None, "nf4"):
-        raise ValueError(f"quantize={quantize!r} is not supported: use None or 'nf4'")
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize={quantize!r} is not supported: use one of {list(QUANTIZE_CHOICES)}")
+    head = quantize == "nf4_head"
     name = str(name_or_path)
     if name == "tiny":
         # Through _resolve_device like the other paths, so device="cuda" without CUDA is a
@@ -168,10 +172,11 @@ def load(
         tok = byte_tokenizer()
         if random_weights or not (TINY_DIR / "model.safetensors").exists():
             if quantize:
-                return random_nf4_model(preset_config("tiny"), device, dtype, seed), tok
+                return random_nf4_model(preset_config("tiny"), device, dtype, seed, head=head), tok
             return random_model(preset_config("tiny"), device, dtype, seed), tok
         if quantize:
-            return checkpoint_nf4_model(TINY_DIR, device, dtype), AutoTokenizer.from_pretrained(str(TINY_DIR))
+            return (checkpoint_nf4_model(TINY_DIR, device, dtype, head=head),
+                    AutoTokenizer.from_pretrained(str(TINY_DIR)))
         return _from_pretrained(TINY_DIR, device, dtype)
     if name == "qwen1.5-moe-a2.7b":
         if not random_weights:
@@ -187,13 +192,14 @@ def load(
             )
         # Random weights stand in for the real checkpoint; so does the byte tokenizer for
         # Qwen's (it cannot be downloaded here): its ids are valid for this vocabulary.
-        build = random_nf4_model if quantize else random_model
-        return build(preset_config(name), device, dtype or torch.bfloat16, seed), byte_tokenizer()
+        if quantize:
+            return random_nf4_model(preset_config(name), device, dtype or torch.bfloat16, seed, head=head), byte_tokenizer()
+        return random_model(preset_config(name), device, dtype or torch.bfloat16, seed), byte_tokenizer()
     if random_weights:
         raise ValueError(f"random_weights=True needs a preset ({sorted(PRESETS)}), got {name!r}")
     if quantize:
         path = _local_checkpoint(name)
-        model = checkpoint_nf4_model(path, _resolve_device(device, name), dtype or torch.bfloat16)
+        model = checkpoint_nf4_model(path, _resolve_device(device, name), dtype or torch.bfloat16, head=head)
         return model, AutoTokenizer.from_pretrained(path)
     return _from_pretrained(name, _resolve_device(device, name), dtype or torch.bfloat16)
 
@@ -252,11 +258,12 @@ def _finish(model, device):
     return model.eval()
 
 
-def random_nf4_model(config: Qwen2MoeConfig, device, dtype=torch.bfloat16, seed: int = 0):
+def random_nf4_model(config: Qwen2MoeConfig, device, dtype=torch.bfloat16, seed: int = 0, head: bool = False):
     """Seeded random weights, quantized to NF4 layer by layer on `device` (never the whole
     model in `dtype`: at most one decoder layer plus the embeddings and head). On "meta" only
-    shapes exist, which is enough for `moelab.quant.memory_report`."""
-    from .quant import quantize_layer_
+    shapes exist, which is enough for `moelab.quant.memory_report`. head: lm_head in NF4 too
+    (`moelab.quant.quantize_head_`)."""
+    from .quant import quantize_head_, quantize_layer_
 
     device = torch.device(device)
     model = _skeleton(config, dtype)
@@ -275,6 +282,8 @@ def random_nf4_model(config: Qwen2MoeConfig, device, dtype=torch.bfloat16, seed:
             quantize_layer_(part, dtype)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if head:
+        quantize_head_(model, dtype)
     return _finish(model, device)
 
 
@@ -354,11 +363,11 @@ def _load_part(module: torch.nn.Module, state: dict, name: str, path) -> None:
         raise ValueError(f"the checkpoint {str(path)!r} lacks {name}.{missing[0]} (and {len(missing) - 1} more)")
 
 
-def checkpoint_nf4_model(path, device, dtype=torch.bfloat16):
+def checkpoint_nf4_model(path, device, dtype=torch.bfloat16, head: bool = False):
     """A local safetensors checkpoint, quantized to NF4 as it is read: each decoder layer's
     tensors are read from their (memory-mapped) shards onto `device`, then quantized before the
-    next layer is read."""
-    from .quant import quantize_layer_
+    next layer is read. head: lm_head in NF4 too (`moelab.quant.quantize_head_`)."""
+    from .quant import quantize_head_, quantize_layer_
 
     device = torch.device(device)
     config = AutoConfig.from_pretrained(str(path))
@@ -375,6 +384,8 @@ def checkpoint_nf4_model(path, device, dtype=torch.bfloat16):
         _load_part(model.get_submodule(name), state, name, path)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if head:
+        quantize_head_(model, dtype)
     try:
         model.generation_config = GenerationConfig.from_pretrained(str(path))
     except OSError:

@@ -528,6 +528,22 @@ def quantize_layer_(layer: nn.Module, compute_dtype: torch.dtype, backend: str =
     return layer
 
 
+def quantize_head_(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
+    """lm_head as a bitsandbytes NF4 `Linear4bit`, in place (`moelab.load(..., quantize="nf4_head")`).
+
+    An opt-in, not part of "nf4": transformers' 4-bit loading keeps the head in full precision
+    (its logits decide every token), and so does `quantize_layer_`. But one decode step reads
+    the whole head for every token batch: Qwen1.5-MoE's 151,936 x 2,048 head is 622 MB in bf16,
+    as many bytes as all the NF4 layers of a batch-1 step together. A head tied to the input
+    embeddings gets an NF4 copy of its own; the embeddings stay in full precision (a look-up
+    reads one row per token). Returns the model."""
+    head = getattr(model, "lm_head", None)
+    if type(head) is not nn.Linear:
+        raise ValueError(f"quantize_head_ needs an nn.Linear lm_head, got {type(head).__name__}")
+    model.lm_head = linear_to_nf4(head, compute_dtype)
+    return model
+
+
 def _submodule(module: nn.Module, path: str):
     try:
         return module.get_submodule(path)

@@ -62,6 +62,29 @@ def test_decode_weight_bytes_match_anchors():
     assert bench.expected_distinct_experts(60, 4, 0) == 0
 
 
+def test_decode_weight_bytes_nf4_head_on_meta():
+    """The NF4 models' bound: "nf4_head" reads the head's 4-bit codes where "nf4" reads 622 MB of bf16."""
+    pytest.importorskip("bitsandbytes")
+    import moelab
+
+    got = {q: bench.decode_weight_bytes(moelab.load("qwen1.5-moe-a2.7b", random_weights=True, device="meta",
+                                                    quantize=q)[0], 1) for q in ("nf4", "nf4_head")}
+    head_bf16, head_codes = 151936 * 2048 * 2, 151936 * 2048 // 2
+    assert got["nf4"]["dense_bytes"] - got["nf4_head"]["dense_bytes"] == head_bf16 - head_codes
+    assert got["nf4"]["bytes_per_expert"] == got["nf4_head"]["bytes_per_expert"]
+
+
+def test_serve_nf4_head_precision_on_the_cpu(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    path = tmp_path / "s.json"
+    assert bench.main(["--requests", "2", "--prompt-len", "3", "4", "--output-len", "2", "2", "--systems",
+                       "hf_static", "moelab_continuous", "--precisions", "nf4_head", "--concurrency", "2",
+                       "--no-progress", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["results"]
+    assert [(r["system"], r["precision"]) for r in rows] == [("moelab_continuous", "nf4_head")]  # no HF NF4 on CPU
+    assert rows[0]["tokens"] == 4 and "error" not in rows[0]
+
+
 def test_decode_bench_modes_and_summary(tmp_path):
     path = tmp_path / "decode.json"
     assert bench.main(["decode", "--batches", "2", "--prompt-len", "3", "9", "--steps", "2", "--repeats", "1",

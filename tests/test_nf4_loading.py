@@ -107,6 +107,61 @@ def test_quantized_tiny_generates_and_moelab_forward_runs_it(tiny_nf4):
             torch.testing.assert_close(row, model(torch.tensor([prompt + [token]])).logits[0, -1], rtol=1e-4, atol=1e-4)
 
 
+def test_nf4_head_is_an_opt_in_that_moelab_forward_runs(tiny_nf4):
+    """quantize="nf4_head": lm_head in NF4 too, the rest as "nf4"; transformers and moelab's forward
+    run the same quantized head (prefill and decode), whose codes are bitsandbytes' of the fp32 head."""
+    import bitsandbytes.functional as bnbf
+
+    model, tok = moelab.load("tiny", quantize="nf4_head")
+    plain, _ = tiny_nf4
+    head = model.lm_head
+    assert isinstance(head, bnb.nn.Linear4bit) and head.weight.quant_state.quant_type == "nf4"
+    assert head.weight.quant_state.nested and tuple(head.weight.quant_state.shape) == (257, 128)
+    assert model.model.embed_tokens.weight.dtype == torch.float32  # embeddings stay: a look-up per token
+    fp32_head = plain.lm_head.weight.detach()
+    codes, _ = bnbf.quantize_4bit(fp32_head, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(head.weight.data, codes)
+    from moelab.bench import transformers_bnb_4bit_
+
+    theirs = transformers_bnb_4bit_(moelab.load("tiny")[0], torch.float32, quantize_head=True).lm_head
+    assert isinstance(theirs, bnb.nn.Linear4bit) and torch.equal(theirs.weight.data, codes)  # transformers' nf4_head
+    for a, b in zip(model.model.layers, plain.model.layers):  # everything but the head as "nf4"
+        assert torch.equal(a.mlp.experts.gate_up.codes, b.mlp.experts.gate_up.codes)
+    ours, theirs = memory_report(model)["embeddings and head"], memory_report(plain)["embeddings and head"]
+    assert ours["bytes"] < 0.65 * theirs["bytes"]  # the head at ~4.5 of 32 bits, the embeddings unchanged
+    fwd = moelab.MoeForward(model, route_backend="torch", attention="sdpa")
+    prompt = list(b"for i in range(")
+    cache = fwd.new_cache(num_slots=1, max_seq_len=32)
+    slot = cache.allocate(20)
+    logits = fwd.prefill(cache, [prompt], [slot], all_logits=True)[0]
+    step = fwd.decode(cache, logits[-1:].argmax(-1), torch.tensor([slot]))
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt + [logits[-1].argmax().item()]])).logits[0]
+        torch.testing.assert_close(logits, ref[:-1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(step[0], ref[-1], rtol=1e-4, atol=1e-4)
+        # Close to the bf16-head "nf4" model, not equal: 4-bit logits.
+        other = plain(torch.tensor([prompt])).logits[0]
+    rel = ((ref[:-1] - other).norm() / other.norm()).item()
+    assert 0 < rel < 0.1, rel
+
+
+def test_nf4_head_tied_and_bad_input():
+    config = preset_config("tiny")
+    config.tie_word_embeddings = True
+    from moelab.models import random_nf4_model
+    from moelab.quant import quantize_head_
+
+    model = random_nf4_model(config, "cpu", torch.float32, seed=1, head=True)
+    assert isinstance(model.lm_head, bnb.nn.Linear4bit)  # its own NF4 copy of the tied table
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
+    with pytest.raises(ValueError, match="nn.Linear lm_head"):
+        quantize_head_(model, torch.float32)  # already quantized
+    with pytest.raises(ValueError, match="nf4_head"):
+        moelab.load("tiny", quantize="nf4-head")
+
+
 def test_random_weights_layer_by_layer_seeded():
     a, _ = moelab.load("tiny", random_weights=True, quantize="nf4", seed=3)
     b, _ = moelab.load("tiny", random_weights=True, quantize="nf4", seed=3)
@@ -232,6 +287,45 @@ def test_quantize_layer_keeps_gates_and_rejects_nothing_silently():
 
 
 # ---------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+def test_gpu_nf4_head_through_moelab_kernels_and_graph_replay():
+    """On CUDA the NF4 head takes moelab's kernels by token count (GEMV, tensor cores, dequantize
+    then cuBLAS), each against dequantize-then-matmul; a decode step replayed from a CUDA graph
+    gives the eager step's tokens."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    import torch.nn.functional as F
+
+    from moelab.graphs import DecodeGraphs
+    from moelab.model import _linear
+    from moelab.quant import linear4bit_nf4
+
+    model, _ = moelab.load("tiny", quantize="nf4_head", device="cuda", dtype=torch.bfloat16)
+    head = model.lm_head
+    w = dequantize_nf4(linear4bit_nf4(head))[0].to(torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    for tokens in (1, 3, 16, 48, 300):
+        x = torch.randn(tokens, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+        ref = F.linear(x, w).float()
+        err = float((_linear(head, x).float() - ref).norm() / ref.norm())
+        assert err < 1e-2, f"{tokens} tokens: {err:.2e}"
+    prompts = [list(b"def main(args):"), list(b"import numpy as np\nx = np.")]
+    runs = []
+    for graph in (False, True):
+        fwd = moelab.MoeForward(model)
+        cache = fwd.new_cache(num_slots=3, max_seq_len=64)
+        slots = torch.tensor([cache.allocate(40) for _ in prompts], device="cuda")
+        token = torch.stack([lg.argmax() for lg in fwd.prefill(cache, prompts, slots.tolist())])
+        step = DecodeGraphs(fwd, cache, buckets=(2,), mode="graph").step if graph else (
+            lambda t, s: fwd.decode(cache, t, s).argmax(-1))
+        out = [token.tolist()]
+        for _ in range(4):
+            token = step(token, slots)
+            out.append(token.tolist())
+        runs.append(out)
+    assert runs[0] == runs[1]
+
 
 @pytest.mark.gpu
 def test_full_size_nf4_memory_bounds_on_cuda():
