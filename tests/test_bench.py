@@ -74,6 +74,22 @@ def test_decode_weight_bytes_nf4_head_on_meta():
     assert got["nf4"]["bytes_per_expert"] == got["nf4_head"]["bytes_per_expert"]
 
 
+def test_moelab_warms_up_at_the_timed_runs_concurrency(monkeypatch):
+    """Above the 8-request warm-up, a moelab system first serves the workload's first `concurrency`
+    requests at once, cut to 4 tokens: its batch sizes compile before the clock starts (a batch-64
+    run that compiled inside its timed requests read a quarter of its speed on an H100)."""
+    wl = bench.serve_workload(12, (3, 9), (2, 30), rate=5.0, seed=2)
+    warm = bench.warm_workload(wl, 10)
+    assert warm["prompts"] == wl["prompts"][:10] and warm["num_requests"] == 10
+    assert warm["outputs"] == [min(o, 4) for o in wl["outputs"][:10]] and warm["arrivals"] == [0.0] * 10
+    seen = []
+    real = bench._run_moelab
+    monkeypatch.setattr(bench, "_run_moelab", lambda e, w: seen.append(w["num_requests"]) or real(e, w))
+    bench.bench_serve("tiny", "cpu", ("moelab_continuous",), num_requests=12, prompt_len=(3, 9), output_len=(2, 6),
+                      concurrency=(2, 10), precisions=("fp32",), progress_bar=False)
+    assert seen == [8, 12, 8, 10, 12]  # c2: warm-up, timed; c10: warm-up, the first 10 at once, timed
+
+
 def test_serve_nf4_head_precision_on_the_cpu(tmp_path):
     pytest.importorskip("bitsandbytes")
     path = tmp_path / "s.json"
