@@ -29,8 +29,8 @@ def test_matches_f_linear_float32(tokens, n_out, k_dim, bias):
 def test_configs_per_shape():
     """At one token the NF4 q/k/v (thousands of rows) runs 16-row programs on 8 warps with the
     shared-memory table, o_proj (2,048 rows) one 16-row program per SM on 32 warps over whole
-    2,048-value rows with `prmt` (NF4_SMEM=0); 2-4 tokens keep 8 rows on 4 warps, `prmt`; bf16
-    and the interpreter are unchanged."""
+    2,048-value rows with `prmt` (NF4_SMEM=0); a vocabulary head 16-row programs on 2 warps; 2-4
+    tokens keep 8 rows on 4 warps, `prmt`; bf16 and the interpreter are unchanged."""
     from moelab.kernels.experts import with_nf4_table
     from moelab.kernels.gemv import gemv_config
 
@@ -47,6 +47,9 @@ def test_configs_per_shape():
         for cfg in (gemv_config(n_out, True, nf4=True), few):
             assert cfg["BLOCK_K"] % 64 == 0 and cfg["BLOCK_K"] // 8 < 32 * cfg["num_warps"] <= 1024
     assert gemv_config(6144, False, nf4=True) == gemv_config(6144, False)  # the interpreter's one config
+    head = gemv_config(151936, True, nf4=True)  # an NF4 lm_head: 16 rows on 2 warps, `prmt`
+    assert (head["BLOCK_N"], head["BLOCK_K"], head["num_warps"], head["NF4_SMEM"]) == (16, 512, 2, 0)
+    assert with_nf4_table(head, words, "linear") == head and gemv_config(65535, True, nf4=True) == qkv
 
 
 @interpreter

@@ -23,6 +23,7 @@ from .experts import (_gemv_acc, _gemv_acc_sum, _gemv_rows, _is_nf4, _nf4_lut, _
 from .pdl import launch_args, let_next_kernel_start, wait_for_previous_kernel
 
 MAX_TOKENS = 4  # above this a GEMM reads W once for all tokens, and cuBLAS wins
+HEAD_ROWS = 65536  # an NF4 weight with this many rows or more is a vocabulary head: its own config
 
 
 @triton.jit
@@ -74,13 +75,19 @@ def gemv_config(n_out: int, on_gpu: bool, nf4: bool = False, num_tokens: int = 1
     4.6 -> 3.5 us. The batch-1 NF4 decode step: 596 -> 612 tokens/s
     (nf4_step_ab_2026-12-06_h100.json). At 2-4 tokens: 8 rows, 512-value steps, 4 warps,
     `prmt` (8 warps made those linears slower in H100 decode profiles: 72 calls 408 us a step
-    with 8 warps, 348 with 4, decode_nf4_2026-12-06_h100_run1.json and _run2).
+    with 8 warps, 348 with 4, decode_nf4_2026-12-06_h100_run1.json and _run2). An NF4 head
+    (HEAD_ROWS rows and more: 151,936 for Qwen1.5-MoE) at one token in 16-row programs of 2 warps,
+    512-value steps, `prmt`: 88 us against 101 with the q/k/v config, 195 for the bf16 head
+    through this GEMV and 205 through cuBLAS (benchmarks/tuning/nf4_head_sweep.py,
+    nf4_head_sweep_2026-12-07_h100.json; the table and prefetching were slower).
     Under the interpreter one wide program per 64 rows."""
     if not on_gpu:
         return dict(BLOCK_N=min(64, triton.next_power_of_2(n_out)), BLOCK_K=128, num_warps=4, PIPELINE=1)
     if nf4:
         if num_tokens > 1:
             return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, PIPELINE=1, NF4_SMEM=0)
+        if n_out >= HEAD_ROWS:  # an NF4 lm_head ("nf4_head"): thousands of programs, 2 warps each
+            return dict(BLOCK_N=16, BLOCK_K=512, num_warps=2, PIPELINE=1, NF4_SMEM=0)
         if n_out >= 4096:
             return dict(BLOCK_N=16, BLOCK_K=512, num_warps=8, PIPELINE=1)
         return dict(BLOCK_N=16, BLOCK_K=2048, num_warps=32, PIPELINE=1, NF4_SMEM=0)
