@@ -14,6 +14,7 @@ Any other name is a hub id or a local directory and goes through `from_pretraine
 full-precision model never sits in memory at once: the model is built on the meta device
 (shapes only), then each decoder layer is materialized (seeded random weights, or its tensors
 read from the safetensors checkpoint) and at once quantized by `moelab.quant.quantize_layer_`.
+`quantize="nf4_head"` quantizes lm_head as well, at the end (`moelab.quant.quantize_head_`).
 """
 
 from __future__ import annotations
@@ -192,9 +193,10 @@ def load(
             )
         # Random weights stand in for the real checkpoint; so does the byte tokenizer for
         # Qwen's (it cannot be downloaded here): its ids are valid for this vocabulary.
+        config, dtype = preset_config(name), dtype or torch.bfloat16
         if quantize:
-            return random_nf4_model(preset_config(name), device, dtype or torch.bfloat16, seed, head=head), byte_tokenizer()
-        return random_model(preset_config(name), device, dtype or torch.bfloat16, seed), byte_tokenizer()
+            return random_nf4_model(config, device, dtype, seed, head=head), byte_tokenizer()
+        return random_model(config, device, dtype, seed), byte_tokenizer()
     if random_weights:
         raise ValueError(f"random_weights=True needs a preset ({sorted(PRESETS)}), got {name!r}")
     if quantize:
