@@ -4,6 +4,9 @@ the same GEMV and through cuBLAS; each timed in a CUDA graph of 4 calls, two rou
 Then the head at 16 and 64 tokens (a decode batch): the tensor-core path (`nf4_mma.linear`) against
 dequantize-then-cuBLAS and the bf16 head.
 
+It extends `lm_head_probe.py` (the sixteenth session's, on moelab's own quantizer) to bitsandbytes'
+codes, as `quantize="nf4_head"` stores them, more launch shapes and the 16- and 64-token paths.
+
     python benchmarks/tuning/nf4_head_sweep.py   # writes $OUT/nf4_head_sweep.json (default /tmp)
 """
 import json

@@ -68,11 +68,6 @@ SPLIT_PROGRAMS_PER_SM = 4  # see linear_splits
 # the 32-token prefill at 6.02 ms (2: 5.59), 4 took the 64-token one to 8.70 (2: 8.25-8.29).
 SPLIT_BELOW_PROGRAMS_PER_SM = float(os.environ.get("MOELAB_NF4_MMA_SPLIT_BELOW", "2"))
 SPLIT_MIN_BLOCKS = 4
-# From this many tokens `linear` runs 32 tokens a program (nb = 4: each look-up feeds four MMAs) instead of 16,
-# halving the look-ups of a 64-token linear: in an H100 batch-64 NF4 decode step the dense linears took ~3.4 ms
-# against bf16's ~1.5 (decode_profile_nf4_b1_b64_2026-12-07_h100.json). Written, compiled for sm_90, never run on
-# a GPU: 0 (off) until measured (MOELAB_NF4_MMA_NB4_FROM=17 turns it on above 16 tokens).
-LINEAR_NB4_FROM = int(os.environ.get("MOELAB_NF4_MMA_NB4_FROM", "0"))
 
 # Step s of a 64-value block: A register -> (row half, code byte of the lane's 8); B registers ->
 # (x pair of the lane's 8). Lane t's 8 code bytes of a row hold values 16t .. 16t + 15 of the block
@@ -120,7 +115,6 @@ def _mma_block_asm(nb: int = 1) -> str:
 
 MMA_BLOCK_ASM = tl.constexpr(_mma_block_asm())
 MMA_BLOCK2_ASM = tl.constexpr(_mma_block_asm(2))
-MMA_BLOCK4_ASM = tl.constexpr(_mma_block_asm(4))
 
 
 @triton.jit
@@ -155,20 +149,6 @@ def _block_mma2(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, c_g, c_h, x0, x1
         MMA_BLOCK2_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,l,l,l,l,l,l,l,l,l,l,r,r,r,r,r,r,r,r,r,r,r",
         [c_g, c_h, x0, x1, x2, x3, y0, y1, y2, y3, tbl, scale_g, scale_h, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7],
         dtype=(tl.float32,) * 8, is_pure=False, pack=1)
-
-
-@triton.jit
-def _block_mma4(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, c_g, c_h,
-                x0, x1, x2, x3, y0, y1, y2, y3, z0, z1, z2, z3, w0, w1, w2, w3, tbl, scale_g, scale_h):
-    """`_block_mma` for four groups of 8 columns (x, y, z, w: each group's 4 words of x) sharing each
-    look-up; a0-a15: the accumulators, 4 per group in group order."""
-    return tl.inline_asm_elementwise(
-        MMA_BLOCK4_ASM,
-        "=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,=r,l,l,l,l,l,l,l,l,l,l,l,l,l,l,l,l,"
-        "l,l,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-        [c_g, c_h, x0, x1, x2, x3, y0, y1, y2, y3, z0, z1, z2, z3, w0, w1, w2, w3, tbl, scale_g, scale_h,
-         a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15],
-        dtype=(tl.float32,) * 16, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -240,37 +220,6 @@ def _tile_dot2(codes, xa, xb, am, am_code, am_scale, am_offset, row_g, ok_g, ok_
         c_g, c_h, x0, x1, x2, x3, s_g, s_h = n_g, n_h, m0, m1, m2, m3, u_g, u_h
         y0, y1, y2, y3 = v0, v1, v2, v3
     return a0, a1, a2, a3, a4, a5, a6, a7
-
-
-@triton.jit
-def _tile_dot4(codes, xa, xb, xc, xd, am, am_code, am_scale, am_offset, row_g, ok_g, ok_h, ok_a, ok_b, ok_c, ok_d,
-               k_dim, t, blk_lo, num_blocks, tbl, scales_per_expert, DOUBLE_QUANT: tl.constexpr, NT: tl.constexpr):
-    """`_tile_dot2` against four groups of 8 columns (tokens at xa, xb, xc, xd): the lane's 16 float32
-    results, 4 per group. Each code word is looked up once for all 32 tokens."""
-    a0 = tl.zeros([NT], dtype=tl.float32)
-    a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15 = (a0, a0, a0, a0, a0, a0, a0, a0, a0, a0, a0,
-                                                                      a0, a0, a0, a0)
-    c_g, c_h, x0, x1, x2, x3, s_g, s_h = _block_loads(
-        codes, xa, am, am_code, am_scale, am_offset, 0, row_g, ok_g, ok_h, ok_a, k_dim, blk_lo, t, num_blocks,
-        0, scales_per_expert, DOUBLE_QUANT)
-    y0, y1, y2, y3 = _x_loads(xb, blk_lo, t, num_blocks, ok_b)
-    z0, z1, z2, z3 = _x_loads(xc, blk_lo, t, num_blocks, ok_c)
-    w0, w1, w2, w3 = _x_loads(xd, blk_lo, t, num_blocks, ok_d)
-    for blk in range(blk_lo, num_blocks):
-        n_g, n_h, m0, m1, m2, m3, u_g, u_h = _block_loads(
-            codes, xa, am, am_code, am_scale, am_offset, 0, row_g, ok_g, ok_h, ok_a, k_dim, blk + 1, t,
-            num_blocks, 0, scales_per_expert, DOUBLE_QUANT)
-        p0, p1, p2, p3 = _x_loads(xb, blk + 1, t, num_blocks, ok_b)
-        q0, q1, q2, q3 = _x_loads(xc, blk + 1, t, num_blocks, ok_c)
-        r0, r1, r2, r3 = _x_loads(xd, blk + 1, t, num_blocks, ok_d)
-        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15 = _block_mma4(
-            a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, c_g, c_h,
-            x0, x1, x2, x3, y0, y1, y2, y3, z0, z1, z2, z3, w0, w1, w2, w3, tbl, s_g, s_h)
-        c_g, c_h, x0, x1, x2, x3, s_g, s_h = n_g, n_h, m0, m1, m2, m3, u_g, u_h
-        y0, y1, y2, y3 = p0, p1, p2, p3
-        z0, z1, z2, z3 = q0, q1, q2, q3
-        w0, w1, w2, w3 = r0, r1, r2, r3
-    return a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15
 
 
 @triton.jit
@@ -467,7 +416,7 @@ def _nf4_mma_linear_kernel(
         _finish_group(d0, d1, d2, d3, u0, u1, u2, u3, out_ptr, bias_ptr, gate_ptr, add_ptr, part, tok0 + 2 * t, row_g,
                       ok_g, ok_h, num_tokens, n_out, stride_om, stride_gm, stride_am, stride_pt, GATED, HAS_BIAS,
                       SHARED, PARTIAL)
-    elif NB == 2:
+    else:
         ok_b = tok0 + 8 + g < num_tokens  # group 1: tokens tok0 + 8 ...
         xb = (x_ptr + tl.where(ok_b, tok0 + 8 + g, 0).to(tl.int64) * stride_xm).to(tl.pointer_type(tl.int64),
                                                                                     bitcast=True)
@@ -483,38 +432,6 @@ def _nf4_mma_linear_kernel(
                       ok_g, ok_h, num_tokens, n_out, stride_om, stride_gm, stride_am, stride_pt, GATED, HAS_BIAS,
                       SHARED, PARTIAL)
         _finish_group(e0, e1, e2, e3, v0, v1, v2, v3, out_ptr, bias_ptr, gate_ptr, add_ptr, part, tok0 + 8 + 2 * t,
-                      row_g, ok_g, ok_h, num_tokens, n_out, stride_om, stride_gm, stride_am, stride_pt, GATED,
-                      HAS_BIAS, SHARED, PARTIAL)
-    else:  # NB == 4: groups 1-3 at tokens tok0 + 8, + 16, + 24
-        ok_b = tok0 + 8 + g < num_tokens
-        ok_c = tok0 + 16 + g < num_tokens
-        ok_d = tok0 + 24 + g < num_tokens
-        xb = (x_ptr + tl.where(ok_b, tok0 + 8 + g, 0).to(tl.int64) * stride_xm).to(tl.pointer_type(tl.int64),
-                                                                                    bitcast=True)
-        xc = (x_ptr + tl.where(ok_c, tok0 + 16 + g, 0).to(tl.int64) * stride_xm).to(tl.pointer_type(tl.int64),
-                                                                                     bitcast=True)
-        xd = (x_ptr + tl.where(ok_d, tok0 + 24 + g, 0).to(tl.int64) * stride_xm).to(tl.pointer_type(tl.int64),
-                                                                                     bitcast=True)
-        d0, d1, d2, d3, e0, e1, e2, e3, f0, f1, f2, f3, h0, h1, h2, h3 = _tile_dot4(
-            codes, xa, xb, xc, xd, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, row_g, ok_g, ok_h,
-            ok_a, ok_b, ok_c, ok_d, k_dim, t, blk_lo, blk_hi, lut[0], scales_per_expert, DOUBLE_QUANT, NT)
-        u0, u1, u2, u3, v0, v1, v2, v3, i0, i1, i2, i3, j0, j1, j2, j3 = (d0, d1, d2, d3, e0, e1, e2, e3, f0, f1, f2,
-                                                                        f3, h0, h1, h2, h3)
-        if GATED:
-            u0, u1, u2, u3, v0, v1, v2, v3, i0, i1, i2, i3, j0, j1, j2, j3 = _tile_dot4(
-                codes, xa, xb, xc, xd, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
-                row_g + n_out, ok_g, ok_h, ok_a, ok_b, ok_c, ok_d, k_dim, t, blk_lo, blk_hi, lut[0],
-                scales_per_expert, DOUBLE_QUANT, NT)
-        _finish_group(d0, d1, d2, d3, u0, u1, u2, u3, out_ptr, bias_ptr, gate_ptr, add_ptr, part, tok0 + 2 * t, row_g,
-                      ok_g, ok_h, num_tokens, n_out, stride_om, stride_gm, stride_am, stride_pt, GATED, HAS_BIAS,
-                      SHARED, PARTIAL)
-        _finish_group(e0, e1, e2, e3, v0, v1, v2, v3, out_ptr, bias_ptr, gate_ptr, add_ptr, part, tok0 + 8 + 2 * t,
-                      row_g, ok_g, ok_h, num_tokens, n_out, stride_om, stride_gm, stride_am, stride_pt, GATED,
-                      HAS_BIAS, SHARED, PARTIAL)
-        _finish_group(f0, f1, f2, f3, i0, i1, i2, i3, out_ptr, bias_ptr, gate_ptr, add_ptr, part, tok0 + 16 + 2 * t,
-                      row_g, ok_g, ok_h, num_tokens, n_out, stride_om, stride_gm, stride_am, stride_pt, GATED,
-                      HAS_BIAS, SHARED, PARTIAL)
-        _finish_group(h0, h1, h2, h3, j0, j1, j2, j3, out_ptr, bias_ptr, gate_ptr, add_ptr, part, tok0 + 24 + 2 * t,
                       row_g, ok_g, ok_h, num_tokens, n_out, stride_om, stride_gm, stride_am, stride_pt, GATED,
                       HAS_BIAS, SHARED, PARTIAL)
 
@@ -568,8 +485,7 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, gated: bool 
     64-value blocks, K a multiple of 64) on the tensor cores: a prefill's dense NF4 linears without
     a dequantized copy. gated: W holds gate rows then up rows, returns SiLU(gate) * up [T, rows / 2].
     shared_gate [T, 1] and add [T, N] (a shared expert's down): returns add + sigmoid(shared_gate) *
-    (x @ W^T), written into add. nb: groups of 8 tokens a program, 1, 2 or 4 (default: 2 above 8
-    tokens; 4 from LINEAR_NB4_FROM tokens where that is set).
+    (x @ W^T), written into add. nb: groups of 8 tokens a program (default: 2 above 8 tokens).
     splits: shares of K run by separate programs, their float32 partials summed by a second launch
     (default `linear_splits`; 1: one launch)."""
     _, rows, k_dim = w.shape
@@ -579,8 +495,8 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, gated: bool 
                          f"{tuple(x.shape)}, blocksize {w.blocksize}")
     if (shared_gate is None) != (add is None) or (gated and add is not None):
         raise ValueError("shared_gate and add come together, and not with gated")
-    if nb not in (None, 1, 2, 4) or warps not in (2, 4, 8):
-        raise ValueError(f"nb takes 1, 2 or 4 groups of 8 tokens and warps 2, 4 or 8, got nb={nb}, warps={warps}")
+    if nb not in (None, 1, 2) or warps not in (2, 4, 8):
+        raise ValueError(f"nb takes 1 or 2 groups of 8 tokens and warps 2, 4 or 8, got nb={nb}, warps={warps}")
     num_blocks = k_dim // 64
     if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= num_blocks):
         raise ValueError(f"splits must be an int from 1 to K / 64 = {num_blocks}, got {splits!r}")
@@ -590,7 +506,7 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, gated: bool 
     out = add if add is not None else torch.empty(num_tokens, n_out, dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return out
-    nb = nb or (1 if num_tokens <= 8 else 4 if 0 < LINEAR_NB4_FROM <= num_tokens else 2)
+    nb = nb or (1 if num_tokens <= 8 else 2)
     programs = triton.cdiv(n_out, 16 * warps) * triton.cdiv(num_tokens, 8 * nb)
     if splits is None:
         splits = linear_splits(programs, num_blocks, torch.cuda.get_device_properties(x.device).multi_processor_count)
