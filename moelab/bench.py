@@ -786,7 +786,11 @@ def bench_attention(batches=(1, 8, 64), contexts=(64, 512, 2048), heads: int = 1
 
 # ---------------------------------------------------------------------------- serving (the full benchmark)
 
-SERVE_SYSTEMS = ("hf_serial", "hf_static", "hf_compiled", "hf_continuous", "moelab_static", "moelab_continuous")
+DEFAULT_SERVE_SYSTEMS = ("hf_serial", "hf_static", "hf_compiled", "hf_continuous", "moelab_static",
+                         "moelab_continuous")
+# moelab_continuous_sync: the continuous Engine without overlap (each decode step read back before the
+# next is launched), for measuring what overlap buys (notebook 08).
+SERVE_SYSTEMS = DEFAULT_SERVE_SYSTEMS + ("moelab_continuous_sync",)
 SERVE_PRESETS = {"tiny": "cpu", "qwen1.5-moe-a2.7b": "cuda"}
 SERVE_PRECISIONS = ("fp32", "bf16", "nf4", "nf4_head")  # nf4_head: lm_head in NF4 too (an opt-in)
 SERIAL_EXPERTS = ("eager", "grouped_mm")  # hf_serial runs once with each of transformers' experts paths
@@ -1127,7 +1131,7 @@ def _free_memory(on_cuda: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYSTEMS, num_requests: int = 32,
+def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=DEFAULT_SERVE_SYSTEMS, num_requests: int = 32,
                 prompt_len=(16, 64), output_len=(8, 128), rate: float | None = None, concurrency=(8,),
                 seed: int = 0, precisions=None, serial_requests: int | None = None, random_weights: bool = False,
                 serial_experts=SERIAL_EXPERTS, threads: int | None = 1, repeats: int = 1,
@@ -1143,7 +1147,8 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYS
     torch.compile on CUDA (on the CPU it stays eager: `compiled` says which); hf_continuous:
     HF's continuous batching (generate_batch's manager), at most `concurrency` requests per
     batch; moelab_static / moelab_continuous: the Engine with `concurrency` slots under each
-    policy. Precisions: fp32 / bf16 load the model in that dtype; nf4 runs moelab on
+    policy (overlapped decode steps where the Engine's default has them: on CUDA);
+    moelab_continuous_sync: the continuous Engine with overlap off. Precisions: fp32 / bf16 load the model in that dtype; nf4 runs moelab on
     `moelab.load(..., quantize="nf4")` and, on CUDA, transformers on its own bitsandbytes
     4-bit path (on the CPU the HF systems have no NF4 row); nf4_head is the same with lm_head in
     NF4 too, for both (an opt-in: `moelab.quant.quantize_head_`). Every system is warmed up first.
@@ -1263,8 +1268,9 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=SERVE_SYS
                     engine = run = None  # the previous Engine's cache and graphs go before the next is built
                     _free_memory(on_cuda)
                     try:
-                        engine = Engine(model, conc, max_seq_len, policy=system.removeprefix("moelab_"),
-                                        experts_fn=experts_fn)
+                        engine = Engine(model, conc, max_seq_len,
+                                        policy=system.removeprefix("moelab_").removesuffix("_sync"),
+                                        experts_fn=experts_fn, overlap=False if system.endswith("_sync") else "auto")
                     except Exception as err:  # noqa: BLE001  (e.g. out of memory for the cache: an error row)
                         rows[key] = _error_row(system, precision, experts_impl, conc, f"{type(err).__name__}: {err}")
                         bar.note(f"{label:<40} FAILED: {type(err).__name__}: {err}"[:200])
@@ -1403,11 +1409,11 @@ def serve_summary(result: dict) -> list[str]:
     """The table (one row per system, precision, experts path and concurrency), each moelab row's
     tokens/s as a ratio of HF's at the same precision and concurrency, and the checks."""
     rows = result["results"]
-    lines = [f"{'system':<18} {'prec':<5} {'experts':<13} {'conc':>4} {'tokens/s':>9} {'TTFT p50':>9} "
+    lines = [f"{'system':<22} {'prec':<5} {'experts':<13} {'conc':>4} {'tokens/s':>9} {'TTFT p50':>9} "
              f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'mem GB':>7} {'bound':>6}  (ms)"]
     fmt = lambda x, f="{:.1f}": "-" if x is None else f.format(x)  # noqa: E731
     for r in rows:
-        head = f"{r['system']:<18} {r.get('precision', '-'):<5} {r.get('experts_impl', '-'):<13} {r['concurrency']:>4}"
+        head = f"{r['system']:<22} {r.get('precision', '-'):<5} {r.get('experts_impl', '-'):<13} {r['concurrency']:>4}"
         if "error" in r:
             lines.append(f"{head} FAILED: {r['error']}")
             continue
@@ -2024,7 +2030,8 @@ def main(argv=None) -> int:
     serve.add_argument("--random-weights", action="store_true", help="seeded random weights (needed for "
                                                                       "qwen1.5-moe-a2.7b: no checkpoint is shipped)")
     serve.add_argument("--device", default=None, help="cpu or cuda (default: cpu for tiny, cuda otherwise)")
-    serve.add_argument("--systems", nargs="+", default=list(SERVE_SYSTEMS), help=f"any of {', '.join(SERVE_SYSTEMS)}")
+    serve.add_argument("--systems", nargs="+", default=list(DEFAULT_SERVE_SYSTEMS),
+                       help=f"any of {', '.join(SERVE_SYSTEMS)} (default: all but moelab_continuous_sync)")
     serve.add_argument("--precisions", nargs="+", default=None,
                        help="any of fp32, bf16, nf4, nf4_head (lm_head in NF4 too) (default: fp32 nf4 on the "
                             "CPU, bf16 nf4 on CUDA)")

@@ -17,6 +17,15 @@ that prefills one whole prompt alone replays a `moelab.graphs.PrefillGraphs` gra
 padded length; other steps with prompt chunks stay eager. The graphs pad a batch with rows decoding in one extra
 scratch slot of the KV cache, which the Engine allocates beyond `num_slots` and never hands
 to a request.
+
+Overlap (`overlap`, on by default on CUDA; notebook 08): a pure decode step is left running
+while `step()` returns, and the next `step()` launches the step after it *before* reading the
+first one's tokens back. The next step needs nothing from the host: each slot's last token is
+already on the device, and who decodes next is known from lengths alone (a request that ends
+by EOS or a stop is found one step late, and that step's token for it is dropped). So the
+host's bookkeeping (appending tokens, stop checks, text, the next launch) runs while the GPU
+works, instead of between its steps. A step that admits or prefills waits for the step in
+flight first, as without overlap.
 """
 
 from __future__ import annotations
@@ -109,6 +118,19 @@ DEFAULT_TOKEN_BUDGET = {"cpu": 256, "cuda": 2048}
 
 
 @dataclass
+class _InFlight:
+    """A decode step launched and not yet read back (overlap): who it decodes, the host buffer
+    its new ids are being copied to, the event that says the copy is done (None on the CPU),
+    and when it was launched."""
+
+    requests: list[Request]
+    ids: torch.Tensor
+    ready: torch.cuda.Event | None
+    start: float
+    waiting: int
+
+
+@dataclass
 class StepStats:
     """One step: when it ran, how many slots were busy, tokens prefilled and decoded."""
 
@@ -161,13 +183,19 @@ class Engine:
     step that is one whole prompt and nothing else (every prefill at one request at a time)
     replays `prefill_graphs`, a `moelab.graphs.PrefillGraphs` graph of its length bucket
     (16 ... 2048 tokens, at most token_budget), captured at the first prompt of that bucket.
+
+    overlap: "auto" (on when the model is on CUDA), True or False. With overlap a pure decode
+    step's tokens are reported by the *next* `step()` call, which first launches the step after
+    it (see the module docstring); `idle` stays False until the last step in flight is read.
     """
 
     def __init__(self, model, num_slots: int, max_seq_len: int, tokenizer=None, policy: str = "continuous",
                  token_budget: int | None = None, experts_fn=experts_forward, route_backend: str = "auto",
-                 cuda_graphs="auto", graph_buckets: Sequence[int] | None = None):
+                 cuda_graphs="auto", graph_buckets: Sequence[int] | None = None, overlap="auto"):
         if cuda_graphs not in ("auto", "static") and not isinstance(cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be 'auto', True, False or 'static', got {cuda_graphs!r}")
+        if overlap != "auto" and not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be 'auto', True or False, got {overlap!r}")
         self.forward = MoeForward(model, experts_fn=experts_fn, route_backend=route_backend)
         on_cuda = next(model.parameters()).device.type == "cuda"
         if token_budget is None:
@@ -209,6 +237,13 @@ class Engine:
         prefill_buckets = [b for b in DEFAULT_PREFILL_BUCKETS if b <= min(token_budget, max_seq_len)]
         self.prefill_graphs = None if mode is None or not prefill_buckets else PrefillGraphs(
             self.forward, self.cache, prefill_buckets, mode=mode)
+        self.overlap = on_cuda if overlap == "auto" else overlap
+        # Two host buffers (pinned on CUDA, so the copy is asynchronous) and their events: the
+        # step in flight reads back into one while the step launched after it copies into the other.
+        self._host_ids = [torch.zeros(num_slots, dtype=torch.int64, pin_memory=on_cuda) for _ in range(2)]
+        self._copied = [torch.cuda.Event() for _ in range(2)] if on_cuda else [None, None]
+        self._flip = 0
+        self._inflight: _InFlight | None = None
         self._slot_ids: dict[tuple[int, ...], torch.Tensor] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self._sent: dict[int, int] = {}  # characters of text already streamed, per request
@@ -290,13 +325,22 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return self.scheduler.idle
+        """Nothing waits, runs, or is still in flight."""
+        return self.scheduler.idle and self._inflight is None
 
     def step(self) -> list[StreamEvent]:
         """Run one scheduler step; returns what it produced, one event per request that got a
-        token or finished."""
+        token or finished. With overlap, a pure decode step's tokens come with the next call."""
         events, self._pending = self._pending, []
         start = time.perf_counter()
+        if self._inflight is not None:
+            # Launch the next decode step before reading the one in flight, when nothing needs
+            # the scheduler first (no admission, no prompt chunk): the GPU never waits for us.
+            following = self._launch_following(start)
+            events += self._read_back(self._inflight)
+            self._inflight = following
+            if following is not None:
+                return events
         plan = self.scheduler.schedule(self.cache.free_slots)
         for request in plan.admitted:
             self._admit(request, start)
@@ -311,6 +355,9 @@ class Engine:
             got = plan.decode
             slots = self._slots_tensor(tuple(r.slot for r in got))
             new_ids = self.decode_step(slots, greedy_only=all(r.greedy for r in got))
+            if self.overlap:  # read back by the next call, after it launches the step after this one
+                self._inflight = self._in_flight(got, new_ids, start)
+                return events
         else:
             got, new_ids = [], None
         tokens = new_ids.tolist() if got else []  # the one copy to the host per step
@@ -319,6 +366,45 @@ class Engine:
             events.append(self._append(request, token, now))
         self.steps.append(StepStats(start, now, len(plan.decode) + len(plan.prefill),
                                     sum(n for _, _, n in plan.prefill), len(plan.decode), len(self.scheduler.waiting)))
+        return events
+
+    def _launch_following(self, start: float) -> _InFlight | None:
+        """With a decode step in flight, launch the one after it if the schedule is already
+        known: every request in flight that still wants a token after this one decodes again,
+        and no waiting request could take a slot (a request ending by length frees one). None
+        if the next step needs the scheduler (it then runs after the read-back)."""
+        inflight = self._inflight
+        following = [r for r in inflight.requests if not r.finished and len(r.output) + 1 < r.max_new_tokens]
+        if not following or any(r.prefilled < len(r.prompt) for r in self.scheduler.running):
+            return None
+        slot_frees = self.cache.free_slots or len(following) < len(self.scheduler.running)
+        if self.scheduler.waiting and slot_frees and self.scheduler.policy == "continuous":
+            return None
+        slots = self._slots_tensor(tuple(r.slot for r in following))
+        new_ids = self.decode_step(slots, greedy_only=all(r.greedy for r in following))
+        return self._in_flight(following, new_ids, start)
+
+    def _in_flight(self, requests: list[Request], new_ids: torch.Tensor, start: float) -> _InFlight:
+        """Start copying a launched step's new ids to a host buffer (asynchronously on CUDA: the
+        copy is queued behind the step and before the next one, which may overwrite them)."""
+        ids = self._host_ids[self._flip][: len(requests)]
+        ids.copy_(new_ids, non_blocking=True)
+        ready = self._copied[self._flip]
+        if ready is not None:
+            ready.record()
+        self._flip ^= 1
+        return _InFlight(requests, ids, ready, start, len(self.scheduler.waiting))
+
+    def _read_back(self, inflight: _InFlight) -> list[StreamEvent]:
+        """Wait for a step in flight and append its tokens; a request that finished meanwhile
+        (EOS or a stop found one step late, or cancelled) drops its token."""
+        if inflight.ready is not None:
+            inflight.ready.synchronize()
+        tokens = inflight.ids.tolist()
+        now = time.perf_counter()
+        events = [self._append(r, t, now) for r, t in zip(inflight.requests, tokens) if not r.finished]
+        n = len(inflight.requests)
+        self.steps.append(StepStats(inflight.start, now, n, 0, n, inflight.waiting))
         return events
 
     def _prefill(self, plan) -> tuple[list[Request], torch.Tensor]:

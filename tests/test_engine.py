@@ -53,13 +53,15 @@ def code_prompts(tok):
     return [tok(t).input_ids for t in texts]
 
 
-def test_32_mixed_requests_through_3_slots_equal_hf_generate(model, hf, tok):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_32_mixed_requests_through_3_slots_equal_hf_generate(model, hf, tok, overlap):
     rng = random.Random(0)
     prompts = random_prompts(24, 1, 70, seed=1) + code_prompts(tok)
     news = [1, 1, 2] + [rng.randint(1, 24) for _ in range(len(prompts) - 3)]
     rng.shuffle(news)
     # A small budget chunks the longer prompts over several steps, beside running decodes.
-    engine = Engine(model, num_slots=3, max_seq_len=100, token_budget=20)
+    # With overlap, requests ending at EOS are found a step late (their extra token dropped).
+    engine = Engine(model, num_slots=3, max_seq_len=100, token_budget=20, overlap=overlap)
     requests = [engine.submit(p, n) for p, n in zip(prompts, news)]
     finished = engine.run_until_idle()
     assert sorted(r.id for r in finished) == sorted(r.id for r in requests)  # each exactly once
@@ -175,7 +177,8 @@ def test_sample_follows_the_distribution_and_its_cuts():
     assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.02
 
 
-def test_stop_ids_and_stop_strings_end_at_the_right_place(model, tok, hf):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stop_ids_and_stop_strings_end_at_the_right_place(model, tok, hf, overlap):
     prompt = tok("def fib(n):").input_ids
     ref = hf(prompt, 40)
     ref_text = tok.decode(ref)
@@ -184,7 +187,7 @@ def test_stop_ids_and_stop_strings_end_at_the_right_place(model, tok, hf):
     first = ref_text.index(stop)
     # The token that completes the first occurrence of the stop string ends the request.
     end = next(i for i in range(1, len(ref) + 1) if stop in tok.decode(ref[:i]))
-    engine = Engine(model, num_slots=2, max_seq_len=96, tokenizer=tok)
+    engine = Engine(model, num_slots=2, max_seq_len=96, tokenizer=tok, overlap=overlap)
     r = engine.submit(prompt, 40, stop_strings=["never appears", stop])
     s = engine.submit(prompt, 40, stop_ids=[ref[7]])
     streamed = {r.id: "", s.id: ""}
@@ -238,14 +241,16 @@ def test_bad_input_is_rejected_at_submission_without_disturbing_others(model, hf
     assert [r.output for r in good] == [hf(p, 8) for p in prompts]
 
 
-def test_soak_1000_requests_through_3_slots(model, hf):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_soak_1000_requests_through_3_slots(model, hf, overlap):
     """Random lengths and arrival steps: every request finishes exactly once with the tokens
-    HF generate gives for its prompt alone (references computed once per distinct prompt)."""
+    HF generate gives for its prompt alone (references computed once per distinct prompt),
+    with and without overlapped decode steps."""
     rng = random.Random(11)
     pool = random_prompts(40, 1, 12, seed=12)
     max_new = 5
     refs = [hf(p, max_new) for p in pool]
-    engine = Engine(model, num_slots=3, max_seq_len=24, token_budget=8)
+    engine = Engine(model, num_slots=3, max_seq_len=24, token_budget=8, overlap=overlap)
     arrivals = sorted(rng.randrange(1400) for _ in range(1000))
     submitted, step = [], 0
     while len(submitted) < 1000 or not engine.idle:
@@ -262,6 +267,58 @@ def test_soak_1000_requests_through_3_slots(model, hf):
     assert engine.cache.free_slots == [0, 1, 2] and not engine.cache.used_slots and engine.idle
 
 
+def test_overlap_reports_a_decode_step_with_the_next_call_and_launches_it_first(model, hf):
+    """With overlap a pure decode step stays in flight: its tokens come with the next call,
+    which has already launched the step after it; a step that must admit a request reads the
+    step in flight back first."""
+    prompts = random_prompts(3, 3, 20, seed=13)
+    engine = Engine(model, num_slots=2, max_seq_len=64, overlap=True)
+    assert engine.overlap and not Engine(model, num_slots=2, max_seq_len=64).overlap  # auto: off on the CPU
+    a, b = engine.submit(prompts[0], 6, ignore_eos=True), engine.submit(prompts[1], 3, ignore_eos=True)
+    launched = []
+    decode_step = engine.decode_step
+    engine.decode_step = lambda slots, greedy_only=True: launched.append(slots.tolist()) or decode_step(
+        slots, greedy_only)
+    events = engine.step()  # both prompts prefilled: their first tokens, read back at once
+    assert [len(a.output), len(b.output)] == [1, 1] and len(events) == 2 and engine._inflight is None
+    assert engine.step() == [] and launched == [[0, 1]]  # decode 1 in flight, nothing reported yet
+    assert not engine.idle and engine._inflight is not None
+    events = engine.step()  # decode 2 launched (b needs a third token), then decode 1 read back
+    assert launched == [[0, 1], [0, 1]] and [e.request for e in events] == [a, b]
+    assert [len(a.output), len(b.output)] == [2, 2]
+    engine.step()  # b's last token is in flight: a decodes alone next
+    assert launched[-1] == [0] and b.finished and len(a.output) == 3
+    c = engine.submit(prompts[2], 2, ignore_eos=True)  # slot 1 is free: the next call admits c
+    engine.step()  # reads the step in flight back (a's 4th token) before the scheduler admits c;
+    # c's prompt and a's next token then share one forward pass, read back at once
+    assert c.slot == 1 and len(c.output) == 1 and len(a.output) == 5 and engine._inflight is None
+    engine.run_until_idle()
+    assert engine.idle and engine.cache.free_slots == [0, 1]
+    for r, p in zip((a, b, c), prompts):
+        assert r.output == hf(p, r.max_new_tokens, stop_at_eos=False)
+
+
+def test_overlap_cancel_drops_the_token_in_flight(model, hf):
+    prompts = random_prompts(4, 3, 20, seed=14)
+    engine = Engine(model, num_slots=3, max_seq_len=64, overlap=True)
+    requests = [engine.submit(p, 10, ignore_eos=True) for p in prompts]
+    for _ in range(3):  # prefill, decode 1 launched, decode 2 launched and decode 1 read back
+        engine.step()
+    victim = requests[1]
+    assert len(victim.output) == 2 and engine._inflight is not None and victim in engine._inflight.requests
+    assert engine.cancel(victim) and engine.cache.free_slots == [1]
+    events = engine.step()  # the step in flight is read back without the victim's token; slot 1 is reused
+    assert len(victim.output) == 2 and victim.finish_reason == "cancelled"
+    assert [e.finish_reason for e in events if e.request is victim] == ["cancelled"]
+    assert requests[3].slot == 1
+    engine.run_until_idle()
+    for i in (0, 2, 3):
+        assert requests[i].output == hf(prompts[i], 10, stop_at_eos=False)
+    assert engine.cache.free_slots == [0, 1, 2]
+    with pytest.raises(ValueError, match="overlap must be"):
+        Engine(model, num_slots=2, max_seq_len=32, overlap="yes")
+
+
 def test_percentile_matches_numpy_linear():
     values = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]
     assert percentile(values, 50) == 3.5 and percentile(values, 0) == 1.0 and percentile(values, 100) == 10.0
@@ -275,8 +332,8 @@ def test_cuda_engine_matches_cpu_and_its_decode_step_captures_in_a_graph(model):
     prompts = random_prompts(6, 3, 30, seed=8)
     cpu = Engine(model, num_slots=3, max_seq_len=64).generate(prompts, 12)
     cuda_model = copy.deepcopy(model).to("cuda")
-    engine = Engine(cuda_model, num_slots=3, max_seq_len=64)  # CUDA graphs by default on CUDA
-    assert engine.graphs is not None and engine.graphs.captured
+    engine = Engine(cuda_model, num_slots=3, max_seq_len=64)  # CUDA graphs and overlap by default on CUDA
+    assert engine.graphs is not None and engine.graphs.captured and engine.overlap
     assert engine.generate(prompts, 12) == cpu
     # The eager decode step has no host sync either: capture it (a sync would raise), replay it.
     engine = Engine(cuda_model, num_slots=3, max_seq_len=64, cuda_graphs=False)
@@ -350,7 +407,7 @@ def test_prefill_in_chunks_with_offsets_equals_one_prefill(model):
 
 # ------------------------------------------------------------------ decode through graphs
 
-def scripted_run(model, cuda_graphs, graph_buckets=None, cancel_at=4):
+def scripted_run(model, cuda_graphs, graph_buckets=None, cancel_at=4, overlap=False):
     """Seven requests through 5 slots, greedy and seeded-sampled side by side, ignoring EOS;
     request 2 is cancelled after step `cancel_at`, two more arrive at step 6. Returns the
     outputs, the live batch of every pure decode step, whether it was padded (the graphs'
@@ -359,20 +416,23 @@ def scripted_run(model, cuda_graphs, graph_buckets=None, cancel_at=4):
     news = [14, 6, 12, 9, 3, 8, 11]
     sampling = [{}, dict(temperature=0.8, seed=7), dict(temperature=1.1, top_k=30, seed=8), {},
                 dict(temperature=0.6, top_p=0.8, seed=9), dict(temperature=0.9, top_k=5, top_p=0.9, seed=10), {}]
-    engine = Engine(model, num_slots=5, max_seq_len=64, cuda_graphs=cuda_graphs, graph_buckets=graph_buckets)
+    engine = Engine(model, num_slots=5, max_seq_len=64, cuda_graphs=cuda_graphs, graph_buckets=graph_buckets,
+                    overlap=overlap)
     requests = [engine.submit(p, n, ignore_eos=True, **kw) for p, n, kw in zip(prompts[:5], news, sampling)]
     decodes, step = [], 0
     while not engine.idle:
         if step == 6:
             requests += [engine.submit(p, n, ignore_eos=True, **kw)
                          for p, n, kw in zip(prompts[5:], news[5:], sampling[5:])]
+        seen = len(engine.steps)
         engine.step()
         if step == cancel_at:
             assert engine.cancel(requests[2])
-        stats = engine.steps[-1]
-        if stats.decode_tokens and not stats.prefill_tokens:
-            padded = engine.graphs is not None and int(engine.cache.lengths[engine.graphs.scratch_slot]) == 1
-            decodes.append((stats.decode_tokens, padded))
+        for stats in engine.steps[seen:]:  # one per call; with overlap none at a launch, one at a read-back
+            if stats.decode_tokens and not stats.prefill_tokens:
+                # (with overlap: whether the step launched after it was padded)
+                padded = engine.graphs is not None and int(engine.cache.lengths[engine.graphs.scratch_slot]) == 1
+                decodes.append((stats.decode_tokens, padded))
         step += 1
     assert engine.cache.free_slots == [0, 1, 2, 3, 4] and engine.idle
     return [r.output for r in requests], decodes, engine
@@ -399,6 +459,20 @@ def test_static_graph_steps_equal_eager_with_padded_batches_and_a_cancel(model):
     gone = weakref.ref(engine)
     del engine, graphs
     assert gone() is None  # the graphs' sampler holds no reference cycle back to the Engine
+
+
+def same_except_cancelled(got, reference):
+    """scripted_run's outputs against a run without overlap: equal, but for request 2, cancelled
+    after the same step: with overlap its token then in flight is dropped, so it stops one short."""
+    assert [o for i, o in enumerate(got) if i != 2] == [o for i, o in enumerate(reference) if i != 2]
+    assert got[2] == reference[2][: len(got[2])] and len(got[2]) >= len(reference[2]) - 1
+
+
+def test_static_graph_steps_with_overlap_equal_eager(model):
+    eager = scripted_run(model, cuda_graphs=False)[0]
+    got, decodes, engine = scripted_run(model, cuda_graphs="static", overlap=True)
+    same_except_cancelled(got, eager)
+    assert len(got[2]) == 4 and engine.overlap and any(p for _, p in decodes)
 
 
 def test_static_graph_steps_with_one_big_bucket_pad_every_batch(model):
@@ -457,15 +531,22 @@ def cuda_model(model):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("graph_buckets", [None, (8,)])
-def test_gpu_graph_engine_equals_eager_engine(cuda_model, graph_buckets):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_gpu_graph_engine_equals_eager_engine(cuda_model, graph_buckets, overlap):
     """Replayed CUDA graphs (padded buckets, a cancel mid-run, greedy and seeded sampling)
-    give the eager Engine's tokens on the trained fp32 tiny."""
-    eager, eager_decodes, _ = scripted_run(cuda_model, cuda_graphs=False)
-    got, decodes, engine = scripted_run(cuda_model, cuda_graphs=True, graph_buckets=graph_buckets)
+    give the eager Engine's tokens on the trained fp32 tiny, with and without overlap (which
+    is on by default on CUDA)."""
+    eager, eager_decodes, _ = scripted_run(cuda_model, cuda_graphs=False, overlap=False)
+    got, decodes, engine = scripted_run(cuda_model, cuda_graphs=True, graph_buckets=graph_buckets,
+                                        overlap=overlap)
     assert engine.graphs.captured and engine.graphs.mode == "graph"
     assert sorted(engine.graphs.capture_seconds) == engine.graphs.buckets
-    assert got == eager
-    assert [n for n, _ in decodes] == [n for n, _ in eager_decodes] and any(p for _, p in decodes)
+    if overlap:
+        same_except_cancelled(got, eager)
+        assert any(p for _, p in decodes)
+    else:
+        assert got == eager
+        assert [n for n, _ in decodes] == [n for n, _ in eager_decodes] and any(p for _, p in decodes)
 
 
 @pytest.mark.gpu
@@ -473,8 +554,8 @@ def test_gpu_graph_engine_bf16_is_close_to_eager():
     """bf16 (the trained tiny cast): a padded bucket may round a logit differently from the
     eager batch, so a near tie may flip; nearly every token must still agree."""
     model = moelab.load("tiny", device="cuda", dtype=torch.bfloat16)[0]
-    eager = scripted_run(model, cuda_graphs=False)[0]
-    got, decodes, engine = scripted_run(model, cuda_graphs=True)
+    eager = scripted_run(model, cuda_graphs=False, overlap=False)[0]
+    got, decodes, engine = scripted_run(model, cuda_graphs=True, overlap=False)
     assert engine.graphs.captured and any(p for _, p in decodes)
     prefix = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(got, eager)]
     assert [len(x) for x in got] == [len(y) for y in eager]
