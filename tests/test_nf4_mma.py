@@ -236,29 +236,6 @@ def test_gpu_dense_linear_matches_dequantize_then_matmul(tokens, nb, warps, spli
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [33, 64])
-def test_gpu_dense_linear_dequantized_from_matches_the_tile(tokens, monkeypatch):
-    """From `nf4_mma.LINEAR_DEQUANT_FROM` tokens `linear` dequantizes and runs cuBLAS: the same
-    results as the tile (bias, gated, a shared expert's down added into `add`) within bf16 noise."""
-    from moelab.quant import quantize_nf4
-
-    gen = torch.Generator().manual_seed(tokens)
-    w = quantize_nf4((torch.randn(1, 320, 448, generator=gen) * 0.02).to("cuda", torch.bfloat16), backend="torch")
-    x = torch.randn(tokens, 448, generator=gen).to("cuda", torch.bfloat16)
-    bias = torch.randn(320, generator=gen).to("cuda", torch.bfloat16)
-    logits = torch.randn(tokens, 1, generator=gen).to("cuda", torch.bfloat16)
-    routed = torch.randn(tokens, 320, generator=gen).to("cuda", torch.bfloat16)
-    runs = []
-    for start in (65, tokens):
-        monkeypatch.setattr(nf4_mma, "LINEAR_DEQUANT_FROM", start)
-        runs.append([nf4_mma.linear(x, w, bias), nf4_mma.linear(x, w, gated=True),
-                     nf4_mma.linear(x, w, shared_gate=logits, add=routed.clone())])
-    for tile, dequantized in zip(*runs):
-        assert not torch.equal(tile, dequantized)  # the two paths ran (they round differently)
-        assert float((tile.float() - dequantized.float()).norm() / dequantized.float().norm()) < 8e-3
-
-
-@pytest.mark.gpu
 def test_gpu_nf4_model_on_the_mma_linears_matches_the_dequantized_path(monkeypatch):
     """A whole NF4 prefill of 5, 13 and 40 tokens and a batch-6 decode step (q/k/v joint, the shared
     expert behind the routed experts, o_proj: `moelab.kernels.nf4_mma.linear`) give the logits of

@@ -62,13 +62,6 @@ WARPS = 4  # warps per program: 4 tiles of 16 rows, one shared-memory table
 # SM) NF4 prefills of 16 / 32 / 48 / 64 tokens went from 6.36 / 6.98 / 8.13 / 8.60 to 4.67 / 5.54 / 7.30 /
 # 8.69 ms and the decode step at batch 16 / 64 from 10.45 / 24.04 to 6.45 / 10.08 ms. Its first version, without split-K, was slower.
 LINEAR_MAX_TOKENS = int(os.environ.get("MOELAB_NF4_MMA_LINEAR_MAX_TOKENS", "64"))
-# From this many tokens `linear` dequantizes the weight (one kernel) and multiplies with cuBLAS instead
-# of running the tile: in a probe of each dense linear alone on an H200 (nf4_nb4_probe_2026-12-07_h200.json,
-# codes from HBM) that was faster at 48 and 64 tokens for all four (at 64: the shared gate/up 45.6 against
-# 57.5 us, q/k/v 25.5 against 27.7, o_proj 13.0 against 15.4, shared down 27.0 against 29.5) and slower
-# at 24-32. Not yet timed in whole steps: off (LINEAR_MAX_TOKENS + 1) until
-# benchmarks/tuning/nf4_dequant_from_ab.py says where it pays; MOELAB_NF4_DEQUANT_FROM=48 turns it on.
-LINEAR_DEQUANT_FROM = int(os.environ.get("MOELAB_NF4_DEQUANT_FROM", str(LINEAR_MAX_TOKENS + 1)))
 SPLIT_PROGRAMS_PER_SM = 4  # see linear_splits
 # Split K only below this many programs per SM (linear_splits). Of 1, 2 and 4, alternating on one H100
 # (nf4_linear_split_ab_2026-12-07_h100.json), 2 was never more than 0.3 ms from the best prefill: 1 left
@@ -510,8 +503,6 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, gated: bool 
     if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 8 or x.data_ptr() % 8:
         x = x.clone(memory_format=torch.contiguous_format)  # lanes read x rows as 8-byte words
     num_tokens = x.shape[0]
-    if num_tokens >= LINEAR_DEQUANT_FROM and nb is None and splits is None:
-        return _dequantized_linear(x, w, bias, gated, shared_gate, add)
     out = add if add is not None else torch.empty(num_tokens, n_out, dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return out
@@ -538,18 +529,3 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, gated: bool 
             out.stride(0), gate.stride(0), out.stride(0), GATED=gated, HAS_BIAS=bias is not None,
             SHARED=shared_gate is not None, BLOCK=block, num_warps=4)
     return out
-
-
-def _dequantized_linear(x, w, bias, gated, shared_gate, add):
-    """`linear`'s results by dequantize-then-cuBLAS (LINEAR_DEQUANT_FROM tokens and up): the weight
-    dequantized into a bf16 copy by one kernel, one GEMM, the epilogue in PyTorch ops rounded as
-    transformers rounds it (SiLU(gate) * up; or add + sigmoid(gate logit) * result, into add)."""
-    from .experts import nf4_to_dense
-
-    y = torch.nn.functional.linear(x, nf4_to_dense(w)[0].to(x.dtype), bias)
-    if gated:
-        gate, up = y.chunk(2, dim=-1)
-        return torch.nn.functional.silu(gate) * up
-    if add is not None:
-        return add.add_(torch.sigmoid(shared_gate) * y)
-    return y
