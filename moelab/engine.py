@@ -121,7 +121,7 @@ DEFAULT_TOKEN_BUDGET = {"cpu": 256, "cuda": 2048}
 class _InFlight:
     """A decode step launched and not yet read back (overlap): who it decodes, the host buffer
     its new ids are being copied to, the event that says the copy is done (None on the CPU),
-    and when it was launched."""
+    when it was launched and how many requests were waiting then (for its `StepStats`)."""
 
     requests: list[Request]
     ids: torch.Tensor
@@ -372,10 +372,11 @@ class Engine:
         """With a decode step in flight, launch the one after it if the schedule is already
         known: every request in flight that still wants a token after this one decodes again,
         and no waiting request could take a slot (a request ending by length frees one). None
-        if the next step needs the scheduler (it then runs after the read-back)."""
-        inflight = self._inflight
-        following = [r for r in inflight.requests if not r.finished and len(r.output) + 1 < r.max_new_tokens]
-        if not following or any(r.prefilled < len(r.prompt) for r in self.scheduler.running):
+        if the next step needs the scheduler (it then runs after the read-back). No running
+        request is mid-prompt here: a step goes in flight only when its plan has no prompt
+        chunk, and none is admitted until the scheduler runs again."""
+        following = [r for r in self._inflight.requests if not r.finished and len(r.output) + 1 < r.max_new_tokens]
+        if not following:
             return None
         slot_frees = self.cache.free_slots or len(following) < len(self.scheduler.running)
         if self.scheduler.waiting and slot_frees and self.scheduler.policy == "continuous":
