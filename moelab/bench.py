@@ -1155,7 +1155,10 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=DEFAULT_S
 
     Checks (in `result["checks"]`): at fp32 every system's greedy tokens must be identical;
     at every precision the teacher-forced logits of moelab's forward and transformers' agree
-    within LOGITS_TOLERANCE. With `repeats` > 1 each run is repeated, keeping the fastest.
+    within LOGITS_TOLERANCE. With `repeats` > 1 each run is repeated, keeping the fastest; the
+    moelab systems of a precision then run round by round in alternating order (A B, then B A,
+    each round on a fresh Engine), because the first Engine served after a model build ran
+    2-3 % slower on an H100 whatever it was (notebook 08, section 14).
 
     max_seq_len: the KV-cache row length of moelab's Engine (default: just enough for the
     workload; the GPU runs use 2048, like the decode benchmark). compile_time_cap: seconds all
@@ -1244,7 +1247,11 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=DEFAULT_S
             attention = model.config._attn_implementation  # HF's continuous batching may leave it "paged|..."
             capped = None  # why hf_compiled's remaining rows are skipped (a run went past compile_time_cap)
             compile_deadline = None
-            for system, conc, experts_impl in group:
+            if for_hf:
+                schedule = [(run_spec, r) for run_spec in group for r in range(repeats)]
+            else:  # round by round in alternating order (A B, B A, ...): no Engine always runs first after the build
+                schedule = [(run_spec, r) for r in range(repeats) for run_spec in (group if r % 2 == 0 else group[::-1])]
+            for (system, conc, experts_impl), repeat in schedule:
                 label = f"{system} {precision} c{conc}" + (f" {experts_impl}" if system == "hf_serial" else "")
                 key = (system, precision, experts_impl, conc)
                 if system.startswith("hf_"):
@@ -1252,8 +1259,9 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=DEFAULT_S
                 if system != "hf_compiled":
                     _drop_compiled(model)  # its CUDA graph pool would count in the next rows' peak memory
                 if system == "hf_compiled" and capped:
-                    rows[key] = _error_row(system, precision, experts_impl, conc, f"skipped: {capped}")
-                    bar.note(f"{label:<40} SKIPPED: {capped}"[:200])
+                    if key not in rows:
+                        rows[key] = _error_row(system, precision, experts_impl, conc, f"skipped: {capped}")
+                        bar.note(f"{label:<40} SKIPPED: {capped}"[:200])
                     bar.advance(label)
                     continue
                 work = serial_wl if system.startswith("hf_") and conc == 1 else wl
@@ -1264,7 +1272,7 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=DEFAULT_S
                                                             cache_implementation="static")
                 elif system == "hf_continuous":
                     run = lambda w, c=conc: _run_hf_continuous(model, w, c)  # noqa: E731
-                else:
+                else:  # a fresh Engine each round, so the alternating order holds
                     engine = run = None  # the previous Engine's cache and graphs go before the next is built
                     _free_memory(on_cuda)
                     try:
@@ -1272,67 +1280,66 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=DEFAULT_S
                                         policy=system.removeprefix("moelab_").removesuffix("_sync"),
                                         experts_fn=experts_fn, overlap=False if system.endswith("_sync") else "auto")
                     except Exception as err:  # noqa: BLE001  (e.g. out of memory for the cache: an error row)
-                        rows[key] = _error_row(system, precision, experts_impl, conc, f"{type(err).__name__}: {err}")
-                        bar.note(f"{label:<40} FAILED: {type(err).__name__}: {err}"[:200])
-                        bar.advance(label)
-                        continue
-                    run = lambda w, e=engine: _run_moelab(e, w)  # noqa: E731
-                for repeat in range(repeats):
-                    try:
-                        # Warm-up: HF's manager is sized, and hf_compiled compiled, by the real workload.
-                        if system == "hf_compiled" and compile_time_cap:
-                            if compile_deadline is None:  # one budget for all of this precision's hf_compiled runs
-                                compile_deadline = time.perf_counter() + compile_time_cap
-                            _time_cap_start(compile_deadline - time.perf_counter(), label)
-                        run(work if system in ("hf_continuous", "hf_compiled") else warm)
-                        if system.startswith("moelab_") and conc > warm["num_requests"]:
-                            run(warm_workload(work, conc))  # the timed run's batch sizes, compiled first
-                        sync()
-                        if on_cuda:
-                            torch.cuda.reset_peak_memory_stats()
-                        cpu_start = time.process_time()
-                        start, records = run(work)
-                        sync()
-                        cpu_seconds = time.process_time() - cpu_start
-                        _time_cap_stop()
-                        if _CAP["fired"]:  # went off, but something caught it and the run went on
-                            raise CompileTimeCap(_CAP["fired"])
-                    except Exception as err:  # noqa: BLE001  (a system that does not run here is a row, not a crash)
-                        _time_cap_stop()
-                        if _CAP["fired"]:  # the next concurrencies would compile again: skip them
-                            err = CompileTimeCap(_CAP["fired"])
-                            capped = f"an earlier hf_compiled {precision} run went past the cap"
-                            _CAP["fired"] = None
-                            _drop_compiled(model)
                         rows.setdefault(key, _error_row(system, precision, experts_impl, conc, f"{type(err).__name__}: {err}"))
                         bar.note(f"{label:<40} FAILED: {type(err).__name__}: {err}"[:200])
                         bar.advance(label)
                         continue
-                    finally:
-                        _time_cap_stop()
-                        if system == "hf_continuous":
-                            model.destroy_cached_continuous_batching_manager()
-                            if model.config._attn_implementation != attention:
-                                model.set_attn_implementation(attention)
-                    seconds = max(t[-1] for _, t, _ in records) - start
-                    row = {"system": system, "precision": precision, "experts_impl": experts_impl,
-                           "concurrency": conc, "num_requests": work["num_requests"], **serve_metrics(records, seconds),
-                           "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if on_cuda else None,
-                           "weights_gb": weights_gb, "roofline_fraction": None,
-                           "cpu_seconds": round(cpu_seconds, 3),
-                           "tokens_per_cpu_s": round(sum(len(t) for _, t, _ in records) / cpu_seconds, 1)}
-                    if system == "hf_compiled":
-                        # whether HF's generate did compile the model (on CUDA, with a static cache)
-                        row["compiled"] = hasattr(model, "_compiled_call")
-                    if bandwidth is not None:
-                        bound = conc * bandwidth * 1e9 / decode_weight_bytes(model, conc)["bytes"]
-                        row["roofline_fraction"] = round(row["tokens_per_s"] / bound, 4)
-                    if key not in rows or row["tokens_per_s"] > rows[key].get("tokens_per_s", -1):
-                        rows[key] = row
-                    tokens[label] = [t for _, _, t in records]
-                    bar.note(f"{label:<40} {row['tokens_per_s']:9.1f} tokens/s  TTFT p50 {row['ttft_p50_ms']} ms  "
-                             f"ITL p50 {row['itl_p50_ms']} ms")
+                    run = lambda w, e=engine: _run_moelab(e, w)  # noqa: E731
+                try:
+                    # Warm-up: HF's manager is sized, and hf_compiled compiled, by the real workload.
+                    if system == "hf_compiled" and compile_time_cap:
+                        if compile_deadline is None:  # one budget for all of this precision's hf_compiled runs
+                            compile_deadline = time.perf_counter() + compile_time_cap
+                        _time_cap_start(compile_deadline - time.perf_counter(), label)
+                    run(work if system in ("hf_continuous", "hf_compiled") else warm)
+                    if system.startswith("moelab_") and conc > warm["num_requests"]:
+                        run(warm_workload(work, conc))  # the timed run's batch sizes, compiled first
+                    sync()
+                    if on_cuda:
+                        torch.cuda.reset_peak_memory_stats()
+                    cpu_start = time.process_time()
+                    start, records = run(work)
+                    sync()
+                    cpu_seconds = time.process_time() - cpu_start
+                    _time_cap_stop()
+                    if _CAP["fired"]:  # went off, but something caught it and the run went on
+                        raise CompileTimeCap(_CAP["fired"])
+                except Exception as err:  # noqa: BLE001  (a system that does not run here is a row, not a crash)
+                    _time_cap_stop()
+                    if _CAP["fired"]:  # the next concurrencies would compile again: skip them
+                        err = CompileTimeCap(_CAP["fired"])
+                        capped = f"an earlier hf_compiled {precision} run went past the cap"
+                        _CAP["fired"] = None
+                        _drop_compiled(model)
+                    rows.setdefault(key, _error_row(system, precision, experts_impl, conc, f"{type(err).__name__}: {err}"))
+                    bar.note(f"{label:<40} FAILED: {type(err).__name__}: {err}"[:200])
                     bar.advance(label)
+                    continue
+                finally:
+                    _time_cap_stop()
+                    if system == "hf_continuous":
+                        model.destroy_cached_continuous_batching_manager()
+                        if model.config._attn_implementation != attention:
+                            model.set_attn_implementation(attention)
+                seconds = max(t[-1] for _, t, _ in records) - start
+                row = {"system": system, "precision": precision, "experts_impl": experts_impl,
+                       "concurrency": conc, "num_requests": work["num_requests"], **serve_metrics(records, seconds),
+                       "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if on_cuda else None,
+                       "weights_gb": weights_gb, "roofline_fraction": None,
+                       "cpu_seconds": round(cpu_seconds, 3),
+                       "tokens_per_cpu_s": round(sum(len(t) for _, t, _ in records) / cpu_seconds, 1)}
+                if system == "hf_compiled":
+                    # whether HF's generate did compile the model (on CUDA, with a static cache)
+                    row["compiled"] = hasattr(model, "_compiled_call")
+                if bandwidth is not None:
+                    bound = conc * bandwidth * 1e9 / decode_weight_bytes(model, conc)["bytes"]
+                    row["roofline_fraction"] = round(row["tokens_per_s"] / bound, 4)
+                if key not in rows or row["tokens_per_s"] > rows[key].get("tokens_per_s", -1):
+                    rows[key] = row
+                tokens[label] = [t for _, _, t in records]
+                bar.note(f"{label:<40} {row['tokens_per_s']:9.1f} tokens/s  TTFT p50 {row['ttft_p50_ms']} ms  "
+                         f"ITL p50 {row['itl_p50_ms']} ms")
+                bar.advance(label)
             if shared is not None or not for_hf:
                 # moelab's forward vs transformers' forward of the very same model (at NF4:
                 # moelab's NF4 model, whose experts are a drop-in transformers runs too): its

@@ -1,9 +1,12 @@
+import copy
+
 import pytest
 import torch
 from transformers import Qwen2MoeConfig
 from transformers.models.qwen2_moe import modeling_qwen2_moe as hf
 
 import moelab
+import moelab.model as model_module
 from moelab.kv_cache import KVCache
 from moelab.model import (DENSE_MAX_TOKENS, MoeForward, apply_rope, apply_rope_tables, experts_forward,
                           rms_norm, rope_tables)
@@ -232,6 +235,37 @@ def test_an_expert_repeated_in_a_tokens_top_k_counts_twice(model, num_tokens):
         ref = torch.stack([sum(weights[t, k] * one(int(ids[t, k]), t) for k in range(4)) for t in range(num_tokens)])
         got = experts_forward(x, weights, ids, experts)
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 3, 8, 37, DENSE_MAX_TOKENS + 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_experts_paths_agree_with_the_per_pair_sum(model, num_tokens, dtype):
+    """The CPU's grouped GEMM, the dense path and the expert loop: each equals the sum over
+    (token, k) of weight * expert(token), with ids that leave experts empty, give one expert
+    most pairs and repeat an id within a token's top-k."""
+    g = torch.Generator().manual_seed(100 + num_tokens)
+    experts = model.model.layers[3].mlp.experts
+    x = torch.randn(num_tokens, model.config.hidden_size, generator=g)
+    ids = torch.randint(0, 5, (num_tokens, 4), generator=g, dtype=torch.int32)  # experts 5..15 get nothing
+    ids[:, 3] = 2  # expert 2 in every token's top-k
+    ids[0, 1] = ids[0, 0]
+    weights = torch.rand(num_tokens, 4, generator=g)
+
+    def one(e, t):
+        gate, up = (experts.gate_up_proj[e].double() @ x[t].double()).chunk(2)
+        return experts.down_proj[e].double() @ (torch.nn.functional.silu(gate) * up)
+
+    ref = torch.stack([sum(weights[t, k].double() * one(int(ids[t, k]), t) for k in range(4))
+                       for t in range(num_tokens)])
+    xd, wd = x.to(dtype), weights.to(dtype)
+    lowered = copy.deepcopy(experts).to(dtype)  # the model's own stay float32
+    with torch.no_grad():
+        for path in (model_module._experts_grouped_mm, model_module._experts_dense, model_module._experts_grouped):
+            got = path(xd, wd, ids, lowered).double()
+            tol = 1e-5 if dtype == torch.float32 else 3e-2 * ref.abs().max().item()
+            torch.testing.assert_close(got, ref, rtol=0, atol=tol, msg=f"{path.__name__} {dtype}")
+    assert model_module._has_grouped_mm(xd)
+    assert not model_module._has_grouped_mm(x.double())  # float64 takes the dense path / the loop
 
 
 def test_rope_tables_equal_apply_rope_bit_for_bit():
