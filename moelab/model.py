@@ -30,11 +30,12 @@ from .models import check_supported
 from .quant import NF4Experts, NF4Tensor, dequantize_nf4
 from .routing import route
 
-# Where `experts_torch` has no grouped GEMM (`torch._grouped_mm`: on CUDA, and for float64),
-# up to this many tokens it runs every expert on every token (device-only, fixed shapes: a
-# decode batch of up to 64 slots); longer inputs (prefill) are sorted by expert and looped.
-# 64 is where those two crossed for `tiny` on a CPU core (0.2 vs 0.3 ms at 1 token, 1.4 vs
-# 1.5 ms at 64, 5.1 vs 1.8 ms at 128), before the CPU took the grouped GEMM.
+# Where `experts_torch` does not take the grouped GEMM (`torch._grouped_mm`; CUDA, float64, several
+# CPU threads: `_grouped_mm_wins`), up to this many tokens it runs every expert on every token
+# (device-only, fixed shapes: a decode batch of up to 64 slots); longer inputs (prefill) are sorted
+# by expert, through the grouped GEMM on the CPU, else in a loop. 64 is where the dense path and
+# the loop crossed for `tiny` on a CPU core (0.2 vs 0.3 ms at 1 token, 1.4 vs 1.5 ms at 64, 5.1 vs
+# 1.8 ms at 128).
 DENSE_MAX_TOKENS = 64
 
 # projections="auto" runs the fused projections (moelab.fuse) on CUDA up to this many tokens per
@@ -148,10 +149,12 @@ def _experts_grouped(hidden, weights, ids, experts):
 def _experts_grouped_mm(hidden, weights, ids, experts):
     """Sorted by expert as in `_experts_grouped`, but each projection of all experts is one
     `torch._grouped_mm` call over the sorted rows (`ends[e]`: where expert e's rows end). Only
-    the routed FLOPs, no Python loop over experts, no host sync: moelab's CPU path at every
-    token count. A whole `tiny` step on one CPU core, against the dense path below 64 tokens
-    and the loop above: decode of 1 / 8 / 64 slots 2.40 / 4.02 / 10.28 ms against
-    3.13 / 4.31 / 12.81, a 48-token prefill 6.61 against 8.09 (notebook 07)."""
+    the routed FLOPs, no Python loop over experts, no host sync. A whole `tiny` step on one CPU
+    thread, against the dense path up to 64 tokens and the loop above: decode of 1 / 8 / 64 slots
+    2.40 / 4.02 / 10.28 ms against 3.13 / 4.31 / 12.81, a 48-token prefill 6.61 against 8.09.
+    PyTorch's CPU grouped GEMM is one small product per expert, each on one thread, while the
+    dense path's three big GEMMs spread over threads: on two threads the dense path was ~10 %
+    faster at 8-32 tokens, so with several threads `experts_torch` keeps it up to 64."""
     num_tokens, top_k = ids.shape
     flat = ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
@@ -164,11 +167,17 @@ def _experts_grouped_mm(hidden, weights, ids, experts):
 
 
 def _has_grouped_mm(hidden: torch.Tensor) -> bool:
-    """Whether `_experts_grouped_mm` runs here: PyTorch's CPU grouped GEMM (torch >= 2.9; before
+    """Whether `_experts_grouped_mm` can run here: PyTorch's CPU grouped GEMM (torch >= 2.9; before
     2.11 it also wanted 16-byte aligned tensors, which moelab's floor of 2.11 makes moot) takes
     float32, bfloat16 and float16. CUDA keeps the dense path: fixed shapes a graph can capture."""
     return (hidden.device.type == "cpu" and hasattr(torch, "_grouped_mm")
             and hidden.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+def _grouped_mm_wins(hidden: torch.Tensor) -> bool:
+    """Where `experts_torch` takes the grouped GEMM: on one CPU thread at every token count, with
+    more threads only above DENSE_MAX_TOKENS (see `_experts_grouped_mm`)."""
+    return _has_grouped_mm(hidden) and (torch.get_num_threads() == 1 or hidden.shape[0] > DENSE_MAX_TOKENS)
 
 
 def experts_forward(hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layer_experts,
@@ -201,14 +210,15 @@ def experts_torch(hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
     hidden [T, H]; weights [T, K] and ids int [T, K] from `moelab.route` (MoeForward rounds the
     weights to the hidden dtype first, as transformers does); layer_experts is transformers'
     `Qwen2MoeExperts` (fused `gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`). On the CPU it
-    runs grouped by expert through PyTorch's grouped GEMM; elsewhere (and for float64) up to
-    DENSE_MAX_TOKENS tokens dense (no host sync), above that grouped by expert in a loop.
+    runs grouped by expert through PyTorch's grouped GEMM (with several threads only above
+    DENSE_MAX_TOKENS tokens: `_experts_grouped_mm`); otherwise up to DENSE_MAX_TOKENS tokens
+    dense (no host sync), above that grouped by expert in a loop (CUDA, float64).
     moelab's NF4 experts (`moelab.quant.NF4Experts`, notebook 04) run their own forward.
     This is the seam a fused kernel (bf16 or NF4) replaces, with the same signature.
     """
     if isinstance(layer_experts, NF4Experts):
         return layer_experts(hidden, ids, weights)
-    if _has_grouped_mm(hidden) and ids.numel():
+    if _grouped_mm_wins(hidden) and ids.numel():
         return _experts_grouped_mm(hidden, weights, ids, layer_experts)
     if hidden.shape[0] <= DENSE_MAX_TOKENS:
         return _experts_dense(hidden, weights, ids, layer_experts)

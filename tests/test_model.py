@@ -268,6 +268,19 @@ def test_cpu_experts_paths_agree_with_the_per_pair_sum(model, num_tokens, dtype)
     assert not model_module._has_grouped_mm(x.double())  # float64 takes the dense path / the loop
 
 
+def test_experts_torch_takes_the_grouped_gemm_on_one_thread_or_above_the_dense_limit():
+    small, large = torch.zeros(8, 16), torch.zeros(DENSE_MAX_TOKENS + 1, 16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert model_module._grouped_mm_wins(small) and model_module._grouped_mm_wins(large)
+        torch.set_num_threads(2)  # the dense path's big GEMMs spread over threads; the grouped GEMM's do not
+        assert not model_module._grouped_mm_wins(small) and model_module._grouped_mm_wins(large)
+        assert not model_module._grouped_mm_wins(large.double())
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_rope_tables_equal_apply_rope_bit_for_bit():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(5, 6, 32, generator=g)

@@ -8,12 +8,12 @@ every other op. Those products are the step's arithmetic: if every other op cost
 step would still take the products' time, so step_ms / products_ms bounds what trimming moelab's
 other ops (Python, views, small kernels) can buy.
 
-Part of the products is the dense expert path's (`moelab.model.DENSE_MAX_TOKENS`): every expert
-on every token, 4x the routed FLOPs at top-4 of 16. The probe also records how many of the 16
-experts one step's 8 tokens touch per layer (`experts_touched_per_layer`, from the routing ids of
-one step) and the products' rate (`products_gflops`, the profiler's FLOP count of mm / bmm / addmm
-over their time): a grouped path would read every touched expert's weights all the same, and pay
-a Python loop of ~6 ops an expert (slower at these sizes: model.py's comment on DENSE_MAX_TOKENS).
+The routed experts run through `torch._grouped_mm` on the CPU (`moelab.model._experts_grouped_mm`,
+since the twenty-first session; before, a dense path ran all 16 experts on every token, 4x the routed
+FLOPs at top-4 of 16). PyTorch's CPU grouped GEMM is a C++ loop of one `aten::mm` per touched expert,
+so those count among the products. The probe also records how many of the 16 experts one step's 8
+tokens touch per layer (`experts_touched_per_layer`, from the routing ids of one step) and the
+products' rate (`products_gflops`, the profiler's FLOP count of mm / bmm / addmm over their time).
 
     python benchmarks/tuning/cpu_step_breakdown.py   # writes $OUT/cpu_step_breakdown.json (default /tmp)
 """
