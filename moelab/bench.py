@@ -2060,7 +2060,8 @@ def main(argv=None) -> int:
                        help="time for all hf_compiled runs of one precision (compilation included); the run "
                             "past it is stopped (an error row), later ones skipped (default: no cap)")
     serve.add_argument("--threads", type=int, default=1, help="CPU threads for every system (default 1)")
-    serve.add_argument("--repeats", type=int, default=1, help="run each N times, keep the fastest")
+    serve.add_argument("--repeats", type=int, default=1,
+                       help="run each N times, keep the fastest (moelab systems: round by round, order alternating)")
     serve.add_argument("--no-progress", action="store_true", help="no progress bar (one line per run instead)")
     serve.add_argument("--json", type=Path, default=None, help="where to write the JSON (default: benchmarks/results/)")
     serve.add_argument("--merge", type=Path, default=None,
