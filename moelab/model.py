@@ -150,12 +150,13 @@ def _experts_grouped_mm(hidden, weights, ids, experts):
     """Sorted by expert as in `_experts_grouped`, but each projection of all experts is one
     `torch._grouped_mm` call over the sorted rows (`ends[e]`: where expert e's rows end). Only
     the routed FLOPs, no Python loop over experts, no host sync. A whole `tiny` step on one CPU
-    thread, against the dense path up to 64 tokens and the loop above: decode of 1 / 8 / 64 slots
-    2.40 / 4.02 / 10.28 ms against 3.13 / 4.31 / 12.81, a 48-token prefill 6.61 against 8.09.
-    PyTorch's CPU grouped GEMM is one small product per expert, each on one thread, while the
+    thread, against the dense path up to 64 tokens and the loop above (one run of alternating
+    rounds): decode of 1 / 8 / 64 slots 2.40 / 4.02 / 10.28 ms against 3.13 / 4.31 / 12.81, a
+    48-token prefill 6.61 against 8.09; other runs at 1-8 slots read from a tie to ~25 % (notebook
+    06: the step reads cold weights, and the dense path reads every expert's). PyTorch's CPU grouped GEMM is one small product per expert, each on one thread, while the
     dense path's three big GEMMs spread over threads: on two threads the dense path was ~10 %
     faster at 8-32 tokens, so with several threads `experts_torch` keeps it up to 64."""
-    num_tokens, top_k = ids.shape
+    top_k = ids.shape[1]
     flat = ids.reshape(-1).long()
     order = torch.argsort(flat, stable=True)
     ends = torch.bincount(flat, minlength=experts.num_experts).cumsum(0).to(torch.int32)
