@@ -1155,7 +1155,8 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=DEFAULT_S
 
     Checks (in `result["checks"]`): at fp32 every system's greedy tokens must be identical;
     at every precision the teacher-forced logits of moelab's forward and transformers' agree
-    within LOGITS_TOLERANCE. With `repeats` > 1 each run is repeated, keeping the fastest; the
+    within LOGITS_TOLERANCE. With `repeats` > 1 each run is repeated, keeping the fastest (every
+    run's tokens/s in the row's `tokens_per_s_runs`); the
     moelab systems of a precision then run round by round in alternating order (A B, then B A,
     each round on a fresh Engine), because the first Engine served after a model build ran
     2-3 % slower on an H100 whatever it was (notebook 08, section 14).
@@ -1215,6 +1216,7 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=DEFAULT_S
     plan = {p: runs_for(p) for p in precisions}
     bar = _ProgressBar(repeats * sum(len(v) for v in plan.values()), progress_bar)
     rows, checks, pad_id = {}, {}, 0
+    every_run = {}  # key -> tokens/s of each repeat, in the order run (the row keeps the fastest)
 
     def build(precision, for_hf):
         dtype = _dtype_of(precision, on_cuda)
@@ -1334,6 +1336,7 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=DEFAULT_S
                 if bandwidth is not None:
                     bound = conc * bandwidth * 1e9 / decode_weight_bytes(model, conc)["bytes"]
                     row["roofline_fraction"] = round(row["tokens_per_s"] / bound, 4)
+                every_run.setdefault(key, []).append(row["tokens_per_s"])
                 if key not in rows or row["tokens_per_s"] > rows[key].get("tokens_per_s", -1):
                     rows[key] = row
                 tokens[label] = [t for _, _, t in records]
@@ -1360,6 +1363,8 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=DEFAULT_S
         del shared
         _free_memory(on_cuda)
     bar.close()
+    for key, runs in every_run.items():  # every repeat's figure beside the fastest: medians, spread
+        rows[key]["tokens_per_s_runs"] = runs
     required = [c for name, c in checks.items() if name.startswith("logits_") or c.get("required")]
     workload = {k: v for k, v in wl.items() if k not in ("prompts", "outputs", "arrivals")}
     workload.update(model=model_name, random_weights=random_weights or model_name != "tiny", device=device,
