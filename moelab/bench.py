@@ -1156,10 +1156,10 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=DEFAULT_S
     Checks (in `result["checks"]`): at fp32 every system's greedy tokens must be identical;
     at every precision the teacher-forced logits of moelab's forward and transformers' agree
     within LOGITS_TOLERANCE. With `repeats` > 1 each run is repeated, keeping the fastest (every
-    run's tokens/s in the row's `tokens_per_s_runs`); the
-    moelab systems of a precision then run round by round in alternating order (A B, then B A,
-    each round on a fresh Engine), because the first Engine served after a model build ran
-    2-3 % slower on an H100 whatever it was (notebook 08, section 14).
+    run's tokens/s in the row's `tokens_per_s_runs`); the moelab systems of a precision then run
+    round by round in alternating order (A B, then B A, each round on a fresh Engine), because
+    the first Engine served after a model build ran 2-3 % slower on an H100 whatever it was
+    (notebook 08, section 14).
 
     max_seq_len: the KV-cache row length of moelab's Engine (default: just enough for the
     workload; the GPU runs use 2048, like the decode benchmark). compile_time_cap: seconds all
@@ -1250,10 +1250,10 @@ def bench_serve(model_name: str = "tiny", device: str = "cpu", systems=DEFAULT_S
             capped = None  # why hf_compiled's remaining rows are skipped (a run went past compile_time_cap)
             compile_deadline = None
             if for_hf:
-                schedule = [(run_spec, r) for run_spec in group for r in range(repeats)]
+                schedule = [run_spec for run_spec in group for _ in range(repeats)]
             else:  # round by round in alternating order (A B, B A, ...): no Engine always runs first after the build
-                schedule = [(run_spec, r) for r in range(repeats) for run_spec in (group if r % 2 == 0 else group[::-1])]
-            for (system, conc, experts_impl), repeat in schedule:
+                schedule = [run_spec for r in range(repeats) for run_spec in (group if r % 2 == 0 else group[::-1])]
+            for system, conc, experts_impl in schedule:
                 label = f"{system} {precision} c{conc}" + (f" {experts_impl}" if system == "hf_serial" else "")
                 key = (system, precision, experts_impl, conc)
                 if system.startswith("hf_"):

@@ -125,18 +125,22 @@ def _experts_dense(hidden, weights, ids, experts):
     return torch.bmm(act.transpose(0, 1), experts.down_proj.transpose(1, 2)).sum(0)  # [E, T, H] -> [T, H]
 
 
+def _pairs_by_expert(ids: torch.Tensor, num_experts: int):
+    """The (token, k) pairs sorted by expert: `order` (pair indices, stable), `rows` (the token
+    of each sorted pair) and `counts` (pairs per expert, a device tensor)."""
+    flat = ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    return order, order // ids.shape[1], torch.bincount(flat, minlength=num_experts)
+
+
 def _experts_grouped(hidden, weights, ids, experts):
     """Sort the (token, k) pairs by expert and run each expert once on its rows. One host
     sync (the per-expert counts), fine for prefill."""
-    num_tokens, top_k = ids.shape
-    flat = ids.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=experts.num_experts).tolist()
-    rows = order // top_k  # the token each sorted pair belongs to
+    order, rows, counts = _pairs_by_expert(ids, experts.num_experts)
     x = hidden[rows]
     out = torch.empty_like(x)
     start = 0
-    for expert, n in enumerate(counts):
+    for expert, n in enumerate(counts.tolist()):
         if n == 0:
             continue
         gate, up = F.linear(x[start : start + n], experts.gate_up_proj[expert]).chunk(2, dim=-1)
@@ -147,20 +151,19 @@ def _experts_grouped(hidden, weights, ids, experts):
 
 
 def _experts_grouped_mm(hidden, weights, ids, experts):
-    """Sorted by expert as in `_experts_grouped`, but each projection of all experts is one
-    `torch._grouped_mm` call over the sorted rows (`ends[e]`: where expert e's rows end). Only
-    the routed FLOPs, no Python loop over experts, no host sync. A whole `tiny` step on one CPU
-    thread, against the dense path up to 64 tokens and the loop above (one run of alternating
-    rounds): decode of 1 / 8 / 64 slots 2.40 / 4.02 / 10.28 ms against 3.13 / 4.31 / 12.81, a
-    48-token prefill 6.61 against 8.09; other runs at 1-8 slots read from a tie to ~25 % (notebook
-    06: the step reads cold weights, and the dense path reads every expert's). PyTorch's CPU grouped GEMM is one small product per expert, each on one thread, while the
+    """`_experts_grouped` without its Python loop: each projection of all experts is one
+    `torch._grouped_mm` call over the sorted rows, told where each expert's rows end. Only the
+    routed FLOPs, no host sync.
+
+    On one CPU thread a whole `tiny` step ran at most ~2 % slower (a tie) and mostly faster than
+    with the dense path (up to 64 tokens) and the loop (above): decode of 1 / 8 / 64 slots 2.40 /
+    4.02 / 10.28 ms against 3.13 / 4.31 / 12.81 in one run of alternating rounds, up to ~25 %
+    faster at 1-8 slots in others (notebook 06: a step reads cold weights, and the dense path reads every expert's).
+    PyTorch's CPU grouped GEMM is one small product per expert, each on one thread, while the
     dense path's three big GEMMs spread over threads: on two threads the dense path was ~10 %
-    faster at 8-32 tokens, so with several threads `experts_torch` keeps it up to 64."""
-    top_k = ids.shape[1]
-    flat = ids.reshape(-1).long()
-    order = torch.argsort(flat, stable=True)
-    ends = torch.bincount(flat, minlength=experts.num_experts).cumsum(0).to(torch.int32)
-    rows = order // top_k  # the token each sorted pair belongs to
+    faster at 8-32 slots, hence `_grouped_mm_wins`."""
+    order, rows, counts = _pairs_by_expert(ids, experts.num_experts)
+    ends = counts.cumsum(0).to(torch.int32)
     gate, up = torch._grouped_mm(hidden[rows], experts.gate_up_proj.transpose(1, 2), offs=ends).chunk(2, dim=-1)
     out = torch._grouped_mm(experts.act_fn(gate) * up, experts.down_proj.transpose(1, 2), offs=ends)
     out = out * weights.reshape(-1)[order, None].to(hidden.dtype)
