@@ -251,6 +251,16 @@ def _foldable_shared(mlp, fused, nf4_ok: bool):
     return fused.weight[: 2 * inter], shared.down_proj.weight, fused.weight[2 * inter:], fused.sizes[2:]
 
 
+def _dense_router(parts, x: torch.Tensor) -> bool:
+    """Whether `_foldable_shared`'s router weight (router rows, then the shared gate's) can go to
+    `moelab.kernels.norm_route`: dense, in x's dtype, unit stride along H, at most its MAX_EXPERTS."""
+    from .kernels.norm_route import MAX_EXPERTS
+
+    router_weight, router_sizes = parts[2], parts[3]
+    return (isinstance(router_weight, torch.Tensor) and router_weight.dtype == x.dtype
+            and router_weight.stride(1) == 1 and len(router_sizes) == 2 and router_sizes[0] <= MAX_EXPERTS)
+
+
 def _linear(module, x: torch.Tensor) -> torch.Tensor:
     """module(x) for a plain nn.Linear as one `F.linear`, skipping nn.Module's call machinery
     (a few microseconds a call, which add up in a small model's step); a bitsandbytes NF4
@@ -614,8 +624,7 @@ class MoeForward:
         for index, layer in enumerate(self.layers):
             hidden, x = self._add_norm(hidden, delta, layer.input_layernorm, fused)
             delta = self._attention(index, layer.self_attn, x, cache, slots, positions, rope, attend)
-            hidden, x = self._add_norm(hidden, delta, layer.post_attention_layernorm, fused)
-            delta = self._moe(index, x, layer.mlp)
+            hidden, delta = self._norm_and_moe(index, hidden, delta, layer, fused)
         return self._add_norm(hidden, delta, inner.norm, fused)[1]
 
     def _rope_kernel(self, cache) -> bool:
@@ -695,6 +704,47 @@ class MoeForward:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=self.num_heads != self.num_kv_heads
         )
+
+    def _norm_and_moe(self, index, hidden, delta, layer, fused_norm):
+        """The residual add, the post-attention norm and the MoE block: (new residual, block output).
+        Where the router and the shared gate are one small product beside a folded shared expert
+        (`_shared_parts`) and the norm runs as a kernel, a few tokens' add, norm, router product and
+        top-k run as one launch (`moelab.kernels.norm_route`, notebook 08): two kernel boundaries
+        fewer per layer."""
+        norm, mlp = layer.post_attention_layernorm, layer.mlp
+        parts = self._shared_parts(index, hidden, mlp) if self._norm_route(hidden, delta, norm, fused_norm) else None
+        if parts is not None and _dense_router(parts, hidden):
+            from .kernels.experts import SharedExpert
+            from .kernels.norm_route import add_norm_route
+
+            gate_up, down, router_weight, router_sizes = parts
+            num_experts = router_sizes[0]
+            hidden, x, logits, weights, ids = add_norm_route(
+                hidden, delta, norm.weight, norm.variance_epsilon, router_weight, num_experts, mlp.gate.top_k,
+                mlp.gate.norm_topk_prob)
+            shared = SharedExpert(gate_up, down, logits[:, num_experts:])
+            return hidden, self.experts_fn(x, weights, ids, mlp.experts, shared=shared)
+        hidden, x = self._add_norm(hidden, delta, norm, fused_norm)
+        return hidden, self._moe(index, x, mlp)
+
+    def _shared_parts(self, index, x, mlp):
+        """`_foldable_shared`'s parts for this layer at x's token count, or None (a dense layer, separate
+        projections, an experts function that does not take the shared expert)."""
+        if not hasattr(mlp, "experts") or not getattr(self.experts_fn, "takes_shared_expert", False):
+            return None
+        fused = self._fused_for(self._fused_moe_input, index, x)
+        return _foldable_shared(mlp, fused, nf4_ok=x.is_cuda) if fused is not None else None
+
+    def _norm_route(self, hidden, delta, norm, fused_norm) -> bool:
+        """Whether `_norm_and_moe` may run the one-launch add, norm, router and top-k: the norm as a
+        kernel, the router as moelab's kernel (on CUDA, or forced to Triton), up to `gemv.MAX_TOKENS`
+        tokens (where the router product is a GEMV), one dtype, and `norm_route.ENABLED`."""
+        from .kernels import norm_route
+        from .kernels.gemv import MAX_TOKENS
+
+        return (fused_norm and norm_route.ENABLED and delta is not None and hidden.shape[0] <= MAX_TOKENS
+                and self.route_backend != "torch" and (hidden.is_cuda or self.route_backend == "triton")
+                and hidden.shape[1] <= norm_route.MAX_HIDDEN and delta.dtype == norm.weight.dtype == hidden.dtype)
 
     def _moe(self, index, x, mlp):
         if not hasattr(mlp, "experts"):  # a dense layer (mlp_only_layers / decoder_sparse_step)

@@ -18,21 +18,12 @@ _FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)  # globals used in a kernel m
 
 
 @triton.jit
-def _router_kernel(
-    logits_ptr, weights_ptr, ids_ptr,
-    num_tokens, num_experts,
-    stride_t, stride_e,
-    TOP_K: tl.constexpr, NORMALIZE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
-    row_ok = rows < num_tokens
-    col_ok = cols < num_experts
-    ptrs = logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :] * stride_e
-    # Load in the input dtype, compute in fp32 (the interpreter's bf16 arithmetic is wrong).
-    x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=float("-inf")).to(tl.float32)
+def route_rows(x, cols, col_ok, rows, TOP_K: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """The routing contract (`moelab.routing`) on fp32 logits x [BLOCK_T, BLOCK_E] already in
+    registers (padding columns, col_ok False, hold -inf): returns (weights, ids), [BLOCK_T,
+    BLOCK_K] fp32 and int32, the first TOP_K columns meaningful. Shared by this module's kernel
+    and the fused norm + router kernel (`moelab.kernels.norm_route`)."""
     x = tl.where(x != x, float("-inf"), x)            # NaN counts as -inf
     x = tl.minimum(x, _FLOAT32_MAX)                   # +inf counts as the largest float
 
@@ -47,8 +38,8 @@ def _router_kernel(
     # so a row whose remaining logits are all -inf still takes the lowest free ids.
     avail = col_ok[None, :] & (rows[:, None] >= 0)
     kcols = tl.arange(0, BLOCK_K)
-    top_w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-    top_i = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+    top_w = tl.zeros([x.shape[0], BLOCK_K], dtype=tl.float32)
+    top_i = tl.zeros([x.shape[0], BLOCK_K], dtype=tl.int32)
     for k in tl.static_range(TOP_K):
         cand = tl.where(avail, x, float("-inf"))
         best = tl.max(cand, axis=1)
@@ -64,6 +55,27 @@ def _router_kernel(
         total = tl.where(total > 0, total, 1.0)       # all-zero rows stay zero
         top_w = top_w / total[:, None]
 
+    return top_w, top_i
+
+
+@triton.jit
+def _router_kernel(
+    logits_ptr, weights_ptr, ids_ptr,
+    num_tokens, num_experts,
+    stride_t, stride_e,
+    TOP_K: tl.constexpr, NORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    row_ok = rows < num_tokens
+    col_ok = cols < num_experts
+    ptrs = logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :] * stride_e
+    # Load in the input dtype, compute in fp32 (the interpreter's bf16 arithmetic is wrong).
+    x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=float("-inf")).to(tl.float32)
+    top_w, top_i = route_rows(x, cols, col_ok, rows, TOP_K, NORMALIZE, BLOCK_E, BLOCK_K)
+    kcols = tl.arange(0, BLOCK_K)
     out = rows[:, None].to(tl.int64) * TOP_K + kcols[None, :]
     out_mask = row_ok[:, None] & (kcols[None, :] < TOP_K)
     tl.store(weights_ptr + out, top_w, mask=out_mask)

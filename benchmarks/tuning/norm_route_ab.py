@@ -1,0 +1,49 @@
+"""The batch-1 decode step with the post-attention add + RMSNorm, the router product and its top-k as
+one launch (`moelab.kernels.norm_route`) against the three kernels it replaces, variants
+alternating in one process, ROUNDS rounds, bf16, NF4 and NF4 with an NF4 lm_head.
+
+- "three": `add_rms_norm`, the router + shared-gate GEMV and `router_rows` (the package before);
+- "one": `add_norm_route` with the package's config (one router row a program, 4 warps);
+- "one_r2", "one_r4", "one_w2", "one_w8": its rows a program / warps changed.
+
+VARIANTS (comma list), PRECISIONS, BATCHES and ROUNDS pick them. Writes $OUT/norm_route_ab.json.
+
+    python benchmarks/tuning/norm_route_ab.py
+"""
+import json
+import os
+
+import moelab.bench as B
+import moelab.kernels.norm_route as NR
+from tuning_common import build_models_once, decode_step
+
+OUT = os.environ.get("OUT", "/tmp")
+CONFIGS = {"one": {}, "one_r2": {"ROWS": 2}, "one_r4": {"ROWS": 4}, "one_w2": {"num_warps": 2},
+           "one_w8": {"num_warps": 8}}
+VARIANTS = os.environ.get("VARIANTS", "three,one,one_r2,one_w2").split(",")
+PRECISIONS = os.environ.get("PRECISIONS", "bf16,nf4,nf4_head").split(",")
+BATCHES = tuple(int(b) for b in os.environ.get("BATCHES", "1").split(","))
+PACKAGE_CONFIG = NR.config
+
+
+def use(variant: str):
+    if variant != "three" and variant not in CONFIGS:
+        raise ValueError(f"unknown variant {variant!r}: three or one of {sorted(CONFIGS)}")
+    NR.ENABLED = variant != "three"
+    override = CONFIGS.get(variant, {})
+    NR.config = lambda num_rows, on_gpu: {**PACKAGE_CONFIG(num_rows, on_gpu), **(override if on_gpu else {})}
+
+
+build_models_once()
+res = {"card": B.card_name(), "versions": B.versions(), "variants": VARIANTS, "rows": []}
+print(res["card"], flush=True)
+for precision in PRECISIONS:
+    for rep in range(int(os.environ.get("ROUNDS", "3"))):
+        for variant in VARIANTS if rep % 2 == 0 else VARIANTS[::-1]:  # alternate the order round by round
+            use(variant)
+            for row in decode_step(variant, None if precision == "bf16" else precision, BATCHES):
+                res["rows"].append(dict(row, rep=rep))
+                print(precision, rep, variant, row["batch"], row["ms_per_step"], row["tokens_per_s"], row["error"],
+                      flush=True)
+            json.dump(res, open(os.path.join(OUT, "norm_route_ab.json"), "w"), indent=1)
+use("one")
