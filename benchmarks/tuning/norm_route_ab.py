@@ -3,8 +3,13 @@ one launch (`moelab.kernels.norm_route`) against the three kernels it replaces, 
 alternating in one process, ROUNDS rounds, bf16, NF4 and NF4 with an NF4 lm_head.
 
 - "three": `add_rms_norm`, the router + shared-gate GEMV and `router_rows` (the package before);
-- "one": `add_norm_route` with the package's config (one router row a program, 4 warps);
-- "one_r2", "one_r4", "one_w2", "one_w8": its rows a program / warps changed.
+- "one": `add_norm_route`, one router row a program on 4 warps (its first config);
+- "one_w2": on 2 warps (the package's config since this run), "one_r2", "one_r4", "one_w8": other
+  rows a program / warps.
+
+Measured on an H100 (benchmarks/results/norm_route_ab_2026-12-07_h100.json, VARIANTS=three,one,one_w2,
+ROUNDS=3), medians of the batch-1 step: bf16 2.229 / 2.238 / 2.203 ms, NF4 1.693 / 1.672 / 1.553
+(noisy rounds; the order one_w2 < one < three held in each), NF4 with its head 1.485 / 1.462 / 1.427.
 
 VARIANTS (comma list), PRECISIONS, BATCHES and ROUNDS pick them. Writes $OUT/norm_route_ab.json.
 
@@ -18,7 +23,7 @@ import moelab.kernels.norm_route as NR
 from tuning_common import build_models_once, decode_step
 
 OUT = os.environ.get("OUT", "/tmp")
-CONFIGS = {"one": {}, "one_r2": {"ROWS": 2}, "one_r4": {"ROWS": 4}, "one_w2": {"num_warps": 2},
+CONFIGS = {"one": {"num_warps": 4}, "one_w2": {"num_warps": 2}, "one_r2": {"ROWS": 2}, "one_r4": {"ROWS": 4},
            "one_w8": {"num_warps": 8}}
 VARIANTS = os.environ.get("VARIANTS", "three,one,one_r2,one_w2").split(",")
 PRECISIONS = os.environ.get("PRECISIONS", "bf16,nf4,nf4_head").split(",")
