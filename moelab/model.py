@@ -366,7 +366,10 @@ class MoeForward:
     rope: "kernel" rotates q and k and writes the cache in one Triton kernel
     (`moelab.kernels.rope_cache`), "torch" in PyTorch ops, "auto": the kernel on CUDA.
     norm: "kernel" runs each residual add and the RMSNorm after it as one Triton kernel
-    (`moelab.kernels.rmsnorm`), "torch" in PyTorch ops, "auto": the kernel on CUDA.
+    (`moelab.kernels.rmsnorm`), "torch" in PyTorch ops, "auto": the kernel on CUDA. With the
+    fused projections and a folded shared expert, a step of up to 4 tokens runs the
+    post-attention add and norm, the router product and the top-k as one kernel instead
+    (`moelab.kernels.norm_route`; on the CPU only with route_backend="triton").
     projections: "fused" runs q/k/v as one GEMM and the shared expert's gate and up, the
     router and the shared expert's gate as another (`moelab.fuse`: the model's parameters are
     re-seated as views of the fused weights, no copies); with moelab's experts function the

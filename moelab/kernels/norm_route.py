@@ -88,7 +88,9 @@ def _add_norm_route_kernel(
 def _tickets(device: torch.device) -> torch.Tensor:
     """int32 [MAX_TOKENS] zeros, one ticket counter per token, each put back to 0 by the kernel.
     Made at the first call, which must not be inside a CUDA graph capture (`moelab.graphs` warms
-    up eagerly first): a capture would record the zero fill instead of running it."""
+    up eagerly first): a capture would record the zero fill instead of running it. Every call on
+    the device shares them, which is safe while its launches run one after another (one stream, as
+    the Engine's); two running at once on different streams would mix their tickets."""
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("add_norm_route's ticket counters must be made outside a CUDA graph capture: "
                            "call it once eagerly first (moelab.graphs warms up before capturing)")
