@@ -251,16 +251,6 @@ def _foldable_shared(mlp, fused, nf4_ok: bool):
     return fused.weight[: 2 * inter], shared.down_proj.weight, fused.weight[2 * inter:], fused.sizes[2:]
 
 
-def _dense_router(parts, x: torch.Tensor) -> bool:
-    """Whether `_foldable_shared`'s router weight (router rows, then the shared gate's) can go to
-    `moelab.kernels.norm_route`: dense, in x's dtype, unit stride along H, at most its MAX_EXPERTS."""
-    from .kernels.norm_route import MAX_EXPERTS
-
-    router_weight, router_sizes = parts[2], parts[3]
-    return (isinstance(router_weight, torch.Tensor) and router_weight.dtype == x.dtype
-            and router_weight.stride(1) == 1 and len(router_sizes) == 2 and router_sizes[0] <= MAX_EXPERTS)
-
-
 def _linear(module, x: torch.Tensor) -> torch.Tensor:
     """module(x) for a plain nn.Linear as one `F.linear`, skipping nn.Module's call machinery
     (a few microseconds a call, which add up in a small model's step); a bitsandbytes NF4
@@ -715,8 +705,8 @@ class MoeForward:
         top-k run as one launch (`moelab.kernels.norm_route`, notebook 08): two kernel boundaries
         fewer per layer."""
         norm, mlp = layer.post_attention_layernorm, layer.mlp
-        parts = self._shared_parts(index, hidden, mlp) if self._norm_route(hidden, delta, norm, fused_norm) else None
-        if parts is not None and _dense_router(parts, hidden):
+        parts = self._norm_route_parts(index, hidden, delta, norm, mlp, fused_norm)
+        if parts is not None:
             from .kernels.experts import SharedExpert
             from .kernels.norm_route import add_norm_route
 
@@ -738,24 +728,32 @@ class MoeForward:
         fused = self._fused_for(self._fused_moe_input, index, x)
         return _foldable_shared(mlp, fused, nf4_ok=x.is_cuda) if fused is not None else None
 
-    def _norm_route(self, hidden, delta, norm, fused_norm) -> bool:
-        """Whether `_norm_and_moe` may run the one-launch add, norm, router and top-k: the norm as a
-        kernel, the router as moelab's kernel (on CUDA, or forced to Triton), up to `gemv.MAX_TOKENS`
-        tokens (where the router product is a GEMV), one dtype, and `norm_route.ENABLED`."""
+    def _norm_route_parts(self, index, hidden, delta, norm, mlp, fused_norm):
+        """`_shared_parts` where `_norm_and_moe` runs the one launch, else None: the norm as a kernel,
+        the router as moelab's kernel (on CUDA, or forced to Triton), up to `gemv.MAX_TOKENS` tokens
+        (where the router product is a GEMV), one dtype, a dense router weight in it, and
+        `norm_route.ENABLED`."""
+        if not (fused_norm and self.route_backend != "torch" and (hidden.is_cuda or self.route_backend == "triton")):
+            return None  # first: this runs every layer, on the CPU too
         from .kernels import norm_route
         from .kernels.gemv import MAX_TOKENS
 
-        return (fused_norm and norm_route.ENABLED and delta is not None and hidden.shape[0] <= MAX_TOKENS
-                and self.route_backend != "torch" and (hidden.is_cuda or self.route_backend == "triton")
-                and hidden.shape[1] <= norm_route.MAX_HIDDEN and delta.dtype == norm.weight.dtype == hidden.dtype)
+        if not (norm_route.ENABLED and hidden.shape[0] <= MAX_TOKENS and hidden.shape[1] <= norm_route.MAX_HIDDEN
+                and delta.dtype == norm.weight.dtype == hidden.dtype):
+            return None
+        parts = self._shared_parts(index, hidden, mlp)
+        if parts is None:
+            return None
+        router_weight, router_sizes = parts[2], parts[3]
+        dense = (isinstance(router_weight, torch.Tensor) and router_weight.dtype == hidden.dtype
+                 and router_weight.stride(1) == 1)
+        return parts if dense and len(router_sizes) == 2 and router_sizes[0] <= norm_route.MAX_EXPERTS else None
 
     def _moe(self, index, x, mlp):
         if not hasattr(mlp, "experts"):  # a dense layer (mlp_only_layers / decoder_sparse_step)
             return _mlp(x, mlp)
         gate = mlp.gate
-        fused = self._fused_for(self._fused_moe_input, index, x)
-        folds = getattr(self.experts_fn, "takes_shared_expert", False)
-        parts = _foldable_shared(mlp, fused, nf4_ok=x.is_cuda) if fused is not None and folds else None
+        parts = self._shared_parts(index, x, mlp)
         if parts is not None:
             from .kernels.experts import SharedExpert
 
@@ -765,6 +763,8 @@ class MoeForward:
             logits, gate_logit = _project(x, router_weight).split(router_sizes, dim=-1)
             weights, ids = route(logits, gate.top_k, normalize=gate.norm_topk_prob, backend=self.route_backend)
             return self.experts_fn(x, weights, ids, mlp.experts, shared=SharedExpert(gate_up, down, gate_logit))
+        fused = self._fused_for(self._fused_moe_input, index, x)
+        folds = getattr(self.experts_fn, "takes_shared_expert", False)
         if fused is not None and fused.nf4_gate_up is not None:
             fused = None  # an NF4 layer whose shared expert does not fold: each module runs on its own
         if fused is not None:  # shared gate, shared up, router logits, shared gate logit: one GEMM

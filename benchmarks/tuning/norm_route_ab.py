@@ -15,17 +15,15 @@ VARIANTS (comma list), PRECISIONS, BATCHES and ROUNDS pick them. Writes $OUT/nor
 
     python benchmarks/tuning/norm_route_ab.py
 """
-import json
 import os
 
-import moelab.bench as B
 import moelab.kernels.norm_route as NR
-from tuning_common import build_models_once, decode_step
+from tuning_common import alternate_decode_steps
 
 OUT = os.environ.get("OUT", "/tmp")
 CONFIGS = {"one": {"num_warps": 4}, "one_w2": {"num_warps": 2}, "one_r2": {"ROWS": 2}, "one_r4": {"ROWS": 4},
            "one_w8": {"num_warps": 8}}
-VARIANTS = os.environ.get("VARIANTS", "three,one,one_r2,one_w2").split(",")
+VARIANTS = os.environ.get("VARIANTS", "three,one,one_w2").split(",")
 PRECISIONS = os.environ.get("PRECISIONS", "bf16,nf4,nf4_head").split(",")
 BATCHES = tuple(int(b) for b in os.environ.get("BATCHES", "1").split(","))
 PACKAGE_CONFIG = NR.config
@@ -39,16 +37,6 @@ def use(variant: str):
     NR.config = lambda num_rows, on_gpu: {**PACKAGE_CONFIG(num_rows, on_gpu), **(override if on_gpu else {})}
 
 
-build_models_once()
-res = {"card": B.card_name(), "versions": B.versions(), "variants": VARIANTS, "rows": []}
-print(res["card"], flush=True)
-for precision in PRECISIONS:
-    for rep in range(int(os.environ.get("ROUNDS", "3"))):
-        for variant in VARIANTS if rep % 2 == 0 else VARIANTS[::-1]:  # alternate the order round by round
-            use(variant)
-            for row in decode_step(variant, None if precision == "bf16" else precision, BATCHES):
-                res["rows"].append(dict(row, rep=rep))
-                print(precision, rep, variant, row["batch"], row["ms_per_step"], row["tokens_per_s"], row["error"],
-                      flush=True)
-            json.dump(res, open(os.path.join(OUT, "norm_route_ab.json"), "w"), indent=1)
-use("one")
+alternate_decode_steps(VARIANTS, use, PRECISIONS, BATCHES, int(os.environ.get("ROUNDS", "3")),
+                       os.path.join(OUT, "norm_route_ab.json"), reverse_odd_rounds=True)
+use("one_w2")  # the package's config

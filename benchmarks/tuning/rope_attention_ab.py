@@ -13,13 +13,11 @@ VARIANTS (comma list), PRECISIONS, BATCHES and ROUNDS pick them. Writes $OUT/rop
 
     python benchmarks/tuning/rope_attention_ab.py
 """
-import json
 import os
 
-import moelab.bench as B
 import moelab.kernels.attention as A
 import moelab.model as MM
-from tuning_common import build_models_once, decode_step
+from tuning_common import alternate_decode_steps
 
 OUT = os.environ.get("OUT", "/tmp")
 VARIANTS = os.environ.get("VARIANTS", "two,two+head,merge,merge+head").split(",")
@@ -35,16 +33,6 @@ def use(variant: str):
     MM.HEAD_GEMV_MAX_TOKENS = 1 if "head" in parts else 0
 
 
-build_models_once()
-res = {"card": B.card_name(), "versions": B.versions(), "variants": VARIANTS, "rows": []}
-print(res["card"], flush=True)
-for precision in PRECISIONS:
-    for rep in range(int(os.environ.get("ROUNDS", "3"))):
-        for variant in VARIANTS:
-            use(variant)
-            for row in decode_step(variant, None if precision == "bf16" else precision, BATCHES):
-                res["rows"].append(dict(row, rep=rep))
-                print(precision, rep, variant, row["batch"], row["ms_per_step"], row["tokens_per_s"], row["error"],
-                      flush=True)
-            json.dump(res, open(os.path.join(OUT, "rope_attention_ab.json"), "w"), indent=1)
+alternate_decode_steps(VARIANTS, use, PRECISIONS, BATCHES, int(os.environ.get("ROUNDS", "3")),
+                       os.path.join(OUT, "rope_attention_ab.json"))
 use("merge+head")

@@ -157,6 +157,31 @@ def decode_step(variant: str, quantize, batches=(1,)) -> list[dict]:
                  ms_per_step=row.get("ms_per_step"), error=row.get("error")) for row in r["results"]]
 
 
+def alternate_decode_steps(variants, use, precisions, batches, rounds: int, out_path: str,
+                           reverse_odd_rounds: bool = False) -> dict:
+    """The decode-step A/B the step scripts share: for each precision and round, each variant in turn
+    with `use(variant)` in force (in reverse order on odd rounds with `reverse_odd_rounds`), one
+    `decode_step` at `batches`; every row printed as it comes and the results written to out_path
+    after each variant. Returns them ({"card", "versions", "variants", "rows"})."""
+    import json
+
+    import moelab.bench as B
+
+    build_models_once()
+    res = {"card": B.card_name(), "versions": B.versions(), "variants": list(variants), "rows": []}
+    print(res["card"], flush=True)
+    for precision in precisions:
+        for rep in range(rounds):
+            for variant in variants[::-1] if reverse_odd_rounds and rep % 2 else variants:
+                use(variant)
+                for row in decode_step(variant, None if precision == "bf16" else precision, batches):
+                    res["rows"].append(dict(row, rep=rep))
+                    print(precision, rep, variant, row["batch"], row["ms_per_step"], row["tokens_per_s"], row["error"],
+                          flush=True)
+                json.dump(res, open(out_path, "w"), indent=1)
+    return res
+
+
 def alternate_nf4_prefills(variants: dict, use, rounds: int, batches, out_path: str) -> dict:
     """The NF4 A/B the prefill scripts share: for each of `rounds` rounds and each variant in turn,
     `use(value)` in force, whole NF4 prefills of 16 / 32 / 48 / 64 tokens (`nf4_prefill`, last-token
