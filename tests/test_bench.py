@@ -26,6 +26,8 @@ def test_decode_bench_runs_and_reports_ratios(tmp_path):
     rows = result["results"]
     assert [r["batch"] for r in rows] == [1, 3]
     assert rows[0]["step_cost_vs_batch_1"] == 1.0
+    # batch 3's step relative to batch 1's (both rounded in the JSON)
+    assert rows[1]["step_cost_vs_batch_1"] == pytest.approx(rows[1]["ms_per_step"] / rows[0]["ms_per_step"], abs=1e-3)
     for r in rows:
         assert r["ms_per_step"] > 0
         assert r["tokens_per_s"] == pytest.approx(r["batch"] / r["ms_per_step"] * 1e3, rel=1e-2, abs=0.06)  # rounded to 0.1
@@ -183,12 +185,15 @@ def test_serve_refuses_cuda_without_cuda(argv, capsys):
     assert "no CUDA device" in capsys.readouterr().err
 
 
-def test_random_weights_flag_is_required_for_the_full_size_preset_and_only_for_presets(capsys):
-    assert bench.main(["--model", "qwen1.5-moe-a2.7b", "--device", "cuda"] if torch.cuda.is_available()
-                      else ["--model", "qwen1.5-moe-a2.7b", "--device", "cpu"]) == 2
-    assert bench.main(["--model", "someorg/some-moe", "--device", "cpu", "--random-weights"]) == 2
-    err = capsys.readouterr().err
-    assert "--random-weights needs a preset" in err or "too large for the CPU" in err
+def test_random_weights_flag_is_required_for_the_full_size_preset_and_only_for_presets(capsys, monkeypatch):
+    # On "cuda" (reported as present), so the CPU's size check cannot answer first: each refusal for its own reason.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert bench.main(["--model", "qwen1.5-moe-a2.7b", "--device", "cuda"]) == 2
+    assert "no checkpoint here: pass --random-weights" in capsys.readouterr().err
+    assert bench.main(["--model", "someorg/some-moe", "--device", "cuda", "--random-weights"]) == 2
+    assert "--random-weights needs a preset" in capsys.readouterr().err
+    assert bench.main(["--model", "qwen1.5-moe-a2.7b", "--device", "cpu", "--random-weights"]) == 2
+    assert "too large for the CPU" in capsys.readouterr().err
 
 
 def test_serve_workload_is_seeded_and_in_range():

@@ -211,15 +211,18 @@ def test_experts_forward_matches_transformers_experts(model, num_tokens):
     x = torch.randn(num_tokens, model.config.hidden_size, generator=g)
     weights, ids = moelab.route(torch.randn(num_tokens, model.config.num_experts, generator=g), top_k=4)
     with torch.no_grad():
-        got = experts_forward(x, weights, ids, block.experts)
         ref = block.experts(x, ids.long(), weights)
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+        for path in (experts_forward, model_module._experts_grouped_mm, model_module._experts_dense,
+                     model_module._experts_grouped):  # each CPU path by name (one thread: see below)
+            torch.testing.assert_close(path(x, weights, ids, block.experts), ref, rtol=0, atol=1e-5, msg=path.__name__)
 
 
 @pytest.mark.parametrize("num_tokens", [1, 5, DENSE_MAX_TOKENS + 5])
 def test_an_expert_repeated_in_a_tokens_top_k_counts_twice(model, num_tokens):
     """Routing never repeats an id, but the experts seam takes any ids: a repeated one is two
-    terms of the sum (the dense path scatter-adds its weights; a plain scatter kept one)."""
+    terms of the sum (the dense path scatter-adds its weights; a plain scatter kept one). Every
+    CPU path is called by name: on this module's one thread `experts_forward` picks the grouped
+    GEMM at every token count, so the dense path and the loop would not be reached through it."""
     g = torch.Generator().manual_seed(7 + num_tokens)
     experts = model.model.layers[1].mlp.experts
     x = torch.randn(num_tokens, model.config.hidden_size, generator=g)
@@ -233,8 +236,10 @@ def test_an_expert_repeated_in_a_tokens_top_k_counts_twice(model, num_tokens):
 
     with torch.no_grad():
         ref = torch.stack([sum(weights[t, k] * one(int(ids[t, k]), t) for k in range(4)) for t in range(num_tokens)])
-        got = experts_forward(x, weights, ids, experts)
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+        for path in (experts_forward, model_module._experts_grouped_mm, model_module._experts_dense,
+                     model_module._experts_grouped):
+            got = path(x, weights, ids, experts)
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-5, msg=path.__name__)
 
 
 @pytest.mark.parametrize("num_tokens", [1, 3, 8, 37, DENSE_MAX_TOKENS + 5])

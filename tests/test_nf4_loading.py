@@ -148,14 +148,22 @@ def test_nf4_head_is_an_opt_in_that_moelab_forward_runs(tiny_nf4):
 def test_nf4_head_tied_and_bad_input():
     config = preset_config("tiny")
     config.tie_word_embeddings = True
+    import bitsandbytes.functional as bnbf
+
     from moelab.models import random_nf4_model
     from moelab.quant import quantize_head_
 
     model = random_nf4_model(config, "cpu", torch.float32, seed=1, head=True)
     assert isinstance(model.lm_head, bnb.nn.Linear4bit)  # its own NF4 copy of the tied table
-    assert model.model.embed_tokens.weight.dtype == torch.float32
+    embed = model.model.embed_tokens.weight
+    assert embed.dtype == torch.float32
+    codes, state = bnbf.quantize_4bit(embed.detach(), blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(model.lm_head.weight.data, codes)  # quantized from the tied table itself
     with torch.no_grad():
-        assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
+        out = model(torch.tensor([[5, 6, 7]]), output_hidden_states=True)
+        final = out.hidden_states[-1][0]  # after the final norm
+        torch.testing.assert_close(out.logits[0], final @ bnbf.dequantize_4bit(codes, state).T, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(out.logits[0], final @ embed.T, atol=1e-3)  # 4-bit logits, not the table's
     with pytest.raises(ValueError, match="nn.Linear lm_head"):
         quantize_head_(model, torch.float32)  # already quantized
     with pytest.raises(ValueError, match="nf4_head"):
@@ -277,13 +285,26 @@ def test_full_architecture_on_meta_fits_a_12_gb_card():
 
 
 def test_quantize_layer_keeps_gates_and_rejects_nothing_silently():
+    """The torch backend's layer quantization: the gates untouched, every other weight's codes
+    those bitsandbytes gives the original weight (expert by expert, and v_proj out of the joint q/k/v)."""
+    import bitsandbytes.functional as bnbf
+
     config = preset_config("tiny")
     model = moelab.models.random_model(config)
     layer = model.model.layers[0]
-    gate = layer.mlp.shared_expert_gate
+    gate, router = layer.mlp.shared_expert_gate, layer.mlp.gate
+    router_w = router.weight.detach().clone()
+    experts_w = layer.mlp.experts.gate_up_proj.detach().clone()
+    v_w = layer.self_attn.v_proj.weight.detach().clone()
     quantize_layer_(layer, torch.float32, backend="torch")
-    assert layer.mlp.shared_expert_gate is gate and isinstance(layer.mlp.experts, NF4Experts)
-    assert isinstance(layer.self_attn.v_proj, bnb.nn.Linear4bit)
+    assert layer.mlp.shared_expert_gate is gate and layer.mlp.gate is router
+    assert router.weight.dtype == torch.float32 and torch.equal(router.weight, router_w)
+    assert isinstance(layer.mlp.experts, NF4Experts) and isinstance(layer.self_attn.v_proj, bnb.nn.Linear4bit)
+    nf4 = lambda w: bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")[0].flatten()  # noqa: E731
+    codes = layer.mlp.experts.gate_up.codes.reshape(config.num_experts, -1)
+    for e in (0, 7, config.num_experts - 1):
+        assert torch.equal(codes[e], nf4(experts_w[e]))
+    assert torch.equal(layer.self_attn.v_proj.weight.data.flatten(), nf4(v_w))
 
 
 # ---------------------------------------------------------------------------- GPU

@@ -249,5 +249,5 @@ def test_nf4_experts_buffers_move_but_keep_their_dtypes():
     assert quantized.gate_up.absmax_scale.dtype == torch.float32 and quantized.gate_up.codes.dtype == torch.uint8
     assert quantized.down.absmax.dtype == torch.uint8 and dequantize_nf4(quantized.down).dtype == torch.bfloat16
     assert isinstance(quantized.gate_up, NF4Tensor) and quantized.gate_up.shape == (8, 96, 32)
-    with pytest.raises(ValueError, match="not"):
+    with pytest.raises(ValueError, match=r"are not \[E, 2I, H\] and \[E, H, I\]"):
         NF4Experts(quantized.gate_up, quantized.gate_up, torch.nn.SiLU())

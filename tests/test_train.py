@@ -63,7 +63,7 @@ def test_unigram_baseline():
     # add-one smoothing over 257 symbols: p(0) = 4 / 261
     expected = -torch.log2(torch.tensor(4 / 261.0)).item()
     assert unigram_bits_per_byte(stream, torch.tensor([0, 0])) == pytest.approx(expected)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"fewer than seq_len \+ 1 = 11"):
         eval_windows(torch.arange(10), seq_len=10)
 
 
