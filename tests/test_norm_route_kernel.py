@@ -44,8 +44,7 @@ def test_matches_add_rms_norm_product_and_route(tokens, hidden_dim, rows, num_ex
     got = add_norm_route(hidden, delta, norm_w, 1e-6, router_w, num_experts, top_k, normalize)
     check(got, hidden, delta, norm_w, router_w, num_experts, top_k, normalize, atol=2e-6)
     assert norm_route._tickets(hidden.device).eq(0).all()  # every ticket put back for the next call
-    # The GPU's one row a program, uneven parts, the weights read before the PDL wait: the same results.
-    for cfg in ({"ROWS": 1}, {"ROWS": 4}, {"WEIGHTS_BEFORE_WAIT": True}):
+    for cfg in ({"ROWS": 1}, {"ROWS": 4}):  # the GPU's one row a program, and uneven parts: the same results
         again = add_norm_route(hidden, delta, norm_w, 1e-6, router_w, num_experts, top_k, normalize, cfg=cfg)
         for a, b in zip(again, got):
             torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
@@ -121,27 +120,24 @@ def test_moeforward_decode_runs_it_and_keeps_the_logits(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("early", [False, True])
-def test_gpu_bf16_matches_and_replays_in_a_graph(early):
+def test_gpu_bf16_matches_and_replays_in_a_graph():
     """bf16 on CUDA at Qwen1.5-MoE's shape (2,048 wide, 60 experts + the shared gate, top-4), then
-    the same call captured in a CUDA graph and replayed on new inputs: the tickets reset each time.
-    `early`: the weights read before the PDL wait."""
+    the same call captured in a CUDA graph and replayed on new inputs: the tickets reset each time."""
     hidden, delta, norm_w, router_w = case(1, 2048, 61, torch.bfloat16, "cuda", seed=4)
-    cfg = {"WEIGHTS_BEFORE_WAIT": early}
-    got = add_norm_route(hidden, delta, norm_w, 1e-6, router_w, 60, 4, cfg=cfg)
+    got = add_norm_route(hidden, delta, norm_w, 1e-6, router_w, 60, 4)
     check(got, hidden, delta, norm_w, router_w, 60, 4, False, atol=2e-2, rtol=1.6e-2)  # a bf16 step either way
     static = [t.clone() for t in (hidden, delta)]
-    add_norm_route(*static, norm_w, 1e-6, router_w, 60, 4, cfg=cfg)  # warm up (and make the tickets) outside capture
+    add_norm_route(*static, norm_w, 1e-6, router_w, 60, 4)  # warm up (and make the tickets) outside capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = add_norm_route(*static, norm_w, 1e-6, router_w, 60, 4, cfg=cfg)
+        out = add_norm_route(*static, norm_w, 1e-6, router_w, 60, 4)
     for seed in (5, 6, 7):
         fresh = case(1, 2048, 61, torch.bfloat16, "cuda", seed=seed)
         static[0].copy_(fresh[0])
         static[1].copy_(fresh[1])
         graph.replay()
-        eager = add_norm_route(fresh[0], fresh[1], norm_w, 1e-6, router_w, 60, 4, cfg=cfg)
+        eager = add_norm_route(fresh[0], fresh[1], norm_w, 1e-6, router_w, 60, 4)
         for a, b in zip(out, eager):
             assert torch.equal(a, b)
     assert norm_route._tickets(hidden.device).eq(0).all()

@@ -6,8 +6,9 @@ alternating in one process, ROUNDS rounds, bf16, NF4 and NF4 with an NF4 lm_head
 - "one": `add_norm_route`, one router row a program on 4 warps (its first config);
 - "one_w2": on 2 warps (the package's config since this run), "one_r2", "one_r4", "one_w8", "one_w1":
   other rows a program / warps;
-- "one_w2_early", "one_w1_early": the router and norm weights read before the PDL wait (no kernel
-  writes them), so their load overlaps the end of o_proj.
+- at commit 2f04c6c also "one_w2_early", "one_w1_early": the router and norm weights read before the
+  PDL wait (no kernel writes them), so their load overlaps the end of o_proj (the package's kernel
+  there has WEIGHTS_BEFORE_WAIT; it leaves the package until timed).
 
 Measured on an H100 (benchmarks/results/norm_route_ab_2026-12-07_h100.json, VARIANTS=three,one,one_w2,
 ROUNDS=3), medians of the batch-1 step: bf16 2.229 / 2.238 / 2.203 ms, NF4 1.693 / 1.672 / 1.553
@@ -24,9 +25,7 @@ from tuning_common import alternate_decode_steps
 
 OUT = os.environ.get("OUT", "/tmp")
 CONFIGS = {"one": {"num_warps": 4}, "one_w2": {"num_warps": 2}, "one_r2": {"ROWS": 2}, "one_r4": {"ROWS": 4},
-           "one_w8": {"num_warps": 8}, "one_w1": {"num_warps": 1},
-           "one_w2_early": {"num_warps": 2, "WEIGHTS_BEFORE_WAIT": True},
-           "one_w1_early": {"num_warps": 1, "WEIGHTS_BEFORE_WAIT": True}}
+           "one_w8": {"num_warps": 8}, "one_w1": {"num_warps": 1}}
 VARIANTS = os.environ.get("VARIANTS", "three,one,one_w2").split(",")
 PRECISIONS = os.environ.get("PRECISIONS", "bf16,nf4,nf4_head").split(",")
 BATCHES = tuple(int(b) for b in os.environ.get("BATCHES", "1").split(","))

@@ -43,30 +43,24 @@ def _add_norm_route_kernel(
     stride_x, stride_delta, stride_sum, stride_normed, stride_rw, stride_logits,
     TOP_K: tl.constexpr, NORMALIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
-    WEIGHTS_BEFORE_WAIT: tl.constexpr = False,
 ):
+    wait_for_previous_kernel(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     cols = tl.arange(0, BLOCK_H)
     col_ok = cols < hidden_dim
     rows = part * ROWS + tl.arange(0, ROWS)
     row_ok = rows < num_rows
-    if WEIGHTS_BEFORE_WAIT:  # no kernel writes the weights: read them while the one before finishes (PDL)
-        w = tl.load(router_w_ptr + rows[:, None].to(tl.int64) * stride_rw + cols[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        norm_w = tl.load(norm_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    wait_for_previous_kernel(USE_PDL)
-    if not WEIGHTS_BEFORE_WAIT:
-        # The router rows first: their load does not depend on the norm, so it is in flight meanwhile.
-        w = tl.load(router_w_ptr + rows[:, None].to(tl.int64) * stride_rw + cols[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        norm_w = tl.load(norm_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    # The router rows first: their load does not depend on the norm, so it is in flight meanwhile.
+    w = tl.load(router_w_ptr + rows[:, None].to(tl.int64) * stride_rw + cols[None, :],
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     x = tl.load(x_ptr + token * stride_x + cols, mask=col_ok, other=0.0)
     delta = tl.load(delta_ptr + token * stride_delta + cols, mask=col_ok, other=0.0)
     dtype = x.dtype
     x = (x.to(tl.float32) + delta.to(tl.float32)).to(dtype)  # the residual add, rounded as torch rounds it
     h = x.to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / hidden_dim + eps)
+    norm_w = tl.load(norm_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     normed = (norm_w * (h * inv_rms).to(dtype).to(tl.float32)).to(dtype)
     if part == 0:
         tl.store(sum_ptr + token * stride_sum + cols, x, mask=col_ok)
