@@ -146,13 +146,13 @@ def test_nf4_head_is_an_opt_in_that_moelab_forward_runs(tiny_nf4):
 
 
 def test_nf4_head_tied_and_bad_input():
-    config = preset_config("tiny")
-    config.tie_word_embeddings = True
     import bitsandbytes.functional as bnbf
 
     from moelab.models import random_nf4_model
     from moelab.quant import quantize_head_
 
+    config = preset_config("tiny")
+    config.tie_word_embeddings = True
     model = random_nf4_model(config, "cpu", torch.float32, seed=1, head=True)
     assert isinstance(model.lm_head, bnb.nn.Linear4bit)  # its own NF4 copy of the tied table
     embed = model.model.embed_tokens.weight
@@ -284,7 +284,7 @@ def test_full_architecture_on_meta_fits_a_12_gb_card():
     assert nf4["embeddings and head"]["bytes"] == bf16["embeddings and head"]["bytes"]
 
 
-def test_quantize_layer_keeps_gates_and_rejects_nothing_silently():
+def test_quantize_layer_keeps_the_gates_and_quantizes_as_bitsandbytes():
     """The torch backend's layer quantization: the gates untouched, every other weight's codes
     those bitsandbytes gives the original weight (expert by expert, and v_proj out of the joint q/k/v)."""
     import bitsandbytes.functional as bnbf
@@ -300,7 +300,10 @@ def test_quantize_layer_keeps_gates_and_rejects_nothing_silently():
     assert layer.mlp.shared_expert_gate is gate and layer.mlp.gate is router
     assert router.weight.dtype == torch.float32 and torch.equal(router.weight, router_w)
     assert isinstance(layer.mlp.experts, NF4Experts) and isinstance(layer.self_attn.v_proj, bnb.nn.Linear4bit)
-    nf4 = lambda w: bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")[0].flatten()  # noqa: E731
+
+    def nf4(w):  # bitsandbytes' NF4 codes of w
+        return bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")[0].flatten()
+
     codes = layer.mlp.experts.gate_up.codes.reshape(config.num_experts, -1)
     for e in (0, 7, config.num_experts - 1):
         assert torch.equal(codes[e], nf4(experts_w[e]))
