@@ -720,13 +720,13 @@ class MoeForward:
         hidden, x = self._add_norm(hidden, delta, norm, fused_norm)
         return hidden, self._moe(index, x, mlp)
 
-    def _shared_parts(self, index, x, mlp):
-        """`_foldable_shared`'s parts for this layer at x's token count, or None (a dense layer, separate
-        projections, an experts function that does not take the shared expert)."""
-        if not hasattr(mlp, "experts") or not getattr(self.experts_fn, "takes_shared_expert", False):
+    def _shared_parts(self, mlp, fused, x):
+        """`_foldable_shared`'s parts for this MoE layer, given its fused inputs at x's token count
+        (`_fused_for`), or None (separate projections, an experts function that does not take the
+        shared expert)."""
+        if fused is None or not getattr(self.experts_fn, "takes_shared_expert", False):
             return None
-        fused = self._fused_for(self._fused_moe_input, index, x)
-        return _foldable_shared(mlp, fused, nf4_ok=x.is_cuda) if fused is not None else None
+        return _foldable_shared(mlp, fused, nf4_ok=x.is_cuda)
 
     def _norm_route_parts(self, index, hidden, delta, norm, mlp, fused_norm):
         """`_shared_parts` where `_norm_and_moe` runs the one launch, else None: the norm as a kernel,
@@ -738,10 +738,10 @@ class MoeForward:
         from .kernels import norm_route
         from .kernels.gemv import MAX_TOKENS
 
-        if not (norm_route.ENABLED and hidden.shape[0] <= MAX_TOKENS and hidden.shape[1] <= norm_route.MAX_HIDDEN
-                and delta.dtype == norm.weight.dtype == hidden.dtype):
+        if not (norm_route.ENABLED and hasattr(mlp, "experts") and hidden.shape[0] <= MAX_TOKENS
+                and hidden.shape[1] <= norm_route.MAX_HIDDEN and delta.dtype == norm.weight.dtype == hidden.dtype):
             return None
-        parts = self._shared_parts(index, hidden, mlp)
+        parts = self._shared_parts(mlp, self._fused_for(self._fused_moe_input, index, hidden), hidden)
         if parts is None:
             return None
         router_weight, router_sizes = parts[2], parts[3]
@@ -753,7 +753,8 @@ class MoeForward:
         if not hasattr(mlp, "experts"):  # a dense layer (mlp_only_layers / decoder_sparse_step)
             return _mlp(x, mlp)
         gate = mlp.gate
-        parts = self._shared_parts(index, x, mlp)
+        fused = self._fused_for(self._fused_moe_input, index, x)
+        parts = self._shared_parts(mlp, fused, x)
         if parts is not None:
             from .kernels.experts import SharedExpert
 
@@ -763,7 +764,6 @@ class MoeForward:
             logits, gate_logit = _project(x, router_weight).split(router_sizes, dim=-1)
             weights, ids = route(logits, gate.top_k, normalize=gate.norm_topk_prob, backend=self.route_backend)
             return self.experts_fn(x, weights, ids, mlp.experts, shared=SharedExpert(gate_up, down, gate_logit))
-        fused = self._fused_for(self._fused_moe_input, index, x)
         folds = getattr(self.experts_fn, "takes_shared_expert", False)
         if fused is not None and fused.nf4_gate_up is not None:
             fused = None  # an NF4 layer whose shared expert does not fold: each module runs on its own
